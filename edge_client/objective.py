@@ -1,0 +1,103 @@
+"""Turning examples into batches, the training loss, and label scoring. All on the edge."""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from edge_client.data import Example
+
+# (input_ids [B, T], attention_mask [B, T]) -> final hidden state [B, T, H] before the final norm
+HiddenFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# hidden states [N, H] -> logits [N, V]
+LogitsFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor       # [B, T], right-padded
+    attention_mask: torch.Tensor  # [B, T] bool
+    rows: torch.Tensor            # [N] row of each predicted token
+    positions: torch.Tensor       # [N] position whose output predicts it
+    targets: torch.Tensor         # [N] the token to predict
+
+    @property
+    def tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+def _pad(seqs: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, :len(s)] = True
+    return ids, mask
+
+
+def encode(tokenizer, prompt: str, completion: str, max_length: int) -> tuple[list[int], list[int]]:
+    """Token ids of prompt and completion; the prompt's tail is cut to fit max_length."""
+    p = tokenizer(prompt).input_ids
+    c = tokenizer(completion, add_special_tokens=False).input_ids
+    if not c:
+        raise ValueError(f"completion {completion!r} has no tokens")
+    if len(c) >= max_length:
+        raise ValueError(f"completion of {len(c)} tokens does not fit max_length {max_length}")
+    return p[: max_length - len(c)], c
+
+
+def make_batch(tokenizer, examples: Sequence[Example], max_length: int) -> Batch:
+    seqs, rows, positions, targets = [], [], [], []
+    for i, ex in enumerate(examples):
+        p, c = encode(tokenizer, ex.prompt, ex.completion, max_length)
+        seqs.append(p + c)
+        for j, tok in enumerate(c):
+            rows.append(i)
+            positions.append(len(p) - 1 + j)  # the output at this position predicts c[j]
+            targets.append(tok)
+    ids, mask = _pad(seqs, tokenizer.pad_token_id)
+    return Batch(ids, mask, torch.tensor(rows), torch.tensor(positions), torch.tensor(targets))
+
+
+def completion_loss(hidden: torch.Tensor, batch: Batch, logits_fn: LogitsFn) -> torch.Tensor:
+    """Mean cross-entropy over completion tokens, with the LM head applied only where needed."""
+    picked = hidden[batch.rows, batch.positions]
+    return F.cross_entropy(logits_fn(picked), batch.targets)
+
+
+def classify(tokenizer, prompts: Sequence[str], labels: Sequence[str], hidden_fn: HiddenFn,
+             logits_fn: LogitsFn, max_length: int, batch_size: int = 16,
+             progress: Callable[[int], None] | None = None) -> list[int]:
+    """Index of the most likely label for each prompt, by the label's log-likelihood.
+
+    Labels of one token each (the common case) need one forward per prompt;
+    longer labels are scored as full prompt + label sequences.
+    """
+    cands = [" " + lab for lab in labels]
+    ids = [tokenizer(c, add_special_tokens=False).input_ids for c in cands]
+    single = all(len(i) == 1 for i in ids)
+    preds: list[int] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        if single:
+            first = torch.tensor([i[0] for i in ids])
+            seqs = [tokenizer(p).input_ids[: max_length - 1] for p in chunk]
+            input_ids, mask = _pad(seqs, tokenizer.pad_token_id)
+            h = hidden_fn(input_ids, mask)
+            last = torch.tensor([len(s) - 1 for s in seqs])
+            logp = torch.log_softmax(logits_fn(h[torch.arange(len(seqs)), last]), dim=-1)
+            preds.extend(logp[:, first].argmax(dim=1).tolist())
+        else:
+            exs = [Example(p, c) for p in chunk for c in cands]
+            batch = make_batch(tokenizer, exs, max_length)
+            h = hidden_fn(batch.input_ids, batch.attention_mask)
+            logp = torch.log_softmax(logits_fn(h[batch.rows, batch.positions]), dim=-1)
+            tok_lp = logp[torch.arange(len(batch.targets)), batch.targets]
+            per_seq = torch.zeros(len(exs)).index_add_(0, batch.rows, tok_lp)
+            preds.extend(per_seq.view(len(chunk), len(cands)).argmax(dim=1).tolist())
+        if progress:
+            progress(len(chunk))
+    return preds

@@ -1,0 +1,292 @@
+"""The edge's side of a DLoRA session: open it, fetch assets, run remote steps.
+
+A step is one bidirectional gRPC stream. The edge sends the embedded batch,
+then answers the cloud: adapter outputs for each site input, the gradient of
+the final hidden state, and dL/dx for each site's output gradients.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import torch
+
+from common import tensor_codec as codec
+from common.lora import LoRAAdapter
+from common.tensor_codec import WireError
+from common.wire import dlora_pb2 as pb
+from common.wire import dlora_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+_BOOTSTRAP_MESSAGE_BYTES = 16 << 20
+
+
+class CloudError(RuntimeError):
+    """The cloud refused a call; the text carries its status and reason."""
+
+
+@dataclass(frozen=True)
+class SiteModule:
+    name: str
+    in_features: int
+    out_features: int
+
+
+@dataclass(frozen=True)
+class SiteInfo:
+    index: int
+    layer: int
+    modules: tuple[SiteModule, ...]
+
+
+@dataclass
+class StepStats:
+    """What one step cost the edge."""
+
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    messages: int = 0
+    sites: int = 0            # site exchanges in the forward pass
+    edge_flops: int = 0       # analytic, adapters only (the head is counted by the caller)
+    cloud_seconds: float = 0.0
+
+
+def _rpc_error(exc: grpc.RpcError) -> CloudError:
+    code = exc.code() if hasattr(exc, "code") else None
+    detail = exc.details() if hasattr(exc, "details") else str(exc)
+    name = code.name if code is not None else "UNKNOWN"
+    return CloudError(f"cloud refused the call ({name}): {detail}")
+
+
+class CloudSession:
+    """A session with a cloud_server; owns the gRPC channel."""
+
+    def __init__(self, target: str, *, wire_dtype: str = "fp32", targets: list[str] | None = None,
+                 client_name: str = "edge", timeout: float = 600.0) -> None:
+        self.target = target
+        self.timeout = timeout
+        self.wire_dtype = codec.dtype_from_name(wire_dtype)
+        boot = grpc.insecure_channel(target, options=self._options(_BOOTSTRAP_MESSAGE_BYTES))
+        try:
+            grpc.channel_ready_future(boot).result(timeout=min(timeout, 30.0))
+        except grpc.FutureTimeoutError:
+            boot.close()
+            raise CloudError(f"no cloud_server answers at {target} (is it running?)") from None
+        try:
+            reply = pb_grpc.DLoRAStub(boot).OpenSession(pb.OpenSessionRequest(
+                client_name=client_name, wire_dtype=codec.wire_dtype(self.wire_dtype),
+                target_modules=targets or []), timeout=timeout)
+        except grpc.RpcError as exc:
+            raise _rpc_error(exc) from None
+        finally:
+            boot.close()
+        self.session_id = reply.session_id
+        self.model = reply.model
+        self.limits = reply.limits
+        self.device = reply.device
+        self.sites = [SiteInfo(s.index, s.layer, tuple(SiteModule(m.name, m.in_features, m.out_features)
+                                                         for m in s.modules)) for s in reply.sites]
+        # Message limits follow what the server announced for the largest site tensor.
+        self.channel = grpc.insecure_channel(target, options=self._options(self.limits.max_message_bytes))
+        self.stub = pb_grpc.DLoRAStub(self.channel)
+        self.closed = False
+
+    @staticmethod
+    def _options(size: int) -> list[tuple[str, int]]:
+        return [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)]
+
+    @property
+    def module_names(self) -> list[str]:
+        return [m.name for s in self.sites for m in s.modules]
+
+    def module_shapes(self) -> dict[str, tuple[int, int]]:
+        return {m.name: (m.in_features, m.out_features) for s in self.sites for m in s.modules}
+
+    # -- assets --------------------------------------------------------------
+    def fetch_assets(self, cache_dir: Path) -> Path:
+        """Download the edge assets into cache_dir/<digest>, verified; reuse them if present."""
+        dest = cache_dir / self.model.assets_sha256[:16]
+        if (dest / ".complete").exists():
+            return dest
+        dest.mkdir(parents=True, exist_ok=True)
+        files: dict[str, tuple[bytearray, str, int]] = {}
+        try:
+            for chunk in self.stub.GetEdgeAssets(pb.EdgeAssetsRequest(session_id=self.session_id),
+                                                 timeout=self.timeout):
+                buf, _, _ = files.setdefault(chunk.path, (bytearray(), chunk.sha256, chunk.size))
+                if chunk.offset != len(buf):
+                    raise CloudError(f"asset {chunk.path}: chunk at offset {chunk.offset}, expected {len(buf)}")
+                buf.extend(chunk.data)
+        except grpc.RpcError as exc:
+            raise _rpc_error(exc) from None
+        for name, (buf, sha, size) in files.items():
+            if Path(name).name != name:
+                raise CloudError(f"asset name {name!r} is not a plain file name")
+            if len(buf) != size or hashlib.sha256(buf).hexdigest() != sha:
+                raise CloudError(f"asset {name} failed its SHA-256 check; refusing to use it")
+            tmp = dest / (name + ".part")
+            tmp.write_bytes(bytes(buf))
+            tmp.replace(dest / name)
+        (dest / ".complete").write_text(self.model.assets_sha256)
+        return dest
+
+    # -- steps ---------------------------------------------------------------
+    def train_step(self, step_id: int, hidden: torch.Tensor, mask: torch.Tensor,
+                   adapters: dict[str, LoRAAdapter],
+                   loss_fn: Callable[[torch.Tensor], torch.Tensor]) -> tuple[float, StepStats]:
+        """Forward and backward through the cloud; adapter grads accumulate in `adapters`.
+
+        `loss_fn` maps the final hidden state [B, T, H] to a scalar loss.
+        """
+        return self._step(self.stub.TrainStep, step_id, hidden, mask, adapters, loss_fn)
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor,
+                adapters: dict[str, LoRAAdapter]) -> tuple[torch.Tensor, StepStats]:
+        """Forward only: the final hidden state [B, T, H] (before the final norm)."""
+        return self._step(self.stub.Forward, 0, hidden, mask, adapters, None)
+
+    def _step(self, rpc, step_id, hidden, mask, adapters, loss_fn):
+        stats = StepStats()
+        outbox: queue.SimpleQueue = queue.SimpleQueue()
+        train = loss_fn is not None
+
+        def send(msg: pb.EdgeMessage) -> None:
+            size = msg.ByteSize()
+            if size > self.limits.max_message_bytes:
+                raise WireError(f"a {size}-byte message exceeds the server's limit of "
+                                f"{self.limits.max_message_bytes} bytes; use a smaller batch or sequence")
+            stats.bytes_sent += size
+            stats.messages += 1
+            outbox.put(msg)
+
+        def requests() -> Iterator[pb.EdgeMessage]:
+            while (msg := outbox.get()) is not None:
+                yield msg
+
+        send(pb.EdgeMessage(start=pb.StepStart(
+            session_id=self.session_id, step_id=step_id,
+            hidden=codec.encode(hidden, self.wire_dtype),
+            attention_mask=codec.encode(mask.bool()))))
+        exchange = _EdgeExchange(self, adapters, send, stats, train)
+        result = None
+        responses = rpc(requests(), timeout=self.timeout)
+        try:
+            for msg in responses:
+                stats.bytes_received += msg.ByteSize()
+                stats.messages += 1
+                kind = msg.WhichOneof("kind")
+                if kind == "site_input":
+                    exchange.forward(msg.site_input)
+                elif kind == "final_hidden":
+                    result = exchange.final(msg.final_hidden, loss_fn, tuple(hidden.shape))
+                elif kind == "site_grad_outputs":
+                    exchange.backward(msg.site_grad_outputs)
+                elif kind == "end":
+                    stats.cloud_seconds = msg.end.cloud_seconds
+                    break
+                else:
+                    raise WireError(f"unexpected message {kind!r} from the cloud")
+        except grpc.RpcError as exc:
+            raise _rpc_error(exc) from None
+        except BaseException:
+            responses.cancel()
+            raise
+        finally:
+            outbox.put(None)
+        if result is None:
+            raise CloudError("the cloud ended the step without sending the final hidden state")
+        return result, stats
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.stub.CloseSession(pb.CloseSessionRequest(session_id=self.session_id), timeout=30)
+        except grpc.RpcError as exc:
+            log.warning("closing the session failed: %s", _rpc_error(exc))
+        finally:
+            self.channel.close()
+
+    def __enter__(self) -> "CloudSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@dataclass
+class _EdgeExchange:
+    """Per-step state: what the edge computed at each site, kept for backward."""
+
+    session: CloudSession
+    adapters: dict[str, LoRAAdapter]
+    send: Callable[[pb.EdgeMessage], None]
+    stats: StepStats
+    train: bool
+    saved: dict[int, tuple[torch.Tensor, list[torch.Tensor], list[LoRAAdapter]]] = field(default_factory=dict)
+
+    def _site(self, index: int) -> SiteInfo:
+        if not 0 <= index < len(self.session.sites):
+            raise WireError(f"the cloud named site {index}, which this session does not have")
+        return self.session.sites[index]
+
+    def forward(self, msg: pb.SiteInput) -> None:
+        site = self._site(msg.site)
+        live = list(msg.live)
+        if any(not 0 <= i < len(site.modules) for i in live):
+            raise WireError(f"site {msg.site}: live module index out of range: {live}")
+        x = codec.decode(msg.x, name=f"input of site {msg.site}", dtypes=[self.session.wire_dtype])
+        if x.dim() < 2 or x.shape[-1] != site.modules[0].in_features:
+            raise WireError(f"site {msg.site}: input shape {list(x.shape)} does not fit "
+                            f"in_features {site.modules[0].in_features}")
+        x = x.float()
+        mods = [self.adapters[site.modules[i].name] for i in live]
+        tokens = x.numel() // x.shape[-1]
+        with torch.set_grad_enabled(self.train):
+            if self.train:
+                x.requires_grad_(True)
+            ys = [m(x) for m in mods]
+        if self.train:
+            self.saved[msg.site] = (x, ys, mods)
+        self.stats.sites += 1
+        self.stats.edge_flops += sum(m.flops(tokens) for m in mods)
+        wire = self.session.wire_dtype
+        self.send(pb.EdgeMessage(site_outputs=pb.SiteOutputs(
+            site=msg.site, outputs=[codec.encode(y, wire) for y in ys])))
+
+    def final(self, msg: pb.FinalHidden, loss_fn, shape: tuple[int, ...]):
+        h = codec.decode(msg.hidden, name="final hidden state", shape=shape,
+                         dtypes=[self.session.wire_dtype]).float()
+        if not self.train:
+            return h
+        h.requires_grad_(True)
+        loss = loss_fn(h)
+        loss.backward()
+        self.send(pb.EdgeMessage(final_grad=pb.FinalGrad(grad=codec.encode(h.grad, self.session.wire_dtype))))
+        return float(loss.detach())
+
+    def backward(self, msg: pb.SiteGradOutputs) -> None:
+        if msg.site not in self.saved:
+            raise WireError(f"gradients for site {msg.site}, which had no forward in this step")
+        x, ys, mods = self.saved.pop(msg.site)
+        if len(msg.grad_outputs) != len(ys):
+            raise WireError(f"site {msg.site}: {len(msg.grad_outputs)} gradients for {len(ys)} outputs")
+        grads = [codec.decode(g, name=f"output gradient at site {msg.site}", shape=tuple(y.shape),
+                              dtypes=[self.session.wire_dtype]).float() for g, y in zip(msg.grad_outputs, ys)]
+        params = [p for m in mods for p in (m.lora_A, m.lora_B)]
+        # Backward costs about twice the forward; dL/dx only where the cloud needs it.
+        tokens = x.numel() // x.shape[-1]
+        self.stats.edge_flops += 2 * sum(m.flops(tokens) for m in mods)
+        inputs = params + ([x] if msg.want_grad_input else [])
+        torch.autograd.backward(ys, grads, inputs=inputs)
+        reply = pb.SiteGradInput(site=msg.site)
+        if msg.want_grad_input:
+            reply.grad_input.CopyFrom(codec.encode(x.grad, self.session.wire_dtype))
+        self.send(pb.EdgeMessage(site_grad_input=reply))

