@@ -3,7 +3,7 @@ PY      ?= python3
 VENV    ?= .venv
 VPY     := $(VENV)/bin/python
 PIP     := $(VPY) -m pip
-PORT    ?= 50551
+PORT    ?= 0
 WIRE    := common/wire
 
 .PHONY: help install proto test demo bench bench-step clean
@@ -37,8 +37,10 @@ $(WIRE)/dlora_pb2.py: proto/dlora.proto
 	$(VPY) -m grpc_tools.protoc -Icommon/wire=proto --python_out=. --pyi_out=. --grpc_python_out=. proto/dlora.proto
 	touch $(WIRE)/__init__.py
 
+# pytest exits 5 when it collects no test: treat that as a failure, never a pass.
 test: proto
-	$(VPY) -m pytest -q tests
+	@$(VPY) -m pytest -q tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 demo: proto
 	$(VPY) -m bench.demo --port $(PORT)

@@ -161,9 +161,9 @@ class DLoRAService(pb_grpc.DLoRAServicer):
             raise WireError("a step must begin with a start message")
         start = first.start
         session = self.sessions.get(start.session_id)
+        t0 = time.perf_counter()
+        hidden, mask = self._decode_inputs(session, start)
         with session.step(start.step_id, train):
-            t0 = time.perf_counter()
-            hidden, mask = self._decode_inputs(session, start)
             runner = StepRunner(session.sites, receive, send, session.wire_dtype, train)
             final = self.served.run(runner, hidden, mask)
             send(pb.CloudMessage(final_hidden=pb.FinalHidden(hidden=codec.encode(final, session.wire_dtype))))

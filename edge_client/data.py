@@ -119,9 +119,9 @@ def _bbc_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "bbcnews" / "data"
 
 
-def bbc_news(cache: Path, max_words: int = 80, test_fraction: float = 0.2, seed: int = 0) -> tuple[Path, Path]:
+def bbc_news(cache: Path, max_words: int = 60, test_fraction: float = 0.2, seed: int = 0) -> tuple[Path, Path]:
     """Write the BBC News topic set (2,225 articles, 5 topics) as train/test JSONL once."""
-    out = cache / "data" / "bbc-news"
+    out = cache / "data" / f"bbc-news-{max_words}w"
     train_p, test_p = out / "train.jsonl", out / "test.jsonl"
     if train_p.exists() and test_p.exists():
         return train_p, test_p

@@ -38,15 +38,28 @@ def _pad(seqs: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
+# Tokens kept from the end of an over-long prompt: the answer cue ("\nTopic:")
+# lives there, the instruction at the start; the middle (the text) is cut.
+PROMPT_TAIL = 8
+
+
+def fit_prompt(ids: list[int], budget: int) -> list[int]:
+    """Cut an over-long prompt from the middle, keeping its start and its last tokens."""
+    if len(ids) <= budget:
+        return ids
+    tail = min(PROMPT_TAIL, budget // 2)
+    return ids[: budget - tail] + ids[len(ids) - tail:]
+
+
 def encode(tokenizer, prompt: str, completion: str, max_length: int) -> tuple[list[int], list[int]]:
-    """Token ids of prompt and completion; the prompt's tail is cut to fit max_length."""
+    """Token ids of prompt and completion, the prompt cut (see fit_prompt) to fit max_length."""
     p = tokenizer(prompt).input_ids
     c = tokenizer(completion, add_special_tokens=False).input_ids
     if not c:
         raise ValueError(f"completion {completion!r} has no tokens")
     if len(c) >= max_length:
         raise ValueError(f"completion of {len(c)} tokens does not fit max_length {max_length}")
-    return p[: max_length - len(c)], c
+    return fit_prompt(p, max_length - len(c)), c
 
 
 def make_batch(tokenizer, examples: Sequence[Example], max_length: int) -> Batch:
@@ -84,7 +97,7 @@ def classify(tokenizer, prompts: Sequence[str], labels: Sequence[str], hidden_fn
         chunk = prompts[start:start + batch_size]
         if single:
             first = torch.tensor([i[0] for i in ids])
-            seqs = [tokenizer(p).input_ids[: max_length - 1] for p in chunk]
+            seqs = [fit_prompt(tokenizer(p).input_ids, max_length - 1) for p in chunk]
             input_ids, mask = _pad(seqs, tokenizer.pad_token_id)
             h = hidden_fn(input_ids, mask)
             last = torch.tensor([len(s) - 1 for s in seqs])

@@ -1,0 +1,128 @@
+"""`make bench-step`: distributed step time against the in-process LoRA step.
+
+Same model, same adapters, same batch. The in-process step is the physical
+limit (1.0x); the distributed one adds serialisation, copies and gRPC on
+127.0.0.1. Prints a table and writes bench/out/step_time.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from cloud_server import launch  # noqa: E402
+from cloud_server.model_store import ensure_default_model  # noqa: E402
+from common.lora import LoRAAdapter, adapters_state, inject, load_adapters_state  # noqa: E402
+from edge_client import data as datasets  # noqa: E402
+from edge_client.edge_model import EdgeModel, load_tokenizer  # noqa: E402
+from edge_client.objective import completion_loss, make_batch  # noqa: E402
+from edge_client.session import CloudSession  # noqa: E402
+
+
+def timed(fn, warmup: int, reps: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def bench_model(label: str, model_dir: Path, batch_size: int, max_length: int, warmup: int, reps: int,
+                wire: str, cache: Path) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    train_p, _ = datasets.bbc_news(Path.home() / ".cache" / "dlora")
+    exs = datasets.load(train_p, datasets.BBC_TEMPLATE).examples[:batch_size]
+    with launch.start(["--model", str(model_dir), "--device", "cpu"], cache / f"{label}.log", timeout=900) as server:
+        session = CloudSession(server.address, wire_dtype=wire)
+        assets = session.fetch_assets(cache / "assets")
+        tok, edge = load_tokenizer(assets), EdgeModel.from_assets(assets)
+        batch = make_batch(tok, exs, max_length)
+        torch.manual_seed(0)
+        adapters = {n: LoRAAdapter(i, o, 8, 2.0) for n, (i, o) in session.module_shapes().items()}
+        opt = torch.optim.AdamW([p for a in adapters.values() for p in a.parameters()], lr=1e-4)
+        step = {"id": 0, "bytes": 0}
+
+        def remote() -> None:
+            opt.zero_grad()
+            step["id"] += 1
+            _, st = session.train_step(step["id"], edge.embed(batch.input_ids), batch.attention_mask, adapters,
+                                       lambda h: completion_loss(h, batch, edge.logits))
+            step["bytes"] = st.bytes_sent + st.bytes_received
+            opt.step()
+
+        remote_t = timed(remote, warmup, reps)
+        session.close()
+    # In-process: the whole model and the same adapters in this process, nothing on a wire.
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model.requires_grad_(False)
+    ref = {n: LoRAAdapter(a.in_features, a.out_features, a.rank, a.scale) for n, a in adapters.items()}
+    load_adapters_state(ref, adapters_state(adapters))
+    inject(model, ref)
+    ref_opt = torch.optim.AdamW([p for a in ref.values() for p in a.parameters()], lr=1e-4)
+    inner, norm_head = model.base_model, model
+
+    def local() -> None:
+        ref_opt.zero_grad()
+        h = inner(input_ids=batch.input_ids, attention_mask=batch.attention_mask.long(), use_cache=False)
+        # Same head work as the edge: final norm is inside `inner`, LM head only at label positions.
+        picked = h.last_hidden_state[batch.rows, batch.positions]
+        loss = torch.nn.functional.cross_entropy(norm_head.lm_head(picked).float(), batch.targets)
+        loss.backward()
+        ref_opt.step()
+
+    local_t = timed(local, warmup, reps)
+    r, l_ = statistics.median(remote_t), statistics.median(local_t)
+    return {"model": label, "batch": f"{batch_size}x{batch.input_ids.shape[1]}", "wire": wire,
+            "in_process_s": l_, "distributed_s": r, "ratio": r / l_, "bytes_per_step": step["bytes"],
+            "reps": reps}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--skip-smollm2", action="store_true")
+    p.add_argument("--out", type=Path, default=Path("bench/out/step_time.json"))
+    args = p.parse_args()
+    from tiny_models import save_tiny
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        models = [("tiny-llama (2 layers, h=32)", save_tiny("llama", tmp / "tl")),
+                  ("tiny-gpt2 (2 layers, h=32)", save_tiny("gpt2", tmp / "tg"))]
+        if not args.skip_smollm2:
+            models.append(("SmolLM2-135M (30 layers, h=576)", ensure_default_model()))
+        for label, path in models:
+            print(f"measuring {label} ...", flush=True)
+            rows.append(bench_model(label, path, args.batch_size, args.max_length, args.warmup, args.reps,
+                                    "fp32", tmp))
+    print()
+    print(f"step time, CPU ({torch.get_num_threads()} threads), 127.0.0.1, fp32 wire, median of {args.reps}")
+    print(f"| model | batch | in-process s | distributed s | ratio | MB on wire per step |")
+    print(f"|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['batch']} | {r['in_process_s']:.4f} | {r['distributed_s']:.4f} | "
+              f"{r['ratio']:.2f}x | {r['bytes_per_step'] / 1e6:.2f} |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(rows, indent=2))
+    print(f"\nwritten to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Test helpers: an edge set up against a server, and the in-process reference model."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from common.lora import LoRAAdapter, adapters_state, inject, load_adapters_state
+from edge_client.data import Example
+from edge_client.edge_model import EdgeModel, load_tokenizer
+from edge_client.objective import Batch, completion_loss, make_batch
+from edge_client.session import CloudSession
+
+EXAMPLES = [
+    Example("the match ended two nil", " sport"),
+    Example("shares fell sharply on monday after the report", " business"),
+    Example("a new phone", " tech"),
+    Example("the minister said the vote", " politics"),
+]
+
+
+@dataclass
+class Edge:
+    session: CloudSession
+    edge: EdgeModel
+    tokenizer: object
+    adapters: dict[str, LoRAAdapter]
+
+    def batch(self, examples=EXAMPLES, max_length: int = 64) -> Batch:
+        return make_batch(self.tokenizer, examples, max_length)
+
+    def step(self, step_id: int, batch: Batch) -> float:
+        loss, _ = self.session.train_step(step_id, self.edge.embed(batch.input_ids), batch.attention_mask,
+                                          self.adapters, lambda h: completion_loss(h, batch, self.edge.logits))
+        return loss
+
+
+def random_adapters(shapes: dict[str, tuple[int, int]], rank: int = 4, alpha: float = 8.0,
+                    seed: int = 0) -> dict[str, LoRAAdapter]:
+    """Adapters with B != 0, so every gradient is non-trivial."""
+    torch.manual_seed(seed)
+    out = {}
+    for name, (fin, fout) in shapes.items():
+        ad = LoRAAdapter(fin, fout, rank, alpha / rank)
+        torch.nn.init.normal_(ad.lora_B, std=0.2)
+        out[name] = ad
+    return out
+
+
+def connect(address: str, cache: Path, seed: int = 0, **kw) -> Edge:
+    session = CloudSession(address, **kw)
+    assets = session.fetch_assets(cache)
+    return Edge(session, EdgeModel.from_assets(assets), load_tokenizer(assets),
+                random_adapters(session.module_shapes(), seed=seed))
+
+
+def reference_model(model_dir: Path, adapters: dict[str, LoRAAdapter]):
+    """The same model in one process, with copies of the same adapters."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model.requires_grad_(False)
+    ref = {n: LoRAAdapter(a.in_features, a.out_features, a.rank, a.scale) for n, a in adapters.items()}
+    load_adapters_state(ref, adapters_state(adapters))
+    inject(model, ref)
+    return model, ref
+
+
+def reference_loss(model, batch: Batch) -> torch.Tensor:
+    """Hugging Face's own causal-LM loss, with labels only on the completion tokens."""
+    labels = torch.full_like(batch.input_ids, -100)
+    labels[batch.rows, batch.positions + 1] = batch.targets
+    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask.long(), labels=labels).loss
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))

@@ -1,0 +1,85 @@
+"""The command lines a user runs: `edge_client train` end to end, errors and --help."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+@pytest.fixture
+def jsonl(tmp_path):
+    rng = random.Random(0)
+    words = {"sport": ["goal", "match", "team"], "tech": ["phone", "chip", "code"]}
+    path = tmp_path / "train.jsonl"
+    with path.open("w") as f:
+        for i in range(40):
+            label = "sport" if i % 2 else "tech"
+            f.write(json.dumps({"text": " ".join(rng.choice(words[label]) for _ in range(6)), "label": label}) + "\n")
+    return path
+
+
+def test_train_end_to_end(servers, jsonl, tmp_path):
+    out = tmp_path / "run"
+    res = cli("edge_client", "train", "--server", servers["llama"], "--data", str(jsonl), "--steps", "3",
+              "--batch-size", "4", "--eval-limit", "8", "--rank", "2", "--out", str(out), "--no-progress",
+              "--name", "cli-test")
+    assert res.returncode == 0, res.stderr
+    assert "held-out accuracy: before" in res.stdout
+    assert "wire per step: sent" in res.stdout
+    log = json.loads((out / "run.json").read_text())
+    s = log["summary"]
+    assert s["steps"] == 3 and len(log["history"]) == 3
+    assert 0.0 <= s["before"]["accuracy"] <= 1.0 and s["after"]["examples"] == 8
+    assert s["bytes_sent_per_step"] > 0 and s["bytes_received_per_step"] > 0
+    # sent per step is the start message + site outputs + grads: at least hidden + all q/k/v outputs
+    assert all(h["site_exchanges"] == 2 for h in log["history"])
+    weights = load_file(out / "adapter_model.safetensors")
+    a = weights["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"]
+    b = weights["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"]
+    assert a.shape == (2, 32) and b.shape == (16, 2)
+    assert b.abs().sum() > 0  # trained: B starts at zero
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["r"] == 2 and sorted(cfg["target_modules"]) == ["k_proj", "q_proj", "v_proj"]
+
+
+def test_prompt_completion_data(servers, tmp_path):
+    path = tmp_path / "gen.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": f"count {i}:", "completion": f" {i + 1}"}) for i in range(20)))
+    res = cli("edge_client", "train", "--server", servers["gpt2"], "--data", str(path), "--steps", "2",
+              "--batch-size", "4", "--out", str(tmp_path / "run"), "--no-progress")
+    assert res.returncode == 0, res.stderr
+    assert "held-out loss: before" in res.stdout
+
+
+def test_clear_errors(servers, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "x", "label": "a"}\n{oops\n')
+    res = cli("edge_client", "train", "--server", servers["llama"], "--data", str(bad), "--no-progress")
+    assert res.returncode == 2 and "bad.jsonl:2: not valid JSON" in res.stderr
+    res = cli("edge_client", "train", "--steps", "0")
+    assert res.returncode == 2 and "--steps must be at least 1" in res.stderr
+    res = cli("cloud_server", "--model", str(tmp_path / "nowhere"), timeout=120)
+    assert res.returncode == 2 and "not a Hugging Face model directory" in res.stderr
+
+
+def test_unreachable_server(jsonl):
+    res = cli("edge_client", "train", "--server", "127.0.0.1:9", "--data", str(jsonl), "--no-progress")
+    assert res.returncode == 2 and "no cloud_server answers at 127.0.0.1:9" in res.stderr
+
+
+def test_help():
+    for args in (["cloud_server", "--help"], ["edge_client", "--help"], ["edge_client", "train", "--help"]):
+        res = cli(*args, timeout=60)
+        assert res.returncode == 0 and "usage:" in res.stdout
+    assert "--wire-dtype" in cli("edge_client", "train", "--help", timeout=60).stdout

@@ -1,0 +1,85 @@
+"""The master test (DESIGN.md section 2): a distributed step equals the in-process step."""
+from __future__ import annotations
+
+import torch
+
+from helpers import EXAMPLES, connect, reference_loss, reference_model, rel_err
+
+TOL = 1e-5
+
+
+def test_one_step_matches_in_process(kind, servers, model_dirs, cache):
+    edge = connect(servers[kind], cache)
+    try:
+        batch = edge.batch()
+        loss = edge.step(1, batch)
+        model, ref = reference_model(model_dirs[kind], edge.adapters)
+        ref_loss = reference_loss(model, batch)
+        ref_loss.backward()
+        assert abs(loss - ref_loss.item()) <= TOL * abs(ref_loss.item())
+        assert len(edge.adapters) > 0
+        for name, ad in edge.adapters.items():
+            for w in ("lora_A", "lora_B"):
+                got, want = getattr(ad, w).grad, getattr(ref[name], w).grad
+                assert want is not None and want.norm() > 0, f"{name}.{w}: reference gradient is zero"
+                assert rel_err(got, want) <= TOL, f"{name}.{w}: relative error {rel_err(got, want):.2e}"
+    finally:
+        edge.session.close()
+
+
+def test_training_steps_match_in_process(kind, servers, model_dirs, cache):
+    edge = connect(servers[kind], cache)
+    try:
+        model, ref = reference_model(model_dirs[kind], edge.adapters)
+        opt = torch.optim.AdamW([p for a in edge.adapters.values() for p in a.parameters()], lr=1e-2)
+        ref_opt = torch.optim.AdamW([p for a in ref.values() for p in a.parameters()], lr=1e-2)
+
+        batches = [edge.batch([EXAMPLES[i] for i in idx]) for idx in ([0, 1], [2, 3], [1, 2], [0, 3])]
+        for step, batch in enumerate(batches, 1):
+            opt.zero_grad()
+            ref_opt.zero_grad()
+            loss = edge.step(step, batch)
+            ref_loss = reference_loss(model, batch)
+            ref_loss.backward()
+            opt.step()
+            ref_opt.step()
+            assert abs(loss - ref_loss.item()) <= TOL * abs(ref_loss.item()), f"step {step}"
+        for name, ad in edge.adapters.items():
+            for w in ("lora_A", "lora_B"):
+                got, want = getattr(ad, w).detach(), getattr(ref[name], w).detach()
+                assert rel_err(got, want) <= TOL, f"{name}.{w} after training: {rel_err(got, want):.2e}"
+    finally:
+        edge.session.close()
+
+
+def test_forward_only_matches_in_process(kind, servers, model_dirs, cache):
+    edge = connect(servers[kind], cache)
+    try:
+        batch = edge.batch()
+        with torch.no_grad():
+            h, stats = edge.session.forward(edge.edge.embed(batch.input_ids), batch.attention_mask, edge.adapters)
+            logits = edge.edge.logits(h)
+            model, _ = reference_model(model_dirs[kind], edge.adapters)
+            want = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask.long()).logits
+        mask = batch.attention_mask
+        assert rel_err(logits[mask], want[mask]) <= TOL
+        assert stats.sites == len(edge.session.sites)
+    finally:
+        edge.session.close()
+
+
+def test_low_precision_wire_stays_close(servers, model_dirs, cache):
+    """fp16/bf16 on the wire are approximations: close to fp32, not equal."""
+    for wire, tol in (("fp16", 1e-2), ("bf16", 5e-2)):
+        edge = connect(servers["llama"], cache, wire_dtype=wire)
+        try:
+            batch = edge.batch()
+            loss = edge.step(1, batch)
+            model, ref = reference_model(model_dirs["llama"], edge.adapters)
+            ref_loss = reference_loss(model, batch)
+            ref_loss.backward()
+            assert abs(loss - ref_loss.item()) <= tol * abs(ref_loss.item()), wire
+            name = next(iter(edge.adapters))
+            assert rel_err(edge.adapters[name].lora_B.grad, ref[name].lora_B.grad) <= 10 * tol, wire
+        finally:
+            edge.session.close()

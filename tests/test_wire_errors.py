@@ -1,0 +1,220 @@
+"""Bad input on the wire gets a clear gRPC error, and the server keeps serving."""
+from __future__ import annotations
+
+import queue
+import threading
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from cloud_server import launch
+from common import tensor_codec as codec
+from common.wire import dlora_pb2 as pb
+from common.wire import dlora_pb2_grpc as pb_grpc
+from helpers import connect, reference_loss, reference_model
+
+HIDDEN = 32  # tiny models' hidden size
+
+
+@pytest.fixture
+def stub(servers):
+    channel = grpc.insecure_channel(servers["llama"])
+    yield pb_grpc.DLoRAStub(channel)
+    channel.close()
+
+
+@pytest.fixture
+def session_id(stub):
+    sid = stub.OpenSession(pb.OpenSessionRequest(client_name="raw")).session_id
+    yield sid
+    try:
+        stub.CloseSession(pb.CloseSessionRequest(session_id=sid))
+    except grpc.RpcError:
+        pass
+
+
+def start_msg(sid: str, step_id: int = 1, b: int = 2, t: int = 5, h: int = HIDDEN, **kw) -> pb.EdgeMessage:
+    hidden = kw.pop("hidden", codec.encode(torch.randn(b, t, h)))
+    mask = kw.pop("mask", codec.encode(torch.ones(b, t, dtype=torch.bool)))
+    return pb.EdgeMessage(start=pb.StepStart(session_id=sid, step_id=step_id, hidden=hidden, attention_mask=mask))
+
+
+class RawStep:
+    """Drive TrainStep by hand: send what a test wants, see what the cloud answers."""
+
+    def __init__(self, stub, rpc: str = "TrainStep") -> None:
+        self.q: queue.SimpleQueue = queue.SimpleQueue()
+        self.responses = getattr(stub, rpc)(iter(self.q.get, None), timeout=30)
+
+    def send(self, msg: pb.EdgeMessage) -> None:
+        self.q.put(msg)
+
+    def recv(self) -> pb.CloudMessage:
+        return next(self.responses)
+
+    def close(self) -> None:
+        self.q.put(None)
+
+
+def expect_error(fn, code: grpc.StatusCode, *words: str) -> str:
+    with pytest.raises(grpc.RpcError) as info:
+        fn()
+    assert info.value.code() == code, info.value.details()
+    for w in words:
+        assert w in info.value.details(), info.value.details()
+    return info.value.details()
+
+
+def run_raw(stub, first: pb.EdgeMessage, reply=None):
+    """Send `first`; answer the first site input with reply(site_input) if given; read to the end."""
+    raw = RawStep(stub)
+    raw.send(first)
+    try:
+        msg = raw.recv()
+        if reply is not None and msg.WhichOneof("kind") == "site_input":
+            raw.send(reply(msg.site_input))
+        while True:
+            raw.recv()
+    finally:
+        raw.close()
+
+
+def test_unknown_session_is_not_found(stub):
+    expect_error(lambda: run_raw(stub, start_msg("f" * 32)), grpc.StatusCode.NOT_FOUND, "unknown session")
+    expect_error(lambda: list(stub.GetEdgeAssets(pb.EdgeAssetsRequest(session_id="nope"))),
+                 grpc.StatusCode.NOT_FOUND, "unknown session")
+    expect_error(lambda: stub.CloseSession(pb.CloseSessionRequest(session_id="nope")),
+                 grpc.StatusCode.NOT_FOUND)
+
+
+def test_bad_start_messages(stub, session_id):
+    bad = {
+        "wrong hidden size": start_msg(session_id, h=HIDDEN + 1),
+        "wrong rank": start_msg(session_id, hidden=codec.encode(torch.randn(2, HIDDEN))),
+        "wrong dtype": start_msg(session_id, hidden=codec.encode(torch.randn(2, 5, HIDDEN), torch.float16)),
+        "truncated": start_msg(session_id, hidden=pb.Tensor(dtype=pb.FLOAT32, shape=[2, 5, HIDDEN],
+                                                            data=b"\0" * (2 * 5 * HIDDEN * 4 - 3))),
+        "nan": start_msg(session_id, hidden=codec.encode(torch.full((2, 5, HIDDEN), float("nan")))),
+        "inf": start_msg(session_id, hidden=codec.encode(torch.full((2, 5, HIDDEN), float("inf")))),
+        "mask shape": start_msg(session_id, mask=codec.encode(torch.ones(2, 4, dtype=torch.bool))),
+        "mask dtype": start_msg(session_id, mask=codec.encode(torch.ones(2, 5))),
+        "empty mask row": start_msg(session_id, mask=codec.encode(torch.tensor([[True] * 5, [False] * 5]))),
+        "unknown dtype": start_msg(session_id, hidden=pb.Tensor(dtype=99, shape=[1], data=b"\0" * 4)),
+    }
+    for what, msg in bad.items():
+        detail = expect_error(lambda: run_raw(stub, msg), grpc.StatusCode.INVALID_ARGUMENT)
+        assert detail, what
+    not_start = pb.EdgeMessage(final_grad=pb.FinalGrad(grad=codec.encode(torch.zeros(1))))
+    expect_error(lambda: run_raw(stub, not_start), grpc.StatusCode.INVALID_ARGUMENT, "must begin with a start")
+
+
+def test_oversize_batch_is_resource_exhausted(stub, session_id):
+    # the fixture server allows 4096 tokens per step
+    expect_error(lambda: run_raw(stub, start_msg(session_id, b=64, t=65)),
+                 grpc.StatusCode.RESOURCE_EXHAUSTED, "exceeds", "4096")
+
+
+def test_bad_site_outputs(stub, session_id):
+    def outputs(shape_fn, dtype=torch.float32):
+        def reply(site_input: pb.SiteInput) -> pb.EdgeMessage:
+            x = codec.decode(site_input.x, name="x")
+            outs = [codec.encode(torch.zeros(shape_fn(x)), dtype) for _ in site_input.live]
+            return pb.EdgeMessage(site_outputs=pb.SiteOutputs(site=site_input.site, outputs=outs))
+        return reply
+
+    expect_error(lambda: run_raw(stub, start_msg(session_id), outputs(lambda x: (2, 5, 7))),
+                 grpc.StatusCode.INVALID_ARGUMENT, "output of model.layers.0.self_attn.q_proj", "shape")
+    expect_error(lambda: run_raw(stub, start_msg(session_id), outputs(lambda x: (2, 5, 32), torch.bfloat16)),
+                 grpc.StatusCode.INVALID_ARGUMENT, "dtype")
+
+    def too_few(site_input):
+        return pb.EdgeMessage(site_outputs=pb.SiteOutputs(site=site_input.site, outputs=[]))
+    expect_error(lambda: run_raw(stub, start_msg(session_id), too_few), grpc.StatusCode.INVALID_ARGUMENT, "outputs for 3 live")
+
+    def wrong_site(site_input):
+        return pb.EdgeMessage(site_outputs=pb.SiteOutputs(site=site_input.site + 1))
+    expect_error(lambda: run_raw(stub, start_msg(session_id), wrong_site), grpc.StatusCode.INVALID_ARGUMENT, "expected site 0")
+
+    def wrong_kind(site_input):
+        return pb.EdgeMessage(final_grad=pb.FinalGrad())
+    expect_error(lambda: run_raw(stub, start_msg(session_id), wrong_kind), grpc.StatusCode.INVALID_ARGUMENT,
+                 "expected a site_outputs message")
+
+
+def test_bad_open_session_requests(stub):
+    expect_error(lambda: stub.OpenSession(pb.OpenSessionRequest(target_modules=["nonexistent_proj"])),
+                 grpc.StatusCode.INVALID_ARGUMENT, "unknown target modules")
+    expect_error(lambda: stub.OpenSession(pb.OpenSessionRequest(wire_dtype=pb.BOOL)),
+                 grpc.StatusCode.INVALID_ARGUMENT, "wire dtype")
+
+
+def test_server_survives_bad_input_and_vanishing_edge(servers, model_dirs, cache, stub, session_id):
+    # An edge that opens a step and disappears in the middle of it.
+    raw = RawStep(stub)
+    raw.send(start_msg(session_id))
+    assert raw.recv().WhichOneof("kind") == "site_input"
+    raw.responses.cancel()
+    raw.close()
+    # A malformed step on the same session...
+    expect_error(lambda: run_raw(stub, start_msg(session_id, h=3)), grpc.StatusCode.INVALID_ARGUMENT)
+    # ...and a good edge on another session still gets exact results.
+    edge = connect(servers["llama"], cache)
+    try:
+        batch = edge.batch()
+        loss = edge.step(1, batch)
+        model, _ = reference_model(model_dirs["llama"], edge.adapters)
+        assert abs(loss - reference_loss(model, batch).item()) < 1e-5 * loss
+    finally:
+        edge.session.close()
+
+
+def test_repeated_step_id_is_refused_failed_one_can_retry(servers, cache):
+    edge = connect(servers["llama"], cache)
+    try:
+        batch = edge.batch()
+        edge.step(1, batch)
+        with pytest.raises(Exception, match="ALREADY_EXISTS"):
+            edge.step(1, batch)
+        edge.step(2, batch)
+    finally:
+        edge.session.close()
+
+
+def test_session_limit_and_concurrent_sessions(model_dirs, tmp_path):
+    with launch.start(["--model", str(model_dirs["llama"]), "--max-sessions", "3"], tmp_path / "s.log",
+                      timeout=300) as server:
+        edges = [connect(server.address, tmp_path / "c", seed=i) for i in range(3)]
+        try:
+            from edge_client.session import CloudError, CloudSession
+            with pytest.raises(CloudError, match="RESOURCE_EXHAUSTED.*maximum of 3 sessions"):
+                CloudSession(server.address)
+            # Three edges step at the same time; each gets its own exact answer.
+            batch = edges[0].batch()
+            losses: dict[int, float] = {}
+            errors: list[BaseException] = []
+
+            def work(i: int) -> None:
+                try:
+                    for s in range(1, 4):
+                        losses[i] = edges[i].step(s, batch)
+                except BaseException as exc:  # noqa: BLE001
+                    errors.append(exc)
+
+            threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+            assert not errors, errors
+            for i, e in enumerate(edges):
+                model, _ = reference_model(model_dirs["llama"], e.adapters)
+                want = reference_loss(model, batch).item()
+                assert abs(losses[i] - want) < 1e-5 * want, i
+            assert len({round(v, 6) for v in losses.values()}) == 3  # different adapters, different losses
+        finally:
+            for e in edges:
+                e.session.close()
+        # Closed sessions free their slots.
+        connect(server.address, tmp_path / "c").session.close()
