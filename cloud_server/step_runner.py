@@ -96,7 +96,9 @@ class StepRunner:
     send: Callable[[pb.CloudMessage], None]
     wire_dtype: torch.dtype
     train: bool
-    live: dict[int, list[int]] = field(default_factory=dict)  # site -> live module slots
+    # Killed modules' adapters, applied here, frozen, with no traffic.
+    parked: dict[str, nn.Module] = field(default_factory=dict)
+    live: dict[int, list[int]] = field(default_factory=dict)  # site -> slots the edge computes
     _by_module: dict[str, int] = field(default_factory=dict)
     _cache: dict[int, _SiteCache] = field(default_factory=dict)
     _anchor: torch.Tensor | None = None
@@ -107,10 +109,15 @@ class StepRunner:
             for m in site.modules:
                 self._by_module[m.name] = site.index
         if not self.live:
-            self.live = {s.index: list(range(len(s.modules))) for s in self.sites}
+            self.live = {s.index: [i for i, m in enumerate(s.modules) if m.name not in self.parked]
+                         for s in self.sites}
 
     # -- forward -----------------------------------------------------------
     def adapter_output(self, name: str, x: torch.Tensor) -> torch.Tensor | None:
+        parked = self.parked.get(name)
+        if parked is not None:
+            # Frozen, but still part of the graph: dL/dx flows through it.
+            return parked(x)
         site = self._by_module.get(name)
         if site is None or not self.live.get(site):
             return None

@@ -48,6 +48,22 @@ def _train_parser(sub) -> None:
     p.add_argument("--eval-limit", type=int, default=200, help="held-out examples to evaluate, 0 for all (default: %(default)s)")
     p.add_argument("--wire-dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
                    help="dtype of activations and gradients on the wire (default: %(default)s)")
+    p.add_argument("--objective", default="auto", choices=["auto", "lm", "labels"],
+                   help="loss: 'lm' = cross-entropy over the whole vocabulary; 'labels' = over the label "
+                        "tokens only (PET-style, C instead of V LM-head columns on the device); 'auto' = "
+                        "labels for text/label data with one-token labels, else lm (default: %(default)s)")
+    kr = p.add_argument_group("Kill and Revive", "which adapters stay live (trained here, with traffic); "
+                              "killed ones are parked frozen on the cloud")
+    kr.add_argument("--policy", default="all", choices=["all", "random", "static", "kr"],
+                    help="'all' keeps every module live; 'kr' is Kill and Revive; 'random' and 'static' "
+                         "are baselines at the same budget (default: %(default)s)")
+    kr.add_argument("--budget", type=float, default=0.125, help="share of modules live after warm-up (default: %(default)s)")
+    kr.add_argument("--revive", type=float, default=0.25, help="share of live slots given to revived modules (default: %(default)s)")
+    kr.add_argument("--period", type=int, default=10, help="steps between selections (default: %(default)s)")
+    kr.add_argument("--warmup-steps", type=int, default=10, help="steps with every module live (default: %(default)s)")
+    kr.add_argument("--unit", default="module", choices=["module", "site"],
+                    help="what is killed and revived as one: a module (one linear) or a site (the linears "
+                         "sharing an input, e.g. q, k, v of a block; traffic is per site) (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed for adapters and data order (default: %(default)s)")
     p.add_argument("--out", type=Path, default=Path("runs/latest"),
                    help="directory for adapter_model.safetensors and run.json (default: %(default)s)")
@@ -80,14 +96,23 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     from edge_client.data import DataError
+    from edge_client.kill_revive import KRConfig
     from edge_client.session import CloudError
     from edge_client.trainer import TrainConfig, run
+
+    try:
+        kr = KRConfig(policy=args.policy, budget=args.budget, revive=args.revive, period=args.period,
+                      warmup_steps=args.warmup_steps, unit=args.unit, seed=args.seed)
+    except ValueError as exc:
+        print(f"edge_client: {exc}", file=sys.stderr)
+        return 2
 
     cfg = TrainConfig(server=args.server, data=args.data, test=args.test, template=args.template,
                       test_fraction=args.test_fraction, steps=args.steps, batch_size=args.batch_size,
                       lr=args.lr, rank=args.rank, alpha=args.alpha,
                       targets=[t for t in args.targets.split(",") if t], max_length=args.max_length,
                       eval_limit=args.eval_limit, wire_dtype=args.wire_dtype, seed=args.seed,
+                      objective=args.objective, kr=kr,
                       out=args.out, client_name=args.name, progress=not args.no_progress)
     try:
         summary = run(cfg)
@@ -100,15 +125,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(s: dict) -> str:
     lines = [f"model {s['model']} via {s['server']}, data {s['data']}",
-             f"  {s['steps']} steps, {s['seconds_per_step']:.2f} s/step, {s['sites']} sites, {s['modules']} adapted modules"]
+             f"  {s['steps']} steps, {s['seconds_per_step']:.2f} s/step, {s['sites']} sites, {s['modules']} adapted "
+             f"modules, objective {s['objective']}, policy {s['policy']}"]
     for key in ("accuracy", "loss"):
-        if key in s["before"]:
+        if key in s["after"]:
             fmt = "{:.1%}" if key == "accuracy" else "{:.4f}"
-            lines.append(f"  held-out {key}: before {fmt.format(s['before'][key])} -> after {fmt.format(s['after'][key])}"
+            before = f"before {fmt.format(s['before'][key])} -> " if s.get("before") else ""
+            lines.append(f"  held-out {key}: {before}after {fmt.format(s['after'][key])}"
                          f" ({s['after']['examples']} examples)")
     lines.append(f"  wire per step: sent {s['bytes_sent_per_step'] / 1e6:.2f} MB, "
                  f"received {s['bytes_received_per_step'] / 1e6:.2f} MB")
-    lines.append(f"  edge compute per step: {s['edge_flops_per_step'] / 1e9:.2f} GFLOP")
+    lines.append(f"  edge compute per step: {s['edge_flops_per_step'] / 1e9:.3f} GFLOP "
+                 f"(adapters {s['adapter_flops_per_step'] / 1e9:.3f})")
     lines.append(f"  adapters: {s['adapters']}")
     return "\n".join(lines)
 

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
@@ -61,10 +62,16 @@ class EdgeModel(nn.Module):
         """Final norm then LM head, for hidden states of any leading shape."""
         return self.lm_head(self.final_norm(hidden)).float()
 
-    def head_flops(self, positions: int) -> int:
-        """Analytic forward FLOPs of norm + LM head over `positions` rows."""
+    def token_logits(self, hidden: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        """Logits of the given vocabulary entries only: C columns of the LM head."""
+        bias = getattr(self.lm_head, "bias", None)
+        w = self.lm_head.weight[token_ids]
+        return F.linear(self.final_norm(hidden), w, None if bias is None else bias[token_ids]).float()
+
+    def head_flops(self, positions: int, columns: int | None = None) -> int:
+        """Analytic forward FLOPs of norm + LM head over `positions` rows (all or `columns` columns)."""
         vocab, hidden = self.lm_head.weight.shape
-        return 2 * positions * vocab * hidden + 5 * positions * hidden
+        return 2 * positions * (columns or vocab) * hidden + 5 * positions * hidden
 
 
 def _materialise(module: nn.Module, prefix: str, weights: dict[str, torch.Tensor]) -> nn.Module:

@@ -81,9 +81,29 @@ def completion_loss(hidden: torch.Tensor, batch: Batch, logits_fn: LogitsFn) -> 
     return F.cross_entropy(logits_fn(picked), batch.targets)
 
 
+def label_token_ids(tokenizer, labels: Sequence[str]) -> torch.Tensor | None:
+    """The one token of each " label", or None if some label needs several tokens."""
+    ids = [tokenizer(" " + lab, add_special_tokens=False).input_ids for lab in labels]
+    if any(len(i) != 1 for i in ids) or len({i[0] for i in ids}) != len(ids):
+        return None
+    return torch.tensor([i[0] for i in ids])
+
+
+def label_loss(hidden: torch.Tensor, batch: Batch, label_ids: torch.Tensor, logits_fn: LogitsFn) -> torch.Tensor:
+    """Cross-entropy over the label tokens only (a softmax restricted to the labels, as in PET).
+
+    `logits_fn` maps hidden states to the logits of `label_ids` only, so the
+    LM head costs C columns instead of the whole vocabulary.
+    """
+    picked = hidden[batch.rows, batch.positions]
+    classes = (batch.targets[:, None] == label_ids[None, :]).int().argmax(dim=1)
+    return F.cross_entropy(logits_fn(picked), classes)
+
+
 def classify(tokenizer, prompts: Sequence[str], labels: Sequence[str], hidden_fn: HiddenFn,
              logits_fn: LogitsFn, max_length: int, batch_size: int = 16,
-             progress: Callable[[int], None] | None = None) -> list[int]:
+             progress: Callable[[int], None] | None = None,
+             token_logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> list[int]:
     """Index of the most likely label for each prompt, by the label's log-likelihood.
 
     Labels of one token each (the common case) need one forward per prompt;
@@ -101,8 +121,11 @@ def classify(tokenizer, prompts: Sequence[str], labels: Sequence[str], hidden_fn
             input_ids, mask = _pad(seqs, tokenizer.pad_token_id)
             h = hidden_fn(input_ids, mask)
             last = torch.tensor([len(s) - 1 for s in seqs])
-            logp = torch.log_softmax(logits_fn(h[torch.arange(len(seqs)), last]), dim=-1)
-            preds.extend(logp[:, first].argmax(dim=1).tolist())
+            picked = h[torch.arange(len(seqs)), last]
+            # The softmax normaliser is shared by all labels, so the argmax over
+            # the label columns alone equals the argmax of their log-likelihoods.
+            scores = token_logits(picked, first) if token_logits else logits_fn(picked)[:, first]
+            preds.extend(scores.argmax(dim=1).tolist())
         else:
             exs = [Example(p, c) for p in chunk for c in cands]
             batch = make_batch(tokenizer, exs, max_length)

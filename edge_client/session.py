@@ -53,7 +53,8 @@ class StepStats:
     bytes_received: int = 0
     messages: int = 0
     sites: int = 0            # site exchanges in the forward pass
-    edge_flops: int = 0       # analytic, adapters only (the head is counted by the caller)
+    edge_flops: int = 0       # analytic, adapters only (fwd + bwd)
+    head_flops: int = 0       # final norm + LM head (filled in by the trainer)
     cloud_seconds: float = 0.0
 
 
@@ -96,6 +97,7 @@ class CloudSession:
         self.channel = grpc.insecure_channel(target, options=self._options(self.limits.max_message_bytes))
         self.stub = pb_grpc.DLoRAStub(self.channel)
         self.closed = False
+        self.parked: set[str] = set()  # modules whose frozen copy the cloud applies
 
     @staticmethod
     def _options(size: int) -> list[tuple[str, int]]:
@@ -135,6 +137,24 @@ class CloudSession:
             tmp.replace(dest / name)
         (dest / ".complete").write_text(self.model.assets_sha256)
         return dest
+
+    # -- Kill and Revive ----------------------------------------------------------
+    def park(self, kill: dict[str, LoRAAdapter], revive: list[str]) -> tuple[int, int]:
+        """Upload killed adapters once (the cloud applies them frozen), unpark revived ones.
+
+        Returns (bytes sent, bytes received).
+        """
+        req = pb.ParkRequest(session_id=self.session_id, unpark=revive, park=[
+            pb.ParkedAdapter(name=name, lora_A=codec.encode(ad.lora_A, torch.float32),
+                             lora_B=codec.encode(ad.lora_B, torch.float32), scale=ad.scale)
+            for name, ad in kill.items()])
+        try:
+            reply = self.stub.ParkAdapters(req, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise _rpc_error(exc) from None
+        self.parked.difference_update(revive)
+        self.parked.update(kill)
+        return req.ByteSize(), reply.ByteSize()
 
     # -- steps ---------------------------------------------------------------
     def train_step(self, step_id: int, hidden: torch.Tensor, mask: torch.Tensor,
@@ -242,6 +262,9 @@ class _EdgeExchange:
         live = list(msg.live)
         if any(not 0 <= i < len(site.modules) for i in live):
             raise WireError(f"site {msg.site}: live module index out of range: {live}")
+        parked = [site.modules[i].name for i in live if site.modules[i].name in self.session.parked]
+        if parked:
+            raise WireError(f"the cloud asked for parked modules {parked}; edge and cloud disagree on the live set")
         x = codec.decode(msg.x, name=f"input of site {msg.site}", dtypes=[self.session.wire_dtype])
         if x.dim() < 2 or x.shape[-1] != site.modules[0].in_features:
             raise WireError(f"site {msg.site}: input shape {list(x.shape)} does not fit "

@@ -15,7 +15,8 @@ from tqdm import tqdm
 from common.lora import LoRAAdapter, LoRAConfig, adapters_state
 from edge_client import data as datasets
 from edge_client.edge_model import EdgeModel, load_tokenizer
-from edge_client.objective import Batch, classify, completion_loss, make_batch
+from edge_client.kill_revive import Change, KRConfig, Selector
+from edge_client.objective import Batch, classify, completion_loss, label_loss, label_token_ids, make_batch
 from edge_client.session import CloudSession, StepStats
 
 log = logging.getLogger(__name__)
@@ -38,11 +39,16 @@ class TrainConfig:
     eval_limit: int = 200
     eval_batch_size: int = 16
     wire_dtype: str = "fp32"
+    # "auto": the label-restricted loss for classification data whose labels are
+    # one token each, the language-model loss otherwise. "lm" or "labels" force one.
+    objective: str = "auto"
+    kr: KRConfig = field(default_factory=KRConfig)
     seed: int = 0
     out: Path = Path("runs/latest")
     cache: Path = Path.home() / ".cache" / "dlora"
     client_name: str = "edge"
     progress: bool = True
+    eval_before: bool = True
 
 
 def load_splits(cfg: TrainConfig) -> tuple[datasets.Dataset, datasets.Dataset, str]:
@@ -80,21 +86,50 @@ class EdgeTrainer:
                 ad.lora_A.copy_(torch.rand(ad.lora_A.shape, generator=gen) * 2 * bound - bound)
             self.adapters[name] = ad
         params = [p for a in self.adapters.values() for p in a.parameters()]
+        # Killed modules get no gradient, so AdamW leaves them (and their moments) alone.
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
         self.step_id = 0
+        units = None
+        if cfg.kr.unit == "site":
+            units = {f"site{s.index}": [m.name for m in s.modules] for s in session.sites}
+        self.selector = Selector(list(self.adapters), cfg.kr, units)
+        self.selector.start(self.adapters)
+        self.label_ids: torch.Tensor | None = None
+
+    def set_objective(self, train: datasets.Dataset) -> str:
+        """Pick the loss: label-restricted for one-token labels (unless told otherwise)."""
+        want = self.cfg.objective
+        if want not in ("auto", "lm", "labels"):
+            raise ValueError(f"unknown objective {want!r}; choose auto, lm or labels")
+        ids = label_token_ids(self.tokenizer, train.labels) if train.is_classification else None
+        if want == "labels" and ids is None:
+            raise ValueError("--objective labels needs classification data whose labels are one distinct token each")
+        self.label_ids = ids if want in ("auto", "labels") else None
+        return "labels" if self.label_ids is not None else "lm"
+
+    def loss(self, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+        if self.label_ids is None:
+            return completion_loss(hidden, batch, self.edge.logits)
+        return label_loss(hidden, batch, self.label_ids, lambda h: self.edge.token_logits(h, self.label_ids))
 
     # -- one step ------------------------------------------------------------
-    def train_step(self, batch: Batch) -> tuple[float, StepStats]:
+    def train_step(self, batch: Batch) -> tuple[float, StepStats, Change | None]:
         self.optimizer.zero_grad(set_to_none=True)
         hidden = self.edge.embed(batch.input_ids)
         self.step_id += 1
-        loss, stats = self.session.train_step(
-            self.step_id, hidden, batch.attention_mask, self.adapters,
-            lambda h: completion_loss(h, batch, self.edge.logits))
-        # Edge FLOPs: adapters (counted by the session) + norm/LM head fwd and bwd.
-        stats.edge_flops += 3 * self.edge.head_flops(len(batch.targets))
+        loss, stats = self.session.train_step(self.step_id, hidden, batch.attention_mask, self.adapters,
+                                              lambda h: self.loss(h, batch))
+        # Head FLOPs: norm + LM head forward, and the backward to the hidden
+        # state (the head is frozen, so no weight gradient): about 2x forward.
+        cols = None if self.label_ids is None else len(self.label_ids)
+        stats.head_flops = 2 * self.edge.head_flops(len(batch.targets), cols)
         self.optimizer.step()
-        return loss, stats
+        change = self.selector.after_step(self.step_id, self.adapters)
+        if change is not None:
+            sent, received = self.session.park({n: self.adapters[n] for n in change.kill}, change.revive)
+            stats.bytes_sent += sent
+            stats.bytes_received += received
+        return loss, stats, change
 
     # -- evaluation ----------------------------------------------------------
     @torch.no_grad()
@@ -109,7 +144,8 @@ class EdgeTrainer:
         try:
             if test.is_classification:
                 preds = classify(self.tokenizer, [e.prompt for e in exs], test.labels, self.hidden,
-                                 self.edge.logits, self.cfg.max_length, self.cfg.eval_batch_size, bar.update)
+                                 self.edge.logits, self.cfg.max_length, self.cfg.eval_batch_size, bar.update,
+                                 token_logits=self.edge.token_logits)
                 correct = sum(test.labels[p] == e.label for p, e in zip(preds, exs))
                 return {"accuracy": correct / len(exs), "examples": len(exs)}
             total, n = 0.0, 0
@@ -160,9 +196,16 @@ def run(cfg: TrainConfig) -> dict:
                  session.session_id[:8], cfg.server, session.model.name, session.model.num_layers,
                  len(session.sites), len(session.module_names), session.device)
         trainer = EdgeTrainer(cfg, session)
-        before = trainer.evaluate(test, "eval before")
-        log.info("before training: %s", _fmt(before))
+        objective = trainer.set_objective(train)
+        log.info("objective: %s; selection policy: %s", objective,
+                 cfg.kr.policy if cfg.kr.policy == "all" else
+                 f"{cfg.kr.policy} (budget {cfg.kr.budget}, revive {cfg.kr.revive}, period {cfg.kr.period}, "
+                 f"warm-up {cfg.kr.warmup_steps})")
+        before = trainer.evaluate(test, "eval before") if cfg.eval_before else None
+        if before is not None:
+            log.info("before training: %s", _fmt(before))
         history = []
+        live_history = [{"step": 0, "live": sorted(trainer.selector.live), "killed": [], "revived": []}]
         sent = received = 0
         it = batches(train.examples, cfg.batch_size, cfg.seed)
         bar = tqdm(range(cfg.steps), desc="train", unit="step", disable=not cfg.progress)
@@ -170,15 +213,24 @@ def run(cfg: TrainConfig) -> dict:
         for step in bar:
             batch = make_batch(trainer.tokenizer, next(it), cfg.max_length)
             t0 = time.perf_counter()
-            loss, stats = trainer.train_step(batch)
+            loss, stats, change = trainer.train_step(batch)
             dt = time.perf_counter() - t0
             sent += stats.bytes_sent
             received += stats.bytes_received
             history.append({"step": step + 1, "loss": loss, "seconds": dt, "tokens": batch.tokens,
                             "bytes_sent": stats.bytes_sent, "bytes_received": stats.bytes_received,
                             "messages": stats.messages, "site_exchanges": stats.sites,
-                            "edge_flops": stats.edge_flops, "cloud_seconds": stats.cloud_seconds})
-            bar.set_postfix(loss=f"{loss:.3f}", MB_step=f"{(stats.bytes_sent + stats.bytes_received) / 1e6:.1f}")
+                            "live_modules": len(trainer.selector.live),
+                            "adapter_flops": stats.edge_flops, "head_flops": stats.head_flops,
+                            "edge_flops": stats.edge_flops + stats.head_flops,
+                            "cloud_seconds": stats.cloud_seconds})
+            if change is not None:
+                live_history.append({"step": change.step, "live": sorted(trainer.selector.live),
+                                     "killed": change.kill, "revived": change.revive})
+                log.debug("step %d: killed %d, revived %d, %d live", change.step, len(change.kill),
+                          len(change.revive), len(trainer.selector.live))
+            bar.set_postfix(loss=f"{loss:.3f}", live=len(trainer.selector.live),
+                            MB_step=f"{(stats.bytes_sent + stats.bytes_received) / 1e6:.1f}")
         bar.close()
         train_secs = time.time() - t_train
         after = trainer.evaluate(test, "eval after")
@@ -188,17 +240,19 @@ def run(cfg: TrainConfig) -> dict:
             "model": session.model.name, "server": cfg.server, "data": source,
             "train_examples": len(train.examples), "test_examples": len(test.examples),
             "sites": len(session.sites), "modules": len(session.module_names),
+            "objective": objective, "policy": cfg.kr.policy,
             "before": before, "after": after, "steps": len(history),
             "train_seconds": train_secs, "seconds_per_step": train_secs / n,
             "bytes_sent_per_step": sent / n, "bytes_received_per_step": received / n,
             "edge_flops_per_step": sum(h["edge_flops"] for h in history) / n,
+            "adapter_flops_per_step": sum(h["adapter_flops"] for h in history) / n,
             "total_seconds": time.time() - t_start,
         }
         adapter_path = trainer.save(cfg.out, summary)
         summary["adapters"] = str(adapter_path)
     cfg.out.mkdir(parents=True, exist_ok=True)
-    log_doc = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
-               "summary": summary, "history": history}
+    log_doc = {"config": json.loads(json.dumps(asdict(cfg), default=str)),
+               "summary": summary, "history": history, "live_sets": live_history}
     (cfg.out / "run.json").write_text(json.dumps(log_doc, indent=2))
     return summary
 

@@ -1,0 +1,129 @@
+"""Kill and Revive (DESIGN.md section 3) and the baseline selection policies.
+
+A policy decides, every `period` steps after a warm-up, which LoRA modules stay
+live (trained on the edge, with traffic) and which are killed (parked frozen on
+the cloud, no traffic, no edge compute). Policies:
+
+  all     every module live at every step (no KR)
+  random  budget x M modules drawn at random each period
+  static  the top budget x M modules by norm movement, chosen once after warm-up
+  kr      Kill and Revive: keep the modules whose norm moves most, and hand
+          revive x budget x M of the live slots back to the modules killed
+          longest ago, so they are re-measured
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from common.lora import LoRAAdapter
+
+POLICIES = ("all", "random", "static", "kr")
+
+
+@dataclass
+class KRConfig:
+    policy: str = "all"
+    budget: float = 0.125      # share of units live after warm-up (a cap: rounded down)
+    revive: float = 0.25       # share of the live slots given to revived units
+    period: int = 10           # steps between selections
+    warmup_steps: int = 10     # steps with every module live
+    # What is killed and revived as one: a "module" (one adapted linear, as in
+    # DESIGN.md) or a "site" (all modules that share an input, e.g. q, k, v of a
+    # block). Traffic is paid per site, so site units buy more bytes per slot.
+    unit: str = "module"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
+        if not 0.0 < self.budget <= 1.0:
+            raise ValueError(f"budget must be in (0, 1], got {self.budget}")
+        if not 0.0 <= self.revive < 1.0:
+            raise ValueError(f"revive must be in [0, 1), got {self.revive}")
+        if self.period < 1 or self.warmup_steps < 0:
+            raise ValueError("period must be >= 1 and warmup_steps >= 0")
+        if self.unit not in ("module", "site"):
+            raise ValueError(f"unit must be 'module' or 'site', got {self.unit!r}")
+
+
+@dataclass
+class Change:
+    """One selection update: which modules to park and which to bring back."""
+
+    step: int
+    kill: list[str]
+    revive: list[str]
+    scores: dict[str, float] = field(default_factory=dict)
+
+
+class Selector:
+    """Tracks the live set; `after_step` returns a Change at selection points.
+
+    `units` maps a unit name to its modules; by default every module is its own unit.
+    """
+
+    def __init__(self, names: list[str], cfg: KRConfig, units: dict[str, list[str]] | None = None) -> None:
+        self.cfg = cfg
+        self.names = list(names)
+        self.units = units or {n: [n] for n in names}
+        self.order = {u: i for i, u in enumerate(self.units)}
+        self.live_units: set[str] = set(self.units)
+        self.killed_at: dict[str, int] = {}     # unit -> step it was killed
+        self.ref_norm: dict[str, float] = {}    # module -> norm at the start of its live window
+        self.rng = random.Random(cfg.seed)
+        # The budget is a cap on the live share, so it rounds down (at least one unit).
+        self.budget_count = max(1, int(cfg.budget * len(self.units) + 1e-9))
+
+    @property
+    def live(self) -> set[str]:
+        return {m for u in self.live_units for m in self.units[u]}
+
+    def start(self, adapters: dict[str, LoRAAdapter]) -> None:
+        self.ref_norm = {n: adapters[n].weight_norm() for n in self.names}
+
+    def is_update(self, step: int) -> bool:
+        c = self.cfg
+        return c.policy != "all" and step >= c.warmup_steps and (step - c.warmup_steps) % c.period == 0
+
+    def after_step(self, step: int, adapters: dict[str, LoRAAdapter]) -> Change | None:
+        if not self.is_update(step):
+            return None
+        norms = {m: adapters[m].weight_norm() for m in self.live}
+        # A unit's score: how far its modules' norms moved over the window.
+        scores = {u: sum(abs(norms[m] - self.ref_norm[m]) for m in self.units[u]) for u in self.live_units}
+        new_live = self._select(step, scores)
+        if new_live is None:
+            return None
+        killed = sorted(self.live_units - new_live, key=self.order.__getitem__)
+        revived = sorted(new_live - self.live_units, key=self.order.__getitem__)
+        for u in killed:
+            self.killed_at[u] = step
+        for u in revived:
+            self.killed_at.pop(u, None)
+        self.live_units = new_live
+        # Every live module starts a new measurement window now.
+        for m in self.live:
+            self.ref_norm[m] = norms[m] if m in norms else adapters[m].weight_norm()
+        return Change(step, [m for u in killed for m in self.units[u]],
+                      [m for u in revived for m in self.units[u]], scores)
+
+    def _select(self, step: int, scores: dict[str, float]) -> set[str] | None:
+        k = self.budget_count
+        policy = self.cfg.policy
+        if policy == "random":
+            return set(self.rng.sample(list(self.units), k))
+        if policy == "static":
+            if step != self.cfg.warmup_steps:
+                return None
+            return set(_top(scores, k, self.order))
+        # kr: revived slots go to the units killed longest ago (ties: model order).
+        dead = sorted(self.killed_at, key=lambda u: (self.killed_at[u], self.order[u]))
+        n_revive = min(round(self.cfg.revive * k), len(dead))
+        keep = _top(scores, k - n_revive, self.order)
+        return set(keep) | set(dead[:n_revive])
+
+
+def _top(scores: dict[str, float], k: int, order: dict[str, int]) -> list[str]:
+    """The k highest scores; ties go to the unit earlier in the model."""
+    return sorted(scores, key=lambda n: (-scores[n], order[n]))[:k]
