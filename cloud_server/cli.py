@@ -6,6 +6,7 @@ import logging
 import signal
 import sys
 import threading
+from pathlib import Path
 
 import torch
 
@@ -43,6 +44,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-sessions", type=int, default=8, help="most edge sessions open at once (default: %(default)s)")
     p.add_argument("--max-batch-tokens", type=int, default=16384,
                    help="largest batch x sequence length one step may carry (default: %(default)s)")
+    p.add_argument("--max-message-mb", type=float, default=0,
+                   help="largest gRPC message in MiB; 0 derives it from --max-batch-tokens so the "
+                        "largest site tensor fits (default: %(default)s)")
+    p.add_argument("--idle-timeout", type=float, default=600,
+                   help="seconds without a call before a session is freed (default: %(default)s)")
+    p.add_argument("--step-timeout", type=float, default=300,
+                   help="seconds one step may take, waits for the edge included (default: %(default)s)")
+    p.add_argument("--shutdown-grace", type=float, default=30,
+                   help="on SIGTERM, seconds in-flight steps get to finish (default: %(default)s)")
+    sec = p.add_argument_group("security", "plaintext is for localhost only; give a certificate to serve a network")
+    sec.add_argument("--tls-cert", type=Path, help="server certificate chain (PEM)")
+    sec.add_argument("--tls-key", type=Path, help="server private key (PEM)")
+    sec.add_argument("--tls-client-ca", type=Path,
+                     help="CA (PEM) that must have signed every client's certificate: mutual TLS")
+    sec.add_argument("--tokens", type=Path,
+                     help="file of 'CLIENT_ID TOKEN' lines; every call must carry one of the tokens")
+    sec.add_argument("--allow-insecure-remote", action="store_true",
+                     help="allow plaintext on a non-loopback address (logs a warning; do not use on a network "
+                          "you do not trust)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 keeps torch's default")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default: %(default)s)")
     args = p.parse_args(argv)
@@ -50,6 +70,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--max-sessions and --max-batch-tokens must be positive")
     if not 0 <= args.port <= 65535:
         p.error(f"--port must be 0..65535, got {args.port}")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        p.error("--tls-cert and --tls-key go together")
+    if args.tls_client_ca and not args.tls_cert:
+        p.error("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+    if min(args.idle_timeout, args.step_timeout) <= 0 or args.shutdown_grace < 0:
+        p.error("--idle-timeout and --step-timeout must be positive, --shutdown-grace not negative")
+    from cloud_server.auth import is_loopback
+    if not args.tls_cert and not is_loopback(args.host) and not args.allow_insecure_remote:
+        p.error(f"refusing plaintext on non-loopback address {args.host}: give --tls-cert/--tls-key, "
+                "or --allow-insecure-remote if you really mean it")
     return args
 
 
@@ -65,29 +95,48 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    log = logging.getLogger("cloud_server")
     if args.threads:
         torch.set_num_threads(args.threads)
     # Imported here so `--help` answers at once.
+    from cloud_server.auth import Authenticator, is_loopback, load_tokens
     from cloud_server.served_model import ServedModel
-    from cloud_server.service import DLoRAService, ServerLimits, make_server
+    from cloud_server.service import DLoRAService, ServerLimits, TLSFiles, make_server
 
-    device = pick_device(args.device)
-    targets = [t for t in args.targets.split(",") if t] or None
     try:
+        tokens = load_tokens(args.tokens) if args.tokens else {}
+        tls = None
+        if args.tls_cert:
+            tls = TLSFiles(args.tls_cert.read_bytes(), args.tls_key.read_bytes(),
+                           args.tls_client_ca.read_bytes() if args.tls_client_ca else None)
+        device = pick_device(args.device)
+        targets = [t for t in args.targets.split(",") if t] or None
         served = ServedModel(args.model, device=device, dtype=dtype_from_name(args.dtype), default_targets=targets)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, OSError) as exc:
         print(f"cloud_server: {exc}", file=sys.stderr)
         return 2
-    service = DLoRAService(served, ServerLimits(args.max_sessions, args.max_batch_tokens))
-    server, port = make_server(service, args.host, args.port)
-    server.start()
-    print(f"DLoRA cloud server listening on {args.host}:{port}", flush=True)
+    if not tls and not is_loopback(args.host):
+        log.warning("serving PLAINTEXT on %s: activations and tokens cross the network unencrypted", args.host)
+    limits = ServerLimits(args.max_sessions, args.max_batch_tokens, int(args.max_message_mb * (1 << 20)),
+                          args.idle_timeout, args.step_timeout)
+    service = DLoRAService(served, limits, Authenticator(tokens, mtls=bool(args.tls_client_ca)))
+    try:
+        running = make_server(service, args.host, args.port, tls)
+    except OSError as exc:
+        print(f"cloud_server: {exc}", file=sys.stderr)
+        return 2
+    log.info("limits: %d sessions, %d tokens/step, %.0f MiB/message, idle %.0f s, step %.0f s; %s%s",
+             limits.max_sessions, limits.max_batch_tokens, limits.max_message_bytes / (1 << 20),
+             limits.idle_timeout, limits.step_timeout, "TLS" if tls else "plaintext",
+             (" + client certificates" if args.tls_client_ca else "") + (f", {len(tokens)} tokens" if tokens else ""))
+    print(f"DLoRA cloud server listening on {args.host}:{running.port}", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
-    logging.getLogger("cloud_server").info("shutting down: finishing in-flight steps (up to 10 s)")
-    server.stop(grace=10).wait()
+    log.info("shutting down: refusing new work, giving in-flight steps up to %.0f s", args.shutdown_grace)
+    running.shutdown(args.shutdown_grace)
+    log.info("stopped")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""The gRPC service: sessions, edge assets and the streamed remote steps."""
+"""The gRPC service: sessions, edge assets, parking and the streamed remote steps."""
 from __future__ import annotations
 
 import logging
@@ -7,7 +7,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 import torch
@@ -18,6 +18,7 @@ from common.tensor_codec import WireError
 from common.wire import dlora_pb2 as pb
 from common.wire import dlora_pb2_grpc as pb_grpc
 from cloud_server import assets as edge_assets
+from cloud_server.auth import Authenticator, Unauthenticated
 from cloud_server.served_model import ServedModel
 from cloud_server.session import (Session, SessionBusy, SessionManager, SessionNotFound,
                                   StepOutOfOrder, TooManySessions)
@@ -26,12 +27,22 @@ from cloud_server.step_runner import StepAborted, StepRunner
 log = logging.getLogger(__name__)
 
 _DONE = object()
+_EOF = object()
 _CHUNK = 1 << 20
 _WIRE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_PARKED_RANK = 1024
+SERVICE_NAME = "dlora.v1.DLoRA"
 
 
 class LimitExceeded(Exception):
+    pass
+
+
+class StepTimeout(Exception):
+    pass
+
+
+class Draining(Exception):
     pass
 
 
@@ -39,17 +50,22 @@ class LimitExceeded(Exception):
 class ServerLimits:
     max_sessions: int = 8
     max_batch_tokens: int = 16384
-    max_message_bytes: int = 0  # 0: derived from the model so the largest site tensor fits
+    max_message_bytes: int = 0      # 0: derived from the model so the largest site tensor fits
+    idle_timeout: float = 600.0     # seconds without a call before a session is freed
+    step_timeout: float = 300.0     # seconds one step may take, edge waits included
 
 
 def _status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The gRPC status a failed call answers with."""
     mapping = [
+        (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
         (SessionNotFound, grpc.StatusCode.NOT_FOUND),
         (SessionBusy, grpc.StatusCode.FAILED_PRECONDITION),
         (StepOutOfOrder, grpc.StatusCode.ALREADY_EXISTS),
         (TooManySessions, grpc.StatusCode.RESOURCE_EXHAUSTED),
         (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (StepTimeout, grpc.StatusCode.DEADLINE_EXCEEDED),
+        (Draining, grpc.StatusCode.UNAVAILABLE),
         (WireError, grpc.StatusCode.INVALID_ARGUMENT),
         (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
         (StepAborted, grpc.StatusCode.CANCELLED),
@@ -61,26 +77,40 @@ def _status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 
 
 class DLoRAService(pb_grpc.DLoRAServicer):
-    def __init__(self, served: ServedModel, limits: ServerLimits) -> None:
+    def __init__(self, served: ServedModel, limits: ServerLimits, auth: Authenticator | None = None) -> None:
         self.served = served
         self.limits = limits
+        self.auth = auth or Authenticator()
         self.sessions = SessionManager(limits.max_sessions)
         self.assets_digest = edge_assets.digest(served.assets)
+        self.draining = threading.Event()
+        self._inflight = 0
+        self._inflight_lock = threading.Condition()
         all_sites = served.sites(sorted(served.linear_names))
         width = served.max_site_width(all_sites)
         if not limits.max_message_bytes:
             # Largest tensor in one message (fp32) plus room for framing.
             limits.max_message_bytes = limits.max_batch_tokens * width * 4 + (1 << 20)
 
+    def _caller(self, context: grpc.ServicerContext) -> str:
+        try:
+            if self.draining.is_set():
+                raise Draining("the server is shutting down; retry against its replacement")
+            return self.auth.identify(context)
+        except (Unauthenticated, Draining) as exc:
+            context.abort(*_status(exc))
+            raise  # unreachable: abort raises
+
     # -- sessions ------------------------------------------------------------
     def OpenSession(self, request: pb.OpenSessionRequest, context: grpc.ServicerContext) -> pb.OpenSessionReply:
+        owner = self._caller(context)
         try:
             wire = codec.torch_dtype(request.wire_dtype or pb.FLOAT32)
             if wire not in _WIRE_DTYPES:
                 raise WireError(f"wire dtype {codec.dtype_name(wire)} is not supported; use fp32, fp16 or bf16")
             targets = list(request.target_modules) or self.served.default_targets
             sites = self.served.sites(targets)
-            session = self.sessions.open(request.client_name, sites, wire)
+            session = self.sessions.open(owner, request.client_name[:64], sites, wire)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a status
             context.abort(*_status(exc))
         meta = self.served.meta
@@ -100,15 +130,25 @@ class DLoRAService(pb_grpc.DLoRAServicer):
         )
 
     def CloseSession(self, request: pb.CloseSessionRequest, context: grpc.ServicerContext) -> pb.CloseSessionReply:
+        owner = self.auth_only(context)
         try:
-            session = self.sessions.close(request.session_id)
+            session = self.sessions.close(request.session_id, owner)
         except Exception as exc:  # noqa: BLE001
             context.abort(*_status(exc))
         return pb.CloseSessionReply(steps=session.steps, forwards=session.forwards)
 
-    def GetEdgeAssets(self, request: pb.EdgeAssetsRequest, context: grpc.ServicerContext) -> Iterator[pb.AssetChunk]:
+    def auth_only(self, context: grpc.ServicerContext) -> str:
+        """Identify the caller even while draining (closing must still work then)."""
         try:
-            self.sessions.get(request.session_id)
+            return self.auth.identify(context)
+        except Unauthenticated as exc:
+            context.abort(*_status(exc))
+            raise
+
+    def GetEdgeAssets(self, request: pb.EdgeAssetsRequest, context: grpc.ServicerContext) -> Iterator[pb.AssetChunk]:
+        owner = self._caller(context)
+        try:
+            self.sessions.get(request.session_id, owner)
         except Exception as exc:  # noqa: BLE001
             context.abort(*_status(exc))
         for asset in self.served.assets:
@@ -119,21 +159,24 @@ class DLoRAService(pb_grpc.DLoRAServicer):
 
     # -- parking (Kill and Revive) -------------------------------------------------
     def ParkAdapters(self, request: pb.ParkRequest, context: grpc.ServicerContext) -> pb.ParkReply:
+        owner = self._caller(context)
         try:
-            session = self.sessions.get(request.session_id)
+            session = self.sessions.get(request.session_id, owner)
             park = {p.name: self._decode_parked(session, p) for p in request.park}
             unpark = set(request.unpark)
             if len(park) != len(request.park) or len(unpark) != len(request.unpark):
                 raise WireError("a module is named twice in one park request")
             if park.keys() & unpark:
                 raise WireError(f"modules both parked and unparked: {sorted(park.keys() & unpark)}")
+            unknown = sorted(unpark - session.module_names)
+            if unknown:
+                raise WireError(f"cannot unpark {unknown[:4]}: not modules of this session")
             with session.exclusive():
-                missing = sorted(n for n in unpark if n not in session.parked)
-                if missing:
-                    raise WireError(f"cannot unpark modules that are not parked: {missing[:4]}")
+                # Set semantics, so a retried request (reply lost) is harmless.
                 for name in unpark:
-                    del session.parked[name]
+                    session.parked.pop(name, None)
                 session.parked.update(park)
+                session.last_used = time.monotonic()
         except Exception as exc:  # noqa: BLE001
             context.abort(*_status(exc))
         total = len(session.module_names)
@@ -171,56 +214,92 @@ class DLoRAService(pb_grpc.DLoRAServicer):
         return self._serve_step(request_iterator, context, train=False)
 
     def _serve_step(self, requests: Iterator[pb.EdgeMessage], context: grpc.ServicerContext, train: bool):
+        owner = self._caller(context)
         # The model's forward calls out to the edge from deep inside the blocks,
-        # so it runs in a worker thread; this generator relays its messages.
+        # so it runs in a worker thread; this generator relays its messages. A
+        # pump thread reads the edge's stream so the worker can wait with a deadline.
         out: queue.Queue = queue.Queue()
+        inbox: queue.Queue = queue.Queue()
+        deadline = time.monotonic() + self.limits.step_timeout
+
+        def pump() -> None:
+            try:
+                for msg in requests:
+                    inbox.put(msg)
+            except Exception:  # noqa: BLE001 - a cancelled stream ends like a closed one
+                pass
+            inbox.put(_EOF)
 
         def receive() -> pb.EdgeMessage:
+            remaining = deadline - time.monotonic()
             try:
-                return next(requests)
-            except StopIteration:
-                raise StepAborted("the edge closed the stream in the middle of a step") from None
-            except grpc.RpcError as exc:
-                raise StepAborted(f"the edge's stream failed: {exc}") from None
+                item = inbox.get(timeout=max(remaining, 0.0))
+            except queue.Empty:
+                raise StepTimeout(f"the step did not finish within the server's step deadline of "
+                                  f"{self.limits.step_timeout:.0f} s") from None
+            if item is _EOF:
+                raise StepAborted("the edge closed the stream in the middle of a step")
+            return item
 
         def work() -> None:
+            holder: dict[str, Session] = {}
             try:
-                self._run_step(receive, out.put, train)
+                self._run_step(owner, receive, out.put, train, holder)
                 out.put(_DONE)
             except BaseException as exc:  # noqa: BLE001 - reported to the edge as a status
-                if isinstance(exc, StepAborted) or _status(exc)[0] != grpc.StatusCode.INTERNAL:
-                    log.warning("step refused: %s", exc)
-                else:
+                code = _status(exc)[0]
+                if code == grpc.StatusCode.INTERNAL:
                     log.exception("step failed")
+                else:
+                    log.warning("step refused (%s): %s", code.name, exc)
+                if isinstance(exc, StepAborted) and "session" in holder:
+                    # The edge vanished mid-step: free what its session holds.
+                    try:
+                        self.sessions.close(holder["session"].id, owner, reason="closed: its edge vanished mid-step")
+                    except SessionNotFound:
+                        pass
                 out.put(exc)
 
-        threading.Thread(target=work, name="dlora-step", daemon=True).start()
-        while True:
-            item = out.get()
-            if item is _DONE:
-                return
-            if isinstance(item, BaseException):
-                context.abort(*_status(item))
-            yield item
+        with self._inflight_lock:
+            self._inflight += 1
+        try:
+            threading.Thread(target=pump, name="dlora-pump", daemon=True).start()
+            threading.Thread(target=work, name="dlora-step", daemon=True).start()
+            while True:
+                item = out.get()
+                if item is _DONE:
+                    return
+                if isinstance(item, BaseException):
+                    context.abort(*_status(item))
+                yield item
+        finally:
+            with self._inflight_lock:
+                self._inflight -= 1
+                self._inflight_lock.notify_all()
 
-    def _run_step(self, receive, send, train: bool) -> None:
+    def _run_step(self, owner: str, receive, send, train: bool, holder: dict) -> None:
         first = receive()
         if first.WhichOneof("kind") != "start":
             raise WireError("a step must begin with a start message")
         start = first.start
-        session = self.sessions.get(start.session_id)
+        session = self.sessions.get(start.session_id, owner)
+        holder["session"] = session
         t0 = time.perf_counter()
         hidden, mask = self._decode_inputs(session, start)
         with session.step(start.step_id, train):
             runner = StepRunner(session.sites, receive, send, session.wire_dtype, train, parked=dict(session.parked))
-            final = self.served.run(runner, hidden, mask)
-            send(pb.CloudMessage(final_hidden=pb.FinalHidden(hidden=codec.encode(final, session.wire_dtype))))
-            if train:
-                msg = runner.expect("final_grad")
-                grad = codec.decode(msg.final_grad.grad, name="final hidden gradient",
-                                    shape=tuple(final.shape), dtypes=[session.wire_dtype])
-                if final.requires_grad:
-                    final.backward(grad.to(device=final.device, dtype=final.dtype))
+            try:
+                final = self.served.run(runner, hidden, mask)
+                send(pb.CloudMessage(final_hidden=pb.FinalHidden(hidden=codec.encode(final, session.wire_dtype))))
+                if train:
+                    msg = runner.expect("final_grad")
+                    grad = codec.decode(msg.final_grad.grad, name="final hidden gradient",
+                                        shape=tuple(final.shape), dtypes=[session.wire_dtype])
+                    if final.requires_grad:
+                        final.backward(grad.to(device=final.device, dtype=final.dtype))
+            finally:
+                runner.release()
+                final = None  # an aborted step's graph goes with it
             cloud = time.perf_counter() - t0 - runner.wait_seconds
             session.tokens += int(mask.sum())
             session.cloud_seconds += cloud
@@ -243,16 +322,76 @@ class DLoRAService(pb_grpc.DLoRAServicer):
         dev = self.served.device
         return hidden.to(device=dev, dtype=self.served.dtype), mask.to(device=dev, dtype=torch.long)
 
+    # -- lifecycle -----------------------------------------------------------
+    def reap_forever(self, stop: threading.Event) -> None:
+        """Free sessions idle longer than the limit, until `stop` is set."""
+        interval = min(max(self.limits.idle_timeout / 4, 0.5), 30.0)
+        while not stop.wait(interval):
+            self.sessions.reap_idle(self.limits.idle_timeout)
 
-def make_server(service: DLoRAService, host: str, port: int, workers: int | None = None) -> tuple[grpc.Server, int]:
+    def drain(self, grace: float) -> bool:
+        """Refuse new work and wait up to `grace` seconds for in-flight steps. True if all finished."""
+        self.draining.set()
+        end = time.monotonic() + grace
+        with self._inflight_lock:
+            while self._inflight and time.monotonic() < end:
+                self._inflight_lock.wait(timeout=end - time.monotonic())
+            return self._inflight == 0
+
+
+@dataclass
+class TLSFiles:
+    cert: bytes
+    key: bytes
+    client_ca: bytes | None = None    # set: clients must present a certificate signed by it
+
+
+@dataclass
+class RunningServer:
+    server: grpc.Server
+    port: int
+    service: DLoRAService
+    health: object
+    stop_reaper: threading.Event = field(default_factory=threading.Event)
+
+    def shutdown(self, grace: float) -> None:
+        from grpc_health.v1 import health_pb2
+
+        self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+        finished = self.service.drain(grace)
+        log.info("in-flight steps %s", "finished" if finished else f"aborted after {grace:.0f} s")
+        self.stop_reaper.set()
+        self.server.stop(grace=1.0).wait()
+        self.service.sessions.close_all("closed: server shut down")
+
+
+def make_server(service: DLoRAService, host: str, port: int, tls: TLSFiles | None = None,
+                workers: int | None = None) -> RunningServer:
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
     size = service.limits.max_message_bytes
     opts = [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)]
-    # Each in-flight step holds one handler thread (plus its worker thread).
-    workers = workers or max(8, 2 * service.limits.max_sessions + 4)
+    # Each in-flight step holds one handler thread (plus its worker and pump threads).
+    workers = workers or max(16, 2 * service.limits.max_sessions + 8)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dlora-rpc"),
                          options=opts)
     pb_grpc.add_DLoRAServicer_to_server(service, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    address = f"{host}:{port}"
+    if tls is None:
+        bound = server.add_insecure_port(address)
+    else:
+        creds = grpc.ssl_server_credentials([(tls.key, tls.cert)], root_certificates=tls.client_ca,
+                                            require_client_auth=tls.client_ca is not None)
+        bound = server.add_secure_port(address, creds)
     if bound == 0:
-        raise OSError(f"could not bind {host}:{port}")
-    return server, bound
+        raise OSError(f"could not bind {address}")
+    server.start()
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    running = RunningServer(server, bound, service, health_servicer)
+    threading.Thread(target=service.reap_forever, args=(running.stop_reaper,), name="dlora-reaper",
+                     daemon=True).start()
+    return running

@@ -17,6 +17,23 @@ from cloud_server.sites import SiteSpec
 log = logging.getLogger(__name__)
 
 
+def _load_malloc_trim():
+    try:
+        import ctypes
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_malloc_trim = _load_malloc_trim()
+
+
+def release_memory() -> None:
+    """Hand freed memory back to the OS (glibc keeps per-thread arenas otherwise)."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
 class SessionError(Exception):
     """Base of the errors that map to a gRPC status (see service.py)."""
 
@@ -40,6 +57,7 @@ class TooManySessions(SessionError):
 @dataclass
 class Session:
     id: str
+    owner: str                # identity that opened it; only it may use the session
     client_name: str
     sites: list[SiteSpec]
     wire_dtype: torch.dtype
@@ -77,20 +95,25 @@ class Session:
         if not self._lock.acquire(blocking=False):
             raise SessionBusy(f"session {self.id[:8]} is already running a step; steps of one session run one at a time")
         try:
-            if train and step_id <= self.last_step_id:
+            # The last completed id may be replayed (its reply was lost on the way
+            # back; the cloud keeps no per-step state to apply twice). Older ids
+            # come from a confused or duplicated client and are refused.
+            if train and step_id < self.last_step_id:
                 raise StepOutOfOrder(
-                    f"step id {step_id} was already used (last completed step is {self.last_step_id}); "
-                    "training step ids must increase"
+                    f"step id {step_id} is older than the last completed step {self.last_step_id}; "
+                    "training step ids must not go back"
                 )
+            self.last_used = time.monotonic()
             yield
             # Only a completed step consumes its id, so a failed step can be retried.
             if train:
+                if step_id > self.last_step_id:
+                    self.steps += 1
                 self.last_step_id = step_id
-                self.steps += 1
             else:
                 self.forwards += 1
-            self.last_used = time.monotonic()
         finally:
+            self.last_used = time.monotonic()
             self._lock.release()
 
 
@@ -100,37 +123,65 @@ class SessionManager:
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
 
-    def open(self, client_name: str, sites: list[SiteSpec], wire_dtype: torch.dtype) -> Session:
+    def open(self, owner: str, client_name: str, sites: list[SiteSpec], wire_dtype: torch.dtype) -> Session:
         with self._lock:
             if len(self._sessions) >= self.max_sessions:
                 raise TooManySessions(
                     f"the server holds its maximum of {self.max_sessions} sessions; try again later"
                 )
             # 128 random bits: a session id cannot be guessed.
-            session = Session(secrets.token_hex(16), client_name or "anonymous", sites, wire_dtype)
+            session = Session(secrets.token_hex(16), owner, client_name or "anonymous", sites, wire_dtype)
             self._sessions[session.id] = session
         log.info("session %s opened by %r: %d sites, wire %s (%d open)",
                  session.id[:8], session.client_name, len(sites), str(wire_dtype).replace("torch.", ""),
                  len(self._sessions))
         return session
 
-    def get(self, session_id: str) -> Session:
+    def get(self, session_id: str, owner: str) -> Session:
         with self._lock:
             session = self._sessions.get(session_id)
-        if session is None:
+        # Someone else's session answers exactly like a missing one: ids reveal nothing.
+        if session is None or session.owner != owner:
             raise SessionNotFound(f"unknown session id {session_id[:16]!r}; open a session first")
         return session
 
-    def close(self, session_id: str) -> Session:
+    def close(self, session_id: str, owner: str, reason: str = "closed by the edge") -> Session:
+        session = self.get(session_id, owner)
         with self._lock:
-            session = self._sessions.pop(session_id, None)
-        if session is None:
-            raise SessionNotFound(f"unknown session id {session_id[:16]!r}")
+            if self._sessions.pop(session_id, None) is None:
+                raise SessionNotFound(f"unknown session id {session_id[:16]!r}")
+        session.parked.clear()
+        release_memory()
         secs = time.monotonic() - session.opened_at
-        log.info("session %s closed (%r): %d steps, %d forwards, %d tokens in %.1fs, cloud compute %.1fs",
-                 session.id[:8], session.client_name, session.steps, session.forwards,
-                 session.tokens, secs, session.cloud_seconds)
+        log.info("session %s of %r %s: %d steps, %d forwards, %d tokens in %.1fs (%.0f tokens/s), "
+                 "cloud compute %.1fs; %d open",
+                 session.id[:8], session.client_name, reason, session.steps, session.forwards, session.tokens,
+                 secs, session.tokens / max(secs, 1e-9), session.cloud_seconds, len(self._sessions))
         return session
+
+    def reap_idle(self, idle_seconds: float) -> list[str]:
+        """Close sessions unused for idle_seconds (never one in the middle of a step)."""
+        now = time.monotonic()
+        with self._lock:
+            stale = [s for s in self._sessions.values()
+                     if now - s.last_used > idle_seconds and not s._lock.locked()]
+        closed = []
+        for s in stale:
+            try:
+                self.close(s.id, s.owner, reason=f"closed after {idle_seconds:.0f}s idle")
+                closed.append(s.id)
+            except SessionNotFound:
+                pass
+        return closed
+
+    def close_all(self, reason: str) -> None:
+        with self._lock:
+            sessions = list(self._sessions.values())
+        for s in sessions:
+            try:
+                self.close(s.id, s.owner, reason=reason)
+            except SessionNotFound:
+                pass
 
     def __len__(self) -> int:
         return len(self._sessions)

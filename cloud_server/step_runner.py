@@ -174,6 +174,13 @@ class StepRunner:
                           dtypes=[self.wire_dtype])
         return dx.to(device=x.device, dtype=x.dtype)
 
+    def release(self) -> None:
+        """Drop the step's tensors. The cache holds outputs whose autograd node
+        refers back to this runner; left alone, that cycle keeps a whole step's
+        activations alive after the step."""
+        self._cache.clear()
+        self._anchor = None
+
     # -- messages ----------------------------------------------------------
     def _expect(self, kind: str) -> pb.EdgeMessage:
         t0 = time.perf_counter()

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -68,6 +68,20 @@ def _train_parser(sub) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/latest"),
                    help="directory for adapter_model.safetensors and run.json (default: %(default)s)")
     p.add_argument("--name", default="edge", help="client name shown in the server's log")
+    rel = p.add_argument_group("connection and recovery")
+    rel.add_argument("--token", default=os.environ.get("DLORA_TOKEN"),
+                     help="bearer token the server expects (default: $DLORA_TOKEN)")
+    rel.add_argument("--tls-ca", type=Path, help="CA certificate (PEM) that signed the server's: enables TLS")
+    rel.add_argument("--tls-cert", type=Path, help="this client's certificate (PEM), for mutual TLS")
+    rel.add_argument("--tls-key", type=Path, help="this client's private key (PEM), for mutual TLS")
+    rel.add_argument("--tls-server-name", help="name to expect in the server certificate, if not the host")
+    rel.add_argument("--retries", type=int, default=8,
+                     help="attempts after a failed step, with exponential backoff; the session is re-opened "
+                          "and killed adapters parked again if the server restarted (default: %(default)s)")
+    rel.add_argument("--checkpoint-every", type=int, default=20,
+                     help="save adapters + optimizer to OUT/checkpoint.pt every N steps; 0: only at the end "
+                          "(default: %(default)s)")
+    rel.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
 
 
@@ -88,6 +102,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--test-fraction must be between 0 and 1")
     if args.lr <= 0 or args.alpha <= 0:
         p.error("--lr and --alpha must be positive")
+    if args.retries < 0 or args.checkpoint_every < 0:
+        p.error("--retries and --checkpoint-every must not be negative")
     return args
 
 
@@ -97,13 +113,14 @@ def main(argv: list[str] | None = None) -> int:
                         datefmt="%H:%M:%S")
     from edge_client.data import DataError
     from edge_client.kill_revive import KRConfig
-    from edge_client.session import CloudError
+    from edge_client.session import CloudError, Credentials, RetryPolicy
     from edge_client.trainer import TrainConfig, run
 
     try:
         kr = KRConfig(policy=args.policy, budget=args.budget, revive=args.revive, period=args.period,
                       warmup_steps=args.warmup_steps, unit=args.unit, seed=args.seed)
-    except ValueError as exc:
+        creds = Credentials.from_files(args.token, args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
+    except (ValueError, OSError) as exc:
         print(f"edge_client: {exc}", file=sys.stderr)
         return 2
 
@@ -112,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
                       lr=args.lr, rank=args.rank, alpha=args.alpha,
                       targets=[t for t in args.targets.split(",") if t], max_length=args.max_length,
                       eval_limit=args.eval_limit, wire_dtype=args.wire_dtype, seed=args.seed,
-                      objective=args.objective, kr=kr,
+                      objective=args.objective, kr=kr, credentials=creds,
+                      retry=RetryPolicy(retries=args.retries), checkpoint_every=args.checkpoint_every,
+                      resume=args.resume,
                       out=args.out, client_name=args.name, progress=not args.no_progress)
     try:
         summary = run(cfg)

@@ -79,6 +79,19 @@ class Selector:
     def live(self) -> set[str]:
         return {m for u in self.live_units for m in self.units[u]}
 
+    def state_dict(self) -> dict:
+        return {"live_units": sorted(self.live_units, key=self.order.__getitem__), "killed_at": dict(self.killed_at),
+                "ref_norm": dict(self.ref_norm), "rng": self.rng.getstate()}
+
+    def load_state_dict(self, state: dict) -> None:
+        unknown = set(state["live_units"]) - set(self.units)
+        if unknown:
+            raise ValueError(f"checkpoint names units this run does not have: {sorted(unknown)[:3]}")
+        self.live_units = set(state["live_units"])
+        self.killed_at = dict(state["killed_at"])
+        self.ref_norm = dict(state["ref_norm"])
+        self.rng.setstate(state["rng"])
+
     def start(self, adapters: dict[str, LoRAAdapter]) -> None:
         self.ref_norm = {n: adapters[n].weight_norm() for n in self.names}
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import queue
+import random
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +31,52 @@ _BOOTSTRAP_MESSAGE_BYTES = 16 << 20
 
 class CloudError(RuntimeError):
     """The cloud refused a call; the text carries its status and reason."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# Failures worth another try: the server is down or restarting, lost our
+# session (a restart), timed out, or aborted the step while shutting down.
+# (RESOURCE_EXHAUSTED is not: an oversize batch stays oversize.)
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.DEADLINE_EXCEEDED,
+             grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED}
+
+
+@dataclass
+class Credentials:
+    """How the edge proves who it is and checks who the server is."""
+
+    token: str | None = None          # bearer token, sent on every call
+    ca: bytes | None = None           # CA that signed the server's certificate: enables TLS
+    cert: bytes | None = None         # client certificate chain, for mutual TLS
+    key: bytes | None = None          # client private key, for mutual TLS
+    server_name: str | None = None    # name to check in the server certificate, if not the host
+
+    @classmethod
+    def from_files(cls, token: str | None = None, ca: Path | None = None, cert: Path | None = None,
+                   key: Path | None = None, server_name: str | None = None) -> "Credentials":
+        if bool(cert) != bool(key):
+            raise ValueError("a client certificate and its key go together")
+        if cert and not ca:
+            raise ValueError("mutual TLS needs the server's CA too")
+        read = lambda p: p.read_bytes() if p else None  # noqa: E731
+        return cls(token or None, read(ca), read(cert), read(key), server_name)
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+
+
+@dataclass
+class RetryPolicy:
+    retries: int = 8                  # further attempts after a retryable failure
+    backoff: float = 0.5              # first wait in seconds; doubles each time
+    max_backoff: float = 30.0
+
+    def delay(self, attempt: int) -> float:
+        base = min(self.backoff * (2 ** attempt), self.max_backoff)
+        return base * (0.8 + 0.4 * random.random())  # jitter: restarted servers are not stampeded
 
 
 @dataclass(frozen=True)
@@ -62,42 +110,108 @@ def _rpc_error(exc: grpc.RpcError) -> CloudError:
     code = exc.code() if hasattr(exc, "code") else None
     detail = exc.details() if hasattr(exc, "details") else str(exc)
     name = code.name if code is not None else "UNKNOWN"
-    return CloudError(f"cloud refused the call ({name}): {detail}")
+    return CloudError(f"cloud refused the call ({name}): {detail}", code)
 
 
 class CloudSession:
     """A session with a cloud_server; owns the gRPC channel."""
 
     def __init__(self, target: str, *, wire_dtype: str = "fp32", targets: list[str] | None = None,
-                 client_name: str = "edge", timeout: float = 600.0) -> None:
+                 client_name: str = "edge", timeout: float = 600.0, credentials: Credentials | None = None,
+                 retry: RetryPolicy | None = None) -> None:
         self.target = target
         self.timeout = timeout
         self.wire_dtype = codec.dtype_from_name(wire_dtype)
-        boot = grpc.insecure_channel(target, options=self._options(_BOOTSTRAP_MESSAGE_BYTES))
+        self.targets = targets or []
+        self.client_name = client_name
+        self.credentials = credentials or Credentials()
+        self.retry = retry or RetryPolicy()
+        self.channel: grpc.Channel | None = None
+        self.closed = False
+        self.reconnects = 0
+        # Killed modules whose frozen copy the cloud applies; the edge keeps
+        # the master copies so it can park them again on a new session.
+        self.parked_adapters: dict[str, LoRAAdapter] = {}
+        self._open()
+
+    @property
+    def parked(self) -> set[str]:
+        return set(self.parked_adapters)
+
+    def _channel(self, size: int) -> grpc.Channel:
+        opts = self._options(size)
+        c = self.credentials
+        if c.ca is None:
+            return grpc.insecure_channel(self.target, options=opts)
+        if c.server_name:
+            opts.append(("grpc.ssl_target_name_override", c.server_name))
+        creds = grpc.ssl_channel_credentials(root_certificates=c.ca, private_key=c.key, certificate_chain=c.cert)
+        return grpc.secure_channel(self.target, creds, options=opts)
+
+    def _open(self) -> None:
+        boot = self._channel(_BOOTSTRAP_MESSAGE_BYTES)
         try:
-            grpc.channel_ready_future(boot).result(timeout=min(timeout, 30.0))
+            grpc.channel_ready_future(boot).result(timeout=min(self.timeout, 30.0))
         except grpc.FutureTimeoutError:
             boot.close()
-            raise CloudError(f"no cloud_server answers at {target} (is it running?)") from None
+            raise CloudError(f"no cloud_server answers at {self.target} (is it running?)",
+                             grpc.StatusCode.UNAVAILABLE) from None
         try:
             reply = pb_grpc.DLoRAStub(boot).OpenSession(pb.OpenSessionRequest(
-                client_name=client_name, wire_dtype=codec.wire_dtype(self.wire_dtype),
-                target_modules=targets or []), timeout=timeout)
+                client_name=self.client_name, wire_dtype=codec.wire_dtype(self.wire_dtype),
+                target_modules=self.targets), timeout=self.timeout, metadata=self.credentials.metadata())
         except grpc.RpcError as exc:
             raise _rpc_error(exc) from None
         finally:
             boot.close()
+        sites = [SiteInfo(s.index, s.layer, tuple(SiteModule(m.name, m.in_features, m.out_features)
+                                                  for m in s.modules)) for s in reply.sites]
+        if self.channel is not None and (sites != self.sites or reply.model.assets_sha256 != self.model.assets_sha256):
+            raise CloudError(f"the server at {self.target} now serves a different model; cannot resume this session")
         self.session_id = reply.session_id
         self.model = reply.model
         self.limits = reply.limits
         self.device = reply.device
-        self.sites = [SiteInfo(s.index, s.layer, tuple(SiteModule(m.name, m.in_features, m.out_features)
-                                                         for m in s.modules)) for s in reply.sites]
+        self.sites = sites
+        if self.channel is not None:
+            self.channel.close()
         # Message limits follow what the server announced for the largest site tensor.
-        self.channel = grpc.insecure_channel(target, options=self._options(self.limits.max_message_bytes))
+        self.channel = self._channel(self.limits.max_message_bytes)
         self.stub = pb_grpc.DLoRAStub(self.channel)
-        self.closed = False
-        self.parked: set[str] = set()  # modules whose frozen copy the cloud applies
+
+    def reopen(self) -> None:
+        """A new session on the same server (after a restart), with the killed adapters parked again."""
+        self._open()
+        self.reconnects += 1
+        if self.parked_adapters:
+            self._park_rpc(self.parked_adapters, [])
+        log.warning("reconnected to %s as session %s (%d adapters parked again)", self.target,
+                    self.session_id[:8], len(self.parked_adapters))
+
+    def _with_retries(self, what: str, attempt_fn, params: list[torch.Tensor] = ()):
+        """Run attempt_fn, retrying retryable failures with exponential backoff.
+
+        Gradients in `params` are restored before each retry, so a step that
+        died half-way never counts twice.
+        """
+        saved = [None if p.grad is None else p.grad.clone() for p in params]
+        for attempt in range(self.retry.retries + 1):
+            try:
+                return attempt_fn()
+            except CloudError as exc:
+                if exc.code not in RETRYABLE or attempt == self.retry.retries:
+                    raise
+                for p, g in zip(params, saved):
+                    p.grad = None if g is None else g.clone()
+                wait = self.retry.delay(attempt)
+                log.warning("%s failed (%s); retry %d/%d in %.1f s", what, exc, attempt + 1, self.retry.retries, wait)
+                time.sleep(wait)
+                try:
+                    if exc.code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE):
+                        self.reopen()
+                except CloudError as again:
+                    log.warning("reconnecting failed: %s", again)
+        raise AssertionError("unreachable")
 
     @staticmethod
     def _options(size: int) -> list[tuple[str, int]]:
@@ -120,7 +234,7 @@ class CloudSession:
         files: dict[str, tuple[bytearray, str, int]] = {}
         try:
             for chunk in self.stub.GetEdgeAssets(pb.EdgeAssetsRequest(session_id=self.session_id),
-                                                 timeout=self.timeout):
+                                                 timeout=self.timeout, metadata=self.credentials.metadata()):
                 buf, _, _ = files.setdefault(chunk.path, (bytearray(), chunk.sha256, chunk.size))
                 if chunk.offset != len(buf):
                     raise CloudError(f"asset {chunk.path}: chunk at offset {chunk.offset}, expected {len(buf)}")
@@ -144,16 +258,21 @@ class CloudSession:
 
         Returns (bytes sent, bytes received).
         """
+        sizes = self._with_retries("parking adapters", lambda: self._park_rpc(kill, revive))
+        for name in revive:
+            self.parked_adapters.pop(name, None)
+        self.parked_adapters.update(kill)
+        return sizes
+
+    def _park_rpc(self, kill: dict[str, LoRAAdapter], revive: list[str]) -> tuple[int, int]:
         req = pb.ParkRequest(session_id=self.session_id, unpark=revive, park=[
             pb.ParkedAdapter(name=name, lora_A=codec.encode(ad.lora_A, torch.float32),
                              lora_B=codec.encode(ad.lora_B, torch.float32), scale=ad.scale)
             for name, ad in kill.items()])
         try:
-            reply = self.stub.ParkAdapters(req, timeout=self.timeout)
+            reply = self.stub.ParkAdapters(req, timeout=self.timeout, metadata=self.credentials.metadata())
         except grpc.RpcError as exc:
             raise _rpc_error(exc) from None
-        self.parked.difference_update(revive)
-        self.parked.update(kill)
         return req.ByteSize(), reply.ByteSize()
 
     # -- steps ---------------------------------------------------------------
@@ -164,12 +283,14 @@ class CloudSession:
 
         `loss_fn` maps the final hidden state [B, T, H] to a scalar loss.
         """
-        return self._step(self.stub.TrainStep, step_id, hidden, mask, adapters, loss_fn)
+        params = [p for a in adapters.values() for p in (a.lora_A, a.lora_B)]
+        return self._with_retries(f"step {step_id}", lambda: self._step(
+            self.stub.TrainStep, step_id, hidden, mask, adapters, loss_fn), params)
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor,
                 adapters: dict[str, LoRAAdapter]) -> tuple[torch.Tensor, StepStats]:
         """Forward only: the final hidden state [B, T, H] (before the final norm)."""
-        return self._step(self.stub.Forward, 0, hidden, mask, adapters, None)
+        return self._with_retries("forward", lambda: self._step(self.stub.Forward, 0, hidden, mask, adapters, None))
 
     def _step(self, rpc, step_id, hidden, mask, adapters, loss_fn):
         stats = StepStats()
@@ -195,7 +316,7 @@ class CloudSession:
             attention_mask=codec.encode(mask.bool()))))
         exchange = _EdgeExchange(self, adapters, send, stats, train)
         result = None
-        responses = rpc(requests(), timeout=self.timeout)
+        responses = rpc(requests(), timeout=self.timeout, metadata=self.credentials.metadata())
         try:
             for msg in responses:
                 stats.bytes_received += msg.ByteSize()
@@ -228,7 +349,8 @@ class CloudSession:
             return
         self.closed = True
         try:
-            self.stub.CloseSession(pb.CloseSessionRequest(session_id=self.session_id), timeout=30)
+            self.stub.CloseSession(pb.CloseSessionRequest(session_id=self.session_id), timeout=30,
+                                   metadata=self.credentials.metadata())
         except grpc.RpcError as exc:
             log.warning("closing the session failed: %s", _rpc_error(exc))
         finally:

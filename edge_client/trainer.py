@@ -12,12 +12,12 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from common.lora import LoRAAdapter, LoRAConfig, adapters_state
+from common.lora import LoRAAdapter, LoRAConfig, adapters_state, load_adapters_state
 from edge_client import data as datasets
 from edge_client.edge_model import EdgeModel, load_tokenizer
 from edge_client.kill_revive import Change, KRConfig, Selector
 from edge_client.objective import Batch, classify, completion_loss, label_loss, label_token_ids, make_batch
-from edge_client.session import CloudSession, StepStats
+from edge_client.session import CloudSession, Credentials, RetryPolicy, StepStats
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,10 @@ class TrainConfig:
     client_name: str = "edge"
     progress: bool = True
     eval_before: bool = True
+    credentials: Credentials = field(default_factory=Credentials)
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    checkpoint_every: int = 20        # steps between checkpoints; 0: only at the end
+    resume: bool = False              # continue from out/checkpoint.pt
 
 
 def load_splits(cfg: TrainConfig) -> tuple[datasets.Dataset, datasets.Dataset, str]:
@@ -159,6 +163,24 @@ class EdgeTrainer:
         finally:
             bar.close()
 
+    # -- checkpoints ---------------------------------------------------------
+    def checkpoint_state(self, extra: dict) -> dict:
+        return {"version": 1, "step_id": self.step_id, "adapters": adapters_state(self.adapters),
+                "optimizer": self.optimizer.state_dict(), "selector": self.selector.state_dict(),
+                "rank": self.cfg.rank, "alpha": self.cfg.alpha, **extra}
+
+    def restore(self, state: dict) -> None:
+        if (state["rank"], state["alpha"]) != (self.cfg.rank, self.cfg.alpha):
+            raise ValueError(f"checkpoint has rank {state['rank']} alpha {state['alpha']}; "
+                             f"this run asks for rank {self.cfg.rank} alpha {self.cfg.alpha}")
+        load_adapters_state(self.adapters, state["adapters"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.selector.load_state_dict(state["selector"])
+        self.step_id = state["step_id"]
+        killed = {n: self.adapters[n] for n in self.adapters if n not in self.selector.live}
+        if killed:
+            self.session.park(killed, [])
+
     def save(self, out: Path, meta: dict) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         path = out / "adapter_model.safetensors"
@@ -190,8 +212,14 @@ def run(cfg: TrainConfig) -> dict:
     if len(train.examples) < cfg.batch_size:
         raise datasets.DataError(f"{len(train.examples)} training examples are fewer than --batch-size {cfg.batch_size}")
     t_start = time.time()
+    ckpt_path = cfg.out / "checkpoint.pt"
+    resumed = None
+    if cfg.resume:
+        if not ckpt_path.exists():
+            raise datasets.DataError(f"--resume: no checkpoint at {ckpt_path}")
+        resumed = torch.load(ckpt_path, weights_only=False)
     with CloudSession(cfg.server, wire_dtype=cfg.wire_dtype, targets=cfg.targets or None,
-                      client_name=cfg.client_name) as session:
+                      client_name=cfg.client_name, credentials=cfg.credentials, retry=cfg.retry) as session:
         log.info("session %s on %s: model %s (%d layers), %d sites, %d adapted modules, cloud device %s",
                  session.session_id[:8], cfg.server, session.model.name, session.model.num_layers,
                  len(session.sites), len(session.module_names), session.device)
@@ -201,15 +229,23 @@ def run(cfg: TrainConfig) -> dict:
                  cfg.kr.policy if cfg.kr.policy == "all" else
                  f"{cfg.kr.policy} (budget {cfg.kr.budget}, revive {cfg.kr.revive}, period {cfg.kr.period}, "
                  f"warm-up {cfg.kr.warmup_steps})")
-        before = trainer.evaluate(test, "eval before") if cfg.eval_before else None
+        if resumed is not None:
+            trainer.restore(resumed)
+            before, history, live_history = resumed["before"], resumed["history"], resumed["live_history"]
+            log.info("resumed from %s at step %d", ckpt_path, trainer.step_id)
+        else:
+            before = trainer.evaluate(test, "eval before") if cfg.eval_before else None
+            history = []
+            live_history = [{"step": 0, "live": sorted(trainer.selector.live), "killed": [], "revived": []}]
         if before is not None:
             log.info("before training: %s", _fmt(before))
-        history = []
-        live_history = [{"step": 0, "live": sorted(trainer.selector.live), "killed": [], "revived": []}]
-        sent = received = 0
+        sent = sum(h["bytes_sent"] for h in history)
+        received = sum(h["bytes_received"] for h in history)
         it = batches(train.examples, cfg.batch_size, cfg.seed)
-        bar = tqdm(range(cfg.steps), desc="train", unit="step", disable=not cfg.progress)
-        t_train = time.time()
+        for _ in range(trainer.step_id):  # the data order continues where the checkpoint left it
+            next(it)
+        bar = tqdm(range(trainer.step_id, cfg.steps), desc="train", unit="step", disable=not cfg.progress,
+                   initial=trainer.step_id, total=cfg.steps)
         for step in bar:
             batch = make_batch(trainer.tokenizer, next(it), cfg.max_length)
             t0 = time.perf_counter()
@@ -231,11 +267,15 @@ def run(cfg: TrainConfig) -> dict:
                           len(change.revive), len(trainer.selector.live))
             bar.set_postfix(loss=f"{loss:.3f}", live=len(trainer.selector.live),
                             MB_step=f"{(stats.bytes_sent + stats.bytes_received) / 1e6:.1f}")
+            done = step + 1
+            if done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
+                save_checkpoint(ckpt_path, trainer.checkpoint_state(
+                    {"before": before, "history": history, "live_history": live_history}))
         bar.close()
-        train_secs = time.time() - t_train
         after = trainer.evaluate(test, "eval after")
         log.info("after training: %s", _fmt(after))
         n = max(len(history), 1)
+        train_secs = sum(h["seconds"] for h in history)
         summary = {
             "model": session.model.name, "server": cfg.server, "data": source,
             "train_examples": len(train.examples), "test_examples": len(test.examples),
@@ -246,7 +286,7 @@ def run(cfg: TrainConfig) -> dict:
             "bytes_sent_per_step": sent / n, "bytes_received_per_step": received / n,
             "edge_flops_per_step": sum(h["edge_flops"] for h in history) / n,
             "adapter_flops_per_step": sum(h["adapter_flops"] for h in history) / n,
-            "total_seconds": time.time() - t_start,
+            "total_seconds": time.time() - t_start, "reconnects": session.reconnects,
         }
         adapter_path = trainer.save(cfg.out, summary)
         summary["adapters"] = str(adapter_path)
@@ -255,6 +295,14 @@ def run(cfg: TrainConfig) -> dict:
                "summary": summary, "history": history, "live_sets": live_history}
     (cfg.out / "run.json").write_text(json.dumps(log_doc, indent=2))
     return summary
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write then rename: a crash mid-write never leaves a torn checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    torch.save(state, tmp)
+    tmp.replace(path)
 
 
 def _fmt(metrics: dict) -> str:

@@ -138,7 +138,7 @@ def test_bad_park_requests(servers):
         "shape": park(torch.zeros(2, 32), torch.zeros(16, 3)),
         "NaN": park(torch.zeros(2, 32), torch.full((16, 2), float("nan"))),
         "scale": park(torch.zeros(2, 32), torch.zeros(16, 2), scale=float("inf")),
-        "not parked": pb.ParkRequest(session_id=sid, unpark=[name]),
+        "not modules of this session": pb.ParkRequest(session_id=sid, unpark=["model.layers.0.mlp.up_proj"]),
     }
     try:
         for needle, req in cases.items():
