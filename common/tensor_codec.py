@@ -5,6 +5,7 @@ checked, and a mismatch raises `WireError` with a message that names the tensor.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -87,7 +88,8 @@ def decode(
     if shape is not None and got_shape != tuple(shape):
         raise WireError(f"{name}: shape {list(got_shape)} does not match expected {list(shape)}")
     itemsize = torch.empty((), dtype=dtype).element_size()
-    numel = int(np.prod(got_shape, dtype=np.int64)) if got_shape else 1
+    # Python integers: a hostile shape cannot overflow into a small product.
+    numel = math.prod(got_shape)
     if len(msg.data) != numel * itemsize:
         raise WireError(
             f"{name}: {len(msg.data)} bytes for shape {list(got_shape)} of "

@@ -94,7 +94,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default: %(default)s)")
     sub = p.add_subparsers(dest="command", required=True)
     _train_parser(sub)
+    rep = sub.add_parser("report", help="render PNG plots of a finished run",
+                         description="Write loss.png, bytes.png and (for Kill and Revive runs) live.png into RUN_DIR "
+                                     "from its run.json.")
+    rep.add_argument("run_dir", type=Path, help="a --out directory of edge_client train")
     args = p.parse_args(argv)
+    if args.command != "train":
+        return args
     for name in ("steps", "batch_size", "rank", "max_length"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -111,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    if args.command == "report":
+        return _report(args.run_dir)
     from edge_client.data import DataError
     from edge_client.kill_revive import KRConfig
     from edge_client.session import CloudError, Credentials, RetryPolicy
@@ -139,6 +147,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"edge_client: {exc}", file=sys.stderr)
         return 2
     print(report(summary))
+    return 0
+
+
+def _report(run_dir: Path) -> int:
+    from edge_client import plots
+
+    if not (run_dir / "run.json").exists():
+        print(f"edge_client: {run_dir} has no run.json (is it an --out directory of edge_client train?)",
+              file=sys.stderr)
+        return 2
+    try:
+        files = plots.report(run_dir)
+    except RuntimeError as exc:
+        print(f"edge_client: {exc}", file=sys.stderr)
+        return 2
+    for f in files:
+        print(f)
     return 0
 
 

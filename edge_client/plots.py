@@ -86,3 +86,37 @@ def live_heatmap(live_sets: list[dict], modules: list[str], steps: int, path: Pa
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def bytes_per_step(history: list[dict], path: Path) -> Path:
+    """Megabytes on the wire per step, each direction."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 4))
+    steps = [h["step"] for h in history]
+    ax.plot(steps, [h["bytes_sent"] / 1e6 for h in history], label="edge -> cloud")
+    ax.plot(steps, [h["bytes_received"] / 1e6 for h in history], label="cloud -> edge")
+    ax.set_xlabel("step")
+    ax.set_ylabel("MB per step")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def report(run_dir: Path) -> list[Path]:
+    """Render every plot a run.json supports into run_dir; returns the files written."""
+    import json
+
+    doc = json.loads((run_dir / "run.json").read_text())
+    hist, summary = doc["history"], doc["summary"]
+    out = [loss_curves({summary.get("policy", "run"): hist}, run_dir / "loss.png"),
+           bytes_per_step(hist, run_dir / "bytes.png")]
+    lives = doc.get("live_sets") or []
+    if len(lives) > 1:
+        from common.model_parts import layer_index
+        modules = sorted(lives[0]["live"], key=lambda m: (layer_index(m), m))
+        out.append(live_heatmap(lives, modules, len(hist), run_dir / "live.png",
+                                f"live modules, policy {summary.get('policy')}"))
+    return out

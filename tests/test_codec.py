@@ -34,6 +34,8 @@ def test_non_contiguous_input():
     (pb.Tensor(dtype=pb.FLOAT32, shape=[2, -1], data=b""), "negative"),
     (pb.Tensor(dtype=42, shape=[1], data=b"\0" * 4), "unknown dtype"),
     (pb.Tensor(dtype=pb.DTYPE_UNSPECIFIED, shape=[1], data=b"\0" * 4), "unknown dtype"),
+    # 2**32 x 2**32 wraps to 0 in int64: must not pass as an empty tensor
+    (pb.Tensor(dtype=pb.FLOAT32, shape=[2**32, 2**32], data=b""), "bytes"),
 ])
 def test_malformed_tensors_raise(msg, needle):
     with pytest.raises(WireError, match=needle):

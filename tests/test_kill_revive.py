@@ -169,6 +169,11 @@ def test_train_with_kr_logs_live_sets(servers, jsonl, tmp_path):
     assert hist[3]["bytes_sent"] < hist[0]["bytes_sent"]
     assert hist[3]["adapter_flops"] < hist[0]["adapter_flops"]
     assert any(e["revived"] for e in lives[2:])
+    rep = cli("edge_client", "report", str(out), timeout=120)
+    assert rep.returncode == 0, rep.stderr
+    for name in ("loss.png", "bytes.png", "live.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert cli("edge_client", "report", str(tmp_path), timeout=120).returncode == 2
 
 
 def test_site_units_kill_whole_sites():
