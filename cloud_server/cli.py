@@ -50,7 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--idle-timeout", type=float, default=600,
                    help="seconds without a call before a session is freed (default: %(default)s)")
     p.add_argument("--step-timeout", type=float, default=300,
-                   help="seconds one step may take, waits for the edge included (default: %(default)s)")
+                   help="seconds one step may spend waiting on its edge; the cloud's own compute is not "
+                        "interrupted (default: %(default)s)")
     p.add_argument("--shutdown-grace", type=float, default=30,
                    help="on SIGTERM, seconds in-flight steps get to finish (default: %(default)s)")
     sec = p.add_argument_group("security", "plaintext is for localhost only; give a certificate to serve a network")

@@ -43,6 +43,8 @@ class ServedModel:
             hidden_size=int(getattr(cfg, "hidden_size", getattr(cfg, "n_embd", 0))),
             vocab_size=int(cfg.vocab_size),
         )
+        # Learned position tables (GPT-2) cannot index past their end; RoPE models state a maximum too.
+        self.max_positions = int(getattr(cfg, "n_positions", 0) or getattr(cfg, "max_position_embeddings", 0) or 0)
         # What the edge needs is packed before the final norm leaves the cloud's copy.
         self.assets = edge_assets.build(model, path)
         self.inner = backbone(model)

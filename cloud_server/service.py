@@ -30,7 +30,9 @@ _DONE = object()
 _EOF = object()
 _CHUNK = 1 << 20
 _WIRE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-MAX_PARKED_RANK = 1024
+MAX_PARKED_RANK = 256
+FIRST_MESSAGE_SECONDS = 10.0
+MAX_GRPC_MESSAGE = (1 << 31) - 1  # gRPC's size options are int32
 SERVICE_NAME = "dlora.v1.DLoRA"
 
 
@@ -91,6 +93,7 @@ class DLoRAService(pb_grpc.DLoRAServicer):
         if not limits.max_message_bytes:
             # Largest tensor in one message (fp32) plus room for framing.
             limits.max_message_bytes = limits.max_batch_tokens * width * 4 + (1 << 20)
+        limits.max_message_bytes = min(limits.max_message_bytes, MAX_GRPC_MESSAGE)
 
     def _caller(self, context: grpc.ServicerContext) -> str:
         try:
@@ -192,9 +195,10 @@ class DLoRAService(pb_grpc.DLoRAServicer):
         if spec is None:
             raise WireError(f"cannot park {p.name!r}: not a module of this session")
         a_shape = tuple(p.lora_A.shape)
-        if len(a_shape) != 2 or not 1 <= a_shape[0] <= MAX_PARKED_RANK:
+        max_rank = min(MAX_PARKED_RANK, spec.in_features, spec.out_features)
+        if len(a_shape) != 2 or not 1 <= a_shape[0] <= max_rank:
             raise WireError(f"{p.name}: lora_A must be [r, {spec.in_features}] with 1 <= r <= "
-                            f"{MAX_PARKED_RANK}, got {list(a_shape)}")
+                            f"{max_rank}, got {list(a_shape)}")
         r = a_shape[0]
         a = codec.decode(p.lora_A, name=f"{p.name} lora_A", shape=(r, spec.in_features), dtypes=[torch.float32])
         b = codec.decode(p.lora_B, name=f"{p.name} lora_B", shape=(spec.out_features, r), dtypes=[torch.float32])
@@ -219,24 +223,44 @@ class DLoRAService(pb_grpc.DLoRAServicer):
         # so it runs in a worker thread; this generator relays its messages. A
         # pump thread reads the edge's stream so the worker can wait with a deadline.
         out: queue.Queue = queue.Queue()
-        inbox: queue.Queue = queue.Queue()
+        # Bounded: a client that floods the stream is held back by gRPC flow
+        # control instead of filling the server's memory.
+        inbox: queue.Queue = queue.Queue(maxsize=2)
+        finished = threading.Event()
         deadline = time.monotonic() + self.limits.step_timeout
 
         def pump() -> None:
             try:
                 for msg in requests:
-                    inbox.put(msg)
+                    while not finished.is_set():
+                        try:
+                            inbox.put(msg, timeout=0.5)
+                            break
+                        except queue.Full:
+                            continue
+                    if finished.is_set():
+                        return
             except Exception:  # noqa: BLE001 - a cancelled stream ends like a closed one
                 pass
-            inbox.put(_EOF)
+            while not finished.is_set():
+                try:
+                    inbox.put(_EOF, timeout=0.5)
+                    return
+                except queue.Full:
+                    continue
+
+        first = [True]
 
         def receive() -> pb.EdgeMessage:
-            remaining = deadline - time.monotonic()
+            # The opening message must come quickly: idle streams must not hold handler threads.
+            limit = min(deadline, time.monotonic() + FIRST_MESSAGE_SECONDS) if first[0] else deadline
+            first[0] = False
             try:
-                item = inbox.get(timeout=max(remaining, 0.0))
+                item = inbox.get(timeout=max(limit - time.monotonic(), 0.0))
             except queue.Empty:
                 raise StepTimeout(f"the step did not finish within the server's step deadline of "
-                                  f"{self.limits.step_timeout:.0f} s") from None
+                                  f"{self.limits.step_timeout:.0f} s (or its first message within "
+                                  f"{FIRST_MESSAGE_SECONDS:.0f} s)") from None
             if item is _EOF:
                 raise StepAborted("the edge closed the stream in the middle of a step")
             return item
@@ -273,6 +297,7 @@ class DLoRAService(pb_grpc.DLoRAServicer):
                     context.abort(*_status(item))
                 yield item
         finally:
+            finished.set()
             with self._inflight_lock:
                 self._inflight -= 1
                 self._inflight_lock.notify_all()
@@ -303,7 +328,8 @@ class DLoRAService(pb_grpc.DLoRAServicer):
             cloud = time.perf_counter() - t0 - runner.wait_seconds
             session.tokens += int(mask.sum())
             session.cloud_seconds += cloud
-            send(pb.CloudMessage(end=pb.StepEnd(step_id=start.step_id, cloud_seconds=cloud)))
+        # Sent once the session is free again, so the edge's next call never finds it busy.
+        send(pb.CloudMessage(end=pb.StepEnd(step_id=start.step_id, cloud_seconds=cloud)))
 
     def _decode_inputs(self, session: Session, start: pb.StepStart) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.served.meta.hidden_size
@@ -312,6 +338,8 @@ class DLoRAService(pb_grpc.DLoRAServicer):
             raise WireError(f"hidden states must have shape [batch, seq, {h}], got {list(shape)}")
         if shape[0] < 1 or shape[1] < 1:
             raise WireError(f"empty batch: hidden shape {list(shape)}")
+        if self.served.max_positions and shape[1] > self.served.max_positions:
+            raise LimitExceeded(f"sequence length {shape[1]} exceeds the model's {self.served.max_positions} positions")
         if shape[0] * shape[1] > self.limits.max_batch_tokens:
             raise LimitExceeded(f"batch x sequence = {shape[0] * shape[1]} exceeds this server's "
                                 f"limit of {self.limits.max_batch_tokens} tokens per step")
@@ -374,8 +402,9 @@ def make_server(service: DLoRAService, host: str, port: int, tls: TLSFiles | Non
     opts = [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)]
     # Each in-flight step holds one handler thread (plus its worker and pump threads).
     workers = workers or max(16, 2 * service.limits.max_sessions + 8)
+    # Beyond the pool, calls are refused (RESOURCE_EXHAUSTED) rather than queued without bound.
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dlora-rpc"),
-                         options=opts)
+                         options=opts, maximum_concurrent_rpcs=workers)
     pb_grpc.add_DLoRAServicer_to_server(service, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -70,6 +70,7 @@ class Session:
     cloud_seconds: float = 0.0
     # Killed ("parked") adapters the cloud applies frozen, by module name.
     parked: dict[str, nn.Module] = field(default_factory=dict)
+    closed: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -85,6 +86,8 @@ class Session:
         if not self._lock.acquire(blocking=False):
             raise SessionBusy(f"session {self.id[:8]} is running a step; change parked adapters between steps")
         try:
+            if self.closed:
+                raise SessionNotFound(f"session {self.id[:8]} was closed")
             yield
         finally:
             self._lock.release()
@@ -95,6 +98,8 @@ class Session:
         if not self._lock.acquire(blocking=False):
             raise SessionBusy(f"session {self.id[:8]} is already running a step; steps of one session run one at a time")
         try:
+            if self.closed:
+                raise SessionNotFound(f"session {self.id[:8]} was closed")
             # The last completed id may be replayed (its reply was lost on the way
             # back; the cloud keeps no per-step state to apply twice). Older ids
             # come from a confused or duplicated client and are refused.
@@ -150,7 +155,11 @@ class SessionManager:
         with self._lock:
             if self._sessions.pop(session_id, None) is None:
                 raise SessionNotFound(f"unknown session id {session_id[:16]!r}")
-        session.parked.clear()
+        session.closed = True
+        # Wait for a running step to end before dropping what it uses (a vanished
+        # edge's step fails fast; a live step is bounded by the step deadline).
+        with session._lock:
+            session.parked.clear()
         release_memory()
         secs = time.monotonic() - session.opened_at
         log.info("session %s of %r %s: %d steps, %d forwards, %d tokens in %.1fs (%.0f tokens/s), "

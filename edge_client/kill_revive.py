@@ -72,6 +72,7 @@ class Selector:
         self.killed_at: dict[str, int] = {}     # unit -> step it was killed
         self.ref_norm: dict[str, float] = {}    # module -> norm at the start of its live window
         self.rng = random.Random(cfg.seed)
+        self.chosen = False                     # static: the one selection is made
         # The budget is a cap on the live share, so it rounds down (at least one unit).
         self.budget_count = max(1, int(cfg.budget * len(self.units) + 1e-9))
 
@@ -81,7 +82,7 @@ class Selector:
 
     def state_dict(self) -> dict:
         return {"live_units": sorted(self.live_units, key=self.order.__getitem__), "killed_at": dict(self.killed_at),
-                "ref_norm": dict(self.ref_norm), "rng": self.rng.getstate()}
+                "ref_norm": dict(self.ref_norm), "rng": self.rng.getstate(), "chosen": self.chosen}
 
     def load_state_dict(self, state: dict) -> None:
         unknown = set(state["live_units"]) - set(self.units)
@@ -90,12 +91,16 @@ class Selector:
         self.live_units = set(state["live_units"])
         self.killed_at = dict(state["killed_at"])
         self.ref_norm = dict(state["ref_norm"])
-        self.rng.setstate(state["rng"])
+        self.rng.setstate(tuple(state["rng"][:1]) + (tuple(state["rng"][1]),) + tuple(state["rng"][2:]))
+        self.chosen = state.get("chosen", False)
 
     def start(self, adapters: dict[str, LoRAAdapter]) -> None:
         self.ref_norm = {n: adapters[n].weight_norm() for n in self.names}
 
     def is_update(self, step: int) -> bool:
+        # Selections at warm-up end, then every period. A live module's window
+        # starts at its last selection (or step 0, or its revival): the first
+        # window is the warm-up, every later one a period.
         c = self.cfg
         return c.policy != "all" and step >= c.warmup_steps and (step - c.warmup_steps) % c.period == 0
 
@@ -127,8 +132,9 @@ class Selector:
         if policy == "random":
             return set(self.rng.sample(list(self.units), k))
         if policy == "static":
-            if step != self.cfg.warmup_steps:
+            if self.chosen:
                 return None
+            self.chosen = True
             return set(_top(scores, k, self.order))
         # kr: revived slots go to the units killed longest ago (ties: model order).
         dead = sorted(self.killed_at, key=lambda u: (self.killed_at[u], self.order[u]))

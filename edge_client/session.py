@@ -132,6 +132,7 @@ class CloudSession:
         # Killed modules whose frozen copy the cloud applies; the edge keeps
         # the master copies so it can park them again on a new session.
         self.parked_adapters: dict[str, LoRAAdapter] = {}
+        self._needs_repark = False
         self._open()
 
     @property
@@ -181,22 +182,36 @@ class CloudSession:
 
     def reopen(self) -> None:
         """A new session on the same server (after a restart), with the killed adapters parked again."""
+        old = self.session_id
         self._open()
         self.reconnects += 1
-        if self.parked_adapters:
+        self._needs_repark = bool(self.parked_adapters)
+        log.warning("reconnected to %s as session %s (was %s)", self.target, self.session_id[:8], old[:8])
+        try:  # the old session may still exist (a network blip): free its slot
+            self.stub.CloseSession(pb.CloseSessionRequest(session_id=old), timeout=10,
+                                   metadata=self.credentials.metadata())
+        except grpc.RpcError:
+            pass
+
+    def _ensure_parked(self) -> None:
+        """After a reconnect, park the killed adapters again before anything else."""
+        if self._needs_repark:
             self._park_rpc(self.parked_adapters, [])
-        log.warning("reconnected to %s as session %s (%d adapters parked again)", self.target,
-                    self.session_id[:8], len(self.parked_adapters))
+            self._needs_repark = False
+            log.warning("parked %d killed adapters again on session %s", len(self.parked_adapters),
+                        self.session_id[:8])
 
     def _with_retries(self, what: str, attempt_fn, params: list[torch.Tensor] = ()):
         """Run attempt_fn, retrying retryable failures with exponential backoff.
 
         Gradients in `params` are restored before each retry, so a step that
-        died half-way never counts twice.
+        died half-way never counts twice. A lost session (the server restarted)
+        is re-opened; a merely unreachable server is retried on the same session.
         """
         saved = [None if p.grad is None else p.grad.clone() for p in params]
         for attempt in range(self.retry.retries + 1):
             try:
+                self._ensure_parked()
                 return attempt_fn()
             except CloudError as exc:
                 if exc.code not in RETRYABLE or attempt == self.retry.retries:
@@ -206,11 +221,11 @@ class CloudSession:
                 wait = self.retry.delay(attempt)
                 log.warning("%s failed (%s); retry %d/%d in %.1f s", what, exc, attempt + 1, self.retry.retries, wait)
                 time.sleep(wait)
-                try:
-                    if exc.code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE):
+                if exc.code == grpc.StatusCode.NOT_FOUND:
+                    try:
                         self.reopen()
-                except CloudError as again:
-                    log.warning("reconnecting failed: %s", again)
+                    except CloudError as again:
+                        log.warning("reconnecting failed: %s", again)
         raise AssertionError("unreachable")
 
     @staticmethod
@@ -314,7 +329,7 @@ class CloudSession:
             session_id=self.session_id, step_id=step_id,
             hidden=codec.encode(hidden, self.wire_dtype),
             attention_mask=codec.encode(mask.bool()))))
-        exchange = _EdgeExchange(self, adapters, send, stats, train)
+        exchange = _EdgeExchange(self, adapters, send, stats, train, tuple(hidden.shape[:2]))
         result = None
         responses = rpc(requests(), timeout=self.timeout, metadata=self.credentials.metadata())
         try:
@@ -372,6 +387,7 @@ class _EdgeExchange:
     send: Callable[[pb.EdgeMessage], None]
     stats: StepStats
     train: bool
+    lead: tuple[int, ...] = ()        # (batch, seq) of this step
     saved: dict[int, tuple[torch.Tensor, list[torch.Tensor], list[LoRAAdapter]]] = field(default_factory=dict)
 
     def _site(self, index: int) -> SiteInfo:
@@ -387,10 +403,8 @@ class _EdgeExchange:
         parked = [site.modules[i].name for i in live if site.modules[i].name in self.session.parked]
         if parked:
             raise WireError(f"the cloud asked for parked modules {parked}; edge and cloud disagree on the live set")
-        x = codec.decode(msg.x, name=f"input of site {msg.site}", dtypes=[self.session.wire_dtype])
-        if x.dim() < 2 or x.shape[-1] != site.modules[0].in_features:
-            raise WireError(f"site {msg.site}: input shape {list(x.shape)} does not fit "
-                            f"in_features {site.modules[0].in_features}")
+        x = codec.decode(msg.x, name=f"input of site {msg.site}", dtypes=[self.session.wire_dtype],
+                         shape=self.lead + (site.modules[0].in_features,))
         x = x.float()
         mods = [self.adapters[site.modules[i].name] for i in live]
         tokens = x.numel() // x.shape[-1]

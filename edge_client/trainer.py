@@ -164,15 +164,24 @@ class EdgeTrainer:
             bar.close()
 
     # -- checkpoints ---------------------------------------------------------
+    def fingerprint(self) -> dict:
+        """What must not change across --resume for the result to equal an uninterrupted run."""
+        c = self.cfg
+        return {"rank": c.rank, "alpha": c.alpha, "lr": c.lr, "batch_size": c.batch_size, "seed": c.seed,
+                "max_length": c.max_length, "data": str(c.data), "template": c.template, "objective": c.objective,
+                "kr": json.loads(json.dumps(asdict(c.kr))), "modules": sorted(self.adapters)}
+
     def checkpoint_state(self, extra: dict) -> dict:
         return {"version": 1, "step_id": self.step_id, "adapters": adapters_state(self.adapters),
                 "optimizer": self.optimizer.state_dict(), "selector": self.selector.state_dict(),
-                "rank": self.cfg.rank, "alpha": self.cfg.alpha, **extra}
+                "fingerprint": self.fingerprint(), **extra}
 
     def restore(self, state: dict) -> None:
-        if (state["rank"], state["alpha"]) != (self.cfg.rank, self.cfg.alpha):
-            raise ValueError(f"checkpoint has rank {state['rank']} alpha {state['alpha']}; "
-                             f"this run asks for rank {self.cfg.rank} alpha {self.cfg.alpha}")
+        diff = {k: (v, state["fingerprint"].get(k)) for k, v in self.fingerprint().items()
+                if state["fingerprint"].get(k) != v}
+        if diff:
+            detail = "; ".join(f"{k}: checkpoint {old!r}, now {new!r}" for k, (new, old) in list(diff.items())[:4])
+            raise ValueError(f"--resume with different settings would not continue the same run ({detail})")
         load_adapters_state(self.adapters, state["adapters"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.selector.load_state_dict(state["selector"])
@@ -217,7 +226,7 @@ def run(cfg: TrainConfig) -> dict:
     if cfg.resume:
         if not ckpt_path.exists():
             raise datasets.DataError(f"--resume: no checkpoint at {ckpt_path}")
-        resumed = torch.load(ckpt_path, weights_only=False)
+        resumed = torch.load(ckpt_path, weights_only=True)  # plain data only: no pickled code runs
     with CloudSession(cfg.server, wire_dtype=cfg.wire_dtype, targets=cfg.targets or None,
                       client_name=cfg.client_name, credentials=cfg.credentials, retry=cfg.retry) as session:
         log.info("session %s on %s: model %s (%d layers), %d sites, %d adapted modules, cloud device %s",

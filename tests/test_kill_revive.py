@@ -71,6 +71,15 @@ def test_baseline_policies():
             assert all(changes[t - 1] is None for t in (1, 2, 4, 5, 7, 8, 10, 11))
 
 
+def test_static_without_warmup_still_selects():
+    ads = fake_adapters(8)
+    sel = Selector(list(ads), KRConfig(policy="static", budget=0.25, period=2, warmup_steps=0))
+    sel.start(ads)
+    grow(ads, {f"m{i}": 0.1 * i for i in range(8)})
+    changes = [sel.after_step(t, ads) for t in range(1, 7)]
+    assert sum(c is not None for c in changes) == 1 and sel.live == {"m6", "m7"}
+
+
 def test_bad_kr_config():
     for kw in ({"policy": "magic"}, {"budget": 0.0}, {"budget": 1.5}, {"revive": 1.0}, {"period": 0}):
         with pytest.raises(ValueError):

@@ -208,6 +208,9 @@ def test_checkpoint_resume_equals_uninterrupted(servers, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7), k
+    changed = cli(*[a if a != "kr" else "random" for a in common], "--steps", "8", "--resume",
+                  "--out", str(tmp_path / "part"))
+    assert changed.returncode == 2 and "--resume with different settings" in changed.stderr
     missing = cli(*common, "--steps", "8", "--resume", "--out", str(tmp_path / "none"))
     assert missing.returncode == 2 and "no checkpoint" in missing.stderr
 

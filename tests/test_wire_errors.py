@@ -111,6 +111,12 @@ def test_bad_start_messages(stub, session_id):
     expect_error(lambda: run_raw(stub, not_start), grpc.StatusCode.INVALID_ARGUMENT, "must begin with a start")
 
 
+def test_sequence_longer_than_the_model_is_refused(stub, session_id):
+    # the tiny models have 256 positions
+    expect_error(lambda: run_raw(stub, start_msg(session_id, b=1, t=257)),
+                 grpc.StatusCode.RESOURCE_EXHAUSTED, "257 exceeds the model's 256 positions")
+
+
 def test_oversize_batch_is_resource_exhausted(stub, session_id):
     # the fixture server allows 4096 tokens per step
     expect_error(lambda: run_raw(stub, start_msg(session_id, b=64, t=65)),
