@@ -229,25 +229,24 @@ class DLoRAService(pb_grpc.DLoRAServicer):
         finished = threading.Event()
         deadline = time.monotonic() + self.limits.step_timeout
 
+        def offer(item) -> bool:
+            """Put into the bounded inbox, giving up once the step is over."""
+            while not finished.is_set():
+                try:
+                    inbox.put(item, timeout=0.5)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
         def pump() -> None:
             try:
                 for msg in requests:
-                    while not finished.is_set():
-                        try:
-                            inbox.put(msg, timeout=0.5)
-                            break
-                        except queue.Full:
-                            continue
-                    if finished.is_set():
+                    if not offer(msg):
                         return
             except Exception:  # noqa: BLE001 - a cancelled stream ends like a closed one
                 pass
-            while not finished.is_set():
-                try:
-                    inbox.put(_EOF, timeout=0.5)
-                    return
-                except queue.Full:
-                    continue
+            offer(_EOF)
 
         first = [True]
 
