@@ -17,6 +17,20 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _line_axes(ax, ylabel: str) -> None:
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+
+
 def loss_curves(runs: dict[str, list[dict]], path: Path, smooth: int = 5) -> Path:
     """One line per run: training loss per step (and a moving average)."""
     plt = _plt()
@@ -27,15 +41,9 @@ def loss_curves(runs: dict[str, list[dict]], path: Path, smooth: int = 5) -> Pat
         avg = [sum(loss[max(0, i - smooth + 1):i + 1]) / len(loss[max(0, i - smooth + 1):i + 1]) for i in range(len(loss))]
         line, = ax.plot(steps, avg, label=label, linewidth=1.8)
         ax.plot(steps, loss, color=line.get_color(), alpha=0.2, linewidth=0.8)
-    ax.set_xlabel("step")
-    ax.set_ylabel(f"training loss ({smooth}-step moving average)")
     ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    _line_axes(ax, f"training loss ({smooth}-step moving average)")
+    return _save(plt, fig, path)
 
 
 def live_matrix(live_sets: list[dict], modules: list[str], steps: int) -> list[list[int]]:
@@ -82,10 +90,7 @@ def live_heatmap(live_sets: list[dict], modules: list[str], steps: int, path: Pa
     ax.set_xlabel("step")
     ax.set_ylabel(f"module ({', '.join(leaves)} within each layer)")
     ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def bytes_per_step(history: list[dict], path: Path) -> Path:
@@ -95,14 +100,8 @@ def bytes_per_step(history: list[dict], path: Path) -> Path:
     steps = [h["step"] for h in history]
     ax.plot(steps, [h["bytes_sent"] / 1e6 for h in history], label="edge -> cloud")
     ax.plot(steps, [h["bytes_received"] / 1e6 for h in history], label="cloud -> edge")
-    ax.set_xlabel("step")
-    ax.set_ylabel("MB per step")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    _line_axes(ax, "MB per step")
+    return _save(plt, fig, path)
 
 
 def report(run_dir: Path) -> list[Path]:
