@@ -1,16 +1,23 @@
 """`make bench-kr`: every selection policy on SmolLM2-135M + BBC News, side by side.
 
-Same steps, seed, data order and initial adapters for each policy. Prints a
-table (held-out accuracy, bytes per step, edge FLOPs per step, cuts against
-`all`), and writes bench/out/kr/{results.json,loss.png,live_<policy>.png}.
+Same steps, seeds, data order and initial adapters for each policy. For each
+seed every variant trains once; the table gives the mean held-out accuracy over
+seeds (with the per-seed values), bytes per step, edge FLOPs per step and the
+cuts against `all`. Writes bench/out/kr/{results.json,loss.png,live_<variant>.png}.
+
+A variant is a policy name from the list below, optionally followed by KR
+settings that override the command line, e.g. `kr-site@warmup_steps=20@revive=0.5`.
+Runs whose run.json already holds the same settings are reused (--reuse), so
+adding a seed or a variant does not re-train the others.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from cloud_server import launch
@@ -25,6 +32,24 @@ VARIANTS = {
     "kr": {"policy": "kr"},
     "kr-site": {"policy": "kr", "unit": "site"},
 }
+# Settings that name a run; the rest (address, output path, progress) do not change its result.
+_RESULT_KEYS = ("steps", "batch_size", "lr", "rank", "alpha", "max_length", "eval_limit", "wire_dtype",
+                "objective", "kr", "seed", "data", "targets")
+
+
+def parse_variant(spec: str) -> dict:
+    """'kr-site@warmup_steps=20' -> the KRConfig fields for that variant."""
+    name, *overrides = spec.split("@")
+    if name not in VARIANTS:
+        raise SystemExit(f"unknown variant {name!r}; choose from {list(VARIANTS)}")
+    fields = dict(VARIANTS[name])
+    types = {k: type(v) for k, v in asdict(KRConfig()).items()}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key not in types or key in ("policy", "unit", "seed"):
+            raise SystemExit(f"{spec}: cannot override {key!r}; use one of budget, revive, period, warmup_steps")
+        fields[key] = types[key](value)
+    return fields
 
 
 def steady(history: list[dict], key: str, warmup: int) -> float:
@@ -32,73 +57,111 @@ def steady(history: list[dict], key: str, warmup: int) -> float:
     return sum(rows) / len(rows)
 
 
+def _same_run(run_json: Path, cfg: TrainConfig) -> bool:
+    if not run_json.exists():
+        return False
+    old = json.loads(run_json.read_text())["config"]
+    new = json.loads(json.dumps(asdict(cfg), default=str))
+    return all(old.get(k) == new.get(k) for k in _RESULT_KEYS)
+
+
+def train_all(args, names: list[str]) -> dict[str, dict[int, dict]]:
+    """results[variant][seed] = run.json of that run (trained now or reused)."""
+    results: dict[str, dict[int, dict]] = {n: {} for n in names}
+    todo = []
+    for seed in args.seeds:
+        for name in names:
+            fields = parse_variant(name)
+            kr = KRConfig(**({"budget": args.budget, "revive": args.revive, "period": args.period,
+                              "warmup_steps": args.warmup_steps, "seed": seed} | fields))
+            cfg = TrainConfig(steps=args.steps, eval_limit=args.eval_limit, seed=seed, kr=kr,
+                              out=args.out / f"seed{seed}" / name, client_name=f"bench-{name}-s{seed}",
+                              progress=sys.stderr.isatty(), eval_before=(name == names[0]))
+            if args.reuse and _same_run(cfg.out / "run.json", cfg) and (
+                    not cfg.eval_before or json.loads((cfg.out / "run.json").read_text())["summary"]["before"]):
+                results[name][seed] = json.loads((cfg.out / "run.json").read_text())
+                print(f"reusing {cfg.out}/run.json", flush=True)
+            else:
+                todo.append((name, seed, cfg))
+    if todo:
+        with launch.start(["--model", "smollm2-135m"], args.out / "cloud_server.log") as server:
+            for i, (name, seed, cfg) in enumerate(todo, 1):
+                print(f"[{time.strftime('%H:%M:%S')}] ({i}/{len(todo)}) seed {seed}, variant {name} ...", flush=True)
+                summary = run(replace(cfg, server=server.address))
+                results[name][seed] = json.loads((cfg.out / "run.json").read_text())
+                print(f"    accuracy {summary['after']['accuracy']:.1%}, {summary['seconds_per_step']:.2f} s/step",
+                      flush=True)
+    return results
+
+
+def summarise(results: dict[str, dict[int, dict]], warmup: int) -> list[dict]:
+    rows = []
+    for name, by_seed in results.items():
+        runs = [by_seed[s] for s in sorted(by_seed)]
+        acc = [r["summary"]["after"]["accuracy"] for r in runs]
+        w = parse_variant(name).get("warmup_steps", warmup)
+        mean = lambda key: statistics.fmean(steady(r["history"], key, w) for r in runs)  # noqa: E731
+        rows.append({
+            "policy": name, "seeds": sorted(by_seed), "accuracy": statistics.fmean(acc), "accuracy_per_seed": acc,
+            "accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+            "examples": runs[0]["summary"]["after"]["examples"],
+            "mb_step_steady": (mean("bytes_sent") + mean("bytes_received")) / 1e6,
+            "gflop_step_steady": mean("edge_flops") / 1e9, "adapter_gflop_steady": mean("adapter_flops") / 1e9,
+            "seconds_per_step_steady": mean("seconds"), "live_modules": runs[0]["history"][-1]["live_modules"],
+        })
+    base = next((r for r in rows if r["policy"] == "all"), None)
+    for row in rows:
+        if base:
+            row["bytes_cut"] = 1 - row["mb_step_steady"] / base["mb_step_steady"]
+            row["flops_cut"] = 1 - row["gflop_step_steady"] / base["gflop_step_steady"]
+    return rows
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=80)
-    p.add_argument("--eval-limit", type=int, default=0, help="held-out examples (0: all 445)")
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated from {list(VARIANTS)}")
+    p.add_argument("--eval-limit", type=int, default=0, help="held-out examples (0: all 444)")
+    p.add_argument("--variants", default="all,random,static,kr,kr-site",
+                   help=f"comma-separated; each one of {list(VARIANTS)}, optionally with @key=value overrides")
     p.add_argument("--budget", type=float, default=0.125)
     p.add_argument("--revive", type=float, default=0.25)
     p.add_argument("--period", type=int, default=10)
     p.add_argument("--warmup-steps", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2],
+                   help="comma-separated seeds (adapter init, data order, random policy)")
+    p.add_argument("--no-reuse", dest="reuse", action="store_false", help="re-train runs that already exist")
     p.add_argument("--out", type=Path, default=Path("bench/out/kr"))
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     names = [v for v in args.variants.split(",") if v]
-    results: dict[str, dict] = {}
-    with launch.start(["--model", "smollm2-135m"], args.out / "cloud_server.log") as server:
-        base = TrainConfig(server=server.address, steps=args.steps, eval_limit=args.eval_limit, seed=args.seed,
-                           progress=sys.stderr.isatty())
-        for i, name in enumerate(names):
-            kr = KRConfig(budget=args.budget, revive=args.revive, period=args.period,
-                          warmup_steps=args.warmup_steps, seed=args.seed, **VARIANTS[name])
-            cfg = replace(base, kr=kr, out=args.out / name, client_name=f"bench-{name}", eval_before=(i == 0))
-            print(f"[{time.strftime('%H:%M:%S')}] training with policy {name} ...", flush=True)
-            summary = run(cfg)
-            doc = json.loads((cfg.out / "run.json").read_text())
-            results[name] = {"summary": summary, "history": doc["history"], "live_sets": doc["live_sets"]}
-            print(f"    accuracy {summary['after']['accuracy']:.1%}, {summary['seconds_per_step']:.2f} s/step", flush=True)
-    ref = results.get("all")
-    rows = []
-    for name, r in results.items():
-        s, h = r["summary"], r["history"]
-        row = {
-            "policy": name, "accuracy": s["after"]["accuracy"], "examples": s["after"]["examples"],
-            "mb_step_steady": steady(h, "bytes_sent", args.warmup_steps) / 1e6 + steady(h, "bytes_received", args.warmup_steps) / 1e6,
-            "mb_step_mean": (s["bytes_sent_per_step"] + s["bytes_received_per_step"]) / 1e6,
-            "gflop_step_steady": steady(h, "edge_flops", args.warmup_steps) / 1e9,
-            "adapter_gflop_steady": steady(h, "adapter_flops", args.warmup_steps) / 1e9,
-            "seconds_per_step_steady": steady(h, "seconds", args.warmup_steps),
-            "live_modules": h[-1]["live_modules"],
-        }
-        rows.append(row)
-    if ref:
-        base_row = rows[names.index("all")]
-        for row in rows:
-            row["bytes_cut"] = 1 - row["mb_step_steady"] / base_row["mb_step_steady"]
-            row["flops_cut"] = 1 - row["gflop_step_steady"] / base_row["gflop_step_steady"]
-    before = results[names[0]]["summary"]["before"]
+    for n in names:
+        parse_variant(n)
+    results = train_all(args, names)
+    rows = summarise(results, args.warmup_steps)
+    befores = [results[names[0]][s]["summary"]["before"]["accuracy"] for s in args.seeds
+               if results[names[0]][s]["summary"]["before"]]
     print()
-    print(f"SmolLM2-135M, BBC News, {args.steps} steps, batch 8, seed {args.seed}, budget {args.budget}, "
-          f"revive {args.revive}, period {args.period}, warm-up {args.warmup_steps}; accuracy before training "
-          f"{before['accuracy']:.1%}; per-step figures are after warm-up")
-    print("| policy | held-out acc | live modules | MB/step | edge GFLOP/step (adapters) | bytes cut | FLOPs cut | s/step |")
+    print(f"SmolLM2-135M, BBC News, {args.steps} steps, batch 8, seeds {','.join(map(str, args.seeds))}, "
+          f"budget {args.budget}, revive {args.revive}, period {args.period}, warm-up {args.warmup_steps}; "
+          f"accuracy before training {statistics.fmean(befores):.1%}; per-step figures are after warm-up")
+    print("| variant | held-out acc, mean (per seed) | live modules | MB/step | edge GFLOP/step (adapters) "
+          "| bytes cut | FLOPs cut | s/step |")
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['policy']} | {row['accuracy']:.1%} | {row['live_modules']} | {row['mb_step_steady']:.1f} | "
-              f"{row['gflop_step_steady']:.3f} ({row['adapter_gflop_steady']:.3f}) | {row.get('bytes_cut', 0):.1%} | "
-              f"{row.get('flops_cut', 0):.1%} | {row['seconds_per_step_steady']:.2f} |")
-    modules = list(results[names[0]]["history"] and json.loads((args.out / names[0] / "run.json").read_text())["live_sets"][0]["live"])
-    plots.loss_curves({n: r["history"] for n, r in results.items()}, args.out / "loss.png")
-    order = _model_order(modules)
+        per_seed = ", ".join(f"{a:.1%}" for a in row["accuracy_per_seed"])
+        print(f"| {row['policy']} | {row['accuracy']:.1%} ({per_seed}) | {row['live_modules']} | "
+              f"{row['mb_step_steady']:.1f} | {row['gflop_step_steady']:.3f} ({row['adapter_gflop_steady']:.3f}) | "
+              f"{row.get('bytes_cut', 0):.1%} | {row.get('flops_cut', 0):.1%} | {row['seconds_per_step_steady']:.2f} |")
+    seed0 = args.seeds[0]
+    plots.loss_curves({n: r[seed0]["history"] for n, r in results.items()}, args.out / "loss.png")
+    order = _model_order(results[names[0]][seed0]["live_sets"][0]["live"])
     for n, r in results.items():
-        if n != "all":
-            plots.live_heatmap(r["live_sets"], order, args.steps, args.out / f"live_{n}.png",
-                               f"live modules over training, policy {n}")
-    (args.out / "results.json").write_text(json.dumps({"args": vars(args) | {"out": str(args.out)},
-                                                       "before": before, "rows": rows}, indent=2))
-    print(f"\nwritten to {args.out}/ (results.json, loss.png, live_*.png)")
+        if VARIANTS[n.split("@")[0]]["policy"] != "all":
+            plots.live_heatmap(r[seed0]["live_sets"], order, args.steps, args.out / f"live_{n}.png",
+                               f"live modules over training, {n}, seed {seed0}")
+    (args.out / "results.json").write_text(json.dumps(
+        {"args": vars(args) | {"out": str(args.out)}, "before": befores, "rows": rows}, indent=2))
+    print(f"\nwritten to {args.out}/ (results.json, loss.png, live_*.png; runs under seed*/)")
     return 0
 
 

@@ -94,3 +94,21 @@ class ServedModel:
         with active(runner), torch.set_grad_enabled(runner.train):
             out = self.inner(inputs_embeds=hidden, attention_mask=mask, use_cache=False)
         return out.last_hidden_state
+
+    def new_cache(self):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
+
+    @torch.no_grad()
+    def extend(self, runner: StepRunner, hidden: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
+        """One generation pass over the new positions `hidden` [B, n, H] with the
+        KV cache of the earlier ones; `mask` [B, past + n] covers both. Returns
+        the last block's output at the last position, [B, 1, H]."""
+        new = hidden.shape[1]
+        # Positions count real tokens only, so left-padded prompts line up.
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, -new:]
+        with active(runner):
+            out = self.inner(inputs_embeds=hidden, attention_mask=mask, position_ids=positions,
+                             past_key_values=cache, use_cache=True)
+        return out.last_hidden_state[:, -1:]

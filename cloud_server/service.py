@@ -212,12 +212,16 @@ class DLoRAService(pb_grpc.DLoRAServicer):
 
     # -- steps ---------------------------------------------------------------
     def TrainStep(self, request_iterator: Iterator[pb.EdgeMessage], context: grpc.ServicerContext):
-        return self._serve_step(request_iterator, context, train=True)
+        return self._serve_stream(request_iterator, context, self._run_train_step)
 
     def Forward(self, request_iterator: Iterator[pb.EdgeMessage], context: grpc.ServicerContext):
-        return self._serve_step(request_iterator, context, train=False)
+        return self._serve_stream(request_iterator, context, self._run_forward)
 
-    def _serve_step(self, requests: Iterator[pb.EdgeMessage], context: grpc.ServicerContext, train: bool):
+    def Generate(self, request_iterator: Iterator[pb.EdgeMessage], context: grpc.ServicerContext):
+        return self._serve_stream(request_iterator, context, self._run_generate)
+
+    def _serve_stream(self, requests: Iterator[pb.EdgeMessage], context: grpc.ServicerContext, body):
+        """Run `body(owner, receive, send, holder, extend_deadline)` against one edge stream."""
         owner = self._caller(context)
         # The model's forward calls out to the edge from deep inside the blocks,
         # so it runs in a worker thread; this generator relays its messages. A
@@ -227,7 +231,11 @@ class DLoRAService(pb_grpc.DLoRAServicer):
         # control instead of filling the server's memory.
         inbox: queue.Queue = queue.Queue(maxsize=2)
         finished = threading.Event()
-        deadline = time.monotonic() + self.limits.step_timeout
+        deadline = [time.monotonic() + self.limits.step_timeout]
+
+        def extend_deadline() -> None:
+            # Generation: every token gets the whole step deadline again.
+            deadline[0] = time.monotonic() + self.limits.step_timeout
 
         def offer(item) -> bool:
             """Put into the bounded inbox, giving up once the step is over."""
@@ -252,7 +260,7 @@ class DLoRAService(pb_grpc.DLoRAServicer):
 
         def receive() -> pb.EdgeMessage:
             # The opening message must come quickly: idle streams must not hold handler threads.
-            limit = min(deadline, time.monotonic() + FIRST_MESSAGE_SECONDS) if first[0] else deadline
+            limit = min(deadline[0], time.monotonic() + FIRST_MESSAGE_SECONDS) if first[0] else deadline[0]
             first[0] = False
             try:
                 item = inbox.get(timeout=max(limit - time.monotonic(), 0.0))
@@ -267,7 +275,7 @@ class DLoRAService(pb_grpc.DLoRAServicer):
         def work() -> None:
             holder: dict[str, Session] = {}
             try:
-                self._run_step(owner, receive, out.put, train, holder)
+                body(owner, receive, out.put, holder, extend_deadline)
                 out.put(_DONE)
             except BaseException as exc:  # noqa: BLE001 - reported to the edge as a status
                 code = _status(exc)[0]
@@ -301,13 +309,22 @@ class DLoRAService(pb_grpc.DLoRAServicer):
                 self._inflight -= 1
                 self._inflight_lock.notify_all()
 
-    def _run_step(self, owner: str, receive, send, train: bool, holder: dict) -> None:
+    def _run_train_step(self, owner: str, receive, send, holder: dict, _extend) -> None:
+        self._run_step(owner, receive, send, True, holder)
+
+    def _run_forward(self, owner: str, receive, send, holder: dict, _extend) -> None:
+        self._run_step(owner, receive, send, False, holder)
+
+    def _open_stream(self, owner: str, receive, holder: dict) -> tuple[Session, pb.StepStart]:
         first = receive()
         if first.WhichOneof("kind") != "start":
             raise WireError("a step must begin with a start message")
-        start = first.start
-        session = self.sessions.get(start.session_id, owner)
+        session = self.sessions.get(first.start.session_id, owner)
         holder["session"] = session
+        return session, first.start
+
+    def _run_step(self, owner: str, receive, send, train: bool, holder: dict) -> None:
+        session, start = self._open_stream(owner, receive, holder)
         t0 = time.perf_counter()
         hidden, mask = self._decode_inputs(session, start)
         with session.step(start.step_id, train):
@@ -329,6 +346,58 @@ class DLoRAService(pb_grpc.DLoRAServicer):
             session.cloud_seconds += cloud
         # Sent once the session is free again, so the edge's next call never finds it busy.
         send(pb.CloudMessage(end=pb.StepEnd(step_id=start.step_id, cloud_seconds=cloud)))
+
+    def _run_generate(self, owner: str, receive, send, holder: dict, extend_deadline) -> None:
+        """Generation passes over one KV cache, until the edge half-closes the stream."""
+        session, start = self._open_stream(owner, receive, holder)
+        hidden, mask = self._decode_inputs(session, start)
+        t0 = time.perf_counter()
+        wait = 0.0
+        passes = 0
+        with session.step(start.step_id, train=False):
+            cache = self.served.new_cache()
+            parked = dict(session.parked)
+            try:
+                while True:
+                    runner = StepRunner(session.sites, receive, send, session.wire_dtype, False, parked=parked)
+                    try:
+                        last = self.served.extend(runner, hidden, mask, cache)
+                    finally:
+                        runner.release()
+                    wait += runner.wait_seconds
+                    passes += 1
+                    session.tokens += int(mask[:, -hidden.shape[1]:].sum())
+                    send(pb.CloudMessage(final_hidden=pb.FinalHidden(hidden=codec.encode(last, session.wire_dtype))))
+                    extend_deadline()
+                    t_wait = time.perf_counter()
+                    try:
+                        msg = receive()
+                    except StepAborted:  # the edge half-closed: generation is over
+                        break
+                    wait += time.perf_counter() - t_wait
+                    hidden, mask = self._next_token(session, msg, mask)
+            finally:
+                del cache
+        cloud = time.perf_counter() - t0 - wait
+        session.cloud_seconds += cloud
+        log.info("session %s: generated %d tokens in %d passes (prompt %d positions)",
+                 session.id[:8], passes - 1, passes, int(start.hidden.shape[1]) if start.hidden.shape else 0)
+        send(pb.CloudMessage(end=pb.StepEnd(step_id=start.step_id, cloud_seconds=cloud)))
+
+    def _next_token(self, session: Session, msg: pb.EdgeMessage,
+                    mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if msg.WhichOneof("kind") != "next_token":
+            raise WireError(f"expected a next_token message from the edge, got {msg.WhichOneof('kind') or 'nothing'}")
+        batch, length = mask.shape
+        if self.served.max_positions and length + 1 > self.served.max_positions:
+            raise LimitExceeded(f"generation reached the model's {self.served.max_positions} positions")
+        if batch * (length + 1) > self.limits.max_batch_tokens:
+            raise LimitExceeded(f"batch x length = {batch * (length + 1)} exceeds this server's "
+                                f"limit of {self.limits.max_batch_tokens} tokens")
+        h = codec.decode(msg.next_token.hidden, name="next token embedding",
+                         shape=(batch, 1, self.served.meta.hidden_size), dtypes=[session.wire_dtype])
+        mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=mask.device)], dim=1)
+        return h.to(device=self.served.device, dtype=self.served.dtype), mask
 
     def _decode_inputs(self, session: Session, start: pb.StepStart) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.served.meta.hidden_size

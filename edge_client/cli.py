@@ -22,13 +22,25 @@ text, token ids and labels never do.
 """
 
 
+def _connection_args(p: argparse.ArgumentParser, title: str = "connection"):
+    """--server and the credentials, shared by every command that talks to a cloud_server."""
+    g = p.add_argument_group(title)
+    g.add_argument("--server", default="127.0.0.1:50551", help="cloud_server address HOST:PORT (default: %(default)s)")
+    g.add_argument("--token", default=os.environ.get("DLORA_TOKEN"),
+                   help="bearer token the server expects (default: $DLORA_TOKEN)")
+    g.add_argument("--tls-ca", type=Path, help="CA certificate (PEM) that signed the server's: enables TLS")
+    g.add_argument("--tls-cert", type=Path, help="this client's certificate (PEM), for mutual TLS")
+    g.add_argument("--tls-key", type=Path, help="this client's private key (PEM), for mutual TLS")
+    g.add_argument("--tls-server-name", help="name to expect in the server certificate, if not the host")
+    return g
+
+
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train LoRA adapters against a cloud_server",
                        description="Train rank-r LoRA adapters on private JSONL data. The cloud runs the "
                                    "frozen transformer blocks; this device runs the embedding, the LM head, "
                                    "the loss and the adapters.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--server", default="127.0.0.1:50551", help="cloud_server address HOST:PORT (default: %(default)s)")
     p.add_argument("--data", type=Path, default=None,
                    help="training JSONL file (default: the embedded BBC News topic set)")
     p.add_argument("--test", type=Path, default=None,
@@ -68,13 +80,7 @@ def _train_parser(sub) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/latest"),
                    help="directory for adapter_model.safetensors and run.json (default: %(default)s)")
     p.add_argument("--name", default="edge", help="client name shown in the server's log")
-    rel = p.add_argument_group("connection and recovery")
-    rel.add_argument("--token", default=os.environ.get("DLORA_TOKEN"),
-                     help="bearer token the server expects (default: $DLORA_TOKEN)")
-    rel.add_argument("--tls-ca", type=Path, help="CA certificate (PEM) that signed the server's: enables TLS")
-    rel.add_argument("--tls-cert", type=Path, help="this client's certificate (PEM), for mutual TLS")
-    rel.add_argument("--tls-key", type=Path, help="this client's private key (PEM), for mutual TLS")
-    rel.add_argument("--tls-server-name", help="name to expect in the server certificate, if not the host")
+    rel = _connection_args(p, "connection and recovery")
     rel.add_argument("--retries", type=int, default=8,
                      help="attempts after a failed step, with exponential backoff; the session is re-opened "
                           "and killed adapters parked again if the server restarted (default: %(default)s)")
@@ -83,6 +89,54 @@ def _train_parser(sub) -> None:
                           "(default: %(default)s)")
     rel.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
+
+
+def _export_parser(sub) -> None:
+    p = sub.add_parser("export", help="write a run's adapters in the layout Hugging Face PEFT loads",
+                       description="Copy a run's LoRA adapters into OUT as adapter_config.json + "
+                                   "adapter_model.safetensors, the layout of Hugging Face PEFT: "
+                                   "PeftModel.from_pretrained(base_model, OUT) then gives the same logits "
+                                   "as the distributed model. Works on interrupted runs too (from checkpoint.pt).",
+                       epilog="example:\n  edge_client export runs/latest --out my-adapter "
+                              "--base-model HuggingFaceTB/SmolLM2-135M-Instruct",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", type=Path, help="a --out directory of edge_client train")
+    p.add_argument("--out", type=Path, required=True, help="directory to write the PEFT adapter into")
+    p.add_argument("--base-model", default=None,
+                   help="base_model_name_or_path to record, e.g. a hub id or local path (default: the "
+                        "name the server gave the model)")
+    p.add_argument("--from-checkpoint", action="store_true",
+                   help="export OUT_DIR/checkpoint.pt even if the final adapters exist")
+
+
+def _generate_parser(sub) -> None:
+    p = sub.add_parser("generate", help="generate text with the cloud model and this device's adapters",
+                       description="Generate text with the frozen cloud model plus LoRA adapters kept on this "
+                                   "device. The prompt is tokenized and embedded here and tokens are chosen "
+                                   "here; the cloud sees hidden states only and keeps a KV cache, so each new "
+                                   "token costs one exchange per adapted site.",
+                       epilog="examples:\n  edge_client generate --prompt 'Write a haiku about the sea.' --chat\n"
+                              "  edge_client generate --adapters runs/latest --prompt 'Article: ...' "
+                              "--max-new-tokens 8",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _connection_args(p)
+    p.add_argument("--prompt", action="append", required=True,
+                   help="the prompt; repeat for several, '-' reads one from stdin")
+    p.add_argument("--adapters", default="none",
+                   help="a PEFT adapter directory, e.g. the --out of a training run, or 'none' for the "
+                        "base model (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding (default: %(default)s)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--park", action="store_true",
+                   help="upload the adapters to the cloud for this session: one round trip per token "
+                        "instead of one per site, but the adapters leave the device")
+    p.add_argument("--wire-dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
+                   help="dtype of activations on the wire (default: %(default)s)")
+    p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "dlora",
+                   help="where downloaded edge assets are kept (default: %(default)s)")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -98,7 +152,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          description="Write loss.png, bytes.png and (for Kill and Revive runs) live.png into RUN_DIR "
                                      "from its run.json.")
     rep.add_argument("run_dir", type=Path, help="a --out directory of edge_client train")
+    _export_parser(sub)
+    _generate_parser(sub)
     args = p.parse_args(argv)
+    if args.command == "generate":
+        if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
+            p.error("--max-new-tokens must be >= 1, --temperature >= 0 and --top-p in (0, 1]")
     if args.command != "train":
         return args
     for name in ("steps", "batch_size", "rank", "max_length"):
@@ -119,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
                         datefmt="%H:%M:%S")
     if args.command == "report":
         return _report(args.run_dir)
+    if args.command == "export":
+        return _export(args)
+    if args.command == "generate":
+        return _generate(args)
     from edge_client.data import DataError
     from edge_client.kill_revive import KRConfig
     from edge_client.session import CloudError, Credentials, RetryPolicy
@@ -148,6 +211,35 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(report(summary))
     return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from edge_client.peft_format import AdapterFormatError, export
+
+    try:
+        path = export(args.run_dir, args.out, args.base_model, args.from_checkpoint)
+    except (AdapterFormatError, OSError) as exc:
+        print(f"edge_client: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {path} and {path.parent / 'adapter_config.json'}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from edge_client.generation import GenerateConfig, generate_cli
+    from edge_client.peft_format import AdapterFormatError
+    from edge_client.session import CloudError, Credentials
+
+    try:
+        creds = Credentials.from_files(args.token, args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
+        cfg = GenerateConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+        prompts = [sys.stdin.read() if p == "-" else p for p in args.prompt]
+        return generate_cli(args.server, creds, None if args.adapters == "none" else Path(args.adapters),
+                            prompts, cfg, chat=args.chat, park=args.park, wire_dtype=args.wire_dtype,
+                            cache=args.cache)
+    except (AdapterFormatError, CloudError, ValueError, OSError) as exc:
+        print(f"edge_client: {exc}", file=sys.stderr)
+        return 2
 
 
 def _report(run_dir: Path) -> int:

@@ -307,10 +307,42 @@ class CloudSession:
         """Forward only: the final hidden state [B, T, H] (before the final norm)."""
         return self._with_retries("forward", lambda: self._step(self.stub.Forward, 0, hidden, mask, adapters, None))
 
+    def generate(self, hidden: torch.Tensor, mask: torch.Tensor, adapters: dict[str, LoRAAdapter],
+                 next_embedding: Callable[[torch.Tensor], torch.Tensor | None]) -> StepStats:
+        """Generation on the cloud's per-stream KV cache.
+
+        After each pass `next_embedding` gets the final hidden state of the last
+        position [B, 1, H] and returns the embedding of the chosen tokens
+        [B, 1, H], or None to stop. Not retried: a half-done generation cannot
+        be replayed without re-running the caller's sampling.
+        """
+        self._ensure_parked()
+
+        def on_final(exchange: _EdgeExchange, msg: pb.FinalHidden) -> bool:
+            lead = (hidden.shape[0], 1)
+            h = codec.decode(msg.hidden, name="final hidden state", shape=lead + (hidden.shape[2],),
+                             dtypes=[self.wire_dtype]).float()
+            nxt = next_embedding(h)
+            if nxt is None:
+                exchange.close_stream()
+                return True
+            exchange.lead = lead
+            exchange.send(pb.EdgeMessage(next_token=pb.NextToken(hidden=codec.encode(nxt, self.wire_dtype))))
+            return True
+
+        _, stats = self._stream(self.stub.Generate, 0, hidden, mask, adapters, False, on_final)
+        return stats
+
     def _step(self, rpc, step_id, hidden, mask, adapters, loss_fn):
+        def on_final(exchange: _EdgeExchange, msg: pb.FinalHidden):
+            return exchange.final(msg, loss_fn, tuple(hidden.shape))
+
+        return self._stream(rpc, step_id, hidden, mask, adapters, loss_fn is not None, on_final)
+
+    def _stream(self, rpc, step_id, hidden, mask, adapters, train, on_final):
+        """One bidirectional stream: send the start, answer the cloud until it ends."""
         stats = StepStats()
         outbox: queue.SimpleQueue = queue.SimpleQueue()
-        train = loss_fn is not None
 
         def send(msg: pb.EdgeMessage) -> None:
             size = msg.ByteSize()
@@ -329,7 +361,8 @@ class CloudSession:
             session_id=self.session_id, step_id=step_id,
             hidden=codec.encode(hidden, self.wire_dtype),
             attention_mask=codec.encode(mask.bool()))))
-        exchange = _EdgeExchange(self, adapters, send, stats, train, tuple(hidden.shape[:2]))
+        exchange = _EdgeExchange(self, adapters, send, stats, train, tuple(hidden.shape[:2]),
+                                 close_stream=lambda: outbox.put(None))
         result = None
         responses = rpc(requests(), timeout=self.timeout, metadata=self.credentials.metadata())
         try:
@@ -340,7 +373,7 @@ class CloudSession:
                 if kind == "site_input":
                     exchange.forward(msg.site_input)
                 elif kind == "final_hidden":
-                    result = exchange.final(msg.final_hidden, loss_fn, tuple(hidden.shape))
+                    result = on_final(exchange, msg.final_hidden)
                 elif kind == "site_grad_outputs":
                     exchange.backward(msg.site_grad_outputs)
                 elif kind == "end":
@@ -387,7 +420,8 @@ class _EdgeExchange:
     send: Callable[[pb.EdgeMessage], None]
     stats: StepStats
     train: bool
-    lead: tuple[int, ...] = ()        # (batch, seq) of this step
+    lead: tuple[int, ...] = ()        # (batch, seq) of this step (of this pass, when generating)
+    close_stream: Callable[[], None] = lambda: None
     saved: dict[int, tuple[torch.Tensor, list[torch.Tensor], list[LoRAAdapter]]] = field(default_factory=dict)
 
     def _site(self, index: int) -> SiteInfo:

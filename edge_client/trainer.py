@@ -9,11 +9,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from common.lora import LoRAAdapter, LoRAConfig, adapters_state, load_adapters_state
 from edge_client import data as datasets
+from edge_client import peft_format
 from edge_client.edge_model import EdgeModel, load_tokenizer
 from edge_client.kill_revive import Change, KRConfig, Selector
 from edge_client.objective import Batch, classify, completion_loss, label_loss, label_token_ids, make_batch
@@ -173,6 +173,7 @@ class EdgeTrainer:
 
     def checkpoint_state(self, extra: dict) -> dict:
         return {"version": 1, "step_id": self.step_id, "adapters": adapters_state(self.adapters),
+                "model": self.session.model.name, "model_type": self.session.model.model_type,
                 "optimizer": self.optimizer.state_dict(), "selector": self.selector.state_dict(),
                 "fingerprint": self.fingerprint(), **extra}
 
@@ -191,17 +192,8 @@ class EdgeTrainer:
             self.session.park(killed, [])
 
     def save(self, out: Path, meta: dict) -> Path:
-        out.mkdir(parents=True, exist_ok=True)
-        path = out / "adapter_model.safetensors"
-        tmp = out / ".adapter_model.safetensors.part"
-        save_file(adapters_state(self.adapters), tmp, metadata={"format": "pt"})
-        tmp.replace(path)
-        cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": self.cfg.rank,
-               "lora_alpha": self.cfg.alpha, "lora_dropout": 0.0, "bias": "none",
-               "target_modules": sorted({n.rsplit(".", 1)[-1] for n in self.adapters}),
-               "base_model_name_or_path": meta.get("model", ""), "inference_mode": True}
-        (out / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
-        return path
+        return peft_format.save(out, self.adapters, self.cfg.rank, self.cfg.alpha, meta.get("model", ""),
+                                self.session.model.model_type)
 
 
 def batches(examples: list[datasets.Example], batch_size: int, seed: int):

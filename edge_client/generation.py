@@ -1,0 +1,155 @@
+"""`edge_client generate`: text from the frozen cloud model plus this device's adapters.
+
+The prompt is tokenized and embedded here, the tokens are chosen here from the
+LM head's logits; the cloud only ever sees hidden states, one position per
+new token (it keeps the KV cache of the stream).
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from common.lora import LoRAAdapter
+from edge_client.edge_model import EdgeModel
+from edge_client.session import CloudSession, StepStats
+
+
+@dataclass
+class GenerateConfig:
+    max_new_tokens: int = 64
+    temperature: float = 0.0      # 0: greedy
+    top_p: float = 1.0            # nucleus sampling when < 1 (and temperature > 0)
+    seed: int = 0
+    stop_at_eos: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
+
+
+@dataclass
+class Generated:
+    text: str
+    token_ids: list[int]
+    seconds: float
+    stats: StepStats
+
+    @property
+    def tokens_per_second(self) -> float:
+        return len(self.token_ids) / max(self.seconds, 1e-9)
+
+
+def choose(logits: torch.Tensor, cfg: GenerateConfig, gen: torch.Generator) -> torch.Tensor:
+    """Next token ids [B] from logits [B, V]: greedy, or temperature + top-p sampling."""
+    if cfg.temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / cfg.temperature, dim=-1)
+    if cfg.top_p < 1:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (always at least one token).
+        drop = sorted_p.cumsum(-1) - sorted_p >= cfg.top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(session: CloudSession, edge: EdgeModel, tokenizer, adapters: dict[str, LoRAAdapter],
+             prompt_ids: list[int], cfg: GenerateConfig,
+             on_token: Callable[[list[int]], None] | None = None) -> Generated:
+    """Generate up to cfg.max_new_tokens after `prompt_ids`; `on_token` sees the ids so far."""
+    if not prompt_ids:
+        raise ValueError("the prompt is empty")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    ids = torch.tensor([prompt_ids])
+    out: list[int] = []
+    eos = tokenizer.eos_token_id
+
+    def next_embedding(h: torch.Tensor) -> torch.Tensor | None:
+        token = choose(edge.logits(h[:, -1]), cfg, gen)
+        tid = int(token[0])
+        if cfg.stop_at_eos and tid == eos:
+            return None
+        out.append(tid)
+        if on_token is not None:
+            on_token(out)
+        if len(out) >= cfg.max_new_tokens:
+            return None
+        return edge.embed(token[:, None])
+
+    t0 = time.perf_counter()
+    stats = session.generate(edge.embed(ids), torch.ones_like(ids, dtype=torch.bool), adapters, next_embedding)
+    return Generated(tokenizer.decode(out, skip_special_tokens=True), out, time.perf_counter() - t0, stats)
+
+
+def max_positions(config: dict) -> int:
+    """The model's position limit from its config.json (0: none stated)."""
+    return int(config.get("n_positions") or config.get("max_position_embeddings") or 0)
+
+
+def generate_cli(server: str, credentials, adapter_dir, prompts: list[str], cfg: GenerateConfig, *,
+                 chat: bool = False, park: bool = False, wire_dtype: str = "fp32", cache=None) -> int:
+    """What `edge_client generate` does: print each prompt's continuation as it is generated."""
+    import json
+    import logging
+    import sys
+
+    from edge_client import peft_format
+    from edge_client.edge_model import load_tokenizer
+
+    log = logging.getLogger(__name__)
+    adapters: dict[str, LoRAAdapter] = {}
+    targets = None
+    if adapter_dir is not None:
+        adapters, acfg = peft_format.load(adapter_dir)
+        targets = sorted({n.rsplit(".", 1)[-1] for n in adapters})
+    with CloudSession(server, wire_dtype=wire_dtype, targets=targets, client_name="edge-generate",
+                      credentials=credentials) as session:
+        assets = session.fetch_assets(cache / "edge-assets")
+        tokenizer = load_tokenizer(assets)
+        edge = EdgeModel.from_assets(assets)
+        limit = max_positions(json.loads((assets / "config.json").read_text()))
+        if adapter_dir is None:
+            # The base model alone: zero adapters (B = 0) parked on the cloud add
+            # nothing to any output and need no exchange at all.
+            session.park({n: LoRAAdapter(fin, fout, 1, 1.0) for n, (fin, fout) in session.module_shapes().items()}, [])
+        else:
+            missing = sorted(set(session.module_names) - set(adapters))
+            extra = sorted(set(adapters) - set(session.module_names))
+            if missing or extra:
+                raise peft_format.AdapterFormatError(
+                    f"{adapter_dir} does not fit this model: missing {missing[:3]}, unknown {extra[:3]}")
+            if park:
+                session.park(adapters, [])
+                log.info("parked %d adapters on the cloud: one round trip per token", len(adapters))
+        for prompt in prompts:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                 add_generation_prompt=True) if chat else prompt
+            ids = tokenizer(text, add_special_tokens=not chat)["input_ids"]
+            run_cfg = cfg
+            if limit and len(ids) + cfg.max_new_tokens > limit:
+                if len(ids) >= limit:
+                    raise ValueError(f"the prompt has {len(ids)} tokens; the model takes at most {limit}")
+                run_cfg = GenerateConfig(limit - len(ids), cfg.temperature, cfg.top_p, cfg.seed, cfg.stop_at_eos)
+                log.warning("capping --max-new-tokens at %d: the model takes %d positions", run_cfg.max_new_tokens, limit)
+            shown = [""]
+
+            def stream(out: list[int]) -> None:
+                now = tokenizer.decode(out, skip_special_tokens=True)
+                if now.startswith(shown[0]):  # a partial UTF-8 sequence decodes differently until complete
+                    sys.stdout.write(now[len(shown[0]):])
+                    sys.stdout.flush()
+                    shown[0] = now
+
+            result = generate(session, edge, tokenizer, adapters if not park else {}, ids, run_cfg, stream)
+            sys.stdout.write(result.text[len(shown[0]):] + "\n")
+            s = result.stats
+            print(f"[{len(result.token_ids)} tokens in {result.seconds:.2f} s ({result.tokens_per_second:.1f} "
+                  f"tokens/s); prompt {len(ids)} tokens; {s.sites} site exchanges; sent "
+                  f"{s.bytes_sent / 1e6:.2f} MB, received {s.bytes_received / 1e6:.2f} MB]", file=sys.stderr)
+    return 0

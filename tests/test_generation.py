@@ -1,0 +1,110 @@
+"""Generation: the cloud's KV cache gives the same tokens as re-running the whole model."""
+from __future__ import annotations
+
+import grpc
+import pytest
+import torch
+
+from common import tensor_codec as codec
+from common.wire import dlora_pb2 as pb
+from common.wire import dlora_pb2_grpc as pb_grpc
+from edge_client.generation import GenerateConfig, choose, generate
+from helpers import connect, reference_model, rel_err
+
+NEW = 12
+
+
+def reference_greedy(model, prompt_ids: list[int], n: int) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy decoding without any cache: the whole sequence is re-run for every token."""
+    ids = torch.tensor([prompt_ids])
+    out, logits = [], []
+    with torch.no_grad():
+        for _ in range(n):
+            last = model(input_ids=ids).logits[:, -1]
+            logits.append(last[0])
+            tok = int(last.argmax(-1))
+            out.append(tok)
+            ids = torch.cat([ids, torch.tensor([[tok]])], dim=1)
+    return out, logits
+
+
+def test_generation_matches_full_recompute(kind, servers, model_dirs, cache):
+    edge = connect(servers[kind], cache)
+    try:
+        prompt = edge.tokenizer("the match ended")["input_ids"]
+        seen: list[torch.Tensor] = []
+        logits_fn = edge.edge.logits
+        edge.edge.logits = lambda h: seen.append(logits_fn(h)[0]) or logits_fn(h)  # record what the edge saw
+        result = generate(edge.session, edge.edge, edge.tokenizer, edge.adapters, prompt,
+                          GenerateConfig(max_new_tokens=NEW, stop_at_eos=False))
+        model, _ = reference_model(model_dirs[kind], edge.adapters)
+        want, want_logits = reference_greedy(model, prompt, NEW)
+        assert result.token_ids == want
+        for got, ref in zip(seen, want_logits):
+            assert rel_err(got, ref) <= 1e-5
+        # The KV cache: one pass per token, each site exchanging one position
+        # after the prompt, so the bytes grow with prompt + new tokens, not with
+        # their square.
+        sites = len(edge.session.sites)
+        assert result.stats.sites == NEW * sites
+        width = edge.session.sites[0].modules[0].in_features
+        positions = len(prompt) + NEW - 1
+        assert result.stats.bytes_received <= 4 * width * positions * sites * 1.05 + 100 * result.stats.messages
+    finally:
+        edge.session.close()
+
+
+def test_generation_with_parked_adapters(servers, model_dirs, cache):
+    """Kill and Revive's parked adapters apply during generation too."""
+    edge = connect(servers["llama"], cache)
+    try:
+        names = sorted(edge.adapters)
+        edge.session.park({n: edge.adapters[n] for n in names[::2]}, [])
+        live = {n: a for n, a in edge.adapters.items() if n not in edge.session.parked}
+        prompt = edge.tokenizer("shares fell")["input_ids"]
+        result = generate(edge.session, edge.edge, edge.tokenizer, live, prompt,
+                          GenerateConfig(max_new_tokens=6, stop_at_eos=False))
+        model, _ = reference_model(model_dirs["llama"], edge.adapters)
+        assert result.token_ids == reference_greedy(model, prompt, 6)[0]
+    finally:
+        edge.session.close()
+
+
+def test_sampling_is_seeded_and_respects_top_p():
+    logits = torch.tensor([[0.0, 5.0, 4.9, -3.0]])
+    cfg = GenerateConfig(temperature=1.0, top_p=0.5, seed=0)
+    draws = {int(choose(logits, cfg, torch.Generator().manual_seed(s))) for s in range(30)}
+    assert draws == {1}  # the top token alone holds half the mass
+    wide = {int(choose(logits, GenerateConfig(temperature=1.0), torch.Generator().manual_seed(s))) for s in range(60)}
+    assert {1, 2} <= wide
+    assert int(choose(logits, GenerateConfig(), torch.Generator())) == 1
+
+
+def _raw_generate(address: str, messages: list[pb.EdgeMessage]):
+    channel = grpc.insecure_channel(address)
+    try:
+        return list(pb_grpc.DLoRAStub(channel).Generate(iter(messages), timeout=30))
+    finally:
+        channel.close()
+
+
+def test_bad_next_token_is_refused(servers, cache):
+    edge = connect(servers["llama"], cache)
+    try:
+        # Park everything: the cloud then needs nothing from the edge but the tokens.
+        edge.session.park(dict(edge.adapters), [])
+        h = edge.session.model.hidden_size
+        start = pb.EdgeMessage(start=pb.StepStart(session_id=edge.session.session_id,
+                                                  hidden=codec.encode(torch.randn(1, 3, h)),
+                                                  attention_mask=codec.encode(torch.ones(1, 3, dtype=torch.bool))))
+        wrong = pb.EdgeMessage(next_token=pb.NextToken(hidden=codec.encode(torch.randn(1, 2, h))))
+        with pytest.raises(grpc.RpcError) as err:
+            _raw_generate(servers["llama"], [start, wrong])
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "next token embedding" in err.value.details()
+        # The session still serves a correct generation afterwards.
+        ok = _raw_generate(servers["llama"], [start])
+        assert [m.WhichOneof("kind") for m in ok] == ["final_hidden", "end"]
+        assert list(ok[0].final_hidden.hidden.shape) == [1, 1, h]
+    finally:
+        edge.session.close()
