@@ -65,6 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="allow plaintext on a non-loopback address (logs a warning; do not use on a network "
                           "you do not trust)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 keeps torch's default")
+    p.add_argument("--stats-every", type=float, default=60.0,
+                   help="seconds between throughput log lines (steps, tokens/s, busy share); quiet when idle "
+                        "(default: %(default)s)")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default: %(default)s)")
     args = p.parse_args(argv)
     if args.max_sessions < 1 or args.max_batch_tokens < 1:
@@ -77,6 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
     if min(args.idle_timeout, args.step_timeout) <= 0 or args.shutdown_grace < 0:
         p.error("--idle-timeout and --step-timeout must be positive, --shutdown-grace not negative")
+    if args.stats_every <= 0:
+        p.error("--stats-every must be positive")
     from cloud_server.auth import is_loopback
     if not args.tls_cert and not is_loopback(args.host) and not args.allow_insecure_remote:
         p.error(f"refusing plaintext on non-loopback address {args.host}: give --tls-cert/--tls-key, "
@@ -122,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                           args.idle_timeout, args.step_timeout)
     service = DLoRAService(served, limits, Authenticator(tokens, mtls=bool(args.tls_client_ca)))
     try:
-        running = make_server(service, args.host, args.port, tls)
+        running = make_server(service, args.host, args.port, tls, stats_every=args.stats_every)
     except OSError as exc:
         print(f"cloud_server: {exc}", file=sys.stderr)
         return 2

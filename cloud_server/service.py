@@ -57,6 +57,26 @@ class ServerLimits:
     step_timeout: float = 300.0     # seconds one step may take, edge waits included
 
 
+class Throughput:
+    """Work done since the last report, for the server's periodic log line."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts = {"steps": 0, "forwards": 0, "generations": 0, "tokens": 0, "cloud_seconds": 0.0}
+
+    def add(self, **counts: float) -> None:
+        with self._lock:
+            for k, v in counts.items():
+                self._counts[k] += v
+
+    def take(self) -> dict[str, float]:
+        with self._lock:
+            counts = dict(self._counts)
+            for k in self._counts:
+                self._counts[k] = 0
+        return counts
+
+
 def _status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The gRPC status a failed call answers with."""
     mapping = [
@@ -84,6 +104,7 @@ class DLoRAService(pb_grpc.DLoRAServicer):
         self.limits = limits
         self.auth = auth or Authenticator()
         self.sessions = SessionManager(limits.max_sessions)
+        self.throughput = Throughput()
         self.assets_digest = edge_assets.digest(served.assets)
         self.draining = threading.Event()
         self._inflight = 0
@@ -344,6 +365,7 @@ class DLoRAService(pb_grpc.DLoRAServicer):
             cloud = time.perf_counter() - t0 - runner.wait_seconds
             session.tokens += int(mask.sum())
             session.cloud_seconds += cloud
+            self.throughput.add(**{"steps" if train else "forwards": 1}, tokens=int(mask.sum()), cloud_seconds=cloud)
         # Sent once the session is free again, so the edge's next call never finds it busy.
         send(pb.CloudMessage(end=pb.StepEnd(step_id=start.step_id, cloud_seconds=cloud)))
 
@@ -380,8 +402,9 @@ class DLoRAService(pb_grpc.DLoRAServicer):
                 del cache
         cloud = time.perf_counter() - t0 - wait
         session.cloud_seconds += cloud
-        log.info("session %s: generated %d tokens in %d passes (prompt %d positions)",
-                 session.id[:8], passes - 1, passes, int(start.hidden.shape[1]) if start.hidden.shape else 0)
+        self.throughput.add(generations=1, tokens=int(mask.sum()), cloud_seconds=cloud)
+        log.info("session %s: generation of %d passes (a %d-position prompt, then one position per token) "
+                 "in %.2f s of cloud compute", session.id[:8], passes, int(start.hidden.shape[1]), cloud)
         send(pb.CloudMessage(end=pb.StepEnd(step_id=start.step_id, cloud_seconds=cloud)))
 
     def _next_token(self, session: Session, msg: pb.EdgeMessage,
@@ -419,11 +442,24 @@ class DLoRAService(pb_grpc.DLoRAServicer):
         return hidden.to(device=dev, dtype=self.served.dtype), mask.to(device=dev, dtype=torch.long)
 
     # -- lifecycle -----------------------------------------------------------
-    def reap_forever(self, stop: threading.Event) -> None:
-        """Free sessions idle longer than the limit, until `stop` is set."""
-        interval = min(max(self.limits.idle_timeout / 4, 0.5), 30.0)
+    def reap_forever(self, stop: threading.Event, report_every: float = 60.0) -> None:
+        """Free sessions idle longer than the limit, and log throughput, until `stop` is set."""
+        interval = min(max(self.limits.idle_timeout / 4, 0.5), 30.0, report_every)
+        last_report = time.monotonic()
         while not stop.wait(interval):
             self.sessions.reap_idle(self.limits.idle_timeout)
+            if time.monotonic() - last_report >= report_every:
+                self.log_throughput(time.monotonic() - last_report)
+                last_report = time.monotonic()
+
+    def log_throughput(self, seconds: float) -> None:
+        c = self.throughput.take()
+        if not (c["steps"] or c["forwards"] or c["generations"]):
+            return  # an idle server stays quiet
+        log.info("last %.0f s: %d training steps, %d forwards, %d generations, %d tokens (%.0f tokens/s), "
+                 "cloud compute %.1f s (%.0f%% busy); %d sessions open",
+                 seconds, c["steps"], c["forwards"], c["generations"], c["tokens"], c["tokens"] / seconds,
+                 c["cloud_seconds"], 100 * c["cloud_seconds"] / seconds, len(self.sessions))
 
     def drain(self, grace: float) -> bool:
         """Refuse new work and wait up to `grace` seconds for in-flight steps. True if all finished."""
@@ -463,7 +499,7 @@ class RunningServer:
 
 
 def make_server(service: DLoRAService, host: str, port: int, tls: TLSFiles | None = None,
-                workers: int | None = None) -> RunningServer:
+                workers: int | None = None, stats_every: float = 60.0) -> RunningServer:
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
     size = service.limits.max_message_bytes
@@ -489,6 +525,6 @@ def make_server(service: DLoRAService, host: str, port: int, tls: TLSFiles | Non
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     running = RunningServer(server, bound, service, health_servicer)
-    threading.Thread(target=service.reap_forever, args=(running.stop_reaper,), name="dlora-reaper",
+    threading.Thread(target=service.reap_forever, args=(running.stop_reaper, stats_every), name="dlora-reaper",
                      daemon=True).start()
     return running

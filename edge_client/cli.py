@@ -60,6 +60,9 @@ def _train_parser(sub) -> None:
     p.add_argument("--targets", default="",
                    help="comma-separated linears to adapt, e.g. q_proj,v_proj (default: the server's)")
     p.add_argument("--max-length", type=int, default=128, help="tokens per example; longer prompts are cut (default: %(default)s)")
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="evaluate on held-out data every N steps too, for the accuracy curve of "
+                        "'edge_client report'; 0: before and after training only (default: %(default)s)")
     p.add_argument("--eval-limit", type=int, default=200, help="held-out examples to evaluate, 0 for all (default: %(default)s)")
     p.add_argument("--wire-dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
                    help="dtype of activations and gradients on the wire (default: %(default)s)")
@@ -152,8 +155,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sub = p.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     rep = sub.add_parser("report", help="render PNG plots of a finished run",
-                         description="Write loss.png, bytes.png and (for Kill and Revive runs) live.png into RUN_DIR "
-                                     "from its run.json.")
+                         description="Write loss.png, accuracy.png (or heldout_loss.png), bytes.png and, for Kill "
+                                     "and Revive runs, live.png into RUN_DIR from its run.json.")
     rep.add_argument("run_dir", type=Path, help="a --out directory of edge_client train")
     _export_parser(sub)
     _generate_parser(sub)
@@ -181,8 +184,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--test-fraction must be between 0 and 1")
     if args.lr <= 0 or args.alpha <= 0:
         p.error("--lr and --alpha must be positive")
-    if args.retries < 0 or args.checkpoint_every < 0:
-        p.error("--retries and --checkpoint-every must not be negative")
+    if args.retries < 0 or args.checkpoint_every < 0 or args.eval_every < 0:
+        p.error("--retries, --checkpoint-every and --eval-every must not be negative")
     return args
 
 
@@ -219,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
                       eval_limit=args.eval_limit, wire_dtype=args.wire_dtype, seed=args.seed,
                       objective=args.objective, kr=kr, credentials=creds,
                       retry=RetryPolicy(retries=args.retries), checkpoint_every=args.checkpoint_every,
-                      resume=args.resume,
+                      resume=args.resume, eval_every=args.eval_every,
                       out=args.out, client_name=args.name, progress=not args.no_progress)
     try:
         summary = run(cfg)

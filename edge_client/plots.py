@@ -1,4 +1,4 @@
-"""PNG plots of training runs: loss curves and the Kill-and-Revive live-set heat-map.
+"""PNG plots of training runs: loss, held-out accuracy, bytes per step, Kill-and-Revive live sets.
 
 matplotlib is imported lazily so training never depends on it.
 """
@@ -104,6 +104,17 @@ def bytes_per_step(history: list[dict], path: Path) -> Path:
     return _save(plt, fig, path)
 
 
+def heldout_curve(evals: list[dict], path: Path) -> Path:
+    """Held-out accuracy (or loss) at each evaluation: before, every --eval-every steps, after."""
+    plt = _plt()
+    key = "accuracy" if "accuracy" in evals[0] else "loss"
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ys = [e[key] * (100 if key == "accuracy" else 1) for e in evals]
+    ax.plot([e["step"] for e in evals], ys, marker="o", label=f"held-out {key}")
+    _line_axes(ax, "held-out accuracy (%)" if key == "accuracy" else "held-out loss")
+    return _save(plt, fig, path)
+
+
 def report(run_dir: Path) -> list[Path]:
     """Render every plot a run.json supports into run_dir; returns the files written."""
     import json
@@ -112,6 +123,10 @@ def report(run_dir: Path) -> list[Path]:
     hist, summary = doc["history"], doc["summary"]
     out = [loss_curves({summary.get("policy", "run"): hist}, run_dir / "loss.png"),
            bytes_per_step(hist, run_dir / "bytes.png")]
+    evals = doc.get("evals") or []
+    if evals:
+        name = "accuracy.png" if "accuracy" in evals[0] else "heldout_loss.png"
+        out.append(heldout_curve(evals, run_dir / name))
     lives = doc.get("live_sets") or []
     if len(lives) > 1:
         from common.model_parts import layer_index

@@ -52,6 +52,7 @@ class TrainConfig:
     eval_before: bool = True
     credentials: Credentials = field(default_factory=Credentials)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    eval_every: int = 0               # steps between held-out evaluations; 0: before and after only
     checkpoint_every: int = 20        # steps between checkpoints; 0: only at the end
     resume: bool = False              # continue from out/checkpoint.pt
 
@@ -234,11 +235,13 @@ def run(cfg: TrainConfig) -> dict:
         if resumed is not None:
             trainer.restore(resumed)
             before, history, live_history = resumed["before"], resumed["history"], resumed["live_history"]
+            evals = resumed.get("evals", [])
             log.info("resumed from %s at step %d", ckpt_path, trainer.step_id)
         else:
             before = trainer.evaluate(test, "eval before") if cfg.eval_before else None
             history = []
             live_history = [{"step": 0, "live": sorted(trainer.selector.live), "killed": [], "revived": []}]
+            evals = [{"step": 0, **before}] if before is not None else []
         if before is not None:
             log.info("before training: %s", _fmt(before))
         sent = sum(h["bytes_sent"] for h in history)
@@ -274,11 +277,16 @@ def run(cfg: TrainConfig) -> dict:
                 # Without a bar (logs, containers, simulations), a line every 10 steps.
                 log.info("step %d/%d: loss %.4f, %.1f MB on the wire, %.2f s", done, cfg.steps, loss,
                          (stats.bytes_sent + stats.bytes_received) / 1e6, dt)
+            if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
+                metrics = trainer.evaluate(test, f"eval at step {done}")
+                evals.append({"step": done, **metrics})
+                log.info("step %d: %s", done, _fmt(metrics))
             if done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
                 save_checkpoint(ckpt_path, trainer.checkpoint_state(
-                    {"before": before, "history": history, "live_history": live_history}))
+                    {"before": before, "history": history, "live_history": live_history, "evals": evals}))
         bar.close()
         after = trainer.evaluate(test, "eval after")
+        evals.append({"step": len(history), **after})
         log.info("after training: %s", _fmt(after))
         n = max(len(history), 1)
         train_secs = sum(h["seconds"] for h in history)
@@ -298,7 +306,7 @@ def run(cfg: TrainConfig) -> dict:
         summary["adapters"] = str(adapter_path)
     cfg.out.mkdir(parents=True, exist_ok=True)
     log_doc = {"config": json.loads(json.dumps(asdict(cfg), default=str)),
-               "summary": summary, "history": history, "live_sets": live_history}
+               "summary": summary, "history": history, "live_sets": live_history, "evals": evals}
     (cfg.out / "run.json").write_text(json.dumps(log_doc, indent=2))
     return summary
 

@@ -1,6 +1,9 @@
 """Generation: the cloud's KV cache gives the same tokens as re-running the whole model."""
 from __future__ import annotations
 
+import re
+import time
+
 import grpc
 import pytest
 import torch
@@ -108,3 +111,25 @@ def test_bad_next_token_is_refused(servers, cache):
         assert list(ok[0].final_hidden.hidden.shape) == [1, 1, h]
     finally:
         edge.session.close()
+
+
+def test_server_logs_sessions_and_throughput(model_dirs, tmp_path, cache):
+    """The server's log says, in plain words, who connected and how much work it did."""
+    from cloud_server import launch
+
+    log = tmp_path / "server.log"
+    with launch.start(["--model", str(model_dirs["llama"]), "--device", "cpu", "--stats-every", "1"], log) as server:
+        edge = connect(server.address, cache)
+        try:
+            batch = edge.batch()
+            edge.step(1, batch)
+            generate(edge.session, edge.edge, edge.tokenizer, edge.adapters, [5, 6, 7],
+                     GenerateConfig(max_new_tokens=3, stop_at_eos=False))
+            time.sleep(2.5)
+        finally:
+            edge.session.close()
+    text = log.read_text()
+    assert "opened by 'edge'" in text
+    assert "generation of 3 passes (a 3-position prompt" in text
+    assert re.search(r"last \d+ s: 1 training steps, 0 forwards, 1 generations, \d+ tokens \(\d+ tokens/s\)", text)
+    assert re.search(r"of 'edge' closed by the edge: 1 steps, 1 forwards, \d+ tokens", text)

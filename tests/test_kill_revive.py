@@ -168,9 +168,12 @@ def test_train_with_kr_logs_live_sets(servers, jsonl, tmp_path):
     out = tmp_path / "kr"
     res = cli("edge_client", "train", "--server", servers["llama"], "--data", str(jsonl), "--steps", "8",
               "--batch-size", "4", "--eval-limit", "4", "--policy", "kr", "--budget", "0.34", "--revive", "0.5",
-              "--period", "2", "--warmup-steps", "2", "--out", str(out), "--no-progress")
+              "--period", "2", "--warmup-steps", "2", "--eval-every", "4", "--out", str(out), "--no-progress")
     assert res.returncode == 0, res.stderr
+    assert "step 8/8: loss" in res.stderr  # without a bar, a log line every 10 steps and at the end
     log = json.loads((out / "run.json").read_text())
+    assert [e["step"] for e in log["evals"]] == [0, 4, 8]
+    assert log["evals"][-1]["accuracy"] == log["summary"]["after"]["accuracy"]
     hist, lives = log["history"], log["live_sets"]
     assert [e["step"] for e in lives] == [0, 2, 4, 6, 8]
     assert all(len(e["live"]) == 2 for e in lives[1:])          # round(0.34 x 6 modules) = 2
@@ -180,7 +183,7 @@ def test_train_with_kr_logs_live_sets(servers, jsonl, tmp_path):
     assert any(e["revived"] for e in lives[2:])
     rep = cli("edge_client", "report", str(out), timeout=120)
     assert rep.returncode == 0, rep.stderr
-    for name in ("loss.png", "bytes.png", "live.png"):
+    for name in ("loss.png", "bytes.png", "live.png", "accuracy.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     assert cli("edge_client", "report", str(tmp_path), timeout=120).returncode == 2
 
