@@ -69,7 +69,11 @@ def build(model: nn.Module, model_dir: Path) -> list[Asset]:
         p = model_dir / name
         if p.exists():
             files[name] = p.read_bytes()
-    return [Asset(n, d, hashlib.sha256(d).hexdigest()) for n, d in sorted(files.items())]
+    return [make_asset(n, d) for n, d in sorted(files.items())]
+
+
+def make_asset(name: str, data: bytes) -> Asset:
+    return Asset(name, data, hashlib.sha256(data).hexdigest())
 
 
 def digest(assets: list[Asset]) -> str:

@@ -64,6 +64,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sec.add_argument("--allow-insecure-remote", action="store_true",
                      help="allow plaintext on a non-loopback address (logs a warning; do not use on a network "
                           "you do not trust)")
+    p.add_argument("--mode", default="any", choices=["any", "dlora", "splitlora"],
+                   help="which training modes edges may open sessions in: 'dlora' (the cloud runs every block, "
+                        "edges compute the adapters), 'splitlora' (edges run the first --cut-layer blocks, the "
+                        "cloud trains server-side adapters), or 'any'; each session picks its own (default: %(default)s)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 keeps torch's default")
     p.add_argument("--stats-every", type=float, default=60.0,
                    help="seconds between throughput log lines (steps, tokens/s, busy share); quiet when idle "
@@ -125,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("serving PLAINTEXT on %s: activations and tokens cross the network unencrypted", args.host)
     limits = ServerLimits(args.max_sessions, args.max_batch_tokens, int(args.max_message_mb * (1 << 20)),
                           args.idle_timeout, args.step_timeout)
-    service = DLoRAService(served, limits, Authenticator(tokens, mtls=bool(args.tls_client_ca)))
+    modes = ("dlora", "splitlora") if args.mode == "any" else (args.mode,)
+    service = DLoRAService(served, limits, Authenticator(tokens, mtls=bool(args.tls_client_ca)), modes=modes)
     try:
         running = make_server(service, args.host, args.port, tls, stats_every=args.stats_every)
     except OSError as exc:

@@ -8,7 +8,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from common.model_parts import DEFAULT_TARGETS, backbone, final_norm_name
+import copy
+
+from safetensors.torch import save as save_safetensors
+
+from common.model_parts import DEFAULT_TARGETS, backbone, blocks_name, final_norm_name
 from cloud_server import assets as edge_assets
 from cloud_server.model_store import load_frozen, resolve_model_path
 from cloud_server.sites import SiteSpec, linear_leaf_names, linear_shapes, probe_input_groups, select_sites
@@ -24,6 +28,17 @@ class ModelMeta:
     num_layers: int
     hidden_size: int
     vocab_size: int
+
+
+class _NoPositions(nn.Module):
+    """Stands in for a learned position table: adds nothing."""
+
+    def __init__(self, hidden: int, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.hidden, self.dtype, self.device = hidden, dtype, device
+
+    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(*position_ids.shape, self.hidden, dtype=self.dtype, device=self.device)
 
 
 class ServedModel:
@@ -49,7 +64,8 @@ class ServedModel:
         self.assets = edge_assets.build(model, path)
         self.inner = backbone(model)
         # The edge applies the final norm; the cloud returns the last block's output.
-        setattr(self.inner, final_norm_name(model), nn.Identity())
+        self._norm_attr = final_norm_name(model)
+        setattr(self.inner, self._norm_attr, nn.Identity())
         # The edge holds the embedding lookup and the LM head: the cloud keeps no copy.
         self._drop_edge_modules(model)
         self.groups = probe_input_groups(model, self.meta.hidden_size)
@@ -57,6 +73,9 @@ class ServedModel:
         self.shapes = linear_shapes(model, self.groups)
         install_taps(model, [n for g in self.groups for n in g])
         self.model = model
+        self.blocks_attr = blocks_name(self.inner, self.meta.num_layers)
+        self._views: dict[int, nn.Module] = {0: self.inner}
+        self._block_assets: dict[int, edge_assets.Asset] = {}
         self.default_targets = default_targets or [t for t in DEFAULT_TARGETS if t in self.linear_names]
         if not self.default_targets:
             raise ValueError(
@@ -89,11 +108,56 @@ class ServedModel:
             max((m.in_features for s in sites for m in s.modules), default=0), self.meta.hidden_size]
         return max(widths)
 
-    def run(self, runner: StepRunner, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Blocks forward with remote adapters; returns the last block's output."""
+    def run(self, runner: StepRunner, hidden: torch.Tensor, mask: torch.Tensor, cut: int = 0) -> torch.Tensor:
+        """Blocks [cut, L) forward with remote adapters; returns the last block's output.
+
+        cut = 0 (DLoRA): `hidden` is the embedding output. cut > 0 (SplitLoRA):
+        `hidden` is the output of block cut - 1, which ran on the edge.
+        """
         with active(runner), torch.set_grad_enabled(runner.train):
-            out = self.inner(inputs_embeds=hidden, attention_mask=mask, use_cache=False)
+            out = self.view(cut)(inputs_embeds=hidden, attention_mask=mask, use_cache=False)
         return out.last_hidden_state
+
+    def view(self, cut: int) -> nn.Module:
+        """The backbone without its first `cut` blocks, sharing every weight.
+
+        A shallow copy with its own child list and config, so sessions with
+        different cuts run side by side on the one set of weights.
+        """
+        if cut not in self._views:
+            if not 0 < cut < self.meta.num_layers:
+                raise ValueError(f"cut layer must be in 1..{self.meta.num_layers - 1}, got {cut}")
+            view = copy.copy(self.inner)
+            view._modules = dict(self.inner._modules)
+            view._modules[self.blocks_attr] = nn.ModuleList(list(getattr(self.inner, self.blocks_attr))[cut:])
+            view.config = copy.deepcopy(self.inner.config)
+            view.config.num_hidden_layers = self.meta.num_layers - cut
+            if "wpe" in view._modules:
+                # Learned positions (GPT-2) were added on the edge, before block 0.
+                view._modules["wpe"] = _NoPositions(self.meta.hidden_size, self.dtype, self.device)
+            self._views[cut] = view
+        return self._views[cut]
+
+    def block_asset(self, cut: int) -> edge_assets.Asset:
+        """Weights of blocks [0, cut) for a SplitLoRA edge, under their full-model names."""
+        if cut not in self._block_assets:
+            base = self.model.base_model_prefix
+            prefix = f"{base}.{self.blocks_attr}"
+            tensors = {}
+            # Weights the edge needs before block 0 besides the embedding (GPT-2's position table).
+            skip = {self.blocks_attr, self._norm_attr}
+            for name, child in self.inner.named_children():
+                if name in skip or child is self.model.get_input_embeddings():
+                    continue
+                for key, t in child.state_dict().items():
+                    tensors[f"{base}.{name}.{key}"] = t.detach().float().cpu().contiguous()
+            for i, block in enumerate(list(getattr(self.inner, self.blocks_attr))[:cut]):
+                for key, t in block.state_dict().items():
+                    # Taps wrap the target linears: their weights sit one level down.
+                    tensors[f"{prefix}.{i}.{key.replace('.base.', '.')}"] = t.detach().float().cpu().contiguous()
+            self._block_assets[cut] = edge_assets.make_asset(f"edge_blocks_0-{cut}.safetensors",
+                                                             save_safetensors(tensors))
+        return self._block_assets[cut]
 
     def new_cache(self):
         from transformers import DynamicCache

@@ -19,6 +19,7 @@ from common.wire import dlora_pb2 as pb
 from common.wire import dlora_pb2_grpc as pb_grpc
 from cloud_server import assets as edge_assets
 from cloud_server.auth import Authenticator, Unauthenticated
+from cloud_server.federation import Federation, FederationMismatch, Federations, SplitSettings
 from cloud_server.served_model import ServedModel
 from cloud_server.session import (Session, SessionBusy, SessionManager, SessionNotFound,
                                   StepOutOfOrder, TooManySessions)
@@ -46,6 +47,13 @@ class StepTimeout(Exception):
 
 class Draining(Exception):
     pass
+
+
+class WrongMode(Exception):
+    """The call does not fit the session's mode (or the server's)."""
+
+
+MODES = {pb.DLORA: "dlora", pb.SPLITLORA: "splitlora"}
 
 
 @dataclass
@@ -88,6 +96,8 @@ def _status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
         (StepTimeout, grpc.StatusCode.DEADLINE_EXCEEDED),
         (Draining, grpc.StatusCode.UNAVAILABLE),
+        (WrongMode, grpc.StatusCode.FAILED_PRECONDITION),
+        (FederationMismatch, grpc.StatusCode.FAILED_PRECONDITION),
         (WireError, grpc.StatusCode.INVALID_ARGUMENT),
         (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
         (StepAborted, grpc.StatusCode.CANCELLED),
@@ -99,8 +109,11 @@ def _status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 
 
 class DLoRAService(pb_grpc.DLoRAServicer):
-    def __init__(self, served: ServedModel, limits: ServerLimits, auth: Authenticator | None = None) -> None:
+    def __init__(self, served: ServedModel, limits: ServerLimits, auth: Authenticator | None = None,
+                 modes: tuple[str, ...] = ("dlora", "splitlora")) -> None:
         self.served = served
+        self.modes = modes
+        self.federations = Federations()
         self.limits = limits
         self.auth = auth or Authenticator()
         self.sessions = SessionManager(limits.max_sessions)
@@ -132,9 +145,15 @@ class DLoRAService(pb_grpc.DLoRAServicer):
             wire = codec.torch_dtype(request.wire_dtype or pb.FLOAT32)
             if wire not in _WIRE_DTYPES:
                 raise WireError(f"wire dtype {codec.dtype_name(wire)} is not supported; use fp32, fp16 or bf16")
+            mode = MODES.get(request.mode)
+            if mode not in self.modes:
+                raise WrongMode(f"this server runs {' and '.join(self.modes)} sessions, not {mode or request.mode}")
             targets = list(request.target_modules) or self.served.default_targets
             sites = self.served.sites(targets)
-            session = self.sessions.open(owner, request.client_name[:64], sites, wire)
+            prepare = None
+            if mode == "splitlora":
+                sites, prepare = self._split_session(request.split, targets, sites)
+            session = self.sessions.open(owner, request.client_name[:64], sites, wire, prepare)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a status
             context.abort(*_status(exc))
         meta = self.served.meta
@@ -142,7 +161,7 @@ class DLoRAService(pb_grpc.DLoRAServicer):
             session_id=session.id,
             model=pb.ModelInfo(name=meta.name, model_type=meta.model_type, num_layers=meta.num_layers,
                                hidden_size=meta.hidden_size, vocab_size=meta.vocab_size,
-                               assets_sha256=self.assets_digest),
+                               assets_sha256=edge_assets.digest(self._assets(session))),
             sites=[pb.Site(index=s.index, layer=s.layer, modules=[
                 pb.ModuleInfo(name=m.name, in_features=m.in_features, out_features=m.out_features)
                 for m in s.modules]) for s in sites],
@@ -152,6 +171,33 @@ class DLoRAService(pb_grpc.DLoRAServicer):
             wire_dtype=codec.wire_dtype(wire),
             device=str(self.served.device),
         )
+
+    def _split_session(self, split: pb.SplitConfig, targets: list[str], sites):
+        """SplitLoRA: the client-side sites, and a hook that joins the session to its federation."""
+        layers = self.served.meta.num_layers
+        if not 0 < split.cut_layer < layers:
+            raise WireError(f"cut layer must be in 1..{layers - 1} for this {layers}-block model, got {split.cut_layer}")
+        if split.clients < 1 or split.rank < 1 or not split.alpha > 0 or not 0 < split.lr < 1:
+            raise WireError("SplitLoRA needs clients >= 1, rank >= 1, alpha > 0 and 0 < lr < 1")
+        if split.rank > MAX_PARKED_RANK:
+            raise WireError(f"server-side rank {split.rank} exceeds this server's maximum of {MAX_PARKED_RANK}")
+        name = split.federation or "default"
+        settings = SplitSettings(split.cut_layer, split.clients, split.rank, split.alpha, split.lr, split.seed,
+                                 tuple(sorted(targets)))
+
+        def prepare(session: Session) -> None:
+            fed = self.federations.join(name, session.id, settings, lambda: Federation(
+                name, settings, [s for s in sites if s.layer >= split.cut_layer], self.served.device,
+                self.served.dtype))
+            session.cut, session.federation = split.cut_layer, fed
+            session.on_close.append(lambda: self.federations.leave(name, session.id))
+
+        return [s for s in sites if s.layer < split.cut_layer], prepare
+
+    def _assets(self, session: Session) -> list:
+        if not session.cut:
+            return self.served.assets
+        return self.served.assets + [self.served.block_asset(session.cut)]
 
     def CloseSession(self, request: pb.CloseSessionRequest, context: grpc.ServicerContext) -> pb.CloseSessionReply:
         owner = self.auth_only(context)
@@ -172,10 +218,11 @@ class DLoRAService(pb_grpc.DLoRAServicer):
     def GetEdgeAssets(self, request: pb.EdgeAssetsRequest, context: grpc.ServicerContext) -> Iterator[pb.AssetChunk]:
         owner = self._caller(context)
         try:
-            self.sessions.get(request.session_id, owner)
+            session = self.sessions.get(request.session_id, owner)
+            assets = self._assets(session)
         except Exception as exc:  # noqa: BLE001
             context.abort(*_status(exc))
-        for asset in self.served.assets:
+        for asset in assets:
             size = len(asset.data)
             for off in range(0, max(size, 1), _CHUNK):
                 yield pb.AssetChunk(path=asset.name, size=size, sha256=asset.sha256, offset=off,
@@ -186,6 +233,8 @@ class DLoRAService(pb_grpc.DLoRAServicer):
         owner = self._caller(context)
         try:
             session = self.sessions.get(request.session_id, owner)
+            if session.federation is not None:
+                raise WrongMode("parking adapters (Kill and Revive) is a DLoRA-mode feature; this is a SplitLoRA session")
             park = {p.name: self._decode_parked(session, p) for p in request.park}
             unpark = set(request.unpark)
             if len(park) != len(request.park) or len(unpark) != len(request.unpark):
@@ -346,6 +395,8 @@ class DLoRAService(pb_grpc.DLoRAServicer):
 
     def _run_step(self, owner: str, receive, send, train: bool, holder: dict) -> None:
         session, start = self._open_stream(owner, receive, holder)
+        if session.federation is not None:
+            return self._run_split_step(session, start, receive, send, train)
         t0 = time.perf_counter()
         hidden, mask = self._decode_inputs(session, start)
         with session.step(start.step_id, train):
@@ -369,9 +420,93 @@ class DLoRAService(pb_grpc.DLoRAServicer):
         # Sent once the session is free again, so the edge's next call never finds it busy.
         send(pb.CloudMessage(end=pb.StepEnd(step_id=start.step_id, cloud_seconds=cloud)))
 
+    def _run_split_step(self, session: Session, start: pb.StepStart, receive, send, train: bool) -> None:
+        """SplitLoRA: blocks [cut, L) with the federation's trainable adapters, then dL/d(cut)."""
+        fed: Federation = session.federation  # type: ignore[assignment]
+        hidden, mask = self._decode_inputs(session, start)
+        t0 = time.perf_counter()
+        with session.step(start.step_id, train), fed.lock:
+            # All sites are served here, by the federation's adapters: no site exchange.
+            runner = StepRunner(self.served.sites(list(fed.settings.targets)), receive, send, session.wire_dtype,
+                                train, parked=fed.adapters)
+            try:
+                if train:
+                    hidden.requires_grad_(True)
+                final = self.served.run(runner, hidden, mask, cut=session.cut)
+                send(pb.CloudMessage(final_hidden=pb.FinalHidden(hidden=codec.encode(final, session.wire_dtype))))
+                if train:
+                    msg = runner.expect("final_grad")
+                    grad = codec.decode(msg.final_grad.grad, name="final hidden gradient",
+                                        shape=tuple(final.shape), dtypes=[session.wire_dtype])
+                    final.backward(grad.to(device=final.device, dtype=final.dtype))
+                    send(pb.CloudMessage(cut_grad=pb.CutGrad(grad=codec.encode(hidden.grad, session.wire_dtype))))
+                    # Once per step id: a replayed step (its reply was lost) is not applied twice.
+                    if start.step_id > session.last_update_step:
+                        fed.apply_update()
+                        session.last_update_step = start.step_id
+                    else:
+                        fed.discard_grads()
+            except BaseException:
+                fed.discard_grads()
+                raise
+            finally:
+                runner.release()
+                final = None
+            cloud = time.perf_counter() - t0 - runner.wait_seconds
+            session.tokens += int(mask.sum())
+            session.cloud_seconds += cloud
+            self.throughput.add(**{"steps" if train else "forwards": 1}, tokens=int(mask.sum()), cloud_seconds=cloud)
+        send(pb.CloudMessage(end=pb.StepEnd(step_id=start.step_id, cloud_seconds=cloud)))
+
+    # -- SplitLoRA aggregation ------------------------------------------------
+    def Aggregate(self, request: pb.AggregateRequest, context: grpc.ServicerContext) -> pb.AggregateReply:
+        owner = self._caller(context)
+        try:
+            session = self.sessions.get(request.session_id, owner)
+            fed: Federation = self._federation(session)
+            if request.round < 1 or request.examples < 1:
+                raise WireError("aggregation needs round >= 1 and examples >= 1")
+            own = {m.name: m for s in session.sites for m in s.modules}
+            adapters = {}
+            for w in request.adapters:
+                spec = own.get(w.name)
+                if spec is None or w.name in adapters:
+                    raise WireError(f"{w.name!r} is not a client-side module of this session, or is named twice")
+                r = w.lora_A.shape[0] if len(w.lora_A.shape) == 2 else 0
+                if not 1 <= r <= MAX_PARKED_RANK:
+                    raise WireError(f"{w.name}: lora_A must be [r, {spec.in_features}] with 1 <= r <= {MAX_PARKED_RANK}")
+                adapters[w.name] = (
+                    codec.decode(w.lora_A, name=f"{w.name} lora_A", shape=(r, spec.in_features), dtypes=[torch.float32]),
+                    codec.decode(w.lora_B, name=f"{w.name} lora_B", shape=(spec.out_features, r), dtypes=[torch.float32]))
+            if adapters.keys() != own.keys():
+                raise WireError(f"aggregation needs every client-side module; missing {sorted(own.keys() - adapters.keys())[:3]}")
+            session.last_used = time.monotonic()
+            avg, n = fed.aggregate(session.id, request.round, request.examples, adapters, self.limits.step_timeout)
+        except Exception as exc:  # noqa: BLE001
+            context.abort(*_status(exc))
+        return pb.AggregateReply(round=request.round, clients=n, adapters=_weights(avg))
+
+    def GetServerAdapters(self, request: pb.ServerAdaptersRequest, context: grpc.ServicerContext):
+        owner = self._caller(context)
+        try:
+            fed = self._federation(self.sessions.get(request.session_id, owner))
+        except Exception as exc:  # noqa: BLE001
+            context.abort(*_status(exc))
+        s = fed.settings
+        return pb.ServerAdaptersReply(adapters=_weights(fed.snapshot()), scale=s.alpha / s.rank, updates=fed.updates)
+
+    @staticmethod
+    def _federation(session: Session) -> Federation:
+        if session.federation is None:
+            raise WrongMode("this is a DLoRA session; aggregation and server-side adapters belong to SplitLoRA")
+        return session.federation  # type: ignore[return-value]
+
     def _run_generate(self, owner: str, receive, send, holder: dict, extend_deadline) -> None:
         """Generation passes over one KV cache, until the edge half-closes the stream."""
         session, start = self._open_stream(owner, receive, holder)
+        if session.federation is not None:
+            raise WrongMode("generation runs in DLoRA mode: export the run's adapters (client and server side "
+                            "together) and generate with them in a DLoRA session")
         hidden, mask = self._decode_inputs(session, start)
         t0 = time.perf_counter()
         wait = 0.0
@@ -469,6 +604,11 @@ class DLoRAService(pb_grpc.DLoRAServicer):
             while self._inflight and time.monotonic() < end:
                 self._inflight_lock.wait(timeout=end - time.monotonic())
             return self._inflight == 0
+
+
+def _weights(adapters: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> list[pb.LoRAWeights]:
+    return [pb.LoRAWeights(name=n, lora_A=codec.encode(a, torch.float32), lora_B=codec.encode(b, torch.float32))
+            for n, (a, b) in adapters.items()]
 
 
 @dataclass

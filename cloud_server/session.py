@@ -71,6 +71,12 @@ class Session:
     # Killed ("parked") adapters the cloud applies frozen, by module name.
     parked: dict[str, nn.Module] = field(default_factory=dict)
     closed: bool = False
+    # SplitLoRA: blocks [0, cut) run on the edge; the federation holds the
+    # server-side adapters. cut = 0 and no federation in DLoRA mode.
+    cut: int = 0
+    federation: object | None = None
+    last_update_step: int = -1        # last step id whose server-side update was applied
+    on_close: list = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -128,7 +134,9 @@ class SessionManager:
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
 
-    def open(self, owner: str, client_name: str, sites: list[SiteSpec], wire_dtype: torch.dtype) -> Session:
+    def open(self, owner: str, client_name: str, sites: list[SiteSpec], wire_dtype: torch.dtype,
+             prepare=None) -> Session:
+        """A new session; `prepare(session)` runs before it becomes visible (and may refuse it)."""
         with self._lock:
             if len(self._sessions) >= self.max_sessions:
                 raise TooManySessions(
@@ -136,6 +144,8 @@ class SessionManager:
                 )
             # 128 random bits: a session id cannot be guessed.
             session = Session(secrets.token_hex(16), owner, client_name or "anonymous", sites, wire_dtype)
+            if prepare is not None:
+                prepare(session)
             self._sessions[session.id] = session
         log.info("session %s opened by %r: %d sites, wire %s (%d open)",
                  session.id[:8], session.client_name, len(sites), str(wire_dtype).replace("torch.", ""),
@@ -160,6 +170,8 @@ class SessionManager:
         # edge's step fails fast; a live step is bounded by the step deadline).
         with session._lock:
             session.parked.clear()
+        for hook in session.on_close:
+            hook()
         release_memory()
         secs = time.monotonic() - session.opened_at
         log.info("session %s of %r %s: %d steps, %d forwards, %d tokens in %.1fs (%.0f tokens/s), "

@@ -55,3 +55,15 @@ def layer_index(name: str) -> int:
     """Block index in a dotted module name, e.g. model.layers.3.self_attn.q_proj -> 3."""
     m = _LAYER_RE.search(name)
     return int(m.group(1)) if m else -1
+
+
+def blocks_name(inner: nn.Module, num_layers: int) -> str:
+    """Attribute of the backbone that holds the transformer blocks (layers, h, ...)."""
+    for name, child in inner.named_children():
+        if isinstance(child, nn.ModuleList) and len(child) == num_layers:
+            return name
+    raise ValueError(f"cannot find the {num_layers} blocks of {type(inner).__name__}")
+
+
+def num_layers(config) -> int:
+    return int(getattr(config, "num_hidden_layers", 0) or getattr(config, "n_layer", 0))

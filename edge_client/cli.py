@@ -82,6 +82,21 @@ def _train_parser(sub) -> None:
     kr.add_argument("--unit", default="module", choices=["module", "site"],
                     help="what is killed and revived as one: a module (one linear) or a site (the linears "
                          "sharing an input, e.g. q, k, v of a block; traffic is per site) (default: %(default)s)")
+    sp = p.add_argument_group("SplitLoRA mode", "split federated fine-tuning: this device runs the embedding and "
+                              "the first --cut-layer blocks with its own adapters, the cloud runs the rest with "
+                              "server-side adapters it trains; client-side adapters are averaged (FedAvg, "
+                              "weighted by examples) across the federation's clients")
+    sp.add_argument("--mode", default="dlora", choices=["dlora", "splitlora"],
+                    help="'dlora': the cloud runs every block, this device computes the adapters; "
+                         "'splitlora': see above (default: %(default)s)")
+    sp.add_argument("--cut-layer", type=int, default=4, help="blocks run on this device (default: %(default)s)")
+    sp.add_argument("--aggregate-every", type=int, default=10,
+                    help="steps between FedAvg rounds, I in the paper (default: %(default)s)")
+    sp.add_argument("--clients", type=int, default=1,
+                    help="clients each FedAvg round waits for (default: %(default)s)")
+    sp.add_argument("--federation", default="default",
+                    help="federation name: clients with the same name share server-side adapters and "
+                         "average together (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed for adapters and data order (default: %(default)s)")
     p.add_argument("--out", type=Path, default=Path("runs/latest"),
                    help="directory for adapter_model.safetensors and run.json (default: %(default)s)")
@@ -184,6 +199,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--test-fraction must be between 0 and 1")
     if args.lr <= 0 or args.alpha <= 0:
         p.error("--lr and --alpha must be positive")
+    if min(args.cut_layer, args.aggregate_every, args.clients) < 1:
+        p.error("--cut-layer, --aggregate-every and --clients must be at least 1")
     if args.retries < 0 or args.checkpoint_every < 0 or args.eval_every < 0:
         p.error("--retries, --checkpoint-every and --eval-every must not be negative")
     return args
@@ -222,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
                       eval_limit=args.eval_limit, wire_dtype=args.wire_dtype, seed=args.seed,
                       objective=args.objective, kr=kr, credentials=creds,
                       retry=RetryPolicy(retries=args.retries), checkpoint_every=args.checkpoint_every,
-                      resume=args.resume, eval_every=args.eval_every,
+                      resume=args.resume, eval_every=args.eval_every, mode=args.mode, cut_layer=args.cut_layer,
+                      aggregate_every=args.aggregate_every, clients=args.clients, federation=args.federation,
                       out=args.out, client_name=args.name, progress=not args.no_progress)
     try:
         summary = run(cfg)

@@ -80,6 +80,19 @@ class RetryPolicy:
 
 
 @dataclass(frozen=True)
+class SplitOptions:
+    """SplitLoRA: where the model is cut and how the federation trains (see SplitConfig in the proto)."""
+
+    cut_layer: int = 4
+    federation: str = "default"
+    clients: int = 1
+    rank: int = 8
+    alpha: float = 16.0
+    lr: float = 2e-3
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class SiteModule:
     name: str
     in_features: int
@@ -103,6 +116,7 @@ class StepStats:
     sites: int = 0            # site exchanges in the forward pass
     edge_flops: int = 0       # analytic, adapters only (fwd + bwd)
     head_flops: int = 0       # final norm + LM head (filled in by the trainer)
+    block_flops: int = 0      # SplitLoRA: the frozen blocks the edge runs (filled in by the trainer)
     cloud_seconds: float = 0.0
 
 
@@ -118,8 +132,9 @@ class CloudSession:
 
     def __init__(self, target: str, *, wire_dtype: str = "fp32", targets: list[str] | None = None,
                  client_name: str = "edge", timeout: float = 600.0, credentials: Credentials | None = None,
-                 retry: RetryPolicy | None = None) -> None:
+                 retry: RetryPolicy | None = None, split: SplitOptions | None = None) -> None:
         self.target = target
+        self.split = split
         self.timeout = timeout
         self.wire_dtype = codec.dtype_from_name(wire_dtype)
         self.targets = targets or []
@@ -158,9 +173,15 @@ class CloudSession:
             raise CloudError(f"no cloud_server answers at {self.target} (is it running?)",
                              grpc.StatusCode.UNAVAILABLE) from None
         try:
-            reply = pb_grpc.DLoRAStub(boot).OpenSession(pb.OpenSessionRequest(
-                client_name=self.client_name, wire_dtype=codec.wire_dtype(self.wire_dtype),
-                target_modules=self.targets), timeout=self.timeout, metadata=self.credentials.metadata())
+            req = pb.OpenSessionRequest(client_name=self.client_name, wire_dtype=codec.wire_dtype(self.wire_dtype),
+                                        target_modules=self.targets)
+            if self.split is not None:
+                sp = self.split
+                req.mode = pb.SPLITLORA
+                req.split.CopyFrom(pb.SplitConfig(cut_layer=sp.cut_layer, federation=sp.federation,
+                                                  clients=sp.clients, rank=sp.rank, alpha=sp.alpha, lr=sp.lr,
+                                                  seed=sp.seed))
+            reply = pb_grpc.DLoRAStub(boot).OpenSession(req, timeout=self.timeout, metadata=self.credentials.metadata())
         except grpc.RpcError as exc:
             raise _rpc_error(exc) from None
         finally:
@@ -182,6 +203,10 @@ class CloudSession:
 
     def reopen(self) -> None:
         """A new session on the same server (after a restart), with the killed adapters parked again."""
+        if self.split is not None:
+            # The server-side adapters lived in the lost session's federation.
+            raise CloudError(f"the cloud at {self.target} lost this SplitLoRA session (restarted?) and with it the "
+                             "server-side adapters; SplitLoRA runs cannot be resumed", grpc.StatusCode.NOT_FOUND)
         old = self.session_id
         self._open()
         self.reconnects += 1
@@ -333,6 +358,59 @@ class CloudSession:
         _, stats = self._stream(self.stub.Generate, 0, hidden, mask, adapters, False, on_final)
         return stats
 
+    # -- SplitLoRA ---------------------------------------------------------------
+    def split_step(self, step_id: int, cut: torch.Tensor, mask: torch.Tensor,
+                   loss_fn: Callable[[torch.Tensor], torch.Tensor]) -> tuple[float, StepStats, torch.Tensor]:
+        """The cloud's blocks after the cut, forward and backward: (loss, stats, dL/d cut)."""
+        def attempt():
+            got: dict[str, torch.Tensor] = {}
+
+            def on_final(exchange: _EdgeExchange, msg: pb.FinalHidden):
+                exchange.on_cut_grad = lambda g: got.__setitem__("grad", codec.decode(
+                    g.grad, name="cut-layer gradient", shape=tuple(cut.shape), dtypes=[self.wire_dtype]).float())
+                return exchange.final(msg, loss_fn, tuple(cut.shape))
+
+            loss, stats = self._stream(self.stub.TrainStep, step_id, cut.detach(), mask, {}, True, on_final)
+            if "grad" not in got:
+                raise CloudError("the cloud ended a SplitLoRA step without the cut-layer gradient")
+            return loss, stats, got["grad"]
+
+        return self._with_retries(f"step {step_id}", attempt)
+
+    def aggregate(self, round_: int, examples: int, adapters: dict[str, LoRAAdapter]) -> tuple[int, int, int]:
+        """FedAvg: send this client's adapters, load the federation's average into them.
+
+        Returns (clients averaged, bytes sent, bytes received).
+        """
+        req = pb.AggregateRequest(session_id=self.session_id, round=round_, examples=examples, adapters=[
+            pb.LoRAWeights(name=n, lora_A=codec.encode(a.lora_A, torch.float32),
+                           lora_B=codec.encode(a.lora_B, torch.float32)) for n, a in adapters.items()])
+
+        def attempt():
+            try:
+                return self.stub.Aggregate(req, timeout=self.timeout, metadata=self.credentials.metadata())
+            except grpc.RpcError as exc:
+                raise _rpc_error(exc) from None
+
+        reply = self._with_retries(f"aggregation round {round_}", attempt)
+        for w in reply.adapters:
+            ad = adapters[w.name]
+            with torch.no_grad():
+                ad.lora_A.copy_(codec.decode(w.lora_A, name=f"{w.name} lora_A", shape=tuple(ad.lora_A.shape)))
+                ad.lora_B.copy_(codec.decode(w.lora_B, name=f"{w.name} lora_B", shape=tuple(ad.lora_B.shape)))
+        return reply.clients, req.ByteSize(), reply.ByteSize()
+
+    def server_adapters(self) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float, int]:
+        """The federation's server-side adapters: ({name: (A, B)}, scale, updates)."""
+        try:
+            reply = self.stub.GetServerAdapters(pb.ServerAdaptersRequest(session_id=self.session_id),
+                                                timeout=self.timeout, metadata=self.credentials.metadata())
+        except grpc.RpcError as exc:
+            raise _rpc_error(exc) from None
+        out = {w.name: (codec.decode(w.lora_A, name=f"{w.name} lora_A"), codec.decode(w.lora_B, name=f"{w.name} lora_B"))
+               for w in reply.adapters}
+        return out, reply.scale, reply.updates
+
     def _step(self, rpc, step_id, hidden, mask, adapters, loss_fn):
         def on_final(exchange: _EdgeExchange, msg: pb.FinalHidden):
             return exchange.final(msg, loss_fn, tuple(hidden.shape))
@@ -376,6 +454,8 @@ class CloudSession:
                     result = on_final(exchange, msg.final_hidden)
                 elif kind == "site_grad_outputs":
                     exchange.backward(msg.site_grad_outputs)
+                elif kind == "cut_grad":
+                    exchange.on_cut_grad(msg.cut_grad)
                 elif kind == "end":
                     stats.cloud_seconds = msg.end.cloud_seconds
                     break
@@ -411,6 +491,10 @@ class CloudSession:
         self.close()
 
 
+def _unexpected_cut_grad(_msg) -> None:
+    raise WireError("the cloud sent a cut-layer gradient in a DLoRA step")
+
+
 @dataclass
 class _EdgeExchange:
     """Per-step state: what the edge computed at each site, kept for backward."""
@@ -422,6 +506,11 @@ class _EdgeExchange:
     train: bool
     lead: tuple[int, ...] = ()        # (batch, seq) of this step (of this pass, when generating)
     close_stream: Callable[[], None] = lambda: None
+    on_cut_grad: Callable[[pb.CutGrad], None] = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.on_cut_grad is None:
+            self.on_cut_grad = _unexpected_cut_grad
     saved: dict[int, tuple[torch.Tensor, list[torch.Tensor], list[LoRAAdapter]]] = field(default_factory=dict)
 
     def _site(self, index: int) -> SiteInfo:

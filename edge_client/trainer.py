@@ -17,7 +17,8 @@ from edge_client import peft_format
 from edge_client.edge_model import EdgeModel, load_tokenizer
 from edge_client.kill_revive import Change, KRConfig, Selector
 from edge_client.objective import Batch, classify, completion_loss, label_loss, label_token_ids, make_batch
-from edge_client.session import CloudSession, Credentials, RetryPolicy, StepStats
+from edge_client.session import CloudSession, Credentials, RetryPolicy, SplitOptions, StepStats
+from edge_client.split_model import FrontModel
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,14 @@ class TrainConfig:
     eval_every: int = 0               # steps between held-out evaluations; 0: before and after only
     checkpoint_every: int = 20        # steps between checkpoints; 0: only at the end
     resume: bool = False              # continue from out/checkpoint.pt
+    # "dlora": the cloud runs every block, this device the adapters. "splitlora":
+    # this device runs the first cut_layer blocks with its adapters, the cloud
+    # the rest with server-side adapters; FedAvg every aggregate_every steps.
+    mode: str = "dlora"
+    cut_layer: int = 4
+    aggregate_every: int = 10
+    clients: int = 1                  # clients per aggregation round (the federation's size)
+    federation: str = "default"
 
 
 def load_splits(cfg: TrainConfig) -> tuple[datasets.Dataset, datasets.Dataset, str]:
@@ -81,7 +90,12 @@ class EdgeTrainer:
         self.session = session
         assets = session.fetch_assets(cfg.cache / "edge-assets")
         self.tokenizer = load_tokenizer(assets)
-        self.edge = EdgeModel.from_assets(assets)
+        self.front: FrontModel | None = None
+        if cfg.mode == "splitlora":
+            self.front = FrontModel.from_assets(assets, cfg.cut_layer)
+            self.edge = self.front.head
+        else:
+            self.edge = EdgeModel.from_assets(assets)
         lora = LoRAConfig(rank=cfg.rank, alpha=cfg.alpha, targets=cfg.targets)
         gen = torch.Generator().manual_seed(cfg.seed)
         self.adapters: dict[str, LoRAAdapter] = {}
@@ -91,6 +105,10 @@ class EdgeTrainer:
                 bound = 1.0 / fin ** 0.5
                 ad.lora_A.copy_(torch.rand(ad.lora_A.shape, generator=gen) * 2 * bound - bound)
             self.adapters[name] = ad
+        if self.front is not None:
+            self.front.add_adapters(self.adapters)
+        self.train_examples = 0           # FedAvg weight (set by run())
+        self.rounds = 0
         params = [p for a in self.adapters.values() for p in a.parameters()]
         # Killed modules get no gradient, so AdamW leaves them (and their moments) alone.
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
@@ -120,6 +138,9 @@ class EdgeTrainer:
 
     # -- one step ------------------------------------------------------------
     def train_step(self, batch: Batch) -> tuple[float, StepStats, Change | None]:
+        if self.front is not None:
+            loss, stats = self.split_step(batch)
+            return loss, stats, None
         self.optimizer.zero_grad(set_to_none=True)
         hidden = self.edge.embed(batch.input_ids)
         self.step_id += 1
@@ -137,9 +158,34 @@ class EdgeTrainer:
             stats.bytes_received += received
         return loss, stats, change
 
+    def split_step(self, batch: Batch):
+        """SplitLoRA: own blocks forward, cloud's blocks forward and backward, own backward; FedAvg every I steps."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step_id += 1
+        cut = self.front(batch.input_ids, batch.attention_mask)
+        loss, stats, grad = self.session.split_step(self.step_id, cut, batch.attention_mask,
+                                                    lambda h: self.loss(h, batch))
+        cut.backward(grad)
+        b, t = batch.input_ids.shape
+        stats.edge_flops = 3 * sum(a.flops(b * t) for a in self.adapters.values())
+        stats.block_flops = self.front.flops(b, t, train=True)
+        cols = None if self.label_ids is None else len(self.label_ids)
+        stats.head_flops = 2 * self.edge.head_flops(len(batch.targets), cols)
+        self.optimizer.step()
+        if self.step_id % self.cfg.aggregate_every == 0 or self.step_id == self.cfg.steps:
+            self.rounds += 1
+            clients, sent, received = self.session.aggregate(self.rounds, self.train_examples, self.adapters)
+            stats.bytes_sent += sent
+            stats.bytes_received += received
+            log.debug("aggregation round %d: averaged with %d clients", self.rounds, clients)
+        return loss, stats
+
     # -- evaluation ----------------------------------------------------------
     @torch.no_grad()
     def hidden(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.front is not None:
+            h, _ = self.session.forward(self.front(input_ids, mask), mask, {})
+            return h
         h, _ = self.session.forward(self.edge.embed(input_ids), mask, self.adapters)
         return h
 
@@ -194,8 +240,26 @@ class EdgeTrainer:
             self.session.park(killed, [])
 
     def save(self, out: Path, meta: dict) -> Path:
-        return peft_format.save(out, self.adapters, self.cfg.rank, self.cfg.alpha, meta.get("model", ""),
+        """The adapters in PEFT's layout; in SplitLoRA mode with the cloud's server-side ones, so the
+        file describes the whole fine-tuned model."""
+        adapters = dict(self.adapters)
+        if self.front is not None:
+            server, scale, _ = self.session.server_adapters()
+            for name, (a, b) in server.items():
+                ad = LoRAAdapter(a.shape[1], b.shape[0], a.shape[0], scale)
+                with torch.no_grad():
+                    ad.lora_A.copy_(a)
+                    ad.lora_B.copy_(b)
+                adapters[name] = ad
+        return peft_format.save(out, adapters, self.cfg.rank, self.cfg.alpha, meta.get("model", ""),
                                 self.session.model.model_type)
+
+    def edge_param_bytes(self) -> int:
+        """Bytes of weights this device holds: its model parts plus the adapters."""
+        held = self.front.model if self.front is not None else self.edge
+        seen = {id(p): p for p in held.parameters()}  # a tied head counts once
+        seen.update({id(p): p for a in self.adapters.values() for p in a.parameters()})
+        return sum(p.numel() * p.element_size() for p in seen.values())
 
 
 def batches(examples: list[datasets.Example], batch_size: int, seed: int):
@@ -221,12 +285,29 @@ def run(cfg: TrainConfig) -> dict:
         if not ckpt_path.exists():
             raise datasets.DataError(f"--resume: no checkpoint at {ckpt_path}")
         resumed = torch.load(ckpt_path, weights_only=True)  # plain data only: no pickled code runs
+    split = None
+    if cfg.mode == "splitlora":
+        if cfg.kr.policy != "all":
+            raise ValueError("Kill and Revive (--policy) is a DLoRA-mode feature; SplitLoRA trains every adapter")
+        if cfg.resume:
+            raise ValueError("--resume is not supported in SplitLoRA mode: the server-side adapters live on the cloud")
+        if cfg.aggregate_every < 1 or cfg.clients < 1:
+            raise ValueError("--aggregate-every and --clients must be at least 1")
+        split = SplitOptions(cfg.cut_layer, cfg.federation, cfg.clients, cfg.rank, cfg.alpha, cfg.lr)
+    elif cfg.mode != "dlora":
+        raise ValueError(f"unknown mode {cfg.mode!r}; choose dlora or splitlora")
     with CloudSession(cfg.server, wire_dtype=cfg.wire_dtype, targets=cfg.targets or None,
-                      client_name=cfg.client_name, credentials=cfg.credentials, retry=cfg.retry) as session:
+                      client_name=cfg.client_name, credentials=cfg.credentials, retry=cfg.retry,
+                      split=split) as session:
         log.info("session %s on %s: model %s (%d layers), %d sites, %d adapted modules, cloud device %s",
                  session.session_id[:8], cfg.server, session.model.name, session.model.num_layers,
                  len(session.sites), len(session.module_names), session.device)
         trainer = EdgeTrainer(cfg, session)
+        trainer.train_examples = len(train.examples)
+        if split is not None:
+            log.info("SplitLoRA: blocks 0..%d on this device, %d..%d on the cloud; federation %r of %d clients, "
+                     "FedAvg every %d steps", cfg.cut_layer - 1, cfg.cut_layer, session.model.num_layers - 1,
+                     cfg.federation, cfg.clients, cfg.aggregate_every)
         objective = trainer.set_objective(train)
         log.info("objective: %s; selection policy: %s", objective,
                  cfg.kr.policy if cfg.kr.policy == "all" else
@@ -263,7 +344,8 @@ def run(cfg: TrainConfig) -> dict:
                             "messages": stats.messages, "site_exchanges": stats.sites,
                             "live_modules": len(trainer.selector.live),
                             "adapter_flops": stats.edge_flops, "head_flops": stats.head_flops,
-                            "edge_flops": stats.edge_flops + stats.head_flops,
+                            "block_flops": stats.block_flops,
+                            "edge_flops": stats.edge_flops + stats.head_flops + stats.block_flops,
                             "cloud_seconds": stats.cloud_seconds})
             if change is not None:
                 live_history.append({"step": change.step, "live": sorted(trainer.selector.live),
@@ -301,6 +383,8 @@ def run(cfg: TrainConfig) -> dict:
             "edge_flops_per_step": sum(h["edge_flops"] for h in history) / n,
             "adapter_flops_per_step": sum(h["adapter_flops"] for h in history) / n,
             "total_seconds": time.time() - t_start, "reconnects": session.reconnects,
+            "mode": cfg.mode, "cut_layer": cfg.cut_layer if split else 0,
+            "edge_param_mb": trainer.edge_param_bytes() / 1e6, "edge_peak_rss_mb": peak_rss_mb(),
         }
         adapter_path = trainer.save(cfg.out, summary)
         summary["adapters"] = str(adapter_path)
@@ -309,6 +393,13 @@ def run(cfg: TrainConfig) -> dict:
                "summary": summary, "history": history, "live_sets": live_history, "evals": evals}
     (cfg.out / "run.json").write_text(json.dumps(log_doc, indent=2))
     return summary
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def save_checkpoint(path: Path, state: dict) -> None:

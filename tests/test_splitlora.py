@@ -1,0 +1,179 @@
+"""SplitLoRA mode: split at a cut layer, server-side adapters on the cloud, FedAvg of client-side ones."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import uuid
+
+import grpc
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from common import tensor_codec as codec
+from common.lora import LoRAAdapter, inject
+from common.wire import dlora_pb2 as pb
+from common.wire import dlora_pb2_grpc as pb_grpc
+from edge_client.objective import make_batch
+from edge_client.session import CloudError, CloudSession, SplitOptions
+from edge_client.trainer import EdgeTrainer, TrainConfig
+from helpers import EXAMPLES, reference_loss, rel_err
+
+TOL = 1e-5
+
+
+def copy_adapter(a: LoRAAdapter) -> LoRAAdapter:
+    out = LoRAAdapter(a.in_features, a.out_features, a.rank, a.scale)
+    with torch.no_grad():
+        out.lora_A.copy_(a.lora_A)
+        out.lora_B.copy_(a.lora_B)
+    return out
+
+
+def from_pair(a: torch.Tensor, b: torch.Tensor, scale: float) -> LoRAAdapter:
+    out = LoRAAdapter(a.shape[1], b.shape[0], a.shape[0], scale)
+    with torch.no_grad():
+        out.lora_A.copy_(a)
+        out.lora_B.copy_(b)
+    return out
+
+
+def test_one_client_every_step_equals_centralized_lora(kind, servers, model_dirs, tmp_path):
+    """SplitLoRA with one client and I = 1 trains exactly what one process would."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = TrainConfig(server=servers[kind], mode="splitlora", cut_layer=1, aggregate_every=1, clients=1,
+                      federation=f"eq-{uuid.uuid4().hex}", rank=4, alpha=8.0, lr=1e-2, steps=4, seed=3,
+                      cache=tmp_path / "cache", progress=False)
+    split = SplitOptions(cfg.cut_layer, cfg.federation, 1, cfg.rank, cfg.alpha, cfg.lr)
+    with CloudSession(cfg.server, split=split) as session:
+        trainer = EdgeTrainer(cfg, session)
+        trainer.train_examples = 7
+        trainer.label_ids = None  # the language-model loss, as Hugging Face computes it
+        assert trainer.adapters and all(".0." in n for n in trainer.adapters)  # client side: block 0 only
+        server, scale, updates = session.server_adapters()
+        assert server and all(".1." in n for n in server) and updates == 0
+
+        model = AutoModelForCausalLM.from_pretrained(model_dirs[kind], dtype=torch.float32).eval()
+        model.requires_grad_(False)
+        ref = {n: copy_adapter(a) for n, a in trainer.adapters.items()}
+        ref |= {n: from_pair(a, b, scale) for n, (a, b) in server.items()}
+        inject(model, ref)
+        opt = torch.optim.AdamW([p for a in ref.values() for p in a.parameters()], lr=cfg.lr, weight_decay=0.0)
+
+        for step, idx in enumerate(([0, 1], [2, 3], [1, 2], [0, 3]), 1):
+            batch = make_batch(trainer.tokenizer, [EXAMPLES[i] for i in idx], 64)
+            loss, stats, _ = trainer.train_step(batch)
+            opt.zero_grad()
+            want = reference_loss(model, batch)
+            want.backward()
+            opt.step()
+            assert abs(loss - want.item()) <= TOL * abs(want.item()), f"step {step}"
+            assert stats.sites == 0 and stats.block_flops > 0
+
+        server, _, updates = session.server_adapters()
+        assert updates == 4 and trainer.rounds == 4
+        for name, ad in trainer.adapters.items():
+            for w in ("lora_A", "lora_B"):
+                got, want = getattr(ad, w).detach(), getattr(ref[name], w).detach()
+                assert rel_err(got, want) <= TOL, f"client-side {name}.{w}: {rel_err(got, want):.2e}"
+        for name, (a, b) in server.items():
+            assert rel_err(a, ref[name].lora_A.detach()) <= TOL, f"server-side {name}.lora_A"
+            assert rel_err(b, ref[name].lora_B.detach()) <= TOL, f"server-side {name}.lora_B"
+            assert b.abs().sum() > 0  # trained: B starts at zero
+
+
+def _open(stub, federation: str, clients: int, cut: int = 1, rank: int = 4, lr: float = 1e-2) -> str:
+    return stub.OpenSession(pb.OpenSessionRequest(client_name="t", mode=pb.SPLITLORA, split=pb.SplitConfig(
+        cut_layer=cut, federation=federation, clients=clients, rank=rank, alpha=8.0, lr=lr)), timeout=30).session_id
+
+
+def test_weighted_fedavg_is_exact(servers):
+    channel = grpc.insecure_channel(servers["llama"])
+    stub = pb_grpc.DLoRAStub(channel)
+    fed = f"avg-{uuid.uuid4().hex}"
+    ids = [_open(stub, fed, 3) for _ in range(3)]
+    try:
+        names = [m.name for s in stub.OpenSession(pb.OpenSessionRequest(mode=pb.SPLITLORA, split=pb.SplitConfig(
+            cut_layer=1, federation=f"x-{fed}", clients=1, rank=4, alpha=8.0, lr=1e-2)), timeout=30).sites
+            for m in s.modules]
+        assert names
+        gen = torch.Generator().manual_seed(0)
+        weights = [1, 2, 5]
+        subs = [{n: (torch.randn(3, 32, generator=gen), torch.randn(16 if "k_proj" in n or "v_proj" in n else 32, 3,
+                                                                     generator=gen)) for n in names} for _ in ids]
+        replies: list = [None] * 3
+
+        def send(i: int) -> None:
+            replies[i] = stub.Aggregate(pb.AggregateRequest(session_id=ids[i], round=1, examples=weights[i], adapters=[
+                pb.LoRAWeights(name=n, lora_A=codec.encode(a), lora_B=codec.encode(b)) for n, (a, b) in subs[i].items()]),
+                timeout=60)
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for r in replies:
+            assert r.clients == 3 and r.round == 1
+            got = {w.name: (codec.decode(w.lora_A, name="A"), codec.decode(w.lora_B, name="B")) for w in r.adapters}
+            for n in names:
+                for k in (0, 1):
+                    want = (sum(w * s[n][k].double() for w, s in zip(weights, subs)) / sum(weights)).float()
+                    assert torch.equal(got[n][k], want), n
+                    assert not torch.equal(got[n][k], (sum(s[n][k] for s in subs) / 3))  # weighted, not plain
+    finally:
+        for sid in ids:
+            stub.CloseSession(pb.CloseSessionRequest(session_id=sid), timeout=30)
+        channel.close()
+
+
+def test_split_sessions_refuse_what_does_not_fit(servers):
+    channel = grpc.insecure_channel(servers["llama"])
+    stub = pb_grpc.DLoRAStub(channel)
+    fed = f"bad-{uuid.uuid4().hex}"
+    sid = _open(stub, fed, 1)
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            _open(stub, fed, 1, lr=0.5)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "lr 0.01 (asked 0.5)" in err.value.details()
+        with pytest.raises(grpc.RpcError) as err:
+            _open(stub, f"{fed}-2", 1, cut=2)  # the tiny model has 2 blocks: the cloud must keep one
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "cut layer must be in 1..1" in err.value.details()
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ParkAdapters(pb.ParkRequest(session_id=sid, unpark=["x"]), timeout=30)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Aggregate(pb.AggregateRequest(session_id=sid, round=1, examples=3), timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "every client-side module" in err.value.details()
+    finally:
+        stub.CloseSession(pb.CloseSessionRequest(session_id=sid), timeout=30)
+        channel.close()
+    with pytest.raises(CloudError, match="aggregation and server-side adapters belong to SplitLoRA"):
+        with CloudSession(servers["llama"]) as dlora:
+            dlora.server_adapters()
+
+
+def test_two_clients_train_and_average(servers, tmp_path):
+    """Two edge processes in one federation end with the same client-side adapters."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"count {i}:", "completion": f" {i + 1}"}) for i in range(24)))
+    fed = f"cli-{uuid.uuid4().hex}"
+    procs = [subprocess.Popen([sys.executable, "-m", "edge_client", "train", "--server", servers["gpt2"],
+                               "--mode", "splitlora", "--cut-layer", "1", "--clients", "2", "--aggregate-every", "2",
+                               "--federation", fed, "--data", str(data), "--steps", "3", "--batch-size", "4",
+                               "--seed", str(i), "--out", str(tmp_path / f"c{i}"), "--no-progress"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"}) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    a, b = (load_file(tmp_path / f"c{i}" / "adapter_model.safetensors") for i in range(2))
+    assert a.keys() == b.keys() and any(".h.0." in k for k in a) and any(".h.1." in k for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k  # client side: the last FedAvg; server side: shared
+    run = json.loads((tmp_path / "c0" / "run.json").read_text())
+    assert run["summary"]["mode"] == "splitlora" and run["summary"]["cut_layer"] == 1
+    assert run["history"][0]["block_flops"] > 0 and run["history"][0]["site_exchanges"] == 0
