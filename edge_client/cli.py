@@ -63,6 +63,7 @@ def _train_parser(sub) -> None:
     p.add_argument("--eval-every", type=int, default=0,
                    help="evaluate on held-out data every N steps too, for the accuracy curve of "
                         "'edge_client report'; 0: before and after training only (default: %(default)s)")
+    p.add_argument("--no-eval-before", action="store_true", help="skip the held-out evaluation before training")
     p.add_argument("--eval-limit", type=int, default=200, help="held-out examples to evaluate, 0 for all (default: %(default)s)")
     p.add_argument("--wire-dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
                    help="dtype of activations and gradients on the wire (default: %(default)s)")
@@ -241,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
                       retry=RetryPolicy(retries=args.retries), checkpoint_every=args.checkpoint_every,
                       resume=args.resume, eval_every=args.eval_every, mode=args.mode, cut_layer=args.cut_layer,
                       aggregate_every=args.aggregate_every, clients=args.clients, federation=args.federation,
-                      out=args.out, client_name=args.name, progress=not args.no_progress)
+                      out=args.out, client_name=args.name, progress=not args.no_progress,
+                      eval_before=not args.no_eval_before)
     try:
         summary = run(cfg)
     except (DataError, CloudError, ValueError) as exc:

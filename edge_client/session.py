@@ -352,7 +352,7 @@ class CloudSession:
                 exchange.close_stream()
                 return True
             exchange.lead = lead
-            exchange.send(pb.EdgeMessage(next_token=pb.NextToken(hidden=codec.encode(nxt, self.wire_dtype))))
+            exchange.send(pb.EdgeMessage(next_embedding=pb.NextEmbedding(hidden=codec.encode(nxt, self.wire_dtype))))
             return True
 
         _, stats = self._stream(self.stub.Generate, 0, hidden, mask, adapters, False, on_final)

@@ -91,7 +91,7 @@ def _raw_generate(address: str, messages: list[pb.EdgeMessage]):
         channel.close()
 
 
-def test_bad_next_token_is_refused(servers, cache):
+def test_bad_next_embedding_is_refused(servers, cache):
     edge = connect(servers["llama"], cache)
     try:
         # Park everything: the cloud then needs nothing from the edge but the tokens.
@@ -100,11 +100,11 @@ def test_bad_next_token_is_refused(servers, cache):
         start = pb.EdgeMessage(start=pb.StepStart(session_id=edge.session.session_id,
                                                   hidden=codec.encode(torch.randn(1, 3, h)),
                                                   attention_mask=codec.encode(torch.ones(1, 3, dtype=torch.bool))))
-        wrong = pb.EdgeMessage(next_token=pb.NextToken(hidden=codec.encode(torch.randn(1, 2, h))))
+        wrong = pb.EdgeMessage(next_embedding=pb.NextEmbedding(hidden=codec.encode(torch.randn(1, 2, h))))
         with pytest.raises(grpc.RpcError) as err:
             _raw_generate(servers["llama"], [start, wrong])
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "next token embedding" in err.value.details()
+        assert "next embedding" in err.value.details()
         # The session still serves a correct generation afterwards.
         ok = _raw_generate(servers["llama"], [start])
         assert [m.WhichOneof("kind") for m in ok] == ["final_hidden", "end"]
