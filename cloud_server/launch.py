@@ -12,6 +12,17 @@ from pathlib import Path
 READY = "DLoRA cloud server listening on "
 
 
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the parent dies, so a killed bench or test
+    never leaves a server (and its gigabytes) behind."""
+    try:
+        import ctypes
+        import signal
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux/glibc: rely on stop()
+        pass
+
+
 @dataclass
 class ServerProcess:
     proc: subprocess.Popen
@@ -40,7 +51,7 @@ def start(args: list[str], log_path: Path | None = None, timeout: float = 900.0,
     log = open(log_path, "w") if log_path else subprocess.DEVNULL  # noqa: SIM115 - owned by the child
     cmd = [sys.executable, "-m", "cloud_server", "--port", "0", *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True,
-                            env={**os.environ, **(env or {})})
+                            env={**os.environ, **(env or {})}, preexec_fn=_die_with_parent)
     lines: queue.Queue = queue.Queue()
 
     def pump() -> None:
