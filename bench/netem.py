@@ -32,12 +32,14 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, link
 
     async def receive() -> None:
         link_free = 0.0
-        while data := await reader.read(1 << 16):
-            # When this chunk has left the sender's end of the link, and when it arrives.
-            done = max(loop.time(), link_free) + len(data) / link.bytes_per_second
-            link_free = done
-            await queue.put((done + link.one_way, data))
-        await queue.put(None)
+        try:
+            while data := await reader.read(1 << 16):
+                # When this chunk has left the sender's end of the link, and when it arrives.
+                done = max(loop.time(), link_free) + len(data) / link.bytes_per_second
+                link_free = done
+                await queue.put((done + link.one_way, data))
+        finally:
+            await queue.put(None)  # a reset connection closes the other side too
 
     async def deliver() -> None:
         while (item := await queue.get()) is not None:
@@ -64,7 +66,8 @@ class DelayProxy:
         self.port = 0
         self.thread = threading.Thread(target=self._run, name="delay-proxy", daemon=True)
         self.thread.start()
-        self.ready.wait(10)
+        if not self.ready.wait(10):
+            raise RuntimeError("the delay proxy did not start")
 
     @property
     def address(self) -> str:

@@ -81,7 +81,12 @@ def main() -> int:
         print(f"cloud_server at {server.address}; {args.clients} clients x {args.steps} steps "
               f"(logs: {args.out}/client*.log)", flush=True)
         procs = start_clients(args, server.address, shards, labels)
-        codes = watch(procs, args.steps)
+        try:
+            codes = watch(procs, args.steps)
+        finally:  # Ctrl-C: no client is left behind, retrying against a stopped server
+            for p, _ in procs:
+                if p.poll() is None:
+                    p.terminate()
     print()
     print(f"{args.model}, BBC News in {args.clients} non-IID shards (Dirichlet alpha {args.alpha}), "
           f"{args.steps} steps each, all clients at once; {time.time() - t0:.0f} s in all")

@@ -22,7 +22,11 @@ log = logging.getLogger(__name__)
 
 
 class FederationMismatch(ValueError):
-    """A client asked to join a federation with different settings."""
+    """A client asked to join a federation with different settings, or is out of step with it."""
+
+
+class FederationClosed(Exception):
+    """The server is shutting down while a client waits for a round."""
 
 
 @dataclass(frozen=True)
@@ -58,7 +62,9 @@ class Federation:
                 with torch.no_grad():  # PEFT's init (Kaiming-uniform A, B = 0), from the federation's seed
                     bound = 1.0 / m.in_features ** 0.5
                     ad.lora_A.copy_(torch.rand(ad.lora_A.shape, generator=gen) * 2 * bound - bound)
-                self.adapters[m.name] = ad.to(device=device, dtype=dtype)
+                # fp32 whatever the served dtype: AdamW's eps underflows in fp16.
+                self.adapters[m.name] = ad.to(device=device)
+        self.applied = {n: _Fp32(a) for n, a in self.adapters.items()}
         params = [p for a in self.adapters.values() for p in a.parameters()]
         self.optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
         self.updates = 0
@@ -66,6 +72,8 @@ class Federation:
         self.lock = threading.Lock()
         self.members: set[str] = set()
         self._rounds: dict[int, _Round] = {}
+        self._done = 0                      # last round that was averaged
+        self._cancelled = False
         self._cond = threading.Condition()
 
     # -- server-side training ------------------------------------------------
@@ -78,7 +86,7 @@ class Federation:
         self.optimizer.zero_grad(set_to_none=True)
 
     def snapshot(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        with self.lock:
+        with self.lock:  # not in the middle of an update
             return {n: (a.lora_A.detach().float().cpu().clone(), a.lora_B.detach().float().cpu().clone())
                     for n, a in self.adapters.items()}
 
@@ -86,16 +94,29 @@ class Federation:
     def aggregate(self, session_id: str, number: int, examples: int,
                   adapters: dict[str, tuple[torch.Tensor, torch.Tensor]],
                   timeout: float) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], int]:
-        """Submit this client's adapters for round `number`; wait for the average."""
+        """Submit this client's adapters for round `number`; wait for the average.
+
+        Rounds run in order: the one after the last averaged round is open; the
+        last averaged one answers retries (a lost reply) with its result.
+        """
         deadline = time.monotonic() + timeout
         with self._cond:
+            if number < self._done or number > self._done + 1:
+                raise FederationMismatch(
+                    f"federation {self.name!r} is at aggregation round {self._done + 1}, not {number}: clients must "
+                    "join before the first round and aggregate on the same schedule (--aggregate-every, --steps)")
             rnd = self._rounds.setdefault(number, _Round(number))
             if rnd.result is None:
                 if rnd.submissions:
                     _check_same_shapes(next(iter(rnd.submissions.values()))[1], adapters)
                 rnd.submissions[session_id] = (examples, adapters)  # a retry replaces its own entry
-                self._maybe_finish(rnd)
             while rnd.result is None:
+                if self._cancelled:
+                    raise FederationClosed("the server is shutting down")
+                # Wait for the expected clients, but never for ones that have left.
+                if len(rnd.submissions) >= min(self.settings.clients, max(len(self.members), 1)):
+                    self._finish(rnd)
+                    break
                 left = deadline - time.monotonic()
                 if left <= 0:
                     # Stragglers do not hold the others forever: average who came.
@@ -103,8 +124,7 @@ class Federation:
                                 self.name, number, len(rnd.submissions), self.settings.clients, timeout)
                     self._finish(rnd)
                     break
-                self._cond.wait(left)
-            self._forget_old(number)
+                self._cond.wait(min(left, 1.0))
             return rnd.result, rnd.averaged
 
     def leave(self, session_id: str) -> None:
@@ -112,9 +132,10 @@ class Federation:
             self.members.discard(session_id)
             self._cond.notify_all()
 
-    def _maybe_finish(self, rnd: _Round) -> None:
-        if len(rnd.submissions) >= self.settings.clients:
-            self._finish(rnd)
+    def cancel(self) -> None:
+        with self._cond:
+            self._cancelled = True
+            self._cond.notify_all()
 
     def _finish(self, rnd: _Round) -> None:
         rnd.result = fedavg(list(rnd.submissions.values()))
@@ -122,11 +143,21 @@ class Federation:
         log.info("federation %r round %d: averaged the client-side adapters of %d clients (%d examples)",
                  self.name, rnd.number, rnd.averaged, sum(e for e, _ in rnd.submissions.values()))
         rnd.submissions.clear()
+        self._done = rnd.number
+        for old in [n for n in self._rounds if n < rnd.number]:
+            del self._rounds[old]
         self._cond.notify_all()
 
-    def _forget_old(self, number: int) -> None:
-        for old in [n for n in self._rounds if n < number - 1]:
-            del self._rounds[old]
+
+class _Fp32(torch.nn.Module):
+    """Applies an fp32 adapter to activations of any dtype (fp16/bf16 serving)."""
+
+    def __init__(self, adapter: LoRAAdapter) -> None:
+        super().__init__()
+        self.adapter = adapter
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.adapter(x.float()).to(x.dtype)
 
 
 def fedavg(submissions: list[tuple[int, dict[str, tuple[torch.Tensor, torch.Tensor]]]]
@@ -156,13 +187,14 @@ class Federations:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._by_name: dict[str, Federation] = {}
+        self._by_name: dict[tuple[str, str], Federation] = {}
 
-    def join(self, name: str, session_id: str, settings: SplitSettings, make) -> Federation:
+    def join(self, owner: str, name: str, session_id: str, settings: SplitSettings, make) -> Federation:
+        """Federations belong to one identity: another owner's same name is another federation."""
         with self._lock:
-            fed = self._by_name.get(name)
+            fed = self._by_name.get((owner, name))
             if fed is None:
-                fed = self._by_name[name] = make()
+                fed = self._by_name[(owner, name)] = make()
                 log.info("federation %r created: cut layer %d, %d clients per round, server-side LoRA rank %d "
                          "on %d modules", name, settings.cut_layer, settings.clients, settings.rank,
                          len(fed.adapters))
@@ -173,12 +205,19 @@ class Federations:
             fed.members.add(session_id)
             return fed
 
-    def leave(self, name: str, session_id: str) -> None:
+    def leave(self, owner: str, name: str, session_id: str) -> None:
         with self._lock:
-            fed = self._by_name.get(name)
+            fed = self._by_name.get((owner, name))
             if fed is None:
                 return
             fed.leave(session_id)
             if not fed.members:
-                del self._by_name[name]
+                del self._by_name[(owner, name)]
                 log.info("federation %r closed: its last client left after %d server-side updates", name, fed.updates)
+
+    def cancel_all(self) -> None:
+        """Shutdown: release every client waiting for a round."""
+        with self._lock:
+            feds = list(self._by_name.values())
+        for fed in feds:
+            fed.cancel()

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import copy
+import threading
 
 from safetensors.torch import save as save_safetensors
 
@@ -28,6 +29,9 @@ class ModelMeta:
     num_layers: int
     hidden_size: int
     vocab_size: int
+
+
+MAX_CACHED_CUTS = 2
 
 
 class _NoPositions(nn.Module):
@@ -75,7 +79,10 @@ class ServedModel:
         self.model = model
         self.blocks_attr = blocks_name(self.inner, self.meta.num_layers)
         self._views: dict[int, nn.Module] = {0: self.inner}
+        # Blocks [0, cut) for SplitLoRA edges, built on demand; only the most recent
+        # cuts are kept, so clients asking for many cuts cannot pile up copies.
         self._block_assets: dict[int, edge_assets.Asset] = {}
+        self._views_lock = threading.Lock()
         self.default_targets = default_targets or [t for t in DEFAULT_TARGETS if t in self.linear_names]
         if not self.default_targets:
             raise ValueError(
@@ -124,6 +131,10 @@ class ServedModel:
         A shallow copy with its own child list and config, so sessions with
         different cuts run side by side on the one set of weights.
         """
+        with self._views_lock:
+            return self._view(cut)
+
+    def _view(self, cut: int) -> nn.Module:
         if cut not in self._views:
             if not 0 < cut < self.meta.num_layers:
                 raise ValueError(f"cut layer must be in 1..{self.meta.num_layers - 1}, got {cut}")
@@ -140,24 +151,33 @@ class ServedModel:
 
     def block_asset(self, cut: int) -> edge_assets.Asset:
         """Weights of blocks [0, cut) for a SplitLoRA edge, under their full-model names."""
-        if cut not in self._block_assets:
-            base = self.model.base_model_prefix
-            prefix = f"{base}.{self.blocks_attr}"
-            tensors = {}
-            # Weights the edge needs before block 0 besides the embedding (GPT-2's position table).
-            skip = {self.blocks_attr, self._norm_attr}
-            for name, child in self.inner.named_children():
-                if name in skip or child is self.model.get_input_embeddings():
-                    continue
-                for key, t in child.state_dict().items():
-                    tensors[f"{base}.{name}.{key}"] = t.detach().float().cpu().contiguous()
-            for i, block in enumerate(list(getattr(self.inner, self.blocks_attr))[:cut]):
-                for key, t in block.state_dict().items():
-                    # Taps wrap the target linears: their weights sit one level down.
-                    tensors[f"{prefix}.{i}.{key.replace('.base.', '.')}"] = t.detach().float().cpu().contiguous()
-            self._block_assets[cut] = edge_assets.make_asset(f"edge_blocks_0-{cut}.safetensors",
-                                                             save_safetensors(tensors))
-        return self._block_assets[cut]
+        with self._views_lock:
+            if cut in self._block_assets:
+                self._block_assets[cut] = self._block_assets.pop(cut)  # most recently used last
+                return self._block_assets[cut]
+            asset = self._build_block_asset(cut)
+            self._block_assets[cut] = asset
+            while len(self._block_assets) > MAX_CACHED_CUTS:
+                self._block_assets.pop(next(iter(self._block_assets)))
+            return asset
+
+    def _build_block_asset(self, cut: int) -> edge_assets.Asset:
+        """Blocks [0, cut) and the weights the edge needs before block 0 besides the embedding."""
+        base = self.model.base_model_prefix
+        prefix = f"{base}.{self.blocks_attr}"
+        tensors = {}
+        # Weights the edge needs before block 0 besides the embedding (GPT-2's position table).
+        skip = {self.blocks_attr, self._norm_attr}
+        for name, child in self.inner.named_children():
+            if name in skip or child is self.model.get_input_embeddings():
+                continue
+            for key, t in child.state_dict().items():
+                tensors[f"{base}.{name}.{key}"] = t.detach().float().cpu().contiguous()
+        for i, block in enumerate(list(getattr(self.inner, self.blocks_attr))[:cut]):
+            for key, t in block.state_dict().items():
+                # Taps wrap the target linears: their weights sit one level down.
+                tensors[f"{prefix}.{i}.{key.replace('.base.', '.')}"] = t.detach().float().cpu().contiguous()
+        return edge_assets.make_asset(f"edge_blocks_0-{cut}.safetensors", save_safetensors(tensors))
 
     def new_cache(self):
         from transformers import DynamicCache

@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent import futures
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import grpc
@@ -19,7 +20,7 @@ from common.wire import dlora_pb2 as pb
 from common.wire import dlora_pb2_grpc as pb_grpc
 from cloud_server import assets as edge_assets
 from cloud_server.auth import Authenticator, Unauthenticated
-from cloud_server.federation import Federation, FederationMismatch, Federations, SplitSettings
+from cloud_server.federation import Federation, FederationClosed, FederationMismatch, Federations, SplitSettings
 from cloud_server.served_model import ServedModel
 from cloud_server.session import (Session, SessionBusy, SessionManager, SessionNotFound,
                                   StepOutOfOrder, TooManySessions)
@@ -33,6 +34,7 @@ _CHUNK = 1 << 20
 _WIRE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_PARKED_RANK = 256
 FIRST_MESSAGE_SECONDS = 10.0
+GENERATION_TOKEN_SECONDS = 60.0   # the edge picks a token in milliseconds; an idle stream is abandoned
 MAX_GRPC_MESSAGE = (1 << 31) - 1  # gRPC's size options are int32
 SERVICE_NAME = "dlora.v1.DLoRA"
 
@@ -96,6 +98,7 @@ def _status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
         (StepTimeout, grpc.StatusCode.DEADLINE_EXCEEDED),
         (Draining, grpc.StatusCode.UNAVAILABLE),
+        (FederationClosed, grpc.StatusCode.UNAVAILABLE),
         (WrongMode, grpc.StatusCode.FAILED_PRECONDITION),
         (FederationMismatch, grpc.StatusCode.FAILED_PRECONDITION),
         (WireError, grpc.StatusCode.INVALID_ARGUMENT),
@@ -156,6 +159,14 @@ class DLoRAService(pb_grpc.DLoRAServicer):
             session = self.sessions.open(owner, request.client_name[:64], sites, wire, prepare)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a status
             context.abort(*_status(exc))
+        try:
+            return self._open_reply(session, sites, wire)
+        except Exception as exc:  # noqa: BLE001 - never leave a session nobody knows about
+            self.sessions.close(session.id, owner, reason="closed: its reply failed")
+            context.abort(*_status(exc))
+            raise
+
+    def _open_reply(self, session: Session, sites, wire: torch.dtype) -> pb.OpenSessionReply:
         meta = self.served.meta
         return pb.OpenSessionReply(
             session_id=session.id,
@@ -177,8 +188,12 @@ class DLoRAService(pb_grpc.DLoRAServicer):
         layers = self.served.meta.num_layers
         if not 0 < split.cut_layer < layers:
             raise WireError(f"cut layer must be in 1..{layers - 1} for this {layers}-block model, got {split.cut_layer}")
-        if split.clients < 1 or split.rank < 1 or not split.alpha > 0 or not 0 < split.lr < 1:
-            raise WireError("SplitLoRA needs clients >= 1, rank >= 1, alpha > 0 and 0 < lr < 1")
+        if not 1 <= split.clients <= self.limits.max_sessions:
+            raise WireError(f"SplitLoRA clients must be in 1..{self.limits.max_sessions} (this server's session limit)")
+        if split.rank < 1 or not 0 < split.alpha < 1e6 or not 0 < split.lr < 1:
+            raise WireError("SplitLoRA needs rank >= 1, 0 < alpha < 1e6 and 0 < lr < 1")
+        if len(split.federation) > 64:
+            raise WireError("a federation name has at most 64 characters")
         if split.rank > MAX_PARKED_RANK:
             raise WireError(f"server-side rank {split.rank} exceeds this server's maximum of {MAX_PARKED_RANK}")
         name = split.federation or "default"
@@ -186,11 +201,11 @@ class DLoRAService(pb_grpc.DLoRAServicer):
                                  tuple(sorted(targets)))
 
         def prepare(session: Session) -> None:
-            fed = self.federations.join(name, session.id, settings, lambda: Federation(
+            fed = self.federations.join(session.owner, name, session.id, settings, lambda: Federation(
                 name, settings, [s for s in sites if s.layer >= split.cut_layer], self.served.device,
                 self.served.dtype))
             session.cut, session.federation = split.cut_layer, fed
-            session.on_close.append(lambda: self.federations.leave(name, session.id))
+            session.on_close.append(lambda: self.federations.leave(session.owner, name, session.id))
 
         return [s for s in sites if s.layer < split.cut_layer], prepare
 
@@ -304,8 +319,8 @@ class DLoRAService(pb_grpc.DLoRAServicer):
         deadline = [time.monotonic() + self.limits.step_timeout]
 
         def extend_deadline() -> None:
-            # Generation: every token gets the whole step deadline again.
-            deadline[0] = time.monotonic() + self.limits.step_timeout
+            # Generation: each token gets its own (short) deadline.
+            deadline[0] = time.monotonic() + min(self.limits.step_timeout, GENERATION_TOKEN_SECONDS)
 
         def offer(item) -> bool:
             """Put into the bounded inbox, giving up once the step is over."""
@@ -425,10 +440,10 @@ class DLoRAService(pb_grpc.DLoRAServicer):
         fed: Federation = session.federation  # type: ignore[assignment]
         hidden, mask = self._decode_inputs(session, start)
         t0 = time.perf_counter()
-        with session.step(start.step_id, train), fed.lock:
+        with session.step(start.step_id, train), self._federation_lock(fed):
             # All sites are served here, by the federation's adapters: no site exchange.
             runner = StepRunner(self.served.sites(list(fed.settings.targets)), receive, send, session.wire_dtype,
-                                train, parked=fed.adapters)
+                                train, parked=fed.applied)
             try:
                 if train:
                     hidden.requires_grad_(True)
@@ -458,14 +473,25 @@ class DLoRAService(pb_grpc.DLoRAServicer):
             self.throughput.add(**{"steps" if train else "forwards": 1}, tokens=int(mask.sum()), cloud_seconds=cloud)
         send(pb.CloudMessage(end=pb.StepEnd(step_id=start.step_id, cloud_seconds=cloud)))
 
+    @contextmanager
+    def _federation_lock(self, fed: Federation):
+        """One server-side step at a time per federation, waiting at most a step deadline."""
+        if not fed.lock.acquire(timeout=self.limits.step_timeout):
+            raise StepTimeout(f"another client of federation {fed.name!r} held the server-side adapters for "
+                              f"{self.limits.step_timeout:.0f} s")
+        try:
+            yield
+        finally:
+            fed.lock.release()
+
     # -- SplitLoRA aggregation ------------------------------------------------
     def Aggregate(self, request: pb.AggregateRequest, context: grpc.ServicerContext) -> pb.AggregateReply:
         owner = self._caller(context)
         try:
             session = self.sessions.get(request.session_id, owner)
             fed: Federation = self._federation(session)
-            if request.round < 1 or request.examples < 1:
-                raise WireError("aggregation needs round >= 1 and examples >= 1")
+            if request.round < 1 or not 1 <= request.examples <= 1 << 40:
+                raise WireError("aggregation needs round >= 1 and 1 <= examples <= 2^40")
             own = {m.name: m for s in session.sites for m in s.modules}
             adapters = {}
             for w in request.adapters:
@@ -632,6 +658,7 @@ class RunningServer:
         self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         finished = self.service.drain(grace)
+        self.service.federations.cancel_all()
         log.info("in-flight steps %s", "finished" if finished else f"aborted after {grace:.0f} s")
         self.stop_reaper.set()
         self.server.stop(grace=1.0).wait()

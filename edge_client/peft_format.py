@@ -108,6 +108,9 @@ def _from_checkpoint(run_dir: Path):
         raise AdapterFormatError(f"{run_dir} has neither {ADAPTER_FILE} nor checkpoint.pt "
                                  "(is it an --out directory of edge_client train?)")
     state = torch.load(path, weights_only=True)  # plain data only: no pickled code runs
+    if state.get("mode") == "splitlora":
+        raise AdapterFormatError(f"{path} is a SplitLoRA checkpoint: it holds only the client-side adapters "
+                                 "(the server-side ones are on the cloud); export the finished run instead")
     fp = state["fingerprint"]
     rank, alpha = int(fp["rank"]), float(fp["alpha"])
     adapters = {}

@@ -241,6 +241,8 @@ class CloudSession:
             except CloudError as exc:
                 if exc.code not in RETRYABLE or attempt == self.retry.retries:
                     raise
+                if exc.code == grpc.StatusCode.NOT_FOUND and self.split is not None:
+                    self.reopen()  # raises: a lost SplitLoRA session cannot be resumed
                 for p, g in zip(params, saved):
                     p.grad = None if g is None else g.clone()
                 wait = self.retry.delay(attempt)
@@ -355,7 +357,8 @@ class CloudSession:
             exchange.send(pb.EdgeMessage(next_embedding=pb.NextEmbedding(hidden=codec.encode(nxt, self.wire_dtype))))
             return True
 
-        _, stats = self._stream(self.stub.Generate, 0, hidden, mask, adapters, False, on_final)
+        # No overall deadline: the cloud bounds each token's wait instead.
+        _, stats = self._stream(self.stub.Generate, 0, hidden, mask, adapters, False, on_final, timeout=None)
         return stats
 
     # -- SplitLoRA ---------------------------------------------------------------
@@ -393,6 +396,8 @@ class CloudSession:
                 raise _rpc_error(exc) from None
 
         reply = self._with_retries(f"aggregation round {round_}", attempt)
+        if {w.name for w in reply.adapters} != set(adapters):
+            raise CloudError("the aggregation reply does not name this client's adapters")
         for w in reply.adapters:
             ad = adapters[w.name]
             with torch.no_grad():
@@ -417,7 +422,7 @@ class CloudSession:
 
         return self._stream(rpc, step_id, hidden, mask, adapters, loss_fn is not None, on_final)
 
-    def _stream(self, rpc, step_id, hidden, mask, adapters, train, on_final):
+    def _stream(self, rpc, step_id, hidden, mask, adapters, train, on_final, timeout: float | None = -1.0):
         """One bidirectional stream: send the start, answer the cloud until it ends."""
         stats = StepStats()
         outbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -442,7 +447,8 @@ class CloudSession:
         exchange = _EdgeExchange(self, adapters, send, stats, train, tuple(hidden.shape[:2]),
                                  close_stream=lambda: outbox.put(None))
         result = None
-        responses = rpc(requests(), timeout=self.timeout, metadata=self.credentials.metadata())
+        responses = rpc(requests(), timeout=self.timeout if timeout == -1.0 else timeout,
+                        metadata=self.credentials.metadata())
         try:
             for msg in responses:
                 stats.bytes_received += msg.ByteSize()

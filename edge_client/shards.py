@@ -55,7 +55,7 @@ def make_shards(train: Path, test: Path, out: Path, clients: int, alpha: float =
     te = [r for _, r in read_jsonl(test)]
     if any(not isinstance(r.get("label"), str) for r in tr + te):
         raise DataError("sharding needs classification data: {\"text\", \"label\"} records")
-    labels = sorted({r["label"] for r in tr})
+    labels = sorted({r["label"] for r in tr + te})
     rng = random.Random(seed)
     for _ in range(tries):
         shares = {lab: dirichlet(rng, clients, alpha) for lab in labels}

@@ -97,7 +97,9 @@ class EdgeTrainer:
         else:
             self.edge = EdgeModel.from_assets(assets)
         lora = LoRAConfig(rank=cfg.rank, alpha=cfg.alpha, targets=cfg.targets)
-        gen = torch.Generator().manual_seed(cfg.seed)
+        # A federation's clients start from one client-side initialisation (FedAvg
+        # averages one model's copies), from the federation's seed.
+        gen = torch.Generator().manual_seed(session.split.seed if session.split else cfg.seed)
         self.adapters: dict[str, LoRAAdapter] = {}
         for name, (fin, fout) in session.module_shapes().items():
             ad = LoRAAdapter(fin, fout, lora.rank, lora.scale)
@@ -222,6 +224,7 @@ class EdgeTrainer:
     def checkpoint_state(self, extra: dict) -> dict:
         return {"version": 1, "step_id": self.step_id, "adapters": adapters_state(self.adapters),
                 "model": self.session.model.name, "model_type": self.session.model.model_type,
+                "mode": self.cfg.mode,
                 "optimizer": self.optimizer.state_dict(), "selector": self.selector.state_dict(),
                 "fingerprint": self.fingerprint(), **extra}
 

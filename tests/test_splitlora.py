@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import uuid
 
 import grpc
@@ -177,3 +178,47 @@ def test_two_clients_train_and_average(servers, tmp_path):
     run = json.loads((tmp_path / "c0" / "run.json").read_text())
     assert run["summary"]["mode"] == "splitlora" and run["summary"]["cut_layer"] == 1
     assert run["history"][0]["block_flops"] > 0 and run["history"][0]["site_exchanges"] == 0
+
+
+def test_rounds_run_in_order_and_never_wait_for_absent_clients(servers):
+    channel = grpc.insecure_channel(servers["llama"])
+    stub = pb_grpc.DLoRAStub(channel)
+    sid = _open(stub, f"order-{uuid.uuid4().hex}", clients=3)  # expects 3, but only 1 ever joins
+    try:
+        sites = stub.OpenSession(pb.OpenSessionRequest(mode=pb.SPLITLORA, split=pb.SplitConfig(
+            cut_layer=1, federation=f"o2-{uuid.uuid4().hex}", clients=1, rank=4, alpha=8.0, lr=1e-2)), timeout=30).sites
+        weights = [pb.LoRAWeights(name=m.name, lora_A=codec.encode(torch.ones(3, m.in_features)),
+                                  lora_B=codec.encode(torch.ones(m.out_features, 3)))
+                   for s in sites for m in s.modules]
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Aggregate(pb.AggregateRequest(session_id=sid, round=2, examples=1, adapters=weights), timeout=30)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "at aggregation round 1" in err.value.details()
+        t0 = time.monotonic()
+        reply = stub.Aggregate(pb.AggregateRequest(session_id=sid, round=1, examples=4, adapters=weights), timeout=30)
+        assert reply.clients == 1 and time.monotonic() - t0 < 10  # the only member: no wait for the other two
+        again = stub.Aggregate(pb.AggregateRequest(session_id=sid, round=1, examples=4, adapters=weights), timeout=30)
+        assert again.clients == 1  # a retried round (lost reply) gets the same answer
+    finally:
+        stub.CloseSession(pb.CloseSessionRequest(session_id=sid), timeout=30)
+        channel.close()
+
+
+def test_half_precision_server_keeps_server_side_adapters_finite(model_dirs, tmp_path):
+    """The cloud serves fp16 weights; its trainable adapters stay fp32 (AdamW's eps underflows in fp16)."""
+    from cloud_server import launch
+
+    with launch.start(["--model", str(model_dirs["llama"]), "--device", "cpu", "--dtype", "fp16"],
+                      tmp_path / "server.log") as server:
+        cfg = TrainConfig(server=server.address, mode="splitlora", cut_layer=1, rank=4, alpha=8.0, lr=1e-2,
+                          cache=tmp_path / "cache", progress=False)
+        with CloudSession(server.address, split=SplitOptions(1, "fp16", 1, 4, 8.0, 1e-2)) as session:
+            trainer = EdgeTrainer(cfg, session)
+            trainer.train_examples = 4
+            trainer.label_ids = None
+            for step in range(3):
+                loss, _, _ = trainer.train_step(make_batch(trainer.tokenizer, EXAMPLES, 64))
+                assert loss == loss and abs(loss) < 1e4, f"step {step}: loss {loss}"
+            server_side, _, updates = session.server_adapters()
+            assert updates == 3
+            for a, b in server_side.values():
+                assert torch.isfinite(a).all() and torch.isfinite(b).all() and b.abs().sum() > 0
