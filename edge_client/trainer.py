@@ -392,10 +392,19 @@ def run(cfg: TrainConfig) -> dict:
         adapter_path = trainer.save(cfg.out, summary)
         summary["adapters"] = str(adapter_path)
     cfg.out.mkdir(parents=True, exist_ok=True)
-    log_doc = {"config": json.loads(json.dumps(asdict(cfg), default=str)),
+    log_doc = {"config": public_config(cfg),
                "summary": summary, "history": history, "live_sets": live_history, "evals": evals}
     (cfg.out / "run.json").write_text(json.dumps(log_doc, indent=2))
     return summary
+
+
+def public_config(cfg: TrainConfig) -> dict:
+    """The run's settings for run.json, without secrets: the token and keys never reach the disk."""
+    doc = json.loads(json.dumps(asdict(cfg), default=str))
+    creds = cfg.credentials
+    doc["credentials"] = {"token": "<set>" if creds.token else None, "tls": creds.ca is not None,
+                          "client_certificate": creds.cert is not None, "server_name": creds.server_name}
+    return doc
 
 
 def peak_rss_mb() -> float:

@@ -83,3 +83,15 @@ def test_help():
         res = cli(*args, timeout=60)
         assert res.returncode == 0 and "usage:" in res.stdout
     assert "--wire-dtype" in cli("edge_client", "train", "--help", timeout=60).stdout
+
+
+def test_run_log_never_holds_secrets():
+    from edge_client.session import Credentials
+    from edge_client.trainer import TrainConfig, public_config
+
+    secret = "s3cret-token-0123456789"
+    cfg = TrainConfig(credentials=Credentials(token=secret, ca=b"CA PEM", cert=b"CERT", key=b"PRIVATE KEY"))
+    text = json.dumps(public_config(cfg))
+    assert secret not in text and "PRIVATE KEY" not in text
+    assert public_config(cfg)["credentials"] == {"token": "<set>", "tls": True, "client_certificate": True,
+                                                 "server_name": None}
