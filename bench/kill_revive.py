@@ -127,7 +127,7 @@ def main() -> int:
     p.add_argument("--revive", type=float, default=0.25)
     p.add_argument("--period", type=int, default=10)
     p.add_argument("--warmup-steps", type=int, default=10)
-    p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2],
+    p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1],
                    help="comma-separated seeds (adapter init, data order, random policy)")
     p.add_argument("--no-reuse", dest="reuse", action="store_false", help="re-train runs that already exist")
     p.add_argument("--out", type=Path, default=Path("bench/out/kr"))
