@@ -51,7 +51,10 @@ def start(args: list[str], log_path: Path | None = None, timeout: float = 900.0,
     log = open(log_path, "w") if log_path else subprocess.DEVNULL  # noqa: SIM115 - owned by the child
     cmd = [sys.executable, "-m", "cloud_server", "--port", "0", *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True,
-                            env={**os.environ, **(env or {})}, preexec_fn=_die_with_parent)
+                            env={**os.environ, **(env or {})},
+                            # The kernel signals when the forking *thread* ends, so only the main thread asks.
+                            preexec_fn=_die_with_parent if threading.current_thread() is threading.main_thread()
+                            else None)
     lines: queue.Queue = queue.Queue()
 
     def pump() -> None:
