@@ -65,6 +65,30 @@ def predict(base: dict, link: Link) -> float:
     return base["seconds"] + base["round_trips"] * link.rtt_ms / 1000 + base["bytes"] / link.bytes_per_second
 
 
+def from_run(path: Path) -> dict:
+    """Loopback figures of a finished training run (its run.json), after any warm-up."""
+    doc = json.loads(path.read_text())
+    kr = doc["config"]["kr"]
+    warm = kr["warmup_steps"] + 1 if kr["policy"] != "all" else 1
+    rows = [h for h in doc["history"] if h["step"] > warm] or doc["history"]
+    n = len(rows)
+    return {"seconds": sum(h["seconds"] for h in rows) / n,
+            "bytes": sum(h["bytes_sent"] + h["bytes_received"] for h in rows) / n,
+            "round_trips": 2 * sum(h["site_exchanges"] for h in rows) / n + 2}
+
+
+def print_table(title: str, results: dict) -> None:
+    print(title)
+    head = " | ".join(f"{link.rtt_ms:g} ms, {link.mbit:g} Mbit/s" for link in LINKS)
+    print(f"| variant | MB/step | round trips/step | loopback s | {head} |")
+    print("|---|---|---|---|" + "---|" * len(LINKS))
+    for name, r in results.items():
+        b = r["loopback"]
+        cells = " | ".join(f"{c['predicted']:.1f}" + (f" ({c['measured']:.1f})" if c["measured"] is not None else "")
+                           for c in r["links"])
+        print(f"| {name} | {b['bytes'] / 1e6:.1f} | {b['round_trips']:.0f} | {b['seconds']:.2f} | {cells} |")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=3, help="measured steps per cell, after one warm step (default: %(default)s)")
@@ -73,7 +97,19 @@ def main() -> int:
                         "seconds; longer cells are predicted only (default: %(default)s)")
     p.add_argument("--model", default="smollm2-135m", help="model the cloud serves (default: %(default)s)")
     p.add_argument("--out", type=Path, default=Path("bench/out/latency"))
+    p.add_argument("--from-runs", nargs="+", type=Path, default=None, metavar="RUN_JSON",
+                   help="only the calculation, from finished runs' run.json files (e.g. bench/out/modes/*/run.json); "
+                        "nothing is trained")
     args = p.parse_args()
+    if args.from_runs:
+        results = {}
+        for path in args.from_runs:
+            base = from_run(path)
+            results[path.parent.name] = {"loopback": base, "links": [
+                {"rtt_ms": link.rtt_ms, "mbit": link.mbit, "predicted": predict(base, link), "measured": None}
+                for link in LINKS]}
+        print_table("seconds per training step on each link, predicted from the runs' loopback figures", results)
+        return 0
     args.out.mkdir(parents=True, exist_ok=True)
     cache = Path.home() / ".cache" / "dlora"
     results = {}
@@ -92,16 +128,8 @@ def main() -> int:
                 cells.append(cell)
             results[name] = {"loopback": base, "links": cells}
     print()
-    print(f"{args.model}, BBC News, batch 8, fp32 wire; seconds per training step, predicted (measured through "
-          f"the delay proxy where predicted <= {args.measure_below:g} s)")
-    head = " | ".join(f"{link.rtt_ms:g} ms, {link.mbit:g} Mbit/s" for link in LINKS)
-    print(f"| variant | MB/step | round trips/step | loopback s | {head} |")
-    print("|---|---|---|---|" + "---|" * len(LINKS))
-    for name, r in results.items():
-        b = r["loopback"]
-        cells = " | ".join(f"{c['predicted']:.1f}" + (f" ({c['measured']:.1f})" if c["measured"] is not None else "")
-                           for c in r["links"])
-        print(f"| {name} | {b['bytes'] / 1e6:.1f} | {b['round_trips']:.0f} | {b['seconds']:.2f} | {cells} |")
+    print_table(f"{args.model}, BBC News, batch 8, fp32 wire; seconds per training step, predicted (measured "
+                f"through the delay proxy where predicted <= {args.measure_below:g} s)", results)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     print(f"\nwritten to {args.out}/results.json")
     return 0
