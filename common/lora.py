@@ -49,6 +49,15 @@ class LoRAAdapter(nn.Module):
         # starts out equal to the frozen one.
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
+    @classmethod
+    def from_weights(cls, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> "LoRAAdapter":
+        """An adapter holding copies of A [r, in] and B [out, r]."""
+        ad = cls(lora_a.shape[1], lora_b.shape[0], lora_a.shape[0], scale)
+        with torch.no_grad():
+            ad.lora_A.copy_(lora_a)
+            ad.lora_B.copy_(lora_b)
+        return ad
+
     @property
     def in_features(self) -> int:
         return self.lora_A.shape[1]

@@ -75,11 +75,7 @@ def load(directory: Path) -> tuple[dict[str, LoRAAdapter], dict]:
         a, b = ab["A"], ab["B"]
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != rank or b.shape[1] != rank:
             raise AdapterFormatError(f"{name}: shapes {list(a.shape)} and {list(b.shape)} do not fit rank {rank}")
-        ad = LoRAAdapter(a.shape[1], b.shape[0], rank, scale)
-        with torch.no_grad():
-            ad.lora_A.copy_(a)
-            ad.lora_B.copy_(b)
-        adapters[name] = ad.requires_grad_(False)
+        adapters[name] = LoRAAdapter.from_weights(a, b, scale).requires_grad_(False)
     return adapters, cfg
 
 
@@ -115,10 +111,6 @@ def _from_checkpoint(run_dir: Path):
     rank, alpha = int(fp["rank"]), float(fp["alpha"])
     adapters = {}
     for name in fp["modules"]:
-        a, b = state["adapters"][peft_key(name, "A")], state["adapters"][peft_key(name, "B")]
-        ad = LoRAAdapter(a.shape[1], b.shape[0], rank, alpha / rank)
-        with torch.no_grad():
-            ad.lora_A.copy_(a)
-            ad.lora_B.copy_(b)
-        adapters[name] = ad
+        adapters[name] = LoRAAdapter.from_weights(state["adapters"][peft_key(name, "A")],
+                                                  state["adapters"][peft_key(name, "B")], alpha / rank)
     return adapters, rank, alpha, state.get("model", ""), state.get("model_type", "")

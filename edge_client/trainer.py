@@ -248,12 +248,7 @@ class EdgeTrainer:
         adapters = dict(self.adapters)
         if self.front is not None:
             server, scale, _ = self.session.server_adapters()
-            for name, (a, b) in server.items():
-                ad = LoRAAdapter(a.shape[1], b.shape[0], a.shape[0], scale)
-                with torch.no_grad():
-                    ad.lora_A.copy_(a)
-                    ad.lora_B.copy_(b)
-                adapters[name] = ad
+            adapters |= {name: LoRAAdapter.from_weights(a, b, scale) for name, (a, b) in server.items()}
         return peft_format.save(out, adapters, self.cfg.rank, self.cfg.alpha, meta.get("model", ""),
                                 self.session.model.model_type)
 

@@ -26,22 +26,6 @@ from helpers import EXAMPLES, reference_loss, rel_err
 TOL = 1e-5
 
 
-def copy_adapter(a: LoRAAdapter) -> LoRAAdapter:
-    out = LoRAAdapter(a.in_features, a.out_features, a.rank, a.scale)
-    with torch.no_grad():
-        out.lora_A.copy_(a.lora_A)
-        out.lora_B.copy_(a.lora_B)
-    return out
-
-
-def from_pair(a: torch.Tensor, b: torch.Tensor, scale: float) -> LoRAAdapter:
-    out = LoRAAdapter(a.shape[1], b.shape[0], a.shape[0], scale)
-    with torch.no_grad():
-        out.lora_A.copy_(a)
-        out.lora_B.copy_(b)
-    return out
-
-
 def test_one_client_every_step_equals_centralized_lora(kind, servers, model_dirs, tmp_path):
     """SplitLoRA with one client and I = 1 trains exactly what one process would."""
     from transformers import AutoModelForCausalLM
@@ -60,8 +44,8 @@ def test_one_client_every_step_equals_centralized_lora(kind, servers, model_dirs
 
         model = AutoModelForCausalLM.from_pretrained(model_dirs[kind], dtype=torch.float32).eval()
         model.requires_grad_(False)
-        ref = {n: copy_adapter(a) for n, a in trainer.adapters.items()}
-        ref |= {n: from_pair(a, b, scale) for n, (a, b) in server.items()}
+        ref = {n: LoRAAdapter.from_weights(a.lora_A, a.lora_B, a.scale) for n, a in trainer.adapters.items()}
+        ref |= {n: LoRAAdapter.from_weights(a, b, scale) for n, (a, b) in server.items()}
         inject(model, ref)
         opt = torch.optim.AdamW([p for a in ref.values() for p in a.parameters()], lr=cfg.lr, weight_decay=0.0)
 
