@@ -75,8 +75,8 @@ def main() -> int:
             "site_exchanges_per_step": sum(x["site_exchanges"] for x in h) / len(h),
         })
     print()
-    print(f"{args.model}, BBC News, {args.steps} steps, batch 8, seed {args.seed}, fp32 wire; accuracy before "
-          f"training {before['accuracy']:.1%} on {before['examples']} held-out articles")
+    print(f"{args.model}, BBC News, {args.steps} steps, batch 8, seed {args.seed}, fp32 wire unless the variant "
+          f"says otherwise; accuracy before training {before['accuracy']:.1%} on {before['examples']} held-out articles")
     print("| variant | held-out acc | MB/step | site round trips/step | edge GFLOP/step | edge weights MB "
           "| edge peak RSS MB | s/step |")
     print("|---|---|---|---|---|---|---|---|")
