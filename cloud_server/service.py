@@ -441,9 +441,8 @@ class DLoRAService(pb_grpc.DLoRAServicer):
         hidden, mask = self._decode_inputs(session, start)
         t0 = time.perf_counter()
         with session.step(start.step_id, train), self._federation_lock(fed):
-            # All sites are served here, by the federation's adapters: no site exchange.
-            runner = StepRunner(self.served.sites(list(fed.settings.targets)), receive, send, session.wire_dtype,
-                                train, parked=fed.applied)
+            # Every site after the cut is served here, by the federation's adapters: no site exchange.
+            runner = StepRunner(fed.server_sites, receive, send, session.wire_dtype, train, parked=fed.applied)
             try:
                 if train:
                     hidden.requires_grad_(True)
