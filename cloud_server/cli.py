@@ -47,6 +47,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-message-mb", type=float, default=0,
                    help="largest gRPC message in MiB; 0 derives it from --max-batch-tokens so the "
                         "largest site tensor fits (default: %(default)s)")
+    bat = p.add_argument_group("batching", "steps of different edges that arrive together run as one batch "
+                                           "through the frozen blocks, so one accelerator serves many edges")
+    bat.add_argument("--batch-window-ms", type=float, default=20,
+                     help="how long a step waits for other sessions' steps to join its batch; it waits only while "
+                          "some session is between steps, so a lone edge never waits. 0 turns batching off "
+                          "(default: %(default)s)")
+    bat.add_argument("--max-cohort-tokens", type=int, default=65536,
+                     help="largest joint batch: sessions x batch x longest sequence (default: %(default)s)")
+    bat.add_argument("--max-cohort-sessions", type=int, default=16,
+                     help="most sessions in one joint batch (default: %(default)s)")
     p.add_argument("--idle-timeout", type=float, default=600,
                    help="seconds without a call before a session is freed (default: %(default)s)")
     p.add_argument("--step-timeout", type=float, default=300,
@@ -84,6 +94,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
     if min(args.idle_timeout, args.step_timeout) <= 0 or args.shutdown_grace < 0:
         p.error("--idle-timeout and --step-timeout must be positive, --shutdown-grace not negative")
+    if args.batch_window_ms < 0 or args.max_cohort_tokens < 1 or args.max_cohort_sessions < 1:
+        p.error("--batch-window-ms must not be negative; --max-cohort-tokens and --max-cohort-sessions must be positive")
     if args.stats_every <= 0:
         p.error("--stats-every must be positive")
     from cloud_server.auth import is_loopback
@@ -113,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     # Imported here so `--help` answers at once.
     from cloud_server.auth import Authenticator, is_loopback, load_tokens
     from cloud_server.served_model import ServedModel
+    from cloud_server.batching import BatchingConfig
     from cloud_server.service import DLoRAService, ServerLimits, TLSFiles, make_server
 
     try:
@@ -132,15 +145,20 @@ def main(argv: list[str] | None = None) -> int:
     limits = ServerLimits(args.max_sessions, args.max_batch_tokens, int(args.max_message_mb * (1 << 20)),
                           args.idle_timeout, args.step_timeout)
     modes = ("dlora", "splitlora") if args.mode == "any" else (args.mode,)
-    service = DLoRAService(served, limits, Authenticator(tokens, mtls=bool(args.tls_client_ca)), modes=modes)
+    batching = BatchingConfig(args.batch_window_ms / 1000, args.max_cohort_tokens, args.max_cohort_sessions)
+    service = DLoRAService(served, limits, Authenticator(tokens, mtls=bool(args.tls_client_ca)), modes=modes,
+                           batching=batching)
     try:
         running = make_server(service, args.host, args.port, tls, stats_every=args.stats_every)
     except OSError as exc:
         print(f"cloud_server: {exc}", file=sys.stderr)
         return 2
-    log.info("limits: %d sessions, %d tokens/step, %.0f MiB/message, idle %.0f s, step %.0f s; %s%s",
+    log.info("limits: %d sessions, %d tokens/step, %.0f MiB/message, idle %.0f s, step %.0f s; %s; %s%s",
              limits.max_sessions, limits.max_batch_tokens, limits.max_message_bytes / (1 << 20),
-             limits.idle_timeout, limits.step_timeout, "TLS" if tls else "plaintext",
+             limits.idle_timeout, limits.step_timeout,
+             f"batching window {args.batch_window_ms:g} ms, up to {args.max_cohort_sessions} sessions and "
+             f"{args.max_cohort_tokens} tokens" if args.batch_window_ms else "batching off",
+             "TLS" if tls else "plaintext",
              (" + client certificates" if args.tls_client_ca else "") + (f", {len(tokens)} tokens" if tokens else ""))
     print(f"DLoRA cloud server listening on {args.host}:{running.port}", flush=True)
     stop = threading.Event()

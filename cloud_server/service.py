@@ -24,7 +24,8 @@ from cloud_server.federation import Federation, FederationClosed, FederationMism
 from cloud_server.served_model import ServedModel
 from cloud_server.session import (Session, SessionBusy, SessionManager, SessionNotFound,
                                   StepOutOfOrder, TooManySessions)
-from cloud_server.step_runner import StepAborted, StepRunner
+from cloud_server.batching import BatchingConfig, StepBatcher, StepJob
+from cloud_server.step_runner import EdgeLink, StepAborted, StepRunner
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,8 @@ class Throughput:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._counts = {"steps": 0, "forwards": 0, "generations": 0, "tokens": 0, "cloud_seconds": 0.0}
+        self._counts = {"steps": 0, "forwards": 0, "generations": 0, "tokens": 0, "cloud_seconds": 0.0,
+                        "batched": 0, "cohort_members": 0}
 
     def add(self, **counts: float) -> None:
         with self._lock:
@@ -113,7 +115,7 @@ def _status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 
 class DLoRAService(pb_grpc.DLoRAServicer):
     def __init__(self, served: ServedModel, limits: ServerLimits, auth: Authenticator | None = None,
-                 modes: tuple[str, ...] = ("dlora", "splitlora")) -> None:
+                 modes: tuple[str, ...] = ("dlora", "splitlora"), batching: BatchingConfig | None = None) -> None:
         self.served = served
         self.modes = modes
         self.federations = Federations()
@@ -121,6 +123,7 @@ class DLoRAService(pb_grpc.DLoRAServicer):
         self.auth = auth or Authenticator()
         self.sessions = SessionManager(limits.max_sessions)
         self.throughput = Throughput()
+        self.batcher = StepBatcher(served, batching or BatchingConfig(), could_join=self.sessions.between_steps)
         self.assets_digest = edge_assets.digest(served.assets)
         self.draining = threading.Event()
         self._inflight = 0
@@ -412,28 +415,20 @@ class DLoRAService(pb_grpc.DLoRAServicer):
         session, start = self._open_stream(owner, receive, holder)
         if session.federation is not None:
             return self._run_split_step(session, start, receive, send, train)
-        t0 = time.perf_counter()
         hidden, mask = self._decode_inputs(session, start)
         with session.step(start.step_id, train):
-            runner = StepRunner(session.sites, receive, send, session.wire_dtype, train, parked=dict(session.parked))
-            try:
-                final = self.served.run(runner, hidden, mask)
-                send(pb.CloudMessage(final_hidden=pb.FinalHidden(hidden=codec.encode(final, session.wire_dtype))))
-                if train:
-                    msg = runner.expect("final_grad")
-                    grad = codec.decode(msg.final_grad.grad, name="final hidden gradient",
-                                        shape=tuple(final.shape), dtypes=[session.wire_dtype])
-                    if final.requires_grad:
-                        final.backward(grad.to(device=final.device, dtype=final.dtype))
-            finally:
-                runner.release()
-                final = None  # an aborted step's graph goes with it
-            cloud = time.perf_counter() - t0 - runner.wait_seconds
+            job = StepJob(EdgeLink(session.sites, receive, send, session.wire_dtype, parked=dict(session.parked)),
+                          hidden, mask, train)
+            # Alone, or batched with other sessions' steps that arrive together.
+            self.batcher.run(job)
             session.tokens += int(mask.sum())
-            session.cloud_seconds += cloud
-            self.throughput.add(**{"steps" if train else "forwards": 1}, tokens=int(mask.sum()), cloud_seconds=cloud)
+            session.cloud_seconds += job.cloud_seconds
+            self.throughput.add(**{"steps" if train else "forwards": 1}, tokens=int(mask.sum()),
+                                cloud_seconds=job.cloud_seconds, batched=int(job.cohort_size > 1),
+                                cohort_members=job.cohort_size)
         # Sent once the session is free again, so the edge's next call never finds it busy.
-        send(pb.CloudMessage(end=pb.StepEnd(step_id=start.step_id, cloud_seconds=cloud)))
+        send(pb.CloudMessage(end=pb.StepEnd(step_id=start.step_id, cloud_seconds=job.cloud_seconds,
+                                                batch_sessions=job.cohort_size)))
 
     def _run_split_step(self, session: Session, start: pb.StepStart, receive, send, train: bool) -> None:
         """SplitLoRA: blocks [cut, L) with the federation's trainable adapters, then dL/d(cut)."""
@@ -442,14 +437,15 @@ class DLoRAService(pb_grpc.DLoRAServicer):
         t0 = time.perf_counter()
         with session.step(start.step_id, train), self._federation_lock(fed):
             # Every site after the cut is served here, by the federation's adapters: no site exchange.
-            runner = StepRunner(fed.server_sites, receive, send, session.wire_dtype, train, parked=fed.applied)
+            link = EdgeLink(fed.server_sites, receive, send, session.wire_dtype, parked=fed.applied)
+            runner = StepRunner([link], train, self.batcher.groups)
             try:
                 if train:
                     hidden.requires_grad_(True)
                 final = self.served.run(runner, hidden, mask, cut=session.cut)
                 send(pb.CloudMessage(final_hidden=pb.FinalHidden(hidden=codec.encode(final, session.wire_dtype))))
                 if train:
-                    msg = runner.expect("final_grad")
+                    msg = link.expect("final_grad")
                     grad = codec.decode(msg.final_grad.grad, name="final hidden gradient",
                                         shape=tuple(final.shape), dtypes=[session.wire_dtype])
                     final.backward(grad.to(device=final.device, dtype=final.dtype))
@@ -466,7 +462,7 @@ class DLoRAService(pb_grpc.DLoRAServicer):
             finally:
                 runner.release()
                 final = None
-            cloud = time.perf_counter() - t0 - runner.wait_seconds
+            cloud = time.perf_counter() - t0 - link.wait_seconds
             session.tokens += int(mask.sum())
             session.cloud_seconds += cloud
             self.throughput.add(**{"steps" if train else "forwards": 1}, tokens=int(mask.sum()), cloud_seconds=cloud)
@@ -541,12 +537,13 @@ class DLoRAService(pb_grpc.DLoRAServicer):
             parked = dict(session.parked)
             try:
                 while True:
-                    runner = StepRunner(session.sites, receive, send, session.wire_dtype, False, parked=parked)
+                    link = EdgeLink(session.sites, receive, send, session.wire_dtype, parked=parked)
+                    runner = StepRunner([link], False, self.batcher.groups)
                     try:
                         last = self.served.extend(runner, hidden, mask, cache)
                     finally:
                         runner.release()
-                    wait += runner.wait_seconds
+                    wait += link.wait_seconds
                     passes += 1
                     session.tokens += int(mask[:, -hidden.shape[1]:].sum())
                     send(pb.CloudMessage(final_hidden=pb.FinalHidden(hidden=codec.encode(last, session.wire_dtype))))
@@ -616,10 +613,15 @@ class DLoRAService(pb_grpc.DLoRAServicer):
         c = self.throughput.take()
         if not (c["steps"] or c["forwards"] or c["generations"]):
             return  # an idle server stays quiet
+        batched = ""
+        if c["batched"]:
+            # cohort_members counts, per step, how many sessions shared its batch.
+            batched = (f"; {c['batched']:.0f} steps batched with other sessions' "
+                       f"(mean {c['cohort_members'] / max(c['steps'] + c['forwards'], 1):.1f} sessions per batch)")
         log.info("last %.0f s: %d training steps, %d forwards, %d generations, %d tokens (%.0f tokens/s), "
-                 "cloud compute %.1f s (%.0f%% busy); %d sessions open",
+                 "cloud compute %.1f s (%.0f%% busy)%s; %d sessions open",
                  seconds, c["steps"], c["forwards"], c["generations"], c["tokens"], c["tokens"] / seconds,
-                 c["cloud_seconds"], 100 * c["cloud_seconds"] / seconds, len(self.sessions))
+                 c["cloud_seconds"], 100 * c["cloud_seconds"] / seconds, batched, len(self.sessions))
 
     def drain(self, grace: float) -> bool:
         """Refuse new work and wait up to `grace` seconds for in-flight steps. True if all finished."""

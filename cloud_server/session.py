@@ -45,6 +45,10 @@ def release_memory() -> None:
         _malloc_trim(0)
 
 
+# A session that stepped this recently is taken to be training and about to step again.
+RECENT_SECONDS = 10.0
+
+
 class SessionError(Exception):
     """Base of the errors that map to a gRPC status (see service.py)."""
 
@@ -214,6 +218,14 @@ class SessionManager:
                 self.close(s.id, s.owner, reason=reason)
             except SessionNotFound:
                 pass
+
+    def between_steps(self, recent: float = RECENT_SECONDS) -> int:
+        """DLoRA sessions used in the last `recent` seconds that are not running a
+        step now: the ones whose next step may arrive any moment (batching waits for them)."""
+        now = time.monotonic()
+        with self._lock:
+            return sum(1 for s in self._sessions.values()
+                       if s.federation is None and not s._lock.locked() and now - s.last_used < recent)
 
     def __len__(self) -> int:
         return len(self._sessions)

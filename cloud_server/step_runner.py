@@ -1,11 +1,18 @@
-"""One remote step on the cloud: frozen blocks locally, live adapters on the edge.
+"""One remote step on the cloud: frozen blocks locally, live adapters on the edges.
 
 Each target linear of the served model is wrapped in a `SiteTap`. Outside a
 step it is the plain frozen linear. Inside a step (a thread-local `StepRunner`
 is active) the first tap of a site ships the site input to the edge, receives
 the outputs of every live module there, and each tap adds its module's output
-to the frozen projection. `_RemoteSite` is the autograd node for that exchange:
-its backward ships dL/dy to the edge and returns the edge's dL/dx.
+to the frozen projection. `_RemoteSites` is the autograd node for that
+exchange: its backward ships dL/dy to the edge and returns the edge's dL/dx.
+
+A step may carry several edges at once (cross-session batching, see
+batching.py): their batches are stacked into one, the frozen blocks run once,
+and at each site every edge gets its own rows. All edges are sent their
+inputs before any reply is awaited, so a site costs the slowest edge's round
+trip, not the sum. An edge that fails mid-step is dropped from the rest of the
+step (its rows get no adapter output); the others finish normally.
 """
 from __future__ import annotations
 
@@ -66,86 +73,47 @@ def active(runner: "StepRunner") -> Iterator[None]:
         _active.runner = None
 
 
-class _RemoteSite(torch.autograd.Function):
-    """Autograd node of one site exchange. Inputs: x, an anchor that requires grad."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, anchor: torch.Tensor, runner: "StepRunner", site: int):  # type: ignore[override]
-        ctx.runner, ctx.site = runner, site
-        return tuple(runner.exchange_forward(site, x))
-
-    @staticmethod
-    def backward(ctx, *grads: torch.Tensor):  # type: ignore[override]
-        want_dx = bool(ctx.needs_input_grad[0])
-        dx = ctx.runner.exchange_backward(ctx.site, list(grads), want_dx)
-        return dx, None, None, None
-
-
 @dataclass
-class _SiteCache:
-    x: torch.Tensor
-    outputs: dict[str, torch.Tensor]
-
-
-@dataclass
-class StepRunner:
-    """Drives one step's message exchange with the edge (one per step, one thread)."""
+class EdgeLink:
+    """One edge's side of a step: its sites, its parked adapters and its message stream."""
 
     sites: list[SiteSpec]
     receive: Callable[[], pb.EdgeMessage]
     send: Callable[[pb.CloudMessage], None]
     wire_dtype: torch.dtype
-    train: bool
     # Killed modules' adapters, applied here, frozen, with no traffic.
     parked: dict[str, nn.Module] = field(default_factory=dict)
     live: dict[int, list[int]] = field(default_factory=dict)  # site -> slots the edge computes
-    _by_module: dict[str, int] = field(default_factory=dict)
-    _cache: dict[int, _SiteCache] = field(default_factory=dict)
-    _anchor: torch.Tensor | None = None
     wait_seconds: float = 0.0
+    error: BaseException | None = None    # set once the edge failed; it then gets no more traffic
+    _site_of: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for site in self.sites:
             for m in site.modules:
-                self._by_module[m.name] = site.index
+                self._site_of[m.name] = site.index
         if not self.live:
             self.live = {s.index: [i for i, m in enumerate(s.modules) if m.name not in self.parked]
                          for s in self.sites}
 
-    # -- forward -----------------------------------------------------------
-    def adapter_output(self, name: str, x: torch.Tensor) -> torch.Tensor | None:
-        parked = self.parked.get(name)
-        if parked is not None:
-            # Frozen, but still part of the graph: dL/dx flows through it.
-            return parked(x)
-        site = self._by_module.get(name)
-        if site is None or not self.live.get(site):
-            return None
-        cached = self._cache.get(site)
-        if cached is None or cached.x is not x:
-            cached = self._run_site(site, x)
-        return cached.outputs.get(name)
+    def live_site(self, group: tuple[str, ...]) -> int | None:
+        """This edge's site for a group of linears sharing one input, if it computes any of them."""
+        for name in group:
+            site = self._site_of.get(name)
+            if site is not None:
+                return site if self.live.get(site) else None
+        return None
 
-    def _run_site(self, site: int, x: torch.Tensor) -> _SiteCache:
-        names = [self.sites[site].modules[i].name for i in self.live[site]]
-        if self.train and torch.is_grad_enabled():
-            if self._anchor is None:
-                # Makes every adapter output require grad even where x does
-                # not (the first block), so backward reaches every site.
-                self._anchor = torch.zeros((), requires_grad=True)
-            outs = _RemoteSite.apply(x, self._anchor, self, site)
-        else:
-            outs = self.exchange_forward(site, x)
-        cache = _SiteCache(x=x, outputs=dict(zip(names, outs)))
-        self._cache[site] = cache
-        return cache
+    def live_names(self, site: int) -> list[str]:
+        return [self.sites[site].modules[i].name for i in self.live[site]]
 
-    def exchange_forward(self, site: int, x: torch.Tensor) -> list[torch.Tensor]:
-        spec = self.sites[site]
-        live = self.live[site]
+    def send_site_input(self, site: int, x: torch.Tensor) -> None:
         self.send(pb.CloudMessage(site_input=pb.SiteInput(
-            site=site, x=codec.encode(x, self.wire_dtype), live=live)))
-        reply = self._expect("site_outputs").site_outputs
+            site=site, x=codec.encode(x, self.wire_dtype), live=self.live[site])))
+
+    def receive_site_outputs(self, site: int, x: torch.Tensor) -> list[torch.Tensor]:
+        spec, live = self.sites[site], self.live[site]
+        reply = self.expect("site_outputs").site_outputs
         if reply.site != site:
             raise WireError(f"site outputs for site {reply.site}, expected site {site}")
         if len(reply.outputs) != len(live):
@@ -159,30 +127,25 @@ class StepRunner:
             outs.append(t.to(device=x.device, dtype=x.dtype))
         return outs
 
-    # -- backward ----------------------------------------------------------
-    def exchange_backward(self, site: int, grads: list[torch.Tensor], want_dx: bool) -> torch.Tensor | None:
-        x = self._cache[site].x
+    def zero_outputs(self, site: int, x: torch.Tensor) -> list[torch.Tensor]:
+        lead = tuple(x.shape[:-1])
+        return [x.new_zeros(lead + (self.sites[site].modules[i].out_features,)) for i in self.live[site]]
+
+    def send_site_grads(self, site: int, grads: list[torch.Tensor], want_dx: bool) -> None:
         self.send(pb.CloudMessage(site_grad_outputs=pb.SiteGradOutputs(
             site=site, grad_outputs=[codec.encode(g, self.wire_dtype) for g in grads],
             want_grad_input=want_dx)))
-        reply = self._expect("site_grad_input").site_grad_input
+
+    def receive_site_grad_input(self, site: int, x_shape: torch.Size, want_dx: bool) -> torch.Tensor | None:
+        reply = self.expect("site_grad_input").site_grad_input
         if reply.site != site:
             raise WireError(f"grad input for site {reply.site}, expected site {site}")
         if not want_dx:
             return None
-        dx = codec.decode(reply.grad_input, name=f"grad input of site {site}", shape=tuple(x.shape),
-                          dtypes=[self.wire_dtype])
-        return dx.to(device=x.device, dtype=x.dtype)
+        return codec.decode(reply.grad_input, name=f"grad input of site {site}", shape=tuple(x_shape),
+                            dtypes=[self.wire_dtype])
 
-    def release(self) -> None:
-        """Drop the step's tensors. The cache holds outputs whose autograd node
-        refers back to this runner; left alone, that cycle keeps a whole step's
-        activations alive after the step."""
-        self._cache.clear()
-        self._anchor = None
-
-    # -- messages ----------------------------------------------------------
-    def _expect(self, kind: str) -> pb.EdgeMessage:
+    def expect(self, kind: str) -> pb.EdgeMessage:
         t0 = time.perf_counter()
         try:
             msg = self.receive()
@@ -193,5 +156,167 @@ class StepRunner:
             raise WireError(f"expected a {kind} message from the edge, got {got or 'an empty message'}")
         return msg
 
-    def expect(self, kind: str) -> pb.EdgeMessage:
-        return self._expect(kind)
+
+class _RemoteSites(torch.autograd.Function):
+    """Autograd node of one site exchange with one or more edges.
+
+    Inputs: an anchor that requires grad, the runner, the (edge, site) pairs
+    and each pair's input rows. Outputs: every live module's output, edge by edge.
+    """
+
+    @staticmethod
+    def forward(ctx, anchor: torch.Tensor, runner: "StepRunner", remote: list[tuple[int, int]],  # type: ignore[override]
+                *xs: torch.Tensor):
+        ctx.runner, ctx.remote = runner, remote
+        ctx.shapes = [x.shape for x in xs]
+        outs = runner.exchange_forward(remote, list(xs))
+        ctx.counts = [len(o) for o in outs]
+        return tuple(t for o in outs for t in o)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):  # type: ignore[override]
+        per_edge, at = [], 0
+        for n in ctx.counts:
+            per_edge.append(list(grads[at:at + n]))
+            at += n
+        want = [bool(ctx.needs_input_grad[3 + j]) for j in range(len(ctx.remote))]
+        dxs = ctx.runner.exchange_backward(ctx.remote, per_edge, want, ctx.shapes)
+        return (None, None, None, *dxs)
+
+
+@dataclass
+class _GroupCache:
+    x: torch.Tensor
+    xs: list[torch.Tensor]                       # each edge's rows of x
+    remote: dict[int, dict[str, torch.Tensor]]   # edge -> live module -> output
+
+
+class StepRunner:
+    """The taps' view of one step: the joint batch of one or more edges.
+
+    Edge i owns rows `rows[i]` of the joint batch and the first `lengths[i]`
+    positions (shorter sequences are padded at the end, which no real
+    position attends to under the causal mask).
+    """
+
+    def __init__(self, links: list[EdgeLink], train: bool, groups: dict[str, tuple[str, ...]],
+                 batch_sizes: list[int] | None = None, lengths: list[int] | None = None) -> None:
+        self.links = links
+        self.train = train
+        self.groups = groups                 # linear name -> the names sharing its input
+        sizes = batch_sizes or [0] * len(links)
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        self.rows = [slice(s, s + b) for s, b in zip(starts, sizes)]
+        self.lengths = lengths or [0] * len(links)
+        self._cache: _GroupCache | None = None
+        self._anchor: torch.Tensor | None = None
+
+    @property
+    def alone(self) -> bool:
+        return len(self.links) == 1
+
+    def part(self, i: int, t: torch.Tensor) -> torch.Tensor:
+        """Edge i's rows and positions of a joint tensor [B, T, ...]."""
+        if self.alone:
+            return t
+        return t[self.rows[i], :self.lengths[i]]
+
+    def joint(self, pieces: list[torch.Tensor | None], like: torch.Tensor, width: int) -> torch.Tensor:
+        """Stack per-edge tensors back into the joint batch (zeros where an edge has none)."""
+        if self.alone and pieces[0] is not None:
+            return pieces[0]
+        full = [like.new_zeros(r.stop - r.start, like.shape[1], width) if p is None else
+                torch.nn.functional.pad(p, (0, 0, 0, like.shape[1] - p.shape[1]))
+                for p, r in zip(pieces, self.rows)]
+        return torch.cat(full)
+
+    # -- forward -----------------------------------------------------------
+    def adapter_output(self, name: str, x: torch.Tensor) -> torch.Tensor | None:
+        cache = self._cache
+        if cache is None or cache.x is not x:
+            cache = self._run_group(self.groups.get(name, (name,)), x)
+        pieces: list[torch.Tensor | None] = []
+        width = 0
+        for i, link in enumerate(self.links):
+            piece = cache.remote.get(i, {}).get(name)
+            parked = link.parked.get(name)
+            if piece is None and parked is not None and link.error is None:
+                # Frozen, but still part of the graph: dL/dx flows through it.
+                piece = parked(cache.xs[i])
+            if piece is not None:
+                width = piece.shape[-1]
+            pieces.append(piece)
+        if width == 0:
+            return None
+        return self.joint(pieces, x, width)
+
+    def _run_group(self, group: tuple[str, ...], x: torch.Tensor) -> _GroupCache:
+        xs = [self.part(i, x) for i in range(len(self.links))]
+        remote = [(i, site) for i, link in enumerate(self.links)
+                  if link.error is None and (site := link.live_site(group)) is not None]
+        outs: dict[int, dict[str, torch.Tensor]] = {}
+        if remote:
+            rx = [xs[i] for i, _ in remote]
+            if self.train and torch.is_grad_enabled():
+                if self._anchor is None:
+                    # Makes every adapter output require grad even where x does
+                    # not (the first block), so backward reaches every site.
+                    self._anchor = torch.zeros((), requires_grad=True)
+                flat = list(_RemoteSites.apply(self._anchor, self, remote, *rx))
+            else:
+                flat = [t for o in self.exchange_forward(remote, rx) for t in o]
+            for i, site in remote:
+                names = self.links[i].live_names(site)
+                outs[i] = dict(zip(names, flat[:len(names)]))
+                flat = flat[len(names):]
+        self._cache = _GroupCache(x=x, xs=xs, remote=outs)
+        return self._cache
+
+    def exchange_forward(self, remote: list[tuple[int, int]], xs: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """Send every edge its site input, then collect the replies."""
+        for (i, site), x in zip(remote, xs):
+            self.guard(i, lambda: self.links[i].send_site_input(site, x))
+        outs = []
+        for (i, site), x in zip(remote, xs):
+            link = self.links[i]
+            got = self.guard(i, lambda: link.receive_site_outputs(site, x))
+            outs.append(got if got is not None else link.zero_outputs(site, x))
+        self.raise_if_all_failed()
+        return outs
+
+    # -- backward ----------------------------------------------------------
+    def exchange_backward(self, remote: list[tuple[int, int]], grads: list[list[torch.Tensor]],
+                          want: list[bool], shapes: list[torch.Size]) -> list[torch.Tensor | None]:
+        for (i, site), g, w in zip(remote, grads, want):
+            self.guard(i, lambda: self.links[i].send_site_grads(site, g, w))
+        dxs: list[torch.Tensor | None] = []
+        for (i, site), g, w, shape in zip(remote, grads, want, shapes):
+            dx = self.guard(i, lambda: self.links[i].receive_site_grad_input(site, shape, w))
+            if dx is None and w:
+                dx = g[0].new_zeros(shape)
+            dxs.append(None if dx is None else dx.to(device=g[0].device, dtype=g[0].dtype))
+        self.raise_if_all_failed()
+        return dxs
+
+    # -- failures ----------------------------------------------------------
+    def guard(self, i: int, fn: Callable[[], object]):
+        """Run one edge's part; a failure drops that edge from the step, not the others."""
+        link = self.links[i]
+        if link.error is not None:
+            return None
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - reported to that edge at the end of the step
+            link.error = exc
+            return None
+
+    def raise_if_all_failed(self) -> None:
+        if all(link.error is not None for link in self.links):
+            raise self.links[0].error  # type: ignore[misc]
+
+    def release(self) -> None:
+        """Drop the step's tensors. The cache holds outputs whose autograd node
+        refers back to this runner; left alone, that cycle keeps a whole step's
+        activations alive after the step."""
+        self._cache = None
+        self._anchor = None

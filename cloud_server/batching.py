@@ -1,0 +1,169 @@
+"""Cross-session batching: DLoRA steps of different edges that arrive together run as one batch.
+
+Serving systems batch requests so one accelerator serves many users; here the
+requests are training steps (and forwards) of different sessions. The first
+step to arrive leads a cohort: it waits up to `window` seconds for the other
+sessions that are between steps, then stacks every member's batch into one
+(shorter sequences padded at the end), runs the frozen blocks once, and at each
+site sends every member its own rows (see step_runner.StepRunner). Rows never
+mix inside a block (attention stays within a row, everything else is per
+position), so each member gets the result it would have got alone.
+
+Training steps and forwards form separate cohorts. A lone session never waits:
+a cohort closes as soon as no other session could join it.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from common import tensor_codec as codec
+from common.wire import dlora_pb2 as pb
+from cloud_server.served_model import ServedModel
+from cloud_server.step_runner import EdgeLink, StepRunner
+
+
+@dataclass
+class StepJob:
+    """One session's step, handed to the batcher by that session's stream thread."""
+
+    link: EdgeLink
+    hidden: torch.Tensor     # [b, T, H] on the serving device
+    mask: torch.Tensor       # [b, T], 1 = real position
+    train: bool
+    cloud_seconds: float = 0.0
+    cohort_size: int = 1
+    done: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def tokens(self) -> int:
+        return int(self.hidden.shape[0] * self.hidden.shape[1])
+
+
+@dataclass
+class _Cohort:
+    train: bool
+    jobs: list[StepJob]
+    tokens: int
+    closed: bool = False
+
+
+@dataclass
+class BatchingConfig:
+    window: float = 0.02          # seconds a cohort waits for more members; 0 turns batching off
+    max_tokens: int = 65536       # batch x padded length of a whole cohort
+    max_members: int = 16
+
+
+class StepBatcher:
+    """Groups concurrent steps into cohorts and runs each cohort as one batch."""
+
+    def __init__(self, served: ServedModel, config: BatchingConfig,
+                 could_join: Callable[[], int] = lambda: 0) -> None:
+        self.served = served
+        self.config = config
+        # How many sessions are between steps and might arrive within the window.
+        self.could_join = could_join
+        self.groups = {name: tuple(group) for group in served.groups for name in group}
+        self._lock = threading.Condition()
+        self._forming: dict[bool, _Cohort] = {}
+
+    def run(self, job: StepJob) -> None:
+        """Run `job`'s step, alone or in a cohort; raises the job's own failure."""
+        cohort = self._join(job)
+        if cohort is not None:
+            self._lead(cohort)
+        job.done.wait()
+        if job.link.error is not None:
+            raise job.link.error
+
+    def _join(self, job: StepJob) -> _Cohort | None:
+        """Join a forming cohort (returns None) or open one and lead it."""
+        cfg = self.config
+        with self._lock:
+            forming = self._forming.get(job.train)
+            if (forming is not None and cfg.window > 0 and len(forming.jobs) < cfg.max_members
+                    and self._padded_tokens(forming.jobs + [job]) <= cfg.max_tokens):
+                forming.jobs.append(job)
+                self._lock.notify_all()
+                return None
+            cohort = _Cohort(job.train, [job], job.tokens)
+            if cfg.window > 0:
+                self._forming[job.train] = cohort
+            return cohort
+
+    def _lead(self, cohort: _Cohort) -> None:
+        end = time.monotonic() + self.config.window
+        with self._lock:
+            while (self.config.window > 0 and len(cohort.jobs) < self.config.max_members
+                   and self.could_join() > 0 and time.monotonic() < end):
+                self._lock.wait(timeout=min(end - time.monotonic(), 0.002))
+            if self._forming.get(cohort.train) is cohort:
+                del self._forming[cohort.train]
+        try:
+            run_cohort(self.served, cohort.jobs, self.groups)
+        except BaseException as exc:  # noqa: BLE001 - the whole batch failed: every member hears why
+            for job in cohort.jobs:
+                if job.link.error is None:
+                    job.link.error = exc
+        finally:
+            for job in cohort.jobs:
+                job.cohort_size = len(cohort.jobs)
+                job.done.set()
+
+    @staticmethod
+    def _padded_tokens(jobs: list[StepJob]) -> int:
+        return sum(j.hidden.shape[0] for j in jobs) * max(j.hidden.shape[1] for j in jobs)
+
+
+def _stack(jobs: list[StepJob]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The members' batches as one, each padded at the end to the longest sequence."""
+    if len(jobs) == 1:
+        return jobs[0].hidden, jobs[0].mask
+    length = max(j.hidden.shape[1] for j in jobs)
+    pad = torch.nn.functional.pad
+    hidden = torch.cat([pad(j.hidden, (0, 0, 0, length - j.hidden.shape[1])) for j in jobs])
+    mask = torch.cat([pad(j.mask, (0, length - j.mask.shape[1])) for j in jobs])
+    return hidden, mask
+
+
+def run_cohort(served: ServedModel, jobs: list[StepJob], groups: dict[str, tuple[str, ...]]) -> None:
+    """One step for every member: joint forward with the members' adapters, each
+    member's final hidden states out, their gradients in, one joint backward."""
+    t0 = time.perf_counter()
+    train = jobs[0].train
+    hidden, mask = _stack(jobs)
+    runner = StepRunner([j.link for j in jobs], train, groups,
+                        [j.hidden.shape[0] for j in jobs], [j.hidden.shape[1] for j in jobs])
+    try:
+        final = served.run(runner, hidden, mask)
+        for i, job in enumerate(jobs):
+            part = runner.part(i, final)
+            runner.guard(i, lambda: job.link.send(pb.CloudMessage(final_hidden=pb.FinalHidden(
+                hidden=codec.encode(part, job.link.wire_dtype)))))
+        if train:
+            grads = [runner.guard(i, lambda: _final_grad(job.link, runner.part(i, final)))
+                     for i, job in enumerate(jobs)]
+            runner.raise_if_all_failed()
+            if final.requires_grad:
+                final.backward(runner.joint(grads, final, final.shape[-1]))
+        runner.raise_if_all_failed()
+    finally:
+        runner.release()
+        final = None  # an aborted step's graph goes with it
+    # Cloud time is the step minus the time spent waiting on edges, shared by tokens.
+    cloud = time.perf_counter() - t0 - sum(j.link.wait_seconds for j in jobs)
+    total = sum(j.tokens for j in jobs)
+    for job in jobs:
+        job.cloud_seconds = max(cloud, 0.0) * job.tokens / total
+
+
+def _final_grad(link: EdgeLink, final: torch.Tensor) -> torch.Tensor:
+    msg = link.expect("final_grad")
+    grad = codec.decode(msg.final_grad.grad, name="final hidden gradient", shape=tuple(final.shape),
+                        dtypes=[link.wire_dtype])
+    return grad.to(device=final.device, dtype=final.dtype)
