@@ -12,6 +12,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -38,13 +39,36 @@ def timed(fn, warmup: int, reps: int) -> list[float]:
     return out
 
 
-def bench_model(label: str, model_dir: Path, batch_size: int, max_length: int, warmup: int, reps: int,
-                wire: str, cache: Path) -> dict:
+def in_process_step(model_dir: Path, adapters: dict[str, LoRAAdapter], batch) -> Callable[[], None]:
+    """The 1.0x line: the whole model with copies of `adapters` in this process, nothing on a wire."""
     from transformers import AutoModelForCausalLM
 
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model.requires_grad_(False)
+    ref = {n: LoRAAdapter(a.in_features, a.out_features, a.rank, a.scale) for n, a in adapters.items()}
+    load_adapters_state(ref, adapters_state(adapters))
+    inject(model, ref)
+    ref_opt = torch.optim.AdamW([p for a in ref.values() for p in a.parameters()], lr=1e-4)
+    inner, norm_head = model.base_model, model
+
+    def local() -> None:
+        ref_opt.zero_grad()
+        h = inner(input_ids=batch.input_ids, attention_mask=batch.attention_mask.long(), use_cache=False)
+        # Same head work as the edge: final norm is inside `inner`, LM head only at label positions.
+        picked = h.last_hidden_state[batch.rows, batch.positions]
+        loss = torch.nn.functional.cross_entropy(norm_head.lm_head(picked).float(), batch.targets)
+        loss.backward()
+        ref_opt.step()
+
+    return local
+
+
+def bench_model(label: str, model_dir: Path, batch_size: int, max_length: int, warmup: int, reps: int,
+                wire: str, cache: Path, threads: int = 0) -> dict:
     train_p, _ = datasets.bbc_news(Path.home() / ".cache" / "dlora")
     exs = datasets.load(train_p, datasets.BBC_TEMPLATE).examples[:batch_size]
-    with launch.start(["--model", str(model_dir), "--device", "cpu"], cache / f"{label}.log", timeout=900) as server:
+    server_args = ["--model", str(model_dir), "--device", "cpu", "--threads", str(threads)]
+    with launch.start(server_args, cache / f"{label}.log", timeout=900) as server:
         session = CloudSession(server.address, wire_dtype=wire)
         assets = session.fetch_assets(cache / "assets")
         tok, edge = load_tokenizer(assets), EdgeModel.from_assets(assets)
@@ -64,25 +88,7 @@ def bench_model(label: str, model_dir: Path, batch_size: int, max_length: int, w
 
         remote_t = timed(remote, warmup, reps)
         session.close()
-    # In-process: the whole model and the same adapters in this process, nothing on a wire.
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    model.requires_grad_(False)
-    ref = {n: LoRAAdapter(a.in_features, a.out_features, a.rank, a.scale) for n, a in adapters.items()}
-    load_adapters_state(ref, adapters_state(adapters))
-    inject(model, ref)
-    ref_opt = torch.optim.AdamW([p for a in ref.values() for p in a.parameters()], lr=1e-4)
-    inner, norm_head = model.base_model, model
-
-    def local() -> None:
-        ref_opt.zero_grad()
-        h = inner(input_ids=batch.input_ids, attention_mask=batch.attention_mask.long(), use_cache=False)
-        # Same head work as the edge: final norm is inside `inner`, LM head only at label positions.
-        picked = h.last_hidden_state[batch.rows, batch.positions]
-        loss = torch.nn.functional.cross_entropy(norm_head.lm_head(picked).float(), batch.targets)
-        loss.backward()
-        ref_opt.step()
-
-    local_t = timed(local, warmup, reps)
+    local_t = timed(in_process_step(model_dir, adapters, batch), warmup, reps)
     r, l_ = statistics.median(remote_t), statistics.median(local_t)
     return {"model": label, "batch": f"{batch_size}x{batch.input_ids.shape[1]}", "wire": wire,
             "in_process_s": l_, "distributed_s": r, "ratio": r / l_, "bytes_per_step": step["bytes"],
@@ -96,9 +102,17 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--skip-smollm2", action="store_true")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads in every process (cloud, edge, in-process); 0 keeps torch's default")
     p.add_argument("--out", type=Path, default=Path("bench/out/step_time.json"))
+    p.add_argument("--wire", default="fp32", choices=["fp32", "fp16", "bf16"], help="wire dtype (default: fp32)")
     args = p.parse_args()
+    from common.malloc_tuning import tune_malloc
     from tiny_models import save_tiny
+
+    tune_malloc()  # as edge_client's CLI does: this process is the edge
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -110,9 +124,10 @@ def main() -> int:
         for label, path in models:
             print(f"measuring {label} ...", flush=True)
             rows.append(bench_model(label, path, args.batch_size, args.max_length, args.warmup, args.reps,
-                                    "fp32", tmp))
+                                    args.wire, tmp, args.threads))
     print()
-    print(f"step time, CPU ({torch.get_num_threads()} threads), 127.0.0.1, fp32 wire, median of {args.reps}")
+    print(f"step time, CPU ({torch.get_num_threads()} torch threads per process), 127.0.0.1, {args.wire} wire, "
+          f"median of {args.reps}")
     print(f"| model | batch | in-process s | distributed s | ratio | MB on wire per step |")
     print(f"|---|---|---|---|---|---|")
     for r in rows:

@@ -143,8 +143,7 @@ def run_cohort(served: ServedModel, jobs: list[StepJob], groups: dict[str, tuple
         final = served.run(runner, hidden, mask)
         for i, job in enumerate(jobs):
             part = runner.part(i, final)
-            runner.guard(i, lambda: job.link.send(pb.CloudMessage(final_hidden=pb.FinalHidden(
-                hidden=codec.encode(part, job.link.wire_dtype)))))
+            runner.guard(i, lambda: job.link.send(final_message(part, job.link.wire_dtype)))
         if train:
             grads = [runner.guard(i, lambda: _final_grad(job.link, runner.part(i, final)))
                      for i, job in enumerate(jobs)]
@@ -160,6 +159,12 @@ def run_cohort(served: ServedModel, jobs: list[StepJob], groups: dict[str, tuple
     total = sum(j.tokens for j in jobs)
     for job in jobs:
         job.cloud_seconds = max(cloud, 0.0) * job.tokens / total
+
+
+def final_message(hidden: torch.Tensor, wire_dtype: torch.dtype) -> pb.CloudMessage:
+    msg = pb.CloudMessage()
+    codec.encode_into(msg.final_hidden.hidden, hidden, wire_dtype)  # in place: no copy per nesting level
+    return msg
 
 
 def _final_grad(link: EdgeLink, final: torch.Tensor) -> torch.Tensor:

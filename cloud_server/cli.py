@@ -118,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     log = logging.getLogger("cloud_server")
-    from cloud_server.session import limit_malloc_arenas
-    limit_malloc_arenas()
+    from common.malloc_tuning import tune_malloc
+    tune_malloc()
     if args.threads:
         torch.set_num_threads(args.threads)
     # Imported here so `--help` answers at once.

@@ -24,7 +24,7 @@ from cloud_server.federation import Federation, FederationClosed, FederationMism
 from cloud_server.served_model import ServedModel
 from cloud_server.session import (Session, SessionBusy, SessionManager, SessionNotFound,
                                   StepOutOfOrder, TooManySessions)
-from cloud_server.batching import BatchingConfig, StepBatcher, StepJob
+from cloud_server.batching import BatchingConfig, StepBatcher, StepJob, final_message
 from cloud_server.step_runner import EdgeLink, StepAborted, StepRunner
 
 log = logging.getLogger(__name__)
@@ -443,7 +443,7 @@ class DLoRAService(pb_grpc.DLoRAServicer):
                 if train:
                     hidden.requires_grad_(True)
                 final = self.served.run(runner, hidden, mask, cut=session.cut)
-                send(pb.CloudMessage(final_hidden=pb.FinalHidden(hidden=codec.encode(final, session.wire_dtype))))
+                send(final_message(final, session.wire_dtype))
                 if train:
                     msg = link.expect("final_grad")
                     grad = codec.decode(msg.final_grad.grad, name="final hidden gradient",
@@ -546,7 +546,7 @@ class DLoRAService(pb_grpc.DLoRAServicer):
                     wait += link.wait_seconds
                     passes += 1
                     session.tokens += int(mask[:, -hidden.shape[1]:].sum())
-                    send(pb.CloudMessage(final_hidden=pb.FinalHidden(hidden=codec.encode(last, session.wire_dtype))))
+                    send(final_message(last, session.wire_dtype))
                     extend_deadline()
                     t_wait = time.perf_counter()
                     try:

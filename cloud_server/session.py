@@ -12,37 +12,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from common.malloc_tuning import release_memory
 from cloud_server.sites import SiteSpec
 
 log = logging.getLogger(__name__)
-
-
-def _load_malloc_trim():
-    try:
-        import ctypes
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return None
-
-
-_malloc_trim = _load_malloc_trim()
-
-
-def limit_malloc_arenas(arenas: int = 2) -> None:
-    """Cap glibc's malloc arenas. Every gRPC and step thread would otherwise get
-    its own arena, and freed step activations stay scattered over them: a
-    server with three concurrent SmolLM2 edges grew past 11 GB this way."""
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").mallopt(-8, arenas)  # M_ARENA_MAX
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
-def release_memory() -> None:
-    """Hand freed memory back to the OS (glibc keeps per-thread arenas otherwise)."""
-    if _malloc_trim is not None:
-        _malloc_trim(0)
 
 
 # A session that stepped this recently is taken to be training and about to step again.

@@ -108,8 +108,12 @@ class EdgeLink:
         return [self.sites[site].modules[i].name for i in self.live[site]]
 
     def send_site_input(self, site: int, x: torch.Tensor) -> None:
-        self.send(pb.CloudMessage(site_input=pb.SiteInput(
-            site=site, x=codec.encode(x, self.wire_dtype), live=self.live[site])))
+        # Built in place: nesting a finished Tensor message would copy its megabytes once per level.
+        msg = pb.CloudMessage()
+        msg.site_input.site = site
+        msg.site_input.live.extend(self.live[site])
+        codec.encode_into(msg.site_input.x, x, self.wire_dtype)
+        self.send(msg)
 
     def receive_site_outputs(self, site: int, x: torch.Tensor) -> list[torch.Tensor]:
         spec, live = self.sites[site], self.live[site]
@@ -132,9 +136,12 @@ class EdgeLink:
         return [x.new_zeros(lead + (self.sites[site].modules[i].out_features,)) for i in self.live[site]]
 
     def send_site_grads(self, site: int, grads: list[torch.Tensor], want_dx: bool) -> None:
-        self.send(pb.CloudMessage(site_grad_outputs=pb.SiteGradOutputs(
-            site=site, grad_outputs=[codec.encode(g, self.wire_dtype) for g in grads],
-            want_grad_input=want_dx)))
+        msg = pb.CloudMessage()
+        msg.site_grad_outputs.site = site
+        msg.site_grad_outputs.want_grad_input = want_dx
+        for g in grads:
+            codec.encode_into(msg.site_grad_outputs.grad_outputs.add(), g, self.wire_dtype)
+        self.send(msg)
 
     def receive_site_grad_input(self, site: int, x_shape: torch.Size, want_dx: bool) -> torch.Tensor | None:
         reply = self.expect("site_grad_input").site_grad_input

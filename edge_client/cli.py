@@ -211,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    from common.malloc_tuning import tune_malloc
+    tune_malloc()  # every step parses and builds megabyte messages: keep those buffers warm
     if args.command == "report":
         return _report(args.run_dir)
     if args.command == "export":

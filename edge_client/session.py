@@ -27,6 +27,18 @@ from common.wire import dlora_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 _BOOTSTRAP_MESSAGE_BYTES = 16 << 20
+_SERVICE = pb.DESCRIPTOR.services_by_name["DLoRA"].full_name
+_STEP_METHODS = ("TrainStep", "Forward", "Generate")
+
+
+def _serialised(raw: bytes) -> bytes:
+    """Step messages are serialised by `_stream` already (it needs their size first)."""
+    return raw
+
+
+def _sized_reply(raw: bytes) -> tuple[int, pb.CloudMessage]:
+    """A cloud message with its wire size; ByteSize() would serialise it all over again."""
+    return len(raw), pb.CloudMessage.FromString(raw)
 
 
 class CloudError(RuntimeError):
@@ -118,6 +130,7 @@ class StepStats:
     head_flops: int = 0       # final norm + LM head (filled in by the trainer)
     block_flops: int = 0      # SplitLoRA: the frozen blocks the edge runs (filled in by the trainer)
     cloud_seconds: float = 0.0
+    batch_sessions: int = 1   # sessions whose steps the cloud ran as one batch with this one
 
 
 def _rpc_error(exc: grpc.RpcError) -> CloudError:
@@ -200,6 +213,11 @@ class CloudSession:
         # Message limits follow what the server announced for the largest site tensor.
         self.channel = self._channel(self.limits.max_message_bytes)
         self.stub = pb_grpc.DLoRAStub(self.channel)
+        # The step streams carry megabytes per message: each is serialised once,
+        # and its size comes from that serialisation instead of a second one.
+        self.step_rpcs = {name: self.channel.stream_stream(f"/{_SERVICE}/{name}", request_serializer=_serialised,
+                                                           response_deserializer=_sized_reply)
+                          for name in _STEP_METHODS}
 
     def reopen(self) -> None:
         """A new session on the same server (after a restart), with the killed adapters parked again."""
@@ -327,12 +345,13 @@ class CloudSession:
         """
         params = [p for a in adapters.values() for p in (a.lora_A, a.lora_B)]
         return self._with_retries(f"step {step_id}", lambda: self._step(
-            self.stub.TrainStep, step_id, hidden, mask, adapters, loss_fn), params)
+            self.step_rpcs["TrainStep"], step_id, hidden, mask, adapters, loss_fn), params)
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor,
                 adapters: dict[str, LoRAAdapter]) -> tuple[torch.Tensor, StepStats]:
         """Forward only: the final hidden state [B, T, H] (before the final norm)."""
-        return self._with_retries("forward", lambda: self._step(self.stub.Forward, 0, hidden, mask, adapters, None))
+        return self._with_retries("forward", lambda: self._step(self.step_rpcs["Forward"], 0, hidden, mask,
+                                                                adapters, None))
 
     def generate(self, hidden: torch.Tensor, mask: torch.Tensor, adapters: dict[str, LoRAAdapter],
                  next_embedding: Callable[[torch.Tensor], torch.Tensor | None]) -> StepStats:
@@ -358,7 +377,7 @@ class CloudSession:
             return True
 
         # No overall deadline: the cloud bounds each token's wait instead.
-        _, stats = self._stream(self.stub.Generate, 0, hidden, mask, adapters, False, on_final, timeout=None)
+        _, stats = self._stream(self.step_rpcs["Generate"], 0, hidden, mask, adapters, False, on_final, timeout=None)
         return stats
 
     # -- SplitLoRA ---------------------------------------------------------------
@@ -373,7 +392,7 @@ class CloudSession:
                     g.grad, name="cut-layer gradient", shape=tuple(cut.shape), dtypes=[self.wire_dtype]).float())
                 return exchange.final(msg, loss_fn, tuple(cut.shape))
 
-            loss, stats = self._stream(self.stub.TrainStep, step_id, cut.detach(), mask, {}, True, on_final)
+            loss, stats = self._stream(self.step_rpcs["TrainStep"], step_id, cut.detach(), mask, {}, True, on_final)
             if "grad" not in got:
                 raise CloudError("the cloud ended a SplitLoRA step without the cut-layer gradient")
             return loss, stats, got["grad"]
@@ -428,30 +447,31 @@ class CloudSession:
         outbox: queue.SimpleQueue = queue.SimpleQueue()
 
         def send(msg: pb.EdgeMessage) -> None:
-            size = msg.ByteSize()
-            if size > self.limits.max_message_bytes:
-                raise WireError(f"a {size}-byte message exceeds the server's limit of "
+            raw = msg.SerializeToString()
+            if len(raw) > self.limits.max_message_bytes:
+                raise WireError(f"a {len(raw)}-byte message exceeds the server's limit of "
                                 f"{self.limits.max_message_bytes} bytes; use a smaller batch or sequence")
-            stats.bytes_sent += size
+            stats.bytes_sent += len(raw)
             stats.messages += 1
-            outbox.put(msg)
+            outbox.put(raw)
 
-        def requests() -> Iterator[pb.EdgeMessage]:
-            while (msg := outbox.get()) is not None:
-                yield msg
+        def requests() -> Iterator[bytes]:
+            while (raw := outbox.get()) is not None:
+                yield raw
 
-        send(pb.EdgeMessage(start=pb.StepStart(
-            session_id=self.session_id, step_id=step_id,
-            hidden=codec.encode(hidden, self.wire_dtype),
-            attention_mask=codec.encode(mask.bool()))))
+        first = pb.EdgeMessage()
+        first.start.session_id, first.start.step_id = self.session_id, step_id
+        codec.encode_into(first.start.hidden, hidden, self.wire_dtype)
+        codec.encode_into(first.start.attention_mask, mask.bool())
+        send(first)
         exchange = _EdgeExchange(self, adapters, send, stats, train, tuple(hidden.shape[:2]),
                                  close_stream=lambda: outbox.put(None))
         result = None
         responses = rpc(requests(), timeout=self.timeout if timeout == -1.0 else timeout,
                         metadata=self.credentials.metadata())
         try:
-            for msg in responses:
-                stats.bytes_received += msg.ByteSize()
+            for size, msg in responses:
+                stats.bytes_received += size
                 stats.messages += 1
                 kind = msg.WhichOneof("kind")
                 if kind == "site_input":
@@ -464,6 +484,7 @@ class CloudSession:
                     exchange.on_cut_grad(msg.cut_grad)
                 elif kind == "end":
                     stats.cloud_seconds = msg.end.cloud_seconds
+                    stats.batch_sessions = msg.end.batch_sessions or 1
                     break
                 else:
                     raise WireError(f"unexpected message {kind!r} from the cloud")
@@ -545,9 +566,12 @@ class _EdgeExchange:
             self.saved[msg.site] = (x, ys, mods)
         self.stats.sites += 1
         self.stats.edge_flops += sum(m.flops(tokens) for m in mods)
-        wire = self.session.wire_dtype
-        self.send(pb.EdgeMessage(site_outputs=pb.SiteOutputs(
-            site=msg.site, outputs=[codec.encode(y, wire) for y in ys])))
+        # Built in place: a finished Tensor put into a message is copied again.
+        reply = pb.EdgeMessage()
+        reply.site_outputs.site = msg.site
+        for y in ys:
+            codec.encode_into(reply.site_outputs.outputs.add(), y, self.session.wire_dtype)
+        self.send(reply)
 
     def final(self, msg: pb.FinalHidden, loss_fn, shape: tuple[int, ...]):
         h = codec.decode(msg.hidden, name="final hidden state", shape=shape,
@@ -557,7 +581,9 @@ class _EdgeExchange:
         h.requires_grad_(True)
         loss = loss_fn(h)
         loss.backward()
-        self.send(pb.EdgeMessage(final_grad=pb.FinalGrad(grad=codec.encode(h.grad, self.session.wire_dtype))))
+        reply = pb.EdgeMessage()
+        codec.encode_into(reply.final_grad.grad, h.grad, self.session.wire_dtype)
+        self.send(reply)
         return float(loss.detach())
 
     def backward(self, msg: pb.SiteGradOutputs) -> None:
@@ -574,7 +600,9 @@ class _EdgeExchange:
         self.stats.edge_flops += 2 * sum(m.flops(tokens) for m in mods)
         inputs = params + ([x] if msg.want_grad_input else [])
         torch.autograd.backward(ys, grads, inputs=inputs)
-        reply = pb.SiteGradInput(site=msg.site)
+        reply = pb.EdgeMessage()
+        reply.site_grad_input.SetInParent()  # the kind is set even for site 0 without dL/dx
+        reply.site_grad_input.site = msg.site
         if msg.want_grad_input:
-            reply.grad_input.CopyFrom(codec.encode(x.grad, self.session.wire_dtype))
-        self.send(pb.EdgeMessage(site_grad_input=reply))
+            codec.encode_into(reply.site_grad_input.grad_input, x.grad, self.session.wire_dtype)
+        self.send(reply)

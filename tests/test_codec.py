@@ -57,3 +57,58 @@ def test_dtype_names():
     assert codec.dtype_from_name("bf16") == torch.bfloat16
     with pytest.raises(ValueError, match="unknown wire dtype"):
         codec.dtype_from_name("int8")
+
+
+FLOATS = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("where", [0, 4, -1])
+def test_non_finite_is_refused_in_every_float_dtype(dtype, bad, where):
+    t = torch.randn(3, 5).to(dtype)
+    t.view(-1)[where] = bad
+    with pytest.raises(WireError, match="NaN or Inf"):
+        codec.decode(codec.encode(t), name="t")
+    assert codec.decode(codec.encode(t), name="t", finite=False).view(-1)[where].isfinite().item() is False
+
+
+@pytest.mark.parametrize("bits", [0x7F81, 0xFFC1, 0x7FFF, 0xFF80])
+def test_bf16_nan_payloads_and_negative_inf_are_refused(bits):
+    # NaNs with any payload bits: the check looks at the exponent, not at one pattern.
+    raw = bits.to_bytes(2, "little") + bytes(2)
+    with pytest.raises(WireError, match="NaN or Inf"):
+        codec.decode(pb.Tensor(dtype=pb.BFLOAT16, shape=[2], data=raw), name="t")
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_finite_extremes_pass(dtype):
+    info = torch.finfo(dtype)
+    t = torch.tensor([info.max, -info.max, info.tiny, info.tiny / 4, -0.0, 0.0], dtype=dtype)
+    bits = torch.int32 if dtype == torch.float32 else torch.int16  # -0.0 and subnormals bit for bit
+    assert torch.equal(codec.decode(codec.encode(t), name="t").view(bits), t.view(bits))
+
+
+@pytest.mark.parametrize("dtype", FLOATS + [torch.bool])
+def test_decoded_tensor_is_writable_and_owns_its_memory(dtype):
+    # Autograd may accumulate into a decoded gradient in place: it must not be
+    # (or alias) the message's immutable bytes.
+    t = torch.ones(2, 3, dtype=dtype)
+    msg = codec.encode(t)
+    back = codec.decode(msg, name="t")
+    as_numpy = back.view(torch.int16) if dtype == torch.bfloat16 else back  # numpy has no bfloat16
+    assert as_numpy.numpy().flags.writeable
+    back.zero_()
+    assert torch.equal(codec.decode(msg, name="t"), t)
+
+
+def test_encode_into_a_field_equals_encode():
+    t = torch.randn(2, 3)
+    outer = pb.EdgeMessage()
+    codec.encode_into(outer.site_outputs.outputs.add(), t, torch.float16)
+    codec.encode_into(outer.site_outputs.outputs.add(), t.T)  # non-contiguous
+    assert outer.site_outputs.outputs[0] == codec.encode(t, torch.float16)
+    assert torch.equal(codec.decode(outer.site_outputs.outputs[1], name="t"), t.T)
+    again = outer.site_outputs.outputs[0]
+    codec.encode_into(again, torch.zeros(4))  # refilling replaces, never appends to the shape
+    assert list(again.shape) == [4] and again.dtype == pb.FLOAT32
