@@ -64,7 +64,7 @@ def in_process_step(model_dir: Path, adapters: dict[str, LoRAAdapter], batch) ->
 
 
 def bench_model(label: str, model_dir: Path, batch_size: int, max_length: int, warmup: int, reps: int,
-                wire: str, cache: Path, threads: int = 0) -> dict:
+                wire: str, cache: Path, threads: int = 0, edge_threads: int = 0) -> dict:
     train_p, _ = datasets.bbc_news(Path.home() / ".cache" / "dlora")
     exs = datasets.load(train_p, datasets.BBC_TEMPLATE).examples[:batch_size]
     server_args = ["--model", str(model_dir), "--device", "cpu", "--threads", str(threads)]
@@ -86,7 +86,11 @@ def bench_model(label: str, model_dir: Path, batch_size: int, max_length: int, w
             step["bytes"] = st.bytes_sent + st.bytes_received
             opt.step()
 
+        default_threads = torch.get_num_threads()
+        if edge_threads:
+            torch.set_num_threads(edge_threads)
         remote_t = timed(remote, warmup, reps)
+        torch.set_num_threads(default_threads)
         session.close()
     local_t = timed(in_process_step(model_dir, adapters, batch), warmup, reps)
     r, l_ = statistics.median(remote_t), statistics.median(local_t)
@@ -105,6 +109,10 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads in every process (cloud, edge, in-process); 0 keeps torch's default")
     p.add_argument("--out", type=Path, default=Path("bench/out/step_time.json"))
+    p.add_argument("--edge-threads", type=int, default=0,
+                   help="torch threads of the edge (this process) during the distributed steps; 0: as --threads. "
+                        "The edge's adapter work is small; on a host it shares with the cloud its idle "
+                        "threads' spinning slows the cloud")
     p.add_argument("--wire", default="fp32", choices=["fp32", "fp16", "bf16"], help="wire dtype (default: fp32)")
     args = p.parse_args()
     from common.malloc_tuning import tune_malloc
@@ -124,7 +132,7 @@ def main() -> int:
         for label, path in models:
             print(f"measuring {label} ...", flush=True)
             rows.append(bench_model(label, path, args.batch_size, args.max_length, args.warmup, args.reps,
-                                    args.wire, tmp, args.threads))
+                                    args.wire, tmp, args.threads, args.edge_threads))
     print()
     print(f"step time, CPU ({torch.get_num_threads()} torch threads per process), 127.0.0.1, {args.wire} wire, "
           f"median of {args.reps}")
