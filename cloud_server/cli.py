@@ -42,6 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma-separated leaf names of the linears edges may adapt by default, "
                         "e.g. q_proj,k_proj,v_proj (default: the attention input projections)")
     p.add_argument("--max-sessions", type=int, default=8, help="most edge sessions open at once (default: %(default)s)")
+    p.add_argument("--max-sessions-per-client", type=int, default=0,
+                   help="most sessions one client identity (its token or certificate) may hold, so one client "
+                        "cannot take every slot; 0: no limit besides --max-sessions (default: %(default)s)")
     p.add_argument("--max-batch-tokens", type=int, default=16384,
                    help="largest batch x sequence length one step may carry (default: %(default)s)")
     p.add_argument("--max-message-mb", type=float, default=0,
@@ -86,6 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.max_sessions < 1 or args.max_batch_tokens < 1:
         p.error("--max-sessions and --max-batch-tokens must be positive")
+    if args.max_sessions_per_client < 0:
+        p.error("--max-sessions-per-client must not be negative (0: no limit)")
     if not 0 <= args.port <= 65535:
         p.error(f"--port must be 0..65535, got {args.port}")
     if bool(args.tls_cert) != bool(args.tls_key):
@@ -143,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     if not tls and not is_loopback(args.host):
         log.warning("serving PLAINTEXT on %s: activations and tokens cross the network unencrypted", args.host)
     limits = ServerLimits(args.max_sessions, args.max_batch_tokens, int(args.max_message_mb * (1 << 20)),
-                          args.idle_timeout, args.step_timeout)
+                          args.idle_timeout, args.step_timeout, args.max_sessions_per_client)
     modes = ("dlora", "splitlora") if args.mode == "any" else (args.mode,)
     batching = BatchingConfig(args.batch_window_ms / 1000, args.max_cohort_tokens, args.max_cohort_sessions)
     service = DLoRAService(served, limits, Authenticator(tokens, mtls=bool(args.tls_client_ca)), modes=modes,

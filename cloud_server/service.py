@@ -66,6 +66,7 @@ class ServerLimits:
     max_message_bytes: int = 0      # 0: derived from the model so the largest site tensor fits
     idle_timeout: float = 600.0     # seconds without a call before a session is freed
     step_timeout: float = 300.0     # seconds one step may take, edge waits included
+    max_sessions_per_client: int = 0  # most sessions one identity may hold; 0: only max_sessions applies
 
 
 class Throughput:
@@ -121,7 +122,7 @@ class DLoRAService(pb_grpc.DLoRAServicer):
         self.federations = Federations()
         self.limits = limits
         self.auth = auth or Authenticator()
-        self.sessions = SessionManager(limits.max_sessions)
+        self.sessions = SessionManager(limits.max_sessions, limits.max_sessions_per_client)
         self.throughput = Throughput()
         self.batcher = StepBatcher(served, batching or BatchingConfig(), could_join=self.sessions.between_steps)
         self.assets_digest = edge_assets.digest(served.assets)

@@ -117,8 +117,9 @@ class Session:
 
 
 class SessionManager:
-    def __init__(self, max_sessions: int) -> None:
+    def __init__(self, max_sessions: int, per_client: int = 0) -> None:
         self.max_sessions = max_sessions
+        self.per_client = per_client      # most sessions one identity may hold; 0: no limit of its own
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
 
@@ -129,6 +130,12 @@ class SessionManager:
             if len(self._sessions) >= self.max_sessions:
                 raise TooManySessions(
                     f"the server holds its maximum of {self.max_sessions} sessions; try again later"
+                )
+            held = sum(1 for s in self._sessions.values() if s.owner == owner)
+            if self.per_client and held >= self.per_client:
+                raise TooManySessions(
+                    f"this client already holds {held} sessions, the most one client may hold on this server; "
+                    "close one first"
                 )
             # 128 random bits: a session id cannot be guessed.
             session = Session(secrets.token_hex(16), owner, client_name or "anonymous", sites, wire_dtype)

@@ -81,6 +81,25 @@ def test_tokens_and_session_binding(token_server, tmp_path):
         channel.close()
 
 
+def test_sessions_per_client_quota(model_dirs, tmp_path):
+    """One client cannot take every slot: past its quota it is refused, others still get in."""
+    (tmp_path / "tokens").write_text(f"alice {ALICE}\nbob {BOB}\n")
+    args = ["--model", str(model_dirs["llama"]), "--tokens", str(tmp_path / "tokens"),
+            "--max-sessions", "4", "--max-sessions-per-client", "2"]
+    with launch.start(args, tmp_path / "s.log", timeout=300) as server:
+        channel = grpc.insecure_channel(server.address)
+        stub = pb_grpc.DLoRAStub(channel)
+        alice, bob = (("authorization", f"Bearer {ALICE}"),), (("authorization", f"Bearer {BOB}"),)
+        held = [stub.OpenSession(pb.OpenSessionRequest(), metadata=alice).session_id for _ in range(2)]
+        expect_error(lambda: stub.OpenSession(pb.OpenSessionRequest(), metadata=alice),
+                     grpc.StatusCode.RESOURCE_EXHAUSTED, "already holds 2 sessions")
+        assert stub.OpenSession(pb.OpenSessionRequest(), metadata=bob).session_id
+        # Closing one of Alice's sessions gives her the slot back.
+        stub.CloseSession(pb.CloseSessionRequest(session_id=held[0]), metadata=alice)
+        assert stub.OpenSession(pb.OpenSessionRequest(), metadata=alice).session_id
+        channel.close()
+
+
 def test_tls_and_mutual_tls(model_dirs, tmp_path):
     pki = make_pki(tmp_path / "pki")
     tls = ["--tls-cert", str(pki["server_cert"]), "--tls-key", str(pki["server_key"])]
