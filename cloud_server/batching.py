@@ -14,6 +14,7 @@ a cohort closes as soon as no other session could join it.
 """
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from collections.abc import Callable
@@ -35,6 +36,7 @@ class StepJob:
     hidden: torch.Tensor     # [b, T, H] on the serving device
     mask: torch.Tensor       # [b, T], 1 = real position
     train: bool
+    solo: bool = False       # never batched (its edge once lagged behind a joint batch)
     cloud_seconds: float = 0.0
     cohort_size: int = 1
     done: threading.Event = field(default_factory=threading.Event)
@@ -49,7 +51,6 @@ class _Cohort:
     train: bool
     jobs: list[StepJob]
     tokens: int
-    closed: bool = False
 
 
 @dataclass
@@ -57,6 +58,10 @@ class BatchingConfig:
     window: float = 0.02          # seconds a cohort waits for more members; 0 turns batching off
     max_tokens: int = 65536       # batch x padded length of a whole cohort
     max_members: int = 16
+    lag_timeout: float = 30.0     # seconds one exchange of a batched edge may take before it is dropped
+    # Padded tokens at most this many times the real ones: a member with long
+    # sequences must not make short ones pay for its padding.
+    max_padding: float = 1.5
 
 
 class StepBatcher:
@@ -70,7 +75,7 @@ class StepBatcher:
         self.could_join = could_join
         self.groups = {name: tuple(group) for group in served.groups for name in group}
         self._lock = threading.Condition()
-        self._forming: dict[bool, _Cohort] = {}
+        self._forming: list[_Cohort] = []
 
     def run(self, job: StepJob) -> None:
         """Run `job`'s step, alone or in a cohort; raises the job's own failure."""
@@ -78,46 +83,49 @@ class StepBatcher:
         if cohort is not None:
             self._lead(cohort)
         job.done.wait()
-        if job.link.error is not None:
-            raise job.link.error
+        err = job.link.take_error()
+        if err is not None:
+            raise err
 
     def _join(self, job: StepJob) -> _Cohort | None:
         """Join a forming cohort (returns None) or open one and lead it."""
-        cfg = self.config
         with self._lock:
-            forming = self._forming.get(job.train)
-            if (forming is not None and cfg.window > 0 and len(forming.jobs) < cfg.max_members
-                    and self._padded_tokens(forming.jobs + [job]) <= cfg.max_tokens):
-                forming.jobs.append(job)
-                self._lock.notify_all()
-                return None
+            if self.config.window > 0 and not job.solo:
+                for forming in self._forming:
+                    if forming.train == job.train and self._fits(forming.jobs, job):
+                        forming.jobs.append(job)
+                        self._lock.notify_all()
+                        return None
             cohort = _Cohort(job.train, [job], job.tokens)
-            if cfg.window > 0:
-                self._forming[job.train] = cohort
+            if self.config.window > 0 and not job.solo:
+                self._forming.append(cohort)
             return cohort
+
+    def _fits(self, jobs: list[StepJob], job: StepJob) -> bool:
+        members = jobs + [job]
+        padded = sum(j.hidden.shape[0] for j in members) * max(j.hidden.shape[1] for j in members)
+        return (len(members) <= self.config.max_members and padded <= self.config.max_tokens
+                and padded <= self.config.max_padding * sum(j.tokens for j in members))
 
     def _lead(self, cohort: _Cohort) -> None:
         end = time.monotonic() + self.config.window
         with self._lock:
-            while (self.config.window > 0 and len(cohort.jobs) < self.config.max_members
+            while (cohort in self._forming and len(cohort.jobs) < self.config.max_members
                    and self.could_join() > 0 and time.monotonic() < end):
                 self._lock.wait(timeout=min(end - time.monotonic(), 0.002))
-            if self._forming.get(cohort.train) is cohort:
-                del self._forming[cohort.train]
+            if cohort in self._forming:
+                self._forming.remove(cohort)
         try:
-            run_cohort(self.served, cohort.jobs, self.groups)
+            run_cohort(self.served, cohort.jobs, self.groups, self.config.lag_timeout)
         except BaseException as exc:  # noqa: BLE001 - the whole batch failed: every member hears why
             for job in cohort.jobs:
                 if job.link.error is None:
-                    job.link.error = exc
+                    # One copy per member: each is re-raised in its own thread.
+                    job.link.error = copy.copy(exc) if len(cohort.jobs) > 1 else exc
         finally:
             for job in cohort.jobs:
                 job.cohort_size = len(cohort.jobs)
                 job.done.set()
-
-    @staticmethod
-    def _padded_tokens(jobs: list[StepJob]) -> int:
-        return sum(j.hidden.shape[0] for j in jobs) * max(j.hidden.shape[1] for j in jobs)
 
 
 def _stack(jobs: list[StepJob]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,22 +139,23 @@ def _stack(jobs: list[StepJob]) -> tuple[torch.Tensor, torch.Tensor]:
     return hidden, mask
 
 
-def run_cohort(served: ServedModel, jobs: list[StepJob], groups: dict[str, tuple[str, ...]]) -> None:
+def run_cohort(served: ServedModel, jobs: list[StepJob], groups: dict[str, tuple[str, ...]],
+               lag_timeout: float | None = None) -> None:
     """One step for every member: joint forward with the members' adapters, each
     member's final hidden states out, their gradients in, one joint backward."""
     t0 = time.perf_counter()
     train = jobs[0].train
     hidden, mask = _stack(jobs)
     runner = StepRunner([j.link for j in jobs], train, groups,
-                        [j.hidden.shape[0] for j in jobs], [j.hidden.shape[1] for j in jobs])
+                        [j.hidden.shape[0] for j in jobs], [j.hidden.shape[1] for j in jobs], lag_timeout)
     try:
         final = served.run(runner, hidden, mask)
         for i, job in enumerate(jobs):
             part = runner.part(i, final)
             runner.guard(i, lambda: job.link.send(final_message(part, job.link.wire_dtype)))
         if train:
-            grads = [runner.guard(i, lambda: _final_grad(job.link, runner.part(i, final)))
-                     for i, job in enumerate(jobs)]
+            grads = runner.collect(list(range(len(jobs))),
+                                   lambda i: _final_grad(jobs[i].link, runner.part(i, final)))
             runner.raise_if_all_failed()
             if final.requires_grad:
                 final.backward(runner.joint(grads, final, final.shape[-1]))

@@ -60,6 +60,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="largest joint batch: sessions x batch x longest sequence (default: %(default)s)")
     bat.add_argument("--max-cohort-sessions", type=int, default=16,
                      help="most sessions in one joint batch (default: %(default)s)")
+    bat.add_argument("--batch-lag-timeout", type=float, default=30,
+                     help="seconds a batched edge may take to answer one exchange; a slower edge is dropped "
+                          "from its batch (its step fails and is retried) and runs alone from then on, so it "
+                          "cannot hold the others back (default: %(default)s)")
     p.add_argument("--idle-timeout", type=float, default=600,
                    help="seconds without a call before a session is freed (default: %(default)s)")
     p.add_argument("--step-timeout", type=float, default=300,
@@ -101,6 +105,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--idle-timeout and --step-timeout must be positive, --shutdown-grace not negative")
     if args.batch_window_ms < 0 or args.max_cohort_tokens < 1 or args.max_cohort_sessions < 1:
         p.error("--batch-window-ms must not be negative; --max-cohort-tokens and --max-cohort-sessions must be positive")
+    if args.batch_lag_timeout <= 0:
+        p.error("--batch-lag-timeout must be positive")
     if args.stats_every <= 0:
         p.error("--stats-every must be positive")
     from cloud_server.auth import is_loopback
@@ -150,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     limits = ServerLimits(args.max_sessions, args.max_batch_tokens, int(args.max_message_mb * (1 << 20)),
                           args.idle_timeout, args.step_timeout, args.max_sessions_per_client)
     modes = ("dlora", "splitlora") if args.mode == "any" else (args.mode,)
-    batching = BatchingConfig(args.batch_window_ms / 1000, args.max_cohort_tokens, args.max_cohort_sessions)
+    batching = BatchingConfig(args.batch_window_ms / 1000, args.max_cohort_tokens, args.max_cohort_sessions,
+                              args.batch_lag_timeout)
     service = DLoRAService(served, limits, Authenticator(tokens, mtls=bool(args.tls_client_ca)), modes=modes,
                            batching=batching)
     try:

@@ -48,6 +48,10 @@ class StepTimeout(Exception):
     pass
 
 
+class LaggedBehind(StepTimeout):
+    """An edge answered too slowly for the joint batch it was in."""
+
+
 class Draining(Exception):
     pass
 
@@ -75,7 +79,7 @@ class Throughput:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._counts = {"steps": 0, "forwards": 0, "generations": 0, "tokens": 0, "cloud_seconds": 0.0,
-                        "batched": 0, "cohort_members": 0}
+                        "batched": 0, "cohort_members": 0, "batchable": 0}
 
     def add(self, **counts: float) -> None:
         with self._lock:
@@ -347,19 +351,34 @@ class DLoRAService(pb_grpc.DLoRAServicer):
 
         first = [True]
 
-        def receive() -> pb.EdgeMessage:
+        def receive(within: float | None = None) -> pb.EdgeMessage:
+            """The edge's next message. `within`: seconds this one exchange may take
+            (a joint batch drops an edge that lags the others by more)."""
             # The opening message must come quickly: idle streams must not hold handler threads.
             limit = min(deadline[0], time.monotonic() + FIRST_MESSAGE_SECONDS) if first[0] else deadline[0]
             first[0] = False
+            lag_limit = within is not None and time.monotonic() + within < limit
+            if lag_limit:
+                limit = time.monotonic() + within
             try:
                 item = inbox.get(timeout=max(limit - time.monotonic(), 0.0))
             except queue.Empty:
+                if lag_limit:
+                    raise LaggedBehind(f"this edge took more than {within:.0f} s to answer one exchange while "
+                                       "its step was batched with other edges' steps; it was dropped from the "
+                                       "batch and its steps now run alone (retry the step)") from None
                 raise StepTimeout(f"the step did not finish within the server's step deadline of "
                                   f"{self.limits.step_timeout:.0f} s (or its first message within "
                                   f"{FIRST_MESSAGE_SECONDS:.0f} s)") from None
             if item is _EOF:
                 raise StepAborted("the edge closed the stream in the middle of a step")
             return item
+
+        def credit(seconds: float) -> None:
+            # Time a joint batch spent waiting on *other* edges is not this edge's to pay.
+            deadline[0] += seconds
+
+        receive.credit = credit  # type: ignore[attr-defined]
 
         def work() -> None:
             holder: dict[str, Session] = {}
@@ -418,15 +437,21 @@ class DLoRAService(pb_grpc.DLoRAServicer):
             return self._run_split_step(session, start, receive, send, train)
         hidden, mask = self._decode_inputs(session, start)
         with session.step(start.step_id, train):
-            job = StepJob(EdgeLink(session.sites, receive, send, session.wire_dtype, parked=dict(session.parked)),
-                          hidden, mask, train)
-            # Alone, or batched with other sessions' steps that arrive together.
-            self.batcher.run(job)
+            link = EdgeLink(session.sites, receive, send, session.wire_dtype, parked=dict(session.parked),
+                            credit=receive.credit)
+            # Alone, or batched with other sessions' steps that arrive together; an edge
+            # that once lagged behind its batch runs alone from then on.
+            job = StepJob(link, hidden, mask, train, solo=session.solo)
+            try:
+                self.batcher.run(job)
+            except LaggedBehind:
+                session.solo = True
+                raise
             session.tokens += int(mask.sum())
             session.cloud_seconds += job.cloud_seconds
             self.throughput.add(**{"steps" if train else "forwards": 1}, tokens=int(mask.sum()),
                                 cloud_seconds=job.cloud_seconds, batched=int(job.cohort_size > 1),
-                                cohort_members=job.cohort_size)
+                                cohort_members=job.cohort_size, batchable=1)
         # Sent once the session is free again, so the edge's next call never finds it busy.
         send(pb.CloudMessage(end=pb.StepEnd(step_id=start.step_id, cloud_seconds=job.cloud_seconds,
                                                 batch_sessions=job.cohort_size)))
@@ -462,6 +487,7 @@ class DLoRAService(pb_grpc.DLoRAServicer):
                 raise
             finally:
                 runner.release()
+                link.error = None  # the error holds frames that hold the graph: drop the back-reference
                 final = None
             cloud = time.perf_counter() - t0 - link.wait_seconds
             session.tokens += int(mask.sum())
@@ -544,6 +570,7 @@ class DLoRAService(pb_grpc.DLoRAServicer):
                         last = self.served.extend(runner, hidden, mask, cache)
                     finally:
                         runner.release()
+                        link.error = None  # the error holds frames that hold the graph
                     wait += link.wait_seconds
                     passes += 1
                     session.tokens += int(mask[:, -hidden.shape[1]:].sum())
@@ -618,7 +645,7 @@ class DLoRAService(pb_grpc.DLoRAServicer):
         if c["batched"]:
             # cohort_members counts, per step, how many sessions shared its batch.
             batched = (f"; {c['batched']:.0f} steps batched with other sessions' "
-                       f"(mean {c['cohort_members'] / max(c['steps'] + c['forwards'], 1):.1f} sessions per batch)")
+                       f"(mean {c['cohort_members'] / max(c['batchable'], 1):.1f} sessions per batch)")
         log.info("last %.0f s: %d training steps, %d forwards, %d generations, %d tokens (%.0f tokens/s), "
                  "cloud compute %.1f s (%.0f%% busy)%s; %d sessions open",
                  seconds, c["steps"], c["forwards"], c["generations"], c["tokens"], c["tokens"] / seconds,

@@ -65,6 +65,7 @@ class Session:
     federation: object | None = None
     last_update_step: int = -1        # last step id whose server-side update was applied
     on_close: list = field(default_factory=list)
+    solo: bool = False                # lagged behind a joint batch once: its steps run alone
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property

@@ -84,6 +84,9 @@ class EdgeLink:
     # Killed modules' adapters, applied here, frozen, with no traffic.
     parked: dict[str, nn.Module] = field(default_factory=dict)
     live: dict[int, list[int]] = field(default_factory=dict)  # site -> slots the edge computes
+    # Pushes this edge's step deadline back (time a joint batch spent on other edges).
+    credit: Callable[[float], None] | None = None
+    within: float | None = None           # in a joint batch: the longest one exchange may take
     wait_seconds: float = 0.0
     error: BaseException | None = None    # set once the edge failed; it then gets no more traffic
     _site_of: dict[str, int] = field(default_factory=dict)
@@ -152,10 +155,16 @@ class EdgeLink:
         return codec.decode(reply.grad_input, name=f"grad input of site {site}", shape=tuple(x_shape),
                             dtypes=[self.wire_dtype])
 
+    def take_error(self) -> BaseException | None:
+        """The edge's failure, no longer held here: the exception's frames hold the
+        step's graph, whose nodes hold this link, a cycle the collector cannot see."""
+        err, self.error = self.error, None
+        return err
+
     def expect(self, kind: str) -> pb.EdgeMessage:
         t0 = time.perf_counter()
         try:
-            msg = self.receive()
+            msg = self.receive(within=self.within) if self.within is not None else self.receive()
         finally:
             self.wait_seconds += time.perf_counter() - t0
         got = msg.WhichOneof("kind")
@@ -207,8 +216,12 @@ class StepRunner:
     """
 
     def __init__(self, links: list[EdgeLink], train: bool, groups: dict[str, tuple[str, ...]],
-                 batch_sizes: list[int] | None = None, lengths: list[int] | None = None) -> None:
+                 batch_sizes: list[int] | None = None, lengths: list[int] | None = None,
+                 lag_timeout: float | None = None) -> None:
         self.links = links
+        for link in links:
+            # Alone, an edge has its whole step deadline; batched, it must keep up with the others.
+            link.within = lag_timeout if len(links) > 1 else None
         self.train = train
         self.groups = groups                 # linear name -> the names sharing its input
         sizes = batch_sizes or [0] * len(links)
@@ -283,11 +296,10 @@ class StepRunner:
         """Send every edge its site input, then collect the replies."""
         for (i, site), x in zip(remote, xs):
             self.guard(i, lambda: self.links[i].send_site_input(site, x))
-        outs = []
-        for (i, site), x in zip(remote, xs):
-            link = self.links[i]
-            got = self.guard(i, lambda: link.receive_site_outputs(site, x))
-            outs.append(got if got is not None else link.zero_outputs(site, x))
+        got = self.collect([i for i, _ in remote],
+                           lambda k: self.links[remote[k][0]].receive_site_outputs(remote[k][1], xs[k]))
+        outs = [g if g is not None else self.links[i].zero_outputs(site, x)
+                for g, (i, site), x in zip(got, remote, xs)]
         self.raise_if_all_failed()
         return outs
 
@@ -296,14 +308,30 @@ class StepRunner:
                           want: list[bool], shapes: list[torch.Size]) -> list[torch.Tensor | None]:
         for (i, site), g, w in zip(remote, grads, want):
             self.guard(i, lambda: self.links[i].send_site_grads(site, g, w))
+        got = self.collect([i for i, _ in remote],
+                           lambda k: self.links[remote[k][0]].receive_site_grad_input(remote[k][1], shapes[k], want[k]))
         dxs: list[torch.Tensor | None] = []
-        for (i, site), g, w, shape in zip(remote, grads, want, shapes):
-            dx = self.guard(i, lambda: self.links[i].receive_site_grad_input(site, shape, w))
+        for dx, g, w, shape in zip(got, grads, want, shapes):
             if dx is None and w:
                 dx = g[0].new_zeros(shape)
             dxs.append(None if dx is None else dx.to(device=g[0].device, dtype=g[0].dtype))
         self.raise_if_all_failed()
         return dxs
+
+    def collect(self, members: list[int], fn: Callable[[int], object]) -> list:
+        """fn(k) for the k-th of `members`, in turn, each guarded. The time spent
+        blocked on one edge is credited to the deadlines of those still to come:
+        a slow edge must not make the others in its batch run out of time."""
+        results = []
+        for k, i in enumerate(members):
+            t0 = time.perf_counter()
+            results.append(self.guard(i, lambda: fn(k)))
+            if not self.alone:
+                waited = time.perf_counter() - t0
+                for j in members[k + 1:]:
+                    if self.links[j].credit is not None:
+                        self.links[j].credit(waited)
+        return results
 
     # -- failures ----------------------------------------------------------
     def guard(self, i: int, fn: Callable[[], object]):
