@@ -121,13 +121,13 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=80)
     p.add_argument("--eval-limit", type=int, default=0, help="held-out examples (0: all 444)")
-    p.add_argument("--variants", default="all,random,static,kr,kr-site",
+    p.add_argument("--variants", default="all,random,static,kr,kr-site,kr-site@warmup_steps=20",
                    help=f"comma-separated; each one of {list(VARIANTS)}, optionally with @key=value overrides")
     p.add_argument("--budget", type=float, default=0.125)
     p.add_argument("--revive", type=float, default=0.25)
     p.add_argument("--period", type=int, default=10)
     p.add_argument("--warmup-steps", type=int, default=10)
-    p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1],
+    p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2, 3],
                    help="comma-separated seeds (adapter init, data order, random policy)")
     p.add_argument("--no-reuse", dest="reuse", action="store_false", help="re-train runs that already exist")
     p.add_argument("--out", type=Path, default=Path("bench/out/kr"))

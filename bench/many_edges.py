@@ -92,7 +92,7 @@ def main() -> int:
     p.add_argument("--model", default="smollm2-135m", help="model the cloud serves (default: %(default)s)")
     p.add_argument("--device", default="auto", help="the cloud's device (default: %(default)s)")
     p.add_argument("--clients", default="1,2,4,8,16", help="concurrent edge counts (default: %(default)s)")
-    p.add_argument("--windows", default="20,0",
+    p.add_argument("--windows", default="100,0",
                    help="batching windows in ms to compare; 0 is batching off (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=4, help="examples per edge step (default: %(default)s)")
     p.add_argument("--max-length", type=int, default=64, help="tokens per example (default: %(default)s)")

@@ -55,7 +55,7 @@ class _Cohort:
 
 @dataclass
 class BatchingConfig:
-    window: float = 0.02          # seconds a cohort waits for more members; 0 turns batching off
+    window: float = 0.1           # seconds a cohort waits for more members; 0 turns batching off
     max_tokens: int = 65536       # batch x padded length of a whole cohort
     max_members: int = 16
     lag_timeout: float = 30.0     # seconds one exchange of a batched edge may take before it is dropped

@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "largest site tensor fits (default: %(default)s)")
     bat = p.add_argument_group("batching", "steps of different edges that arrive together run as one batch "
                                            "through the frozen blocks, so one accelerator serves many edges")
-    bat.add_argument("--batch-window-ms", type=float, default=20,
+    bat.add_argument("--batch-window-ms", type=float, default=100,
                      help="how long a step waits for other sessions' steps to join its batch; it waits only while "
                           "some session is between steps, so a lone edge never waits. 0 turns batching off "
                           "(default: %(default)s)")
