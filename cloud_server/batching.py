@@ -50,7 +50,6 @@ class StepJob:
 class _Cohort:
     train: bool
     jobs: list[StepJob]
-    tokens: int
 
 
 @dataclass
@@ -96,7 +95,7 @@ class StepBatcher:
                         forming.jobs.append(job)
                         self._lock.notify_all()
                         return None
-            cohort = _Cohort(job.train, [job], job.tokens)
+            cohort = _Cohort(job.train, [job])
             if self.config.window > 0 and not job.solo:
                 self._forming.append(cohort)
             return cohort
