@@ -31,13 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from cloud_server import launch  # noqa: E402
 from cloud_server.model_store import ensure_default_model  # noqa: E402
-from common.lora import LoRAAdapter  # noqa: E402
 from edge_client import data as datasets  # noqa: E402
-from edge_client.edge_model import EdgeModel, load_tokenizer  # noqa: E402
-from edge_client.objective import completion_loss, make_batch  # noqa: E402
+from edge_client.objective import completion_loss  # noqa: E402
 from edge_client.session import CloudSession  # noqa: E402
 
-from bench.step_time import in_process_step, timed  # noqa: E402
+from bench.step_time import edge_side, in_process_step, timed  # noqa: E402
 
 # Edge parts: (label, how to find the profiled functions, own time or cumulative).
 # Cumulative entries must not nest in each other, or time would count twice.
@@ -96,11 +94,7 @@ def run(model_dir: Path, batch_size: int, max_length: int, warmup: int, reps: in
     args = ["--model", str(model_dir), "--device", "cpu", "--threads", str(threads)]
     with launch.start(args, cache / "cloud.log", timeout=900) as server:
         session = CloudSession(server.address, wire_dtype=wire)
-        assets = session.fetch_assets(cache / "assets")
-        tok, edge = load_tokenizer(assets), EdgeModel.from_assets(assets)
-        batch = make_batch(tok, exs, max_length)
-        torch.manual_seed(0)
-        adapters = {n: LoRAAdapter(i, o, 8, 2.0) for n, (i, o) in session.module_shapes().items()}
+        edge, batch, adapters = edge_side(session, cache, exs, max_length)
         step_id = [0]
 
         def step():

@@ -63,6 +63,16 @@ def in_process_step(model_dir: Path, adapters: dict[str, LoRAAdapter], batch) ->
     return local
 
 
+def edge_side(session: CloudSession, cache: Path, examples, max_length: int):
+    """The bench's edge: downloaded assets, the batch, and seeded rank-8 adapters on every module."""
+    assets = session.fetch_assets(cache / "assets")
+    tok, edge = load_tokenizer(assets), EdgeModel.from_assets(assets)
+    batch = make_batch(tok, examples, max_length)
+    torch.manual_seed(0)
+    adapters = {n: LoRAAdapter(i, o, 8, 2.0) for n, (i, o) in session.module_shapes().items()}
+    return edge, batch, adapters
+
+
 def bench_model(label: str, model_dir: Path, batch_size: int, max_length: int, warmup: int, reps: int,
                 wire: str, cache: Path, threads: int = 0, edge_threads: int = 0) -> dict:
     train_p, _ = datasets.bbc_news(Path.home() / ".cache" / "dlora")
@@ -70,11 +80,7 @@ def bench_model(label: str, model_dir: Path, batch_size: int, max_length: int, w
     server_args = ["--model", str(model_dir), "--device", "cpu", "--threads", str(threads)]
     with launch.start(server_args, cache / f"{label}.log", timeout=900) as server:
         session = CloudSession(server.address, wire_dtype=wire)
-        assets = session.fetch_assets(cache / "assets")
-        tok, edge = load_tokenizer(assets), EdgeModel.from_assets(assets)
-        batch = make_batch(tok, exs, max_length)
-        torch.manual_seed(0)
-        adapters = {n: LoRAAdapter(i, o, 8, 2.0) for n, (i, o) in session.module_shapes().items()}
+        edge, batch, adapters = edge_side(session, cache, exs, max_length)
         opt = torch.optim.AdamW([p for a in adapters.values() for p in a.parameters()], lr=1e-4)
         step = {"id": 0, "bytes": 0}
 
