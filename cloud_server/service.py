@@ -324,6 +324,8 @@ class DLoRAService(pb_grpc.DLoRAServicer):
         # control instead of filling the server's memory.
         inbox: queue.Queue = queue.Queue(maxsize=2)
         finished = threading.Event()
+        gone = threading.Event()
+        context.add_callback(gone.set)  # the RPC ended: cancelled by the edge, timed out, or done
         deadline = [time.monotonic() + self.limits.step_timeout]
 
         def extend_deadline() -> None:
@@ -360,16 +362,24 @@ class DLoRAService(pb_grpc.DLoRAServicer):
             lag_limit = within is not None and time.monotonic() + within < limit
             if lag_limit:
                 limit = time.monotonic() + within
-            try:
-                item = inbox.get(timeout=max(limit - time.monotonic(), 0.0))
-            except queue.Empty:
+            while True:
+                try:
+                    # In slices: an edge whose stream ended is noticed within a slice even
+                    # if gRPC never ends the request iterator the pump reads.
+                    item = inbox.get(timeout=max(min(limit - time.monotonic(), 0.5), 0.0))
+                    break
+                except queue.Empty:
+                    if gone.is_set() and inbox.empty():
+                        raise StepAborted("the edge's stream ended in the middle of a step") from None
+                    if time.monotonic() < limit:
+                        continue
                 if lag_limit:
                     raise LaggedBehind(f"this edge took more than {within:.0f} s to answer one exchange while "
                                        "its step was batched with other edges' steps; it was dropped from the "
-                                       "batch and its steps now run alone (retry the step)") from None
+                                       "batch and its steps now run alone (retry the step)")
                 raise StepTimeout(f"the step did not finish within the server's step deadline of "
                                   f"{self.limits.step_timeout:.0f} s (or its first message within "
-                                  f"{FIRST_MESSAGE_SECONDS:.0f} s)") from None
+                                  f"{FIRST_MESSAGE_SECONDS:.0f} s)")
             if item is _EOF:
                 raise StepAborted("the edge closed the stream in the middle of a step")
             return item
