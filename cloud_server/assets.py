@@ -1,8 +1,10 @@
-"""What the edge downloads once: tokenizer files, model config and the edge weights.
+"""What the edge downloads once: tokenizer files, model config, the edge weights and the probe.
 
 The edge weights are the embedding, the final norm and (unless tied to the
-embedding) the LM head, stored under their names in the full model's state
-dict so the edge can place them into a model skeleton built from config.json.
+embedding) the LM head, stored under their names in the full model so the
+edge can place them into a model skeleton built from config.json. Buffers
+travel too, persistent or not: a skeleton built on the meta device has no
+values for them (Gemma's embedding scale is such a buffer).
 """
 from __future__ import annotations
 
@@ -11,9 +13,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
+from common import edge_probe
 from common.model_parts import backbone, final_norm_name
 
 MANIFEST = "edge_manifest.json"
@@ -38,22 +42,23 @@ def _module_path(model: nn.Module, module: nn.Module) -> str:
     raise ValueError("module not found in model")
 
 
-def build(model: nn.Module, model_dir: Path) -> list[Asset]:
-    """Pack the edge's share of `model` (call before the cloud strips it)."""
-    inner_prefix = getattr(model, "base_model_prefix")
-    norm_path = f"{inner_prefix}.{final_norm_name(model)}"
+def build(model: nn.Module, model_dir: Path, probe: dict[str, torch.Tensor], dtype: torch.dtype) -> list[Asset]:
+    """Pack the edge's share of `model` (call before the cloud strips it).
+
+    `probe` is `edge_probe.capture(model)`; `dtype` the cloud's, which sets how
+    closely the edge must reproduce it.
+    """
+    norm = backbone(model).get_submodule(final_norm_name(model))
+    norm_path = _module_path(model, norm)
     emb = model.get_input_embeddings()
     head = model.get_output_embeddings()
     emb_path = _module_path(model, emb)
     tied = head is not None and head.weight is emb.weight
     head_path = _module_path(model, head) if head is not None else ""
-    parts = {emb_path: emb, norm_path: backbone(model).get_submodule(final_norm_name(model))}
+    parts = {emb_path: emb, norm_path: norm}
     if head is not None and not tied:
         parts[head_path] = head
-    tensors = {}
-    for prefix, mod in parts.items():
-        for key, t in mod.state_dict().items():
-            tensors[f"{prefix}.{key}"] = t.detach().float().cpu().contiguous()
+    tensors = {f"{prefix}.{key}": _portable(t) for prefix, mod in parts.items() for key, t in module_tensors(mod)}
     manifest = {
         "embedding": emb_path,
         "final_norm": norm_path,
@@ -64,6 +69,7 @@ def build(model: nn.Module, model_dir: Path) -> list[Asset]:
         "config.json": model.config.to_json_string().encode(),
         MANIFEST: json.dumps(manifest, indent=2).encode(),
         WEIGHTS: save_safetensors(tensors),
+        edge_probe.ASSET: save_safetensors(probe, metadata={"cloud_dtype": str(dtype).removeprefix("torch.")}),
     }
     for name in _TOKENIZER_FILES:
         p = model_dir / name
@@ -72,12 +78,34 @@ def build(model: nn.Module, model_dir: Path) -> list[Asset]:
     return [make_asset(n, d) for n, d in sorted(files.items())]
 
 
+def module_tensors(module: nn.Module):
+    """Every parameter and buffer of `module`, persistent or not, by name."""
+    yield from module.named_parameters()
+    yield from module.named_buffers()
+
+
+def _portable(t: torch.Tensor) -> torch.Tensor:
+    # Floats travel as fp32, whatever the cloud computes in; integer buffers keep their type.
+    return (t.detach().float() if t.is_floating_point() else t.detach()).cpu().contiguous()
+
+
 def make_asset(name: str, data: bytes) -> Asset:
     return Asset(name, data, hashlib.sha256(data).hexdigest())
 
 
+# Bumped when what the assets hold changes, so edges do not reuse an older cache.
+_FORMAT = b"dlora-edge-assets-2"
+
+
 def digest(assets: list[Asset]) -> str:
-    h = hashlib.sha256()
+    """What identifies the served model to an edge (and names its asset cache).
+
+    The probe is left out: it is computed, and may differ in its last bits
+    between two runs of the same model (another device or thread count), which
+    must not make a restarted server look like a different model.
+    """
+    h = hashlib.sha256(_FORMAT + b"\0")
     for a in assets:
-        h.update(a.name.encode() + b"\0" + a.sha256.encode())
+        if a.name != edge_probe.ASSET:
+            h.update(a.name.encode() + b"\0" + a.sha256.encode())
     return h.hexdigest()

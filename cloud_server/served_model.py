@@ -13,7 +13,9 @@ import threading
 
 from safetensors.torch import save as save_safetensors
 
-from common.model_parts import DEFAULT_TARGETS, backbone, blocks_name, final_norm_name
+from common import edge_probe
+from common.model_parts import (DEFAULT_TARGETS, backbone, blocks_name, check_layout,
+                                final_norm_name, num_layers)
 from cloud_server import assets as edge_assets
 from cloud_server.model_store import load_frozen, resolve_model_path
 from cloud_server.sites import SiteSpec, linear_leaf_names, linear_shapes, probe_input_groups, select_sites
@@ -35,14 +37,19 @@ MAX_CACHED_CUTS = 2
 
 
 class _NoPositions(nn.Module):
-    """Stands in for a learned position table: adds nothing."""
+    """Stands in for a learned position table (GPT-2's wpe, OPT's embed_positions): adds nothing."""
 
-    def __init__(self, hidden: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
-        self.hidden, self.dtype, self.device = hidden, dtype, device
+        self.dtype, self.device = dtype, device
 
-    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(*position_ids.shape, self.hidden, dtype=self.dtype, device=self.device)
+    def forward(self, *_args, **_kwargs) -> torch.Tensor:
+        # A scalar zero broadcasts onto the embeddings, whatever the family's call signature.
+        return torch.zeros((), dtype=self.dtype, device=self.device)
+
+
+# Learned position tables, by attribute name on the backbone; SplitLoRA edges add them before block 0.
+_POSITION_TABLES = ("wpe", "embed_positions")
 
 
 class ServedModel:
@@ -58,14 +65,16 @@ class ServedModel:
         self.meta = ModelMeta(
             name=spec if spec != str(path) else path.name,
             model_type=getattr(cfg, "model_type", "unknown"),
-            num_layers=int(getattr(cfg, "num_hidden_layers", getattr(cfg, "n_layer", 0))),
+            num_layers=num_layers(cfg),
             hidden_size=int(getattr(cfg, "hidden_size", getattr(cfg, "n_embd", 0))),
             vocab_size=int(cfg.vocab_size),
         )
         # Learned position tables (GPT-2) cannot index past their end; RoPE models state a maximum too.
         self.max_positions = int(getattr(cfg, "n_positions", 0) or getattr(cfg, "max_position_embeddings", 0) or 0)
+        check_layout(model)
         # What the edge needs is packed before the final norm leaves the cloud's copy.
-        self.assets = edge_assets.build(model, path)
+        probe = edge_probe.capture(model)
+        self.assets = edge_assets.build(model, path, probe, dtype)
         self.inner = backbone(model)
         # The edge applies the final norm; the cloud returns the last block's output.
         self._norm_attr = final_norm_name(model)
@@ -77,6 +86,7 @@ class ServedModel:
         self.shapes = linear_shapes(model, self.groups)
         install_taps(model, [n for g in self.groups for n in g])
         self.model = model
+        self._check_split(probe)
         self.blocks_attr = blocks_name(self.inner, self.meta.num_layers)
         self._views: dict[int, nn.Module] = {0: self.inner}
         # Blocks [0, cut) for SplitLoRA edges, built on demand; only the most recent
@@ -101,6 +111,16 @@ class ServedModel:
         if model.get_output_embeddings() is not None:
             model.set_output_embeddings(nn.Identity())
 
+    @torch.no_grad()
+    def _check_split(self, probe: dict[str, torch.Tensor]) -> None:
+        """The split path (blocks run from the embedding output, no final norm) must
+        reproduce the full model's last block output, or this family is refused."""
+        embeds = probe["embeds"].to(device=self.device, dtype=self.dtype)
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device)
+        out = self.inner(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
+        edge_probe.check("cloud's output of the last block, run from the embedding output", out.float().cpu(),
+                         probe["final_hidden"], edge_probe.tolerance(self.dtype), self.meta.model_type)
+
     def check_targets(self, targets: list[str]) -> None:
         unknown = sorted(set(targets) - self.linear_names)
         if unknown:
@@ -121,6 +141,7 @@ class ServedModel:
         cut = 0 (DLoRA): `hidden` is the embedding output. cut > 0 (SplitLoRA):
         `hidden` is the output of block cut - 1, which ran on the edge.
         """
+        runner.batch_shape = tuple(hidden.shape[:2])
         with active(runner), torch.set_grad_enabled(runner.train):
             out = self.view(cut)(inputs_embeds=hidden, attention_mask=mask, use_cache=False)
         return out.last_hidden_state
@@ -143,9 +164,10 @@ class ServedModel:
             view._modules[self.blocks_attr] = nn.ModuleList(list(getattr(self.inner, self.blocks_attr))[cut:])
             view.config = copy.deepcopy(self.inner.config)
             view.config.num_hidden_layers = self.meta.num_layers - cut
-            if "wpe" in view._modules:
-                # Learned positions (GPT-2) were added on the edge, before block 0.
-                view._modules["wpe"] = _NoPositions(self.meta.hidden_size, self.dtype, self.device)
+            for table in _POSITION_TABLES:
+                if table in view._modules:
+                    # Learned positions (GPT-2, OPT) were added on the edge, before block 0.
+                    view._modules[table] = _NoPositions(self.dtype, self.device)
             self._views[cut] = view
         return self._views[cut]
 
@@ -163,7 +185,7 @@ class ServedModel:
 
     def _build_block_asset(self, cut: int) -> edge_assets.Asset:
         """Blocks [0, cut) and the weights the edge needs before block 0 besides the embedding."""
-        base = self.model.base_model_prefix
+        base = next(n for n, m in self.model.named_modules() if m is self.inner)
         prefix = f"{base}.{self.blocks_attr}"
         tensors = {}
         # Weights the edge needs before block 0 besides the embedding (GPT-2's position table).
@@ -192,6 +214,7 @@ class ServedModel:
         new = hidden.shape[1]
         # Positions count real tokens only, so left-padded prompts line up.
         positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, -new:]
+        runner.batch_shape = tuple(hidden.shape[:2])
         with active(runner):
             out = self.inner(inputs_embeds=hidden, attention_mask=mask, position_ids=positions,
                              past_key_values=cache, use_cache=True)

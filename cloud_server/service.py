@@ -5,17 +5,19 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import grpc
 import torch
+from google.protobuf import message_factory
+from google.protobuf.message import Message
 
 from common import tensor_codec as codec
 from common.lora import LoRAAdapter
-from common.tensor_codec import WireError
+from common.tensor_codec import WireError, clip
 from common.wire import dlora_pb2 as pb
 from common.wire import dlora_pb2_grpc as pb_grpc
 from cloud_server import assets as edge_assets
@@ -37,7 +39,8 @@ MAX_PARKED_RANK = 256
 FIRST_MESSAGE_SECONDS = 10.0
 GENERATION_TOKEN_SECONDS = 60.0   # the edge picks a token in milliseconds; an idle stream is abandoned
 MAX_GRPC_MESSAGE = (1 << 31) - 1  # gRPC's size options are int32
-SERVICE_NAME = "dlora.v1.DLoRA"
+SERVICE = pb.DESCRIPTOR.services_by_name["DLoRA"]
+SERVICE_NAME = SERVICE.full_name  # "dlora.v1.DLoRA"
 
 
 class LimitExceeded(Exception):
@@ -112,10 +115,88 @@ def _status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
         (StepAborted, grpc.StatusCode.CANCELLED),
     ]
+    # Clipped: messages may quote the client's input, and trailers over 16 KiB
+    # reach the client as RESOURCE_EXHAUSTED instead of this status.
     for cls, code in mapping:
         if isinstance(exc, cls):
-            return code, str(exc)
-    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+            return code, clip(str(exc))
+    return grpc.StatusCode.INTERNAL, clip(f"internal error: {type(exc).__name__}: {exc}")
+
+
+def _names(names: list[str], most: int = 4) -> str:
+    """Client-chosen names for an error message: a few, each clipped, and how many more."""
+    shown = ", ".join(repr(clip(n, 60)) for n in names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+class Undecodable:
+    """Stands in for a request whose bytes do not parse as its message type.
+
+    grpcio answers a deserializer that raises with INTERNAL and logs a
+    traceback; with this sentinel the handler answers INVALID_ARGUMENT instead.
+    """
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+def _lenient_parser(cls: type[Message]) -> Callable[[bytes], Message | Undecodable]:
+    """A request deserializer that never raises."""
+    prefix = f"Error parsing message with type '{cls.DESCRIPTOR.full_name}': "
+
+    def parse(data: bytes) -> Message | Undecodable:
+        try:
+            return cls.FromString(data)
+        except Exception as exc:  # noqa: BLE001 - DecodeError, or anything else hostile bytes provoke
+            reason = str(exc).removeprefix(prefix) or type(exc).__name__
+            return Undecodable(f"could not decode {cls.DESCRIPTOR.name} ({len(data)} bytes): {clip(reason, 100)}")
+
+    return parse
+
+
+def _refuse(context: grpc.ServicerContext, method: str, detail: str) -> None:
+    log.warning("%s refused (INVALID_ARGUMENT): %s", method, detail)
+    context.abort(grpc.StatusCode.INVALID_ARGUMENT, detail)
+
+
+def _single_request(behavior: Callable, method: str) -> Callable:
+    """Serve a unary-request method from a request stream: exactly one decodable message.
+
+    Registered as a stream, so a call that closes without its message gets
+    INVALID_ARGUMENT here rather than grpcio's UNIMPLEMENTED.
+    """
+    def handle(requests: Iterator, context: grpc.ServicerContext):
+        request = next(requests, None)
+        if request is None:
+            # (Also seen after gRPC itself refused an oversized message: that call already has its status.)
+            _refuse(context, method, f"{method} needs one request message and got none")
+        if isinstance(request, Undecodable):
+            _refuse(context, method, str(request))
+        return behavior(request, context)
+
+    return handle
+
+
+def method_handlers(service: "DLoRAService") -> dict[str, grpc.RpcMethodHandler]:
+    """The service's handlers, built from the proto's service descriptor like the
+    generated `add_DLoRAServicer_to_server`, but with requests parsed leniently."""
+    handlers = {}
+    for method in SERVICE.methods:
+        parse = _lenient_parser(message_factory.GetMessageClass(method.input_type))
+        serialize = message_factory.GetMessageClass(method.output_type).SerializeToString
+        behavior = getattr(service, method.name)
+        if not method.client_streaming:
+            behavior = _single_request(behavior, method.name)
+        # Every method takes a request stream (see _single_request); replies as the proto says.
+        make = grpc.stream_stream_rpc_method_handler if method.server_streaming else \
+            grpc.stream_unary_rpc_method_handler
+        handlers[method.name] = make(behavior, request_deserializer=parse, response_serializer=serialize)
+    return handlers
 
 
 class DLoRAService(pb_grpc.DLoRAServicer):
@@ -157,8 +238,10 @@ class DLoRAService(pb_grpc.DLoRAServicer):
             if wire not in _WIRE_DTYPES:
                 raise WireError(f"wire dtype {codec.dtype_name(wire)} is not supported; use fp32, fp16 or bf16")
             mode = MODES.get(request.mode)
+            if mode is None:
+                raise WireError(f"unknown session mode {request.mode}")
             if mode not in self.modes:
-                raise WrongMode(f"this server runs {' and '.join(self.modes)} sessions, not {mode or request.mode}")
+                raise WrongMode(f"this server runs {' and '.join(self.modes)} sessions, not {mode}")
             targets = list(request.target_modules) or self.served.default_targets
             sites = self.served.sites(targets)
             prepare = None
@@ -263,10 +346,10 @@ class DLoRAService(pb_grpc.DLoRAServicer):
             if len(park) != len(request.park) or len(unpark) != len(request.unpark):
                 raise WireError("a module is named twice in one park request")
             if park.keys() & unpark:
-                raise WireError(f"modules both parked and unparked: {sorted(park.keys() & unpark)}")
+                raise WireError(f"modules both parked and unparked: {_names(sorted(park.keys() & unpark))}")
             unknown = sorted(unpark - session.module_names)
             if unknown:
-                raise WireError(f"cannot unpark {unknown[:4]}: not modules of this session")
+                raise WireError(f"cannot unpark {_names(unknown)}: not modules of this session")
             with session.exclusive():
                 # Set semantics, so a retried request (reply lost) is harmless.
                 for name in unpark:
@@ -286,12 +369,12 @@ class DLoRAService(pb_grpc.DLoRAServicer):
     def _decode_parked(self, session: Session, p: pb.ParkedAdapter) -> LoRAAdapter:
         spec = next((m for s in session.sites for m in s.modules if m.name == p.name), None)
         if spec is None:
-            raise WireError(f"cannot park {p.name!r}: not a module of this session")
+            raise WireError(f"cannot park {_names([p.name])}: not a module of this session")
         a_shape = tuple(p.lora_A.shape)
         max_rank = min(MAX_PARKED_RANK, spec.in_features, spec.out_features)
         if len(a_shape) != 2 or not 1 <= a_shape[0] <= max_rank:
             raise WireError(f"{p.name}: lora_A must be [r, {spec.in_features}] with 1 <= r <= "
-                            f"{max_rank}, got {list(a_shape)}")
+                            f"{max_rank}, got {codec.shape_text(a_shape)}")
         r = a_shape[0]
         a = codec.decode(p.lora_A, name=f"{p.name} lora_A", shape=(r, spec.in_features), dtypes=[torch.float32])
         b = codec.decode(p.lora_B, name=f"{p.name} lora_B", shape=(spec.out_features, r), dtypes=[torch.float32])
@@ -357,8 +440,8 @@ class DLoRAService(pb_grpc.DLoRAServicer):
             """The edge's next message. `within`: seconds this one exchange may take
             (a joint batch drops an edge that lags the others by more)."""
             # The opening message must come quickly: idle streams must not hold handler threads.
-            limit = min(deadline[0], time.monotonic() + FIRST_MESSAGE_SECONDS) if first[0] else deadline[0]
-            first[0] = False
+            opening, first[0] = first[0], False
+            limit = min(deadline[0], time.monotonic() + FIRST_MESSAGE_SECONDS) if opening else deadline[0]
             lag_limit = within is not None and time.monotonic() + within < limit
             if lag_limit:
                 limit = time.monotonic() + within
@@ -381,7 +464,12 @@ class DLoRAService(pb_grpc.DLoRAServicer):
                                   f"{self.limits.step_timeout:.0f} s (or its first message within "
                                   f"{FIRST_MESSAGE_SECONDS:.0f} s)")
             if item is _EOF:
+                if opening:  # nothing started, nothing to clean up: a malformed call, not a vanished edge
+                    raise WireError("the stream ended before its start message")
                 raise StepAborted("the edge closed the stream in the middle of a step")
+            if isinstance(item, Undecodable):
+                # Raised where the step waits for the message, so its usual clean-up runs.
+                raise WireError(str(item))
             return item
 
         def credit(seconds: float) -> None:
@@ -396,11 +484,11 @@ class DLoRAService(pb_grpc.DLoRAServicer):
                 body(owner, receive, out.put, holder, extend_deadline)
                 out.put(_DONE)
             except BaseException as exc:  # noqa: BLE001 - reported to the edge as a status
-                code = _status(exc)[0]
+                code, detail = _status(exc)
                 if code == grpc.StatusCode.INTERNAL:
                     log.exception("step failed")
                 else:
-                    log.warning("step refused (%s): %s", code.name, exc)
+                    log.warning("step refused (%s): %s", code.name, detail)
                 if isinstance(exc, StepAborted) and "session" in holder:
                     # The edge vanished mid-step: free what its session holds.
                     try:
@@ -529,7 +617,8 @@ class DLoRAService(pb_grpc.DLoRAServicer):
             for w in request.adapters:
                 spec = own.get(w.name)
                 if spec is None or w.name in adapters:
-                    raise WireError(f"{w.name!r} is not a client-side module of this session, or is named twice")
+                    raise WireError(f"{_names([w.name])} is not a client-side module of this session, "
+                                    "or is named twice")
                 r = w.lora_A.shape[0] if len(w.lora_A.shape) == 2 else 0
                 if not 1 <= r <= MAX_PARKED_RANK:
                     raise WireError(f"{w.name}: lora_A must be [r, {spec.in_features}] with 1 <= r <= {MAX_PARKED_RANK}")
@@ -619,11 +708,12 @@ class DLoRAService(pb_grpc.DLoRAServicer):
 
     def _decode_inputs(self, session: Session, start: pb.StepStart) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.served.meta.hidden_size
+        codec.require(start.hidden, "hidden states")  # named as missing, not as a shape [] mismatch
         shape = tuple(start.hidden.shape)
         if len(shape) != 3 or shape[2] != h:
-            raise WireError(f"hidden states must have shape [batch, seq, {h}], got {list(shape)}")
+            raise WireError(f"hidden states must have shape [batch, seq, {h}], got {codec.shape_text(shape)}")
         if shape[0] < 1 or shape[1] < 1:
-            raise WireError(f"empty batch: hidden shape {list(shape)}")
+            raise WireError(f"empty batch: hidden shape {codec.shape_text(shape)}")
         if self.served.max_positions and shape[1] > self.served.max_positions:
             raise LimitExceeded(f"sequence length {shape[1]} exceeds the model's {self.served.max_positions} positions")
         if shape[0] * shape[1] > self.limits.max_batch_tokens:
@@ -715,7 +805,10 @@ def make_server(service: DLoRAService, host: str, port: int, tls: TLSFiles | Non
     # Beyond the pool, calls are refused (RESOURCE_EXHAUSTED) rather than queued without bound.
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dlora-rpc"),
                          options=opts, maximum_concurrent_rpcs=workers)
-    pb_grpc.add_DLoRAServicer_to_server(service, server)
+    # Not pb_grpc.add_DLoRAServicer_to_server: its deserializers raise on bad bytes (INTERNAL and a traceback).
+    handlers = method_handlers(service)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     address = f"{host}:{port}"

@@ -205,6 +205,8 @@ class _GroupCache:
     x: torch.Tensor
     xs: list[torch.Tensor]                       # each edge's rows of x
     remote: dict[int, dict[str, torch.Tensor]]   # edge -> live module -> output
+    batched: torch.Tensor                        # x as [B, T, in], however the family shaped it
+    pending: set[str] = field(default_factory=set)  # the group's linears that have not run yet
 
 
 class StepRunner:
@@ -228,7 +230,13 @@ class StepRunner:
         starts = [sum(sizes[:i]) for i in range(len(sizes))]
         self.rows = [slice(s, s + b) for s, b in zip(starts, sizes)]
         self.lengths = lengths or [0] * len(links)
-        self._cache: _GroupCache | None = None
+        # One entry per group of linears sharing an input, until all of them ran. Not
+        # just the last group: Falcon's parallel block feeds one tensor to the
+        # attention's query_key_value and the MLP's dense_h_to_4h, with the attention's
+        # dense running in between, and a site must be exchanged once per step.
+        self._caches: dict[tuple[str, ...], _GroupCache] = {}
+        # (rows, positions) of the joint batch in the current pass; ServedModel sets it.
+        self.batch_shape: tuple[int, int] | None = None
         self._anchor: torch.Tensor | None = None
 
     @property
@@ -252,9 +260,13 @@ class StepRunner:
 
     # -- forward -----------------------------------------------------------
     def adapter_output(self, name: str, x: torch.Tensor) -> torch.Tensor | None:
-        cache = self._cache
+        group = self.groups.get(name, (name,))
+        cache = self._caches.get(group)
         if cache is None or cache.x is not x:
-            cache = self._run_group(self.groups.get(name, (name,)), x)
+            cache = self._run_group(group, x)
+        cache.pending.discard(name)
+        if not cache.pending:
+            del self._caches[group]  # every linear of the group has its output: free it
         pieces: list[torch.Tensor | None] = []
         width = 0
         for i, link in enumerate(self.links):
@@ -268,10 +280,18 @@ class StepRunner:
             pieces.append(piece)
         if width == 0:
             return None
-        return self.joint(pieces, x, width)
+        return self.joint(pieces, cache.batched, width).reshape(*x.shape[:-1], width)
+
+    def as_batch(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` as [B, T, in]. Some families flatten the positions before a linear
+        (OPT's MLP runs on [B*T, H]); edges always see [B, T, in]."""
+        if x.dim() == 3 or self.batch_shape is None:
+            return x
+        return x.reshape(*self.batch_shape, x.shape[-1])
 
     def _run_group(self, group: tuple[str, ...], x: torch.Tensor) -> _GroupCache:
-        xs = [self.part(i, x) for i in range(len(self.links))]
+        batched = self.as_batch(x)
+        xs = [self.part(i, batched) for i in range(len(self.links))]
         remote = [(i, site) for i, link in enumerate(self.links)
                   if link.error is None and (site := link.live_site(group)) is not None]
         outs: dict[int, dict[str, torch.Tensor]] = {}
@@ -289,8 +309,8 @@ class StepRunner:
                 names = self.links[i].live_names(site)
                 outs[i] = dict(zip(names, flat[:len(names)]))
                 flat = flat[len(names):]
-        self._cache = _GroupCache(x=x, xs=xs, remote=outs)
-        return self._cache
+        self._caches[group] = _GroupCache(x=x, xs=xs, remote=outs, batched=batched, pending=set(group))
+        return self._caches[group]
 
     def exchange_forward(self, remote: list[tuple[int, int]], xs: list[torch.Tensor]) -> list[list[torch.Tensor]]:
         """Send every edge its site input, then collect the replies."""
@@ -353,5 +373,5 @@ class StepRunner:
         """Drop the step's tensors. The cache holds outputs whose autograd node
         refers back to this runner; left alone, that cycle keeps a whole step's
         activations alive after the step."""
-        self._cache = None
+        self._caches.clear()
         self._anchor = None

@@ -18,6 +18,30 @@ class WireError(ValueError):
     """A message from the peer is malformed; the text says what is wrong."""
 
 
+# Error texts travel back in gRPC trailers (a 16 KiB hard limit: beyond it the
+# peer sees RESOURCE_EXHAUSTED instead of our status) and land in server logs,
+# so whatever they quote of the peer's input is cut to this many characters.
+MAX_QUOTE = 300
+# No tensor of the protocol has more than 4 dimensions; far more is hostile
+# (a million dimensions would make the element count a million-digit product).
+MAX_DIMS = 16
+
+
+def clip(text: str, limit: int = MAX_QUOTE) -> str:
+    """`text`, cut to `limit` characters plus a note of how many were dropped."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}…({len(text) - limit} more characters)"
+
+
+def shape_text(shape: Sequence[int], most: int = 8) -> str:
+    """A shape for an error message: `[2, 5, 32]`, or its first dimensions and the count."""
+    dims = list(shape)
+    if len(dims) <= most:
+        return str(dims)
+    return f"[{', '.join(str(d) for d in dims[:most])}, …] ({len(dims)} dimensions)"
+
+
 _TO_WIRE: dict[torch.dtype, int] = {
     torch.float32: pb.FLOAT32,
     torch.float16: pb.FLOAT16,
@@ -59,6 +83,19 @@ def torch_dtype(code: int) -> torch.dtype:
         return _FROM_WIRE[code]
     except KeyError:
         raise WireError(f"unknown dtype code {code}") from None
+
+
+def require(msg: pb.Tensor, name: str) -> None:
+    """Raise a WireError naming `name` if the peer sent no tensor, or one without a dtype.
+
+    An absent message field reads as an all-default Tensor, whose dtype code 0
+    would otherwise be reported as an unknown dtype rather than as missing.
+    """
+    if msg.dtype != pb.DTYPE_UNSPECIFIED:
+        return
+    if msg.ByteSize() == 0:
+        raise WireError(f"{clip(name, 100)}: missing (no tensor was sent)")
+    raise WireError(f"{clip(name, 100)}: unknown dtype code 0 (DTYPE_UNSPECIFIED: the sender set no dtype)")
 
 
 def encode_into(out: pb.Tensor, t: torch.Tensor, dtype: torch.dtype | None = None) -> pb.Tensor:
@@ -113,15 +150,19 @@ def decode(
     Floating tensors must be finite unless `finite=False`. The result owns its
     memory and is writable (autograd may accumulate into a gradient in place).
     """
+    require(msg, name)
+    name = clip(name, 100)  # server-composed, but may embed a module name the peer chose
     dtype = torch_dtype(msg.dtype)
     if dtypes is not None and dtype not in dtypes:
         allowed = ", ".join(dtype_name(d) for d in dtypes)
         raise WireError(f"{name}: dtype {dtype_name(dtype)} not allowed here (expected {allowed})")
+    if len(msg.shape) > MAX_DIMS:
+        raise WireError(f"{name}: {len(msg.shape)} dimensions; at most {MAX_DIMS} are supported")
     got_shape = tuple(int(s) for s in msg.shape)
     if any(s < 0 for s in got_shape):
-        raise WireError(f"{name}: negative dimension in shape {list(got_shape)}")
+        raise WireError(f"{name}: negative dimension in shape {shape_text(got_shape)}")
     if shape is not None and got_shape != tuple(shape):
-        raise WireError(f"{name}: shape {list(got_shape)} does not match expected {list(shape)}")
+        raise WireError(f"{name}: shape {shape_text(got_shape)} does not match expected {shape_text(shape)}")
     # Read once: every access of a bytes field copies it out of the message.
     data = msg.data
     itemsize = np.dtype(_NUMPY[dtype]).itemsize
@@ -129,7 +170,7 @@ def decode(
     numel = math.prod(got_shape)
     if len(data) != numel * itemsize:
         raise WireError(
-            f"{name}: {len(data)} bytes for shape {list(got_shape)} of "
+            f"{name}: {len(data)} bytes for shape {shape_text(got_shape)} of "
             f"{dtype_name(dtype)} (expected {numel * itemsize})"
         )
     values = np.frombuffer(data, dtype=_NUMPY[dtype])  # a read-only view, no copy yet

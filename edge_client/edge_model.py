@@ -2,17 +2,26 @@
 
 The modules are built from the downloaded config.json on the meta device, so
 the transformer blocks never take memory here; only the three edge parts are
-materialised and filled from edge_weights.safetensors.
+materialised, every parameter and buffer filled from edge_weights.safetensors.
+Then the cloud's probe proves they compute what the cloud's full model does.
 """
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
+
+from common import edge_probe
+from common.model_parts import logit_transform
+
+log = logging.getLogger(__name__)
 
 _MANIFEST = "edge_manifest.json"
 _WEIGHTS = "edge_weights.safetensors"
@@ -21,11 +30,14 @@ _WEIGHTS = "edge_weights.safetensors"
 class EdgeModel(nn.Module):
     """Embedding lookup in, final norm + LM head out. Frozen; only LoRA trains."""
 
-    def __init__(self, embedding: nn.Module, final_norm: nn.Module, lm_head: nn.Module) -> None:
+    def __init__(self, embedding: nn.Module, final_norm: nn.Module, lm_head: nn.Module,
+                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         super().__init__()
         self.embedding = embedding
         self.final_norm = final_norm
         self.lm_head = lm_head
+        # What the family's head does after the LM head (Gemma2's soft-capping), if anything.
+        self.transform = transform
         self.requires_grad_(False)
 
     @classmethod
@@ -49,7 +61,20 @@ class EdgeModel(nn.Module):
             parts["lm_head"] = head
         else:
             parts["lm_head"] = _materialise(skeleton.get_submodule(manifest["lm_head"]), manifest["lm_head"], weights)
-        return cls(parts["embedding"], parts["final_norm"], parts["lm_head"]).eval()
+        edge = cls(parts["embedding"], parts["final_norm"], parts["lm_head"], logit_transform(config)).eval()
+        edge.verify(path, getattr(config, "model_type", "unknown"))
+        return edge
+
+    def verify(self, path: Path, model_type: str) -> None:
+        """Refuse to run if these parts do not reproduce the cloud's model on its probe."""
+        probe_file = path / edge_probe.ASSET
+        if not probe_file.exists():
+            log.warning("the cloud sent no %s (an older cloud_server): the edge's parts cannot be checked "
+                        "against its model", edge_probe.ASSET)
+            return
+        with safe_open(probe_file, framework="pt") as f:
+            cloud_dtype = getattr(torch, (f.metadata() or {}).get("cloud_dtype", "float32"), torch.float32)
+        edge_probe.check_edge(self.embed, self.logits, load_file(probe_file), cloud_dtype, model_type)
 
     @property
     def hidden_size(self) -> int:
@@ -60,13 +85,17 @@ class EdgeModel(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm then LM head, for hidden states of any leading shape."""
-        return self.lm_head(self.final_norm(hidden)).float()
+        return self._finish(self.lm_head(self.final_norm(hidden)).float())
 
     def token_logits(self, hidden: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         """Logits of the given vocabulary entries only: C columns of the LM head."""
         bias = getattr(self.lm_head, "bias", None)
         w = self.lm_head.weight[token_ids]
-        return F.linear(self.final_norm(hidden), w, None if bias is None else bias[token_ids]).float()
+        return self._finish(F.linear(self.final_norm(hidden), w, None if bias is None else bias[token_ids]).float())
+
+    def _finish(self, logits: torch.Tensor) -> torch.Tensor:
+        # Element-wise, so it applies to a subset of the columns as to all of them.
+        return logits if self.transform is None else self.transform(logits)
 
     def head_flops(self, positions: int, columns: int | None = None) -> int:
         """Analytic forward FLOPs of norm + LM head over `positions` rows (all or `columns` columns)."""
@@ -75,13 +104,25 @@ class EdgeModel(nn.Module):
 
 
 def _materialise(module: nn.Module, prefix: str, weights: dict[str, torch.Tensor]) -> nn.Module:
+    """Give every parameter and buffer of a meta-device `module` its value from `weights`.
+
+    Buffers count, non-persistent ones included: after to_empty() they hold
+    garbage, and some carry real values (Gemma's embedding scale).
+    """
     module.to_empty(device="cpu")
     state = {k[len(prefix) + 1:]: v for k, v in weights.items() if k.startswith(prefix + ".")}
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    # Non-persistent buffers are fine to lack; parameters are not.
-    params = {n for n, _ in module.named_parameters()}
-    if params & set(missing) or unexpected:
-        raise ValueError(f"edge weights for {prefix} do not fit: missing {missing}, unexpected {unexpected}")
+    own = dict(module.named_parameters())
+    own.update(module.named_buffers())
+    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    if missing or unexpected:
+        raise ValueError(f"edge weights for {prefix} do not fit its config: missing {missing[:5]}, unexpected "
+                         f"{unexpected[:5]}; delete the edge cache and download the assets again")
+    with torch.no_grad():
+        for name, t in own.items():
+            if tuple(t.shape) != tuple(state[name].shape):
+                raise ValueError(f"edge weight {prefix}.{name} has shape {list(state[name].shape)}, its config "
+                                 f"wants {list(t.shape)}")
+            t.copy_(state[name])
     return module
 
 

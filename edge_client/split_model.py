@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from common.lora import LoRAAdapter, inject
-from common.model_parts import backbone, final_norm_name
+from common.model_parts import backbone, final_norm_name, logit_transform
 from edge_client.edge_model import EdgeModel
 
 
@@ -45,7 +45,11 @@ class FrontModel(nn.Module):
             raise ValueError(f"the edge assets in {path} hold no weights for blocks 0..{cut - 1}")
         weights.update(load_file(blocks[0]))
         manifest = json.loads((path / "edge_manifest.json").read_text())
-        missing, unexpected = model.load_state_dict(weights, strict=False)
+        # Non-persistent buffers travel too (for the meta-built EdgeModel); this model,
+        # built on the CPU, computed its own, so the state dict does not take them.
+        transient = {n for n, _ in model.named_buffers()} - model.state_dict().keys()
+        missing, unexpected = model.load_state_dict({k: v for k, v in weights.items() if k not in transient},
+                                                    strict=False)
         params = {n for n, _ in model.named_parameters()}
         tied = {manifest["lm_head"] + ".weight"} if manifest["tied_lm_head"] else set()
         if (params & set(missing)) - tied or unexpected:
@@ -54,7 +58,9 @@ class FrontModel(nn.Module):
         model.requires_grad_(False).eval()
         inner = backbone(model)
         norm_attr = final_norm_name(model)
-        head = EdgeModel(model.get_input_embeddings(), getattr(inner, norm_attr), model.get_output_embeddings())
+        head = EdgeModel(model.get_input_embeddings(), getattr(inner, norm_attr), model.get_output_embeddings(),
+                         logit_transform(config))
+        head.verify(path, getattr(config, "model_type", "unknown"))
         setattr(inner, norm_attr, nn.Identity())  # the cut-layer activation leaves un-normed
         return cls(model, head, cut)
 

@@ -23,10 +23,36 @@ tensors = st.builds(
 def test_decode_only_raises_wire_errors(msg, finite):
     try:
         t = codec.decode(msg, name="t", finite=finite)
-    except WireError:
+    except WireError as exc:
+        assert len(str(exc)) <= 400, str(exc)  # messages end up in gRPC trailers (16 KiB at most)
         return
     assert list(t.shape) == list(msg.shape)
     assert t.numel() * t.element_size() == len(msg.data)
+
+
+@settings(max_examples=60, deadline=None)
+@given(dims=st.integers(codec.MAX_DIMS + 1, 10**5), name_len=st.integers(0, 10**5))
+def test_decode_messages_stay_short(dims, name_len):
+    """A huge shape or name must not make an error message of the same size."""
+    msg = pb.Tensor(dtype=pb.FLOAT32, shape=[1] * dims)
+    for shape in (None, (2, 3)):
+        with pytest.raises(WireError) as info:
+            codec.decode(msg, name="n" * name_len, shape=shape)
+        assert len(str(info.value)) <= 400, str(info.value)[:500]
+
+
+@given(text=st.text(max_size=2000), limit=st.integers(1, 500))
+def test_clip_keeps_short_text_and_says_what_it_cut(text, limit):
+    out = codec.clip(text, limit)
+    if len(text) <= limit:
+        assert out == text
+    else:
+        assert out.startswith(text[:limit]) and out.endswith(f"({len(text) - limit} more characters)")
+
+
+def test_missing_tensor_is_named_not_an_unknown_dtype():
+    with pytest.raises(WireError, match="hidden states: missing"):
+        codec.decode(pb.StepStart().hidden, name="hidden states")
 
 
 @settings(max_examples=300, deadline=None)
@@ -75,7 +101,7 @@ def test_server_answers_random_steps_with_a_status(fuzz_stub, first):
         assert exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
                               grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED,
                               grpc.StatusCode.ALREADY_EXISTS), exc
-        assert exc.details()
+        assert exc.details() and len(exc.details()) <= 1024
     # the server still serves
     probe = stub.OpenSession(pb.OpenSessionRequest()).session_id
     stub.CloseSession(pb.CloseSessionRequest(session_id=probe))

@@ -32,7 +32,12 @@ def reference_greedy(model, prompt_ids: list[int], n: int) -> tuple[list[int], l
 
 
 def test_generation_matches_full_recompute(kind, servers, model_dirs, cache):
-    edge = connect(servers[kind], cache)
+    check_generation_matches_full_recompute(servers[kind], model_dirs[kind], cache)
+
+
+def check_generation_matches_full_recompute(address: str, model_dir, cache) -> None:
+    """Greedy tokens and every logit the edge saw equal re-running the whole model per token."""
+    edge = connect(address, cache)
     try:
         prompt = edge.tokenizer("the match ended")["input_ids"]
         seen: list[torch.Tensor] = []
@@ -40,7 +45,7 @@ def test_generation_matches_full_recompute(kind, servers, model_dirs, cache):
         edge.edge.logits = lambda h: seen.append(logits_fn(h)[0]) or logits_fn(h)  # record what the edge saw
         result = generate(edge.session, edge.edge, edge.tokenizer, edge.adapters, prompt,
                           GenerateConfig(max_new_tokens=NEW, stop_at_eos=False))
-        model, _ = reference_model(model_dirs[kind], edge.adapters)
+        model, _ = reference_model(model_dir, edge.adapters)
         want, want_logits = reference_greedy(model, prompt, NEW)
         assert result.token_ids == want
         for got, ref in zip(seen, want_logits):

@@ -26,7 +26,7 @@ from edge_client.kill_revive import KRConfig
 from edge_client.session import CloudError, CloudSession, Credentials, RetryPolicy
 from edge_client.trainer import EdgeTrainer, TrainConfig, batches
 from edge_client.objective import make_batch
-from helpers import connect
+from helpers import connect, reference_loss, reference_model, rel_err
 from test_wire_errors import RawStep, expect_error, start_msg
 
 ALICE, BOB = "a" * 24, "b" * 24
@@ -208,6 +208,36 @@ def test_server_killed_mid_step_then_restarted(model_dirs, tmp_path):
                 s.stop()
 
 
+def test_lost_session_is_reopened_without_backoff(model_dirs, tmp_path, caplog):
+    """A restarted server answers NOT_FOUND for the old session: it is up, so the edge
+    opens a new session at once (no backoff wait) and the step it retries is exact."""
+    port = free_port()
+    args = ["--model", str(model_dirs["llama"]), "--port", str(port)]
+    with launch.start(args, tmp_path / "a.log", timeout=300):
+        # Any backoff logs "retry 1/3 in ... s", which the test rules out below.
+        edge = connect(f"127.0.0.1:{port}", tmp_path / "cache", retry=RetryPolicy(retries=3, backoff=0.05))
+        edge.step(1, edge.batch())
+        old = edge.session.session_id
+    with launch.start(args, tmp_path / "b.log", timeout=300):
+        for ad in edge.adapters.values():
+            ad.zero_grad()
+        with caplog.at_level("WARNING", logger="edge_client.session"):
+            batch = edge.batch()
+            loss = edge.step(2, batch)
+        try:
+            assert edge.session.reconnects == 1 and edge.session.session_id != old
+            assert not [r for r in caplog.records if "retry 1/" in r.getMessage()], caplog.text
+            assert "opening a new one now" in caplog.text
+            model, ref = reference_model(model_dirs["llama"], edge.adapters)
+            ref_loss = reference_loss(model, batch)
+            ref_loss.backward()
+            assert abs(loss - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
+            for name, ad in edge.adapters.items():
+                assert rel_err(ad.lora_A.grad, ref[name].lora_A.grad) <= 1e-5, name
+        finally:
+            edge.session.close()
+
+
 def test_checkpoint_resume_equals_uninterrupted(servers, tmp_path):
     from test_cli import cli
     data = tmp_path / "d.jsonl"
@@ -237,7 +267,7 @@ def test_checkpoint_resume_equals_uninterrupted(servers, tmp_path):
 EDGE_THAT_HANGS = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {tests!r})
-    from helpers import connect
+    from helpers import connect, reference_loss, reference_model, rel_err
     edge = connect({address!r}, __import__("pathlib").Path({cache!r}))
     batch = edge.batch()
     def hang(h):

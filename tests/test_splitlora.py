@@ -28,9 +28,15 @@ TOL = 1e-5
 
 def test_one_client_every_step_equals_centralized_lora(kind, servers, model_dirs, tmp_path):
     """SplitLoRA with one client and I = 1 trains exactly what one process would."""
+    check_split_equals_centralized(servers[kind], model_dirs[kind], tmp_path)
+
+
+def check_split_equals_centralized(address: str, model_dir, tmp_path) -> None:
+    """4 SplitLoRA steps at cut 1 (one client, FedAvg every step) against one process:
+    losses, then client- and server-side adapters, within 1e-5."""
     from transformers import AutoModelForCausalLM
 
-    cfg = TrainConfig(server=servers[kind], mode="splitlora", cut_layer=1, aggregate_every=1, clients=1,
+    cfg = TrainConfig(server=address, mode="splitlora", cut_layer=1, aggregate_every=1, clients=1,
                       federation=f"eq-{uuid.uuid4().hex}", rank=4, alpha=8.0, lr=1e-2, steps=4, seed=3,
                       cache=tmp_path / "cache", progress=False)
     split = SplitOptions(cfg.cut_layer, cfg.federation, 1, cfg.rank, cfg.alpha, cfg.lr)
@@ -42,7 +48,7 @@ def test_one_client_every_step_equals_centralized_lora(kind, servers, model_dirs
         server, scale, updates = session.server_adapters()
         assert server and all(".1." in n for n in server) and updates == 0
 
-        model = AutoModelForCausalLM.from_pretrained(model_dirs[kind], dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         model.requires_grad_(False)
         ref = {n: LoRAAdapter.from_weights(a.lora_A, a.lora_B, a.scale) for n, a in trainer.adapters.items()}
         ref |= {n: LoRAAdapter.from_weights(a, b, scale) for n, (a, b) in server.items()}

@@ -103,10 +103,16 @@ def test_bad_start_messages(stub, session_id):
         "mask dtype": start_msg(session_id, mask=codec.encode(torch.ones(2, 5))),
         "empty mask row": start_msg(session_id, mask=codec.encode(torch.tensor([[True] * 5, [False] * 5]))),
         "unknown dtype": start_msg(session_id, hidden=pb.Tensor(dtype=99, shape=[1], data=b"\0" * 4)),
+        "huge shape": start_msg(session_id, hidden=pb.Tensor(dtype=pb.FLOAT32, shape=[1] * 10**5)),
     }
     for what, msg in bad.items():
         detail = expect_error(lambda: run_raw(stub, msg), grpc.StatusCode.INVALID_ARGUMENT)
-        assert detail, what
+        assert detail and len(detail) <= 400, what
+    # A tensor left out is named as missing (its all-default message reads as dtype code 0).
+    expect_error(lambda: run_raw(stub, start_msg(session_id, hidden=pb.Tensor())), grpc.StatusCode.INVALID_ARGUMENT,
+                 "hidden states: missing (no tensor was sent)")
+    expect_error(lambda: run_raw(stub, start_msg(session_id, mask=pb.Tensor())), grpc.StatusCode.INVALID_ARGUMENT,
+                 "attention mask: missing (no tensor was sent)")
     not_start = pb.EdgeMessage(final_grad=pb.FinalGrad(grad=codec.encode(torch.zeros(1))))
     expect_error(lambda: run_raw(stub, not_start), grpc.StatusCode.INVALID_ARGUMENT, "must begin with a start")
 
@@ -155,6 +161,27 @@ def test_bad_open_session_requests(stub):
                  grpc.StatusCode.INVALID_ARGUMENT, "unknown target modules")
     expect_error(lambda: stub.OpenSession(pb.OpenSessionRequest(wire_dtype=pb.BOOL)),
                  grpc.StatusCode.INVALID_ARGUMENT, "wire dtype")
+    expect_error(lambda: stub.OpenSession(pb.OpenSessionRequest(mode=7)),
+                 grpc.StatusCode.INVALID_ARGUMENT, "unknown session mode 7")
+    # Echoed in full, 10^4 names made trailers gRPC refused (RESOURCE_EXHAUSTED) instead of this status.
+    many = [f"nope_{i}" for i in range(10_000)]
+    detail = expect_error(lambda: stub.OpenSession(pb.OpenSessionRequest(target_modules=many)),
+                          grpc.StatusCode.INVALID_ARGUMENT, "unknown target modules", "more characters")
+    assert len(detail) <= 400
+
+
+def test_undecodable_bytes_are_invalid_argument(servers):
+    """grpcio alone answers bytes that do not parse with INTERNAL (and logs a traceback)."""
+    channel = grpc.insecure_channel(servers["llama"])
+    try:
+        call = channel.unary_unary("/dlora.v1.DLoRA/OpenSession", request_serializer=None, response_deserializer=None)
+        expect_error(lambda: call(b"\xff\xff"), grpc.StatusCode.INVALID_ARGUMENT, "could not decode OpenSessionRequest")
+        step = channel.stream_stream("/dlora.v1.DLoRA/TrainStep", request_serializer=None, response_deserializer=None)
+        expect_error(lambda: list(step(iter([b"\xff\xff"]))), grpc.StatusCode.INVALID_ARGUMENT,
+                     "could not decode EdgeMessage")
+        expect_error(lambda: list(step(iter([]))), grpc.StatusCode.INVALID_ARGUMENT, "ended before its start message")
+    finally:
+        channel.close()
 
 
 def test_server_survives_bad_input_and_vanishing_edge(servers, model_dirs, cache, stub, session_id):

@@ -1,4 +1,4 @@
-"""Tiny random Llama and GPT-2 checkpoints, built in-process, with a byte-level tokenizer."""
+"""Tiny random checkpoints of many transformers families, built in-process, with a byte-level tokenizer."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,22 +21,61 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
 
+_IDS = dict(pad_token_id=0, eos_token_id=1, bos_token_id=1)
+# Llama-shaped families share one set of sizes: hidden 32, 4 query heads over 2 KV heads.
+_LLAMA_LIKE = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                   max_position_embeddings=256, tie_word_embeddings=False, **_IDS)
+
+
+def _config(kind: str, vocab: int, layers: int):
+    """The config of a tiny `kind` model: every family's distinctive parts switched on."""
+    import transformers as tf
+
+    if kind == "llama":
+        return tf.LlamaConfig(vocab_size=vocab, num_hidden_layers=layers, **_LLAMA_LIKE)
+    if kind == "gpt2":
+        return tf.GPT2Config(vocab_size=vocab, n_embd=32, n_layer=layers, n_head=4, n_positions=256, **_IDS)
+    if kind == "qwen2":  # biases on q, k and v
+        return tf.Qwen2Config(vocab_size=vocab, num_hidden_layers=layers, **_LLAMA_LIKE)
+    if kind == "mistral":
+        return tf.MistralConfig(vocab_size=vocab, num_hidden_layers=layers, sliding_window=8, **_LLAMA_LIKE)
+    if kind == "phi3":  # fused qkv_proj and gate_up_proj
+        return tf.Phi3Config(vocab_size=vocab, num_hidden_layers=layers, **_LLAMA_LIKE)
+    if kind == "gemma":  # embedding scaled by sqrt(hidden) in a non-persistent buffer, tied head
+        return tf.GemmaConfig(vocab_size=vocab, num_hidden_layers=layers, head_dim=8,
+                              **{**_LLAMA_LIKE, "tie_word_embeddings": True})
+    if kind == "gemma2":
+        # Final logit soft-capping, made small enough to bend a random model's
+        # small logits, so an edge that skipped it would be caught at 1e-5.
+        return tf.Gemma2Config(vocab_size=vocab, num_hidden_layers=layers, head_dim=8, sliding_window=8,
+                               query_pre_attn_scalar=8, final_logit_softcapping=0.5, attn_logit_softcapping=5.0,
+                               **{**_LLAMA_LIKE, "tie_word_embeddings": True})
+    if kind == "gpt_neox":  # fused query_key_value, parallel residual, partial rotary
+        return tf.GPTNeoXConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                                num_attention_heads=4, max_position_embeddings=256, rotary_pct=0.5, **_IDS)
+    if kind == "falcon":  # multi-query fused query_key_value, parallel attention
+        return tf.FalconConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+                               max_position_embeddings=256, **_IDS)
+    if kind == "opt":  # learned positions from the attention mask, blocks one level down (model.decoder)
+        return tf.OPTConfig(vocab_size=vocab, hidden_size=32, ffn_dim=64, num_hidden_layers=layers,
+                            num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=32, **_IDS)
+    if kind == "opt-proj":  # OPT-350m's layout: projections around the blocks and no final norm
+        return tf.OPTConfig(vocab_size=vocab, hidden_size=32, ffn_dim=64, num_hidden_layers=layers,
+                            num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=16,
+                            do_layer_norm_before=False, **_IDS)
+    raise ValueError(f"no tiny config for {kind!r}")
+
+
+# Every family the architecture matrix covers.
+FAMILIES = ("llama", "gpt2", "qwen2", "mistral", "phi3", "gemma", "gemma2", "gpt_neox", "falcon", "opt", "opt-proj")
+
+
 def save_tiny(kind: str, path: Path, seed: int = 0, layers: int = 2) -> Path:
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     tok = byte_tokenizer()
     torch.manual_seed(seed)
-    if kind == "llama":
-        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                          tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, bos_token_id=1)
-        model = LlamaForCausalLM(cfg)
-    elif kind == "gpt2":
-        cfg = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=layers, n_head=4, n_positions=256,
-                         pad_token_id=0, eos_token_id=1, bos_token_id=1)
-        model = GPT2LMHeadModel(cfg)
-    else:
-        raise ValueError(kind)
+    model = AutoModelForCausalLM.from_config(_config(kind, len(tok), layers))
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path

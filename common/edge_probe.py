@@ -1,0 +1,78 @@
+"""The probe that proves the edge's parts compute what the cloud's full model computes.
+
+Before the cloud splits its model, it runs the whole model once on a fixed
+probe input and records the embedding output, the last block's output (the
+input of the final norm) and the logits. The probe ships with the edge assets.
+
+- The cloud checks that its own split path (blocks run from the embedding
+  output, final norm removed) reproduces the last block's output.
+- The edge checks that its embedding reproduces the embedding output and that
+  its final norm + LM head (+ the family's logit post-processing) turn the
+  last block's output into the logits.
+
+Either mismatch refuses the model with a message naming its family, so an
+architecture nobody tested is refused instead of trained silently wrong.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from common.model_parts import UnsupportedModel, backbone, family, final_norm_name
+
+ASSET = "edge_probe.safetensors"
+_SHAPE = (2, 8)  # two rows of eight tokens: enough to exercise positions and the batch dimension
+_TOLERANCE = {torch.float32: 1e-4}  # same fp32 ops on both paths: any real difference is far larger
+_LOW_PRECISION_TOLERANCE = 3e-2     # a bf16/fp16 cloud rounds where the fp32 edge does not
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """Largest relative error the checks accept for a cloud running in `dtype`."""
+    return _TOLERANCE.get(dtype, _LOW_PRECISION_TOLERANCE)
+
+
+@torch.no_grad()
+def capture(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Run the whole (unsplit) model on the probe input; tensors as fp32 on the CPU."""
+    param = next(model.parameters())
+    vocab = int(model.get_input_embeddings().weight.shape[0])
+    ids = torch.randint(0, vocab, _SHAPE, generator=torch.Generator().manual_seed(0)).to(param.device)
+    norm = backbone(model).get_submodule(final_norm_name(model))
+    seen: list[torch.Tensor] = []
+    handle = norm.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+    try:
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+    finally:
+        handle.remove()
+    if len(seen) != 1:
+        raise UnsupportedModel(f"{family(model)}: the final norm ran {len(seen)} times in one forward; DLoRA "
+                               "needs it once, after the last block")
+    probe = {"input_ids": ids, "embeds": model.get_input_embeddings()(ids), "final_hidden": seen[0],
+             "logits": logits}
+    return {k: (v.float() if v.is_floating_point() else v).cpu().contiguous() for k, v in probe.items()}
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-30))
+
+
+def check(what: str, got: torch.Tensor, want: torch.Tensor, tol: float, model_type: str) -> None:
+    """Refuse the model if `got` is not `want` within `tol` (relative, in norm)."""
+    if tuple(got.shape) != tuple(want.shape):
+        raise UnsupportedModel(f"{model_type}: the {what} has shape {list(got.shape)}, the cloud's model "
+                               f"gives {list(want.shape)}; this architecture is not supported")
+    err = rel_err(got, want)
+    if not err <= tol:  # `not <=` also catches NaN
+        raise UnsupportedModel(
+            f"{model_type}: the {what} differs from the cloud's full model by {err:.1e} (relative; at most "
+            f"{tol:.0e} allowed). DLoRA would train this model silently wrong, so it refuses it: the family "
+            "does something its split does not reproduce. See the README's supported-architecture table.")
+
+
+def check_edge(embed, logits, probe: dict[str, torch.Tensor], cloud_dtype: torch.dtype, model_type: str) -> None:
+    """The edge's embedding and head against the probe (`embed`, `logits`: the edge's functions)."""
+    tol = tolerance(cloud_dtype)
+    with torch.no_grad():
+        check("edge's embedding output", embed(probe["input_ids"]), probe["embeds"], tol, model_type)
+        check("edge's output of the final norm + LM head (the logits)", logits(probe["final_hidden"]), probe["logits"], tol,
+              model_type)

@@ -1,0 +1,132 @@
+"""The architecture matrix: every family a server loads trains exactly like in-process, or is refused at load."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cloud_server import launch
+from cloud_server.served_model import ServedModel
+from common.model_parts import UnsupportedModel, is_linear, layer_index
+from edge_client.edge_model import EdgeModel
+from helpers import EXAMPLES, connect, reference_loss, reference_model, rel_err
+from test_generation import check_generation_matches_full_recompute
+from test_splitlora import check_split_equals_centralized
+from tiny_models import FAMILIES, save_tiny
+
+TOL = 1e-5
+# Families DLoRA refuses, with words the refusal must contain: the family and what is missing.
+REFUSED = {"opt-proj": ("opt", "project_in", "word_embed_proj_dim")}
+SUPPORTED = [f for f in FAMILIES if f not in REFUSED]
+
+
+def all_linear_targets(model_dir) -> list[str]:
+    """Leaf names of every linear inside the blocks: attention and MLP sites alike."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if is_linear(m) and layer_index(n) >= 0})
+
+
+@pytest.fixture(scope="module", params=SUPPORTED)
+def family_server(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    model_dir = save_tiny(request.param, root / "model")
+    with launch.start(["--model", str(model_dir), "--device", "cpu"], root / "server.log", timeout=300) as server:
+        yield request.param, model_dir, server.address
+
+
+def test_family_trains_exactly(family_server, tmp_path):
+    """The master test on every supported family, with every linear of the blocks adapted:
+    loss and every A/B gradient of step 1 within 1e-5, then weights after 3 AdamW steps."""
+    kind, model_dir, address = family_server
+    edge = connect(address, tmp_path / "cache", targets=all_linear_targets(model_dir))
+    worst = {"loss": 0.0, "gradients": 0.0, "weights": 0.0}
+    try:
+        model, ref = reference_model(model_dir, edge.adapters)
+        opt = torch.optim.AdamW([p for a in edge.adapters.values() for p in a.parameters()], lr=1e-2)
+        ref_opt = torch.optim.AdamW([p for a in ref.values() for p in a.parameters()], lr=1e-2)
+        for step, idx in enumerate(([0, 1, 2, 3], [2, 3], [1, 0]), 1):
+            batch = edge.batch([EXAMPLES[i] for i in idx])
+            opt.zero_grad()
+            ref_opt.zero_grad()
+            loss = edge.step(step, batch)
+            ref_loss = reference_loss(model, batch)
+            ref_loss.backward()
+            worst["loss"] = max(worst["loss"], abs(loss - ref_loss.item()) / abs(ref_loss.item()))
+            assert worst["loss"] <= TOL, f"{kind} step {step}: loss"
+            if step == 1:
+                for name, ad in edge.adapters.items():
+                    for w in ("lora_A", "lora_B"):
+                        got, want = getattr(ad, w).grad, getattr(ref[name], w).grad
+                        assert want is not None and want.norm() > 0, f"{kind} {name}.{w}: zero reference gradient"
+                        worst["gradients"] = max(worst["gradients"], rel_err(got, want))
+                        assert rel_err(got, want) <= TOL, f"{kind} {name}.{w}: gradient {rel_err(got, want):.1e}"
+            opt.step()
+            ref_opt.step()
+        for name, ad in edge.adapters.items():
+            for w in ("lora_A", "lora_B"):
+                err = rel_err(getattr(ad, w).detach(), getattr(ref[name], w).detach())
+                worst["weights"] = max(worst["weights"], err)
+                assert err <= TOL, f"{kind} {name}.{w} after 3 AdamW steps: {err:.1e}"
+        # Shown with `pytest -s`: the figures behind the README's architecture table.
+        print(f"\n{kind}: {len(edge.adapters)} adapted linears; worst relative error: " +
+              ", ".join(f"{k} {v:.1e}" for k, v in worst.items()))
+    finally:
+        edge.session.close()
+
+
+def test_family_splitlora_is_exact(family_server, tmp_path):
+    """SplitLoRA on every supported family: the edge runs block 0 (learned positions,
+    scaled embeddings and all), the cloud the rest with its own adapters."""
+    _, model_dir, address = family_server
+    check_split_equals_centralized(address, model_dir, tmp_path)
+
+
+def test_family_generates_exactly(family_server, tmp_path):
+    """Generation on every supported family: the cloud's KV cache (sliding windows,
+    Gemma2's hybrid cache) gives the tokens and logits of a full re-run per token."""
+    _, model_dir, address = family_server
+    check_generation_matches_full_recompute(address, model_dir, tmp_path / "cache")
+
+
+@pytest.mark.parametrize("kind", sorted(REFUSED))
+def test_family_is_refused_at_load(kind, tmp_path):
+    model_dir = save_tiny(kind, tmp_path / "model")
+    log = tmp_path / "server.log"
+    with pytest.raises(RuntimeError, match="exited with 2"):
+        launch.start(["--model", str(model_dir), "--device", "cpu"], log, timeout=300)
+    text = log.read_text()
+    assert "Traceback" not in text, text
+    for word in REFUSED[kind]:
+        assert word in text, text
+
+
+@pytest.fixture(scope="module")
+def probe_assets(tmp_path_factory):
+    """Edge assets of Gemma and Gemma2, the two families an unchecked edge once trained silently wrong."""
+    root = tmp_path_factory.mktemp("probe")
+    out = {}
+    for kind in ("gemma", "gemma2"):
+        served = ServedModel(str(save_tiny(kind, root / kind)), device="cpu")
+        out[kind] = root / f"{kind}-assets"
+        out[kind].mkdir()
+        for asset in served.assets:
+            (out[kind] / asset.name).write_bytes(asset.data)
+    return out
+
+
+def test_probe_refuses_an_edge_without_the_embedding_scale(probe_assets):
+    """Gemma's sqrt(hidden) embedding scale lives in a non-persistent buffer, which a
+    checkpoint does not carry: an edge that lost it must refuse to train."""
+    edge = EdgeModel.from_assets(probe_assets["gemma"])  # the real edge passes its own check
+    edge.embedding.embed_scale.fill_(1.0)
+    with pytest.raises(UnsupportedModel, match="gemma: the edge's embedding output differs"):
+        edge.verify(probe_assets["gemma"], "gemma")
+
+
+def test_probe_refuses_an_edge_without_logit_softcapping(probe_assets):
+    """Gemma2 soft-caps the final logits after the LM head: an edge that skips it must refuse."""
+    edge = EdgeModel.from_assets(probe_assets["gemma2"])
+    edge.transform = None
+    with pytest.raises(UnsupportedModel, match=r"gemma2: the edge's output of the final norm \+ LM head \(the logits\) differs"):
+        edge.verify(probe_assets["gemma2"], "gemma2")
