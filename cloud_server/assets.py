@@ -69,7 +69,8 @@ def build(model: nn.Module, model_dir: Path, probe: dict[str, torch.Tensor], dty
         "config.json": model.config.to_json_string().encode(),
         MANIFEST: json.dumps(manifest, indent=2).encode(),
         WEIGHTS: save_safetensors(tensors),
-        edge_probe.ASSET: save_safetensors(probe, metadata={"cloud_dtype": str(dtype).removeprefix("torch.")}),
+        edge_probe.ASSET: save_safetensors(edge_probe.for_edge(probe),
+                                           metadata={"cloud_dtype": str(dtype).removeprefix("torch.")}),
     }
     for name in _TOKENIZER_FILES:
         p = model_dir / name

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -86,6 +85,7 @@ class ServedModel:
         self.shapes = linear_shapes(model, self.groups)
         install_taps(model, [n for g in self.groups for n in g])
         self.model = model
+        self._probe = probe
         self._check_split(probe)
         self.blocks_attr = blocks_name(self.inner, self.meta.num_layers)
         self._views: dict[int, nn.Module] = {0: self.inner}
@@ -164,12 +164,34 @@ class ServedModel:
             view._modules[self.blocks_attr] = nn.ModuleList(list(getattr(self.inner, self.blocks_attr))[cut:])
             view.config = copy.deepcopy(self.inner.config)
             view.config.num_hidden_layers = self.meta.num_layers - cut
+            if isinstance(getattr(view.config, "layer_types", None), list):
+                # Per-block attention kinds (Gemma2's sliding/full), indexed by position in the view.
+                view.config.layer_types = view.config.layer_types[cut:]
             for table in _POSITION_TABLES:
                 if table in view._modules:
                     # Learned positions (GPT-2, OPT) were added on the edge, before block 0.
                     view._modules[table] = _NoPositions(self.dtype, self.device)
+            self._check_view(cut, view)
             self._views[cut] = view
         return self._views[cut]
+
+    @torch.no_grad()
+    def _check_view(self, cut: int, view: nn.Module) -> None:
+        """Fed block cut - 1's output from a full run on the probe, the view must give the
+        full run's last block output, or SplitLoRA at this cut is refused for this family."""
+        embeds = self._probe["embeds"].to(device=self.device, dtype=self.dtype)
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device)
+        seen: list[torch.Tensor] = []
+        block = getattr(self.inner, self.blocks_attr)[cut - 1]
+        hook = block.register_forward_hook(lambda _m, _a, out: seen.append(out[0] if isinstance(out, tuple) else out))
+        try:
+            full = self.inner(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
+        finally:
+            hook.remove()
+        out = view(inputs_embeds=seen[0], attention_mask=mask, use_cache=False).last_hidden_state
+        edge_probe.check(f"cloud's output of blocks {cut}..{self.meta.num_layers - 1} (SplitLoRA at cut {cut})",
+                         out.float().cpu(), full.float().cpu(), edge_probe.tolerance(self.dtype),
+                         self.meta.model_type)
 
     def block_asset(self, cut: int) -> edge_assets.Asset:
         """Weights of blocks [0, cut) for a SplitLoRA edge, under their full-model names."""

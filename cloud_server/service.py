@@ -287,6 +287,8 @@ class DLoRAService(pb_grpc.DLoRAServicer):
             raise WireError("a federation name has at most 64 characters")
         if split.rank > MAX_PARKED_RANK:
             raise WireError(f"server-side rank {split.rank} exceeds this server's maximum of {MAX_PARKED_RANK}")
+        # Built (and checked against the probe) now, so a cut this family cannot serve fails at open.
+        self.served.view(split.cut_layer)
         name = split.federation or "default"
         settings = SplitSettings(split.cut_layer, split.clients, split.rank, split.alpha, split.lr, split.seed,
                                  tuple(sorted(targets)))

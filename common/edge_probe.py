@@ -21,7 +21,9 @@ from torch import nn
 from common.model_parts import UnsupportedModel, backbone, family, final_norm_name
 
 ASSET = "edge_probe.safetensors"
-_SHAPE = (2, 8)  # two rows of eight tokens: enough to exercise positions and the batch dimension
+_ROWS, _POSITIONS = 2, 32
+_LONGEST_WINDOW = 1024  # sliding windows up to this long are exceeded by the probe, so they take effect
+_SHIPPED = 4            # positions of the last hidden state and logits the edge gets (logits are [.., vocab])
 _TOLERANCE = {torch.float32: 1e-4}  # same fp32 ops on both paths: any real difference is far larger
 _LOW_PRECISION_TOLERANCE = 3e-2     # a bf16/fp16 cloud rounds where the fp32 edge does not
 
@@ -31,12 +33,28 @@ def tolerance(dtype: torch.dtype) -> float:
     return _TOLERANCE.get(dtype, _LOW_PRECISION_TOLERANCE)
 
 
+def probe_length(config) -> int:
+    """Positions in the probe: past the sliding window where one is short enough to
+    afford, so sliding-window attention differs from full attention within it."""
+    window = getattr(config, "sliding_window", None)
+    length = _POSITIONS
+    if isinstance(window, int) and 0 < window <= _LONGEST_WINDOW:
+        length = max(length, window + 8)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return min(length, int(limit)) if limit else length
+
+
 @torch.no_grad()
 def capture(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Run the whole (unsplit) model on the probe input; tensors as fp32 on the CPU."""
+    """Run the whole (unsplit) model on the probe input; tensors as fp32 on the CPU.
+
+    Holds the full last hidden state (for the cloud's own checks); `for_edge`
+    takes what ships.
+    """
     param = next(model.parameters())
     vocab = int(model.get_input_embeddings().weight.shape[0])
-    ids = torch.randint(0, vocab, _SHAPE, generator=torch.Generator().manual_seed(0)).to(param.device)
+    shape = (_ROWS, probe_length(model.config))
+    ids = torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(0)).to(param.device)
     norm = backbone(model).get_submodule(final_norm_name(model))
     seen: list[torch.Tensor] = []
     handle = norm.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
@@ -50,6 +68,11 @@ def capture(model: nn.Module) -> dict[str, torch.Tensor]:
     probe = {"input_ids": ids, "embeds": model.get_input_embeddings()(ids), "final_hidden": seen[0],
              "logits": logits}
     return {k: (v.float() if v.is_floating_point() else v).cpu().contiguous() for k, v in probe.items()}
+
+
+def for_edge(probe: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The probe's last positions only: logits are [rows, positions, vocab], megabytes each."""
+    return {k: v[:, -_SHIPPED:].contiguous() for k, v in probe.items()}
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:

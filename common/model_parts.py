@@ -63,7 +63,7 @@ def final_norm_name(model: nn.Module) -> str:
             return name
     raise UnsupportedModel(
         f"{family(model)}: no final norm after the last block ({type(inner).__name__} has none of "
-        f"{', '.join(_FINAL_NORM_NAMES)}); the edge applies the final norm and LM head, so DLoRA needs one. "
+        f"{', '.join(_FINAL_NORM_NAMES)}); the edge applies the final norm and LM head, so DLoRA needs one; "
         f"{_SUPPORTED_HELP}")
 
 
@@ -80,7 +80,7 @@ def check_layout(model: nn.Module) -> None:
         raise UnsupportedModel(
             f"{family(model)}: projections {extra} sit between the blocks and the embedding or LM head "
             f"(for OPT: word_embed_proj_dim differs from hidden_size); DLoRA supports only models whose "
-            f"embedding output enters block 0 and whose last block feeds the final norm. {_SUPPORTED_HELP}")
+            f"embedding output enters block 0 and whose last block feeds the final norm; {_SUPPORTED_HELP}")
     final_norm_name(model)
 
 

@@ -47,7 +47,9 @@ class EdgeModel(nn.Module):
         manifest = json.loads((path / _MANIFEST).read_text())
         config = AutoConfig.from_pretrained(path)
         with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(config)
+            # fp32 whatever the cloud computes in (config.json records its dtype): the
+            # edge weights ship as fp32 and the edge's loss and adapters are fp32.
+            skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         weights = load_file(path / _WEIGHTS)
         parts = {}
         for role in ("embedding", "final_norm"):

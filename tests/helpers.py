@@ -76,3 +76,22 @@ def reference_loss(model, batch: Batch) -> torch.Tensor:
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def check_step_exact(edge: Edge, model_dir: Path, batch: Batch, step_id: int = 1, tol: float = 1e-5) -> dict[str, float]:
+    """One distributed training step against the same step in one process (the master test):
+    the loss and every A/B gradient within `tol`, relative. Returns the worst errors."""
+    loss = edge.step(step_id, batch)
+    model, ref = reference_model(model_dir, edge.adapters)
+    ref_loss = reference_loss(model, batch)
+    ref_loss.backward()
+    worst = {"loss": abs(loss - ref_loss.item()) / abs(ref_loss.item()), "gradients": 0.0}
+    assert worst["loss"] <= tol, f"loss {loss} against {ref_loss.item()} in one process"
+    assert len(edge.adapters) > 0
+    for name, ad in edge.adapters.items():
+        for w in ("lora_A", "lora_B"):
+            got, want = getattr(ad, w).grad, getattr(ref[name], w).grad
+            assert want is not None and want.norm() > 0, f"{name}.{w}: reference gradient is zero"
+            worst["gradients"] = max(worst["gradients"], rel_err(got, want))
+            assert rel_err(got, want) <= tol, f"{name}.{w}: relative error {rel_err(got, want):.2e}"
+    return worst

@@ -130,3 +130,17 @@ def test_probe_refuses_an_edge_without_logit_softcapping(probe_assets):
     edge.transform = None
     with pytest.raises(UnsupportedModel, match=r"gemma2: the edge's output of the final norm \+ LM head \(the logits\) differs"):
         edge.verify(probe_assets["gemma2"], "gemma2")
+
+
+def test_cloud_refuses_a_cut_view_that_does_not_reproduce_the_model(tmp_path):
+    """Gemma2 picks each block's attention (sliding or full) by its index in the config's
+    layer_types: a view from block 1 that kept block 0's entry must be refused."""
+    import copy
+
+    served = ServedModel(str(save_tiny("gemma2", tmp_path / "gemma2")), device="cpu")
+    good = served.view(1)  # built and checked: the real view passes
+    broken = copy.copy(good)
+    broken.config = copy.deepcopy(good.config)
+    broken.config.layer_types = served.inner.config.layer_types[:1]  # block 0's kind, not block 1's
+    with pytest.raises(UnsupportedModel, match=r"gemma2: the cloud's output of blocks 1\.\.1 \(SplitLoRA at cut 1\)"):
+        served._check_view(1, broken)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from helpers import EXAMPLES, connect, reference_loss, reference_model, rel_err
+from helpers import EXAMPLES, check_step_exact, connect, reference_loss, reference_model, rel_err
 
 TOL = 1e-5
 
@@ -11,18 +11,7 @@ TOL = 1e-5
 def test_one_step_matches_in_process(kind, servers, model_dirs, cache):
     edge = connect(servers[kind], cache)
     try:
-        batch = edge.batch()
-        loss = edge.step(1, batch)
-        model, ref = reference_model(model_dirs[kind], edge.adapters)
-        ref_loss = reference_loss(model, batch)
-        ref_loss.backward()
-        assert abs(loss - ref_loss.item()) <= TOL * abs(ref_loss.item())
-        assert len(edge.adapters) > 0
-        for name, ad in edge.adapters.items():
-            for w in ("lora_A", "lora_B"):
-                got, want = getattr(ad, w).grad, getattr(ref[name], w).grad
-                assert want is not None and want.norm() > 0, f"{name}.{w}: reference gradient is zero"
-                assert rel_err(got, want) <= TOL, f"{name}.{w}: relative error {rel_err(got, want):.2e}"
+        check_step_exact(edge, model_dirs[kind], edge.batch(), tol=TOL)
     finally:
         edge.session.close()
 
@@ -81,5 +70,27 @@ def test_low_precision_wire_stays_close(servers, model_dirs, cache):
             assert abs(loss - ref_loss.item()) <= tol * abs(ref_loss.item()), wire
             name = next(iter(edge.adapters))
             assert rel_err(edge.adapters[name].lora_B.grad, ref[name].lora_B.grad) <= 10 * tol, wire
+        finally:
+            edge.session.close()
+
+
+def test_half_precision_cloud_trains_close(model_dirs, tmp_path):
+    """A cloud serving bf16 weights: the edge still builds its parts in fp32 (its config.json
+    says bf16) and passes the probe check at bf16's tolerance; training stays close to fp32."""
+    from cloud_server import launch
+
+    with launch.start(["--model", str(model_dirs["llama"]), "--device", "cpu", "--dtype", "bf16"],
+                      tmp_path / "server.log", timeout=300) as server:
+        edge = connect(server.address, tmp_path / "cache")
+        try:
+            assert edge.edge.lm_head.weight.dtype == torch.float32
+            batch = edge.batch()
+            loss = edge.step(1, batch)
+            model, ref = reference_model(model_dirs["llama"], edge.adapters)
+            ref_loss = reference_loss(model, batch)
+            ref_loss.backward()
+            assert abs(loss - ref_loss.item()) <= 5e-2 * abs(ref_loss.item())
+            name = next(iter(edge.adapters))
+            assert rel_err(edge.adapters[name].lora_B.grad, ref[name].lora_B.grad) <= 0.5
         finally:
             edge.session.close()
