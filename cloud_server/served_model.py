@@ -13,7 +13,7 @@ import threading
 from safetensors.torch import save as save_safetensors
 
 from common import edge_probe
-from common.model_parts import (DEFAULT_TARGETS, backbone, blocks_name, check_layout,
+from common.model_parts import (DEFAULT_TARGETS, UnsupportedModel, backbone, blocks_name, check_layout,
                                 final_norm_name, num_layers)
 from cloud_server import assets as edge_assets
 from cloud_server.model_store import load_frozen, resolve_model_path
@@ -85,8 +85,9 @@ class ServedModel:
         self.shapes = linear_shapes(model, self.groups)
         install_taps(model, [n for g in self.groups for n in g])
         self.model = model
-        self._probe = probe
         self._check_split(probe)
+        self._probe_embeds = probe["embeds"]  # all SplitLoRA cut checks need later (not the logits)
+        self._refused_cuts: dict[int, str] = {}
         self.blocks_attr = blocks_name(self.inner, self.meta.num_layers)
         self._views: dict[int, nn.Module] = {0: self.inner}
         # Blocks [0, cut) for SplitLoRA edges, built on demand; only the most recent
@@ -150,40 +151,57 @@ class ServedModel:
         """The backbone without its first `cut` blocks, sharing every weight.
 
         A shallow copy with its own child list and config, so sessions with
-        different cuts run side by side on the one set of weights.
+        different cuts run side by side on the one set of weights. Built and
+        checked once per cut, outside the lock: every step reads this, and the
+        check runs the model twice.
         """
-        with self._views_lock:
-            return self._view(cut)
-
-    def _view(self, cut: int) -> nn.Module:
-        if cut not in self._views:
-            if not 0 < cut < self.meta.num_layers:
-                raise ValueError(f"cut layer must be in 1..{self.meta.num_layers - 1}, got {cut}")
-            view = copy.copy(self.inner)
-            view._modules = dict(self.inner._modules)
-            view._modules[self.blocks_attr] = nn.ModuleList(list(getattr(self.inner, self.blocks_attr))[cut:])
-            view.config = copy.deepcopy(self.inner.config)
-            view.config.num_hidden_layers = self.meta.num_layers - cut
-            if isinstance(getattr(view.config, "layer_types", None), list):
-                # Per-block attention kinds (Gemma2's sliding/full), indexed by position in the view.
-                view.config.layer_types = view.config.layer_types[cut:]
-            for table in _POSITION_TABLES:
-                if table in view._modules:
-                    # Learned positions (GPT-2, OPT) were added on the edge, before block 0.
-                    view._modules[table] = _NoPositions(self.dtype, self.device)
+        view = self._views.get(cut)
+        if view is not None:
+            return view
+        if cut in self._refused_cuts:
+            raise UnsupportedModel(self._refused_cuts[cut])
+        view = self._build_view(cut)
+        try:
             self._check_view(cut, view)
-            self._views[cut] = view
-        return self._views[cut]
+        except UnsupportedModel as exc:
+            self._refused_cuts[cut] = str(exc)
+            raise
+        with self._views_lock:
+            return self._views.setdefault(cut, view)
+
+    def _build_view(self, cut: int) -> nn.Module:
+        """The view for `cut`, unchecked."""
+        if not 0 < cut < self.meta.num_layers:
+            raise ValueError(f"cut layer must be in 1..{self.meta.num_layers - 1}, got {cut}")
+        view = copy.copy(self.inner)
+        view._modules = dict(self.inner._modules)
+        view._modules[self.blocks_attr] = nn.ModuleList(list(getattr(self.inner, self.blocks_attr))[cut:])
+        view.config = copy.deepcopy(self.inner.config)
+        view.config.num_hidden_layers = self.meta.num_layers - cut
+        if isinstance(getattr(view.config, "layer_types", None), list):
+            # Per-block attention kinds (Gemma2's sliding/full), indexed by position in the view.
+            view.config.layer_types = view.config.layer_types[cut:]
+        for table in _POSITION_TABLES:
+            if table in view._modules:
+                # Learned positions (GPT-2, OPT) were added on the edge, before block 0.
+                view._modules[table] = _NoPositions(self.dtype, self.device)
+        return view
 
     @torch.no_grad()
     def _check_view(self, cut: int, view: nn.Module) -> None:
         """Fed block cut - 1's output from a full run on the probe, the view must give the
         full run's last block output, or SplitLoRA at this cut is refused for this family."""
-        embeds = self._probe["embeds"].to(device=self.device, dtype=self.dtype)
+        embeds = self._probe_embeds.to(device=self.device, dtype=self.dtype)
         mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device)
         seen: list[torch.Tensor] = []
+        me = threading.get_ident()
+
+        def record(_m: nn.Module, _args: tuple, out) -> None:
+            if threading.get_ident() == me:  # other sessions' steps run through the same block
+                seen.append(out[0] if isinstance(out, tuple) else out)
+
         block = getattr(self.inner, self.blocks_attr)[cut - 1]
-        hook = block.register_forward_hook(lambda _m, _a, out: seen.append(out[0] if isinstance(out, tuple) else out))
+        hook = block.register_forward_hook(record)
         try:
             full = self.inner(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
         finally:

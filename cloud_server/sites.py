@@ -40,18 +40,24 @@ def probe_input_groups(model: nn.Module, hidden_size: int) -> list[list[str]]:
     linears = {n: m for n, m in model.named_modules() if is_linear(m) and layer_index(n) >= 0}
     seen: list[tuple[str, torch.Tensor]] = []
 
+    tokens = 3  # the probe below: one row of 3 positions
+
     def hook(name: str):
         def record(_mod: nn.Module, args: tuple) -> None:
-            seen.append((name, args[0]))  # keep the tensor alive so identity is meaningful
+            # Only linears that see every token, as [B, T, in] or flattened [B*T, in]:
+            # one fed a routed subset (a mixture-of-experts expert) cannot be a site.
+            if tuple(args[0].shape[:-1]) in ((1, tokens), (tokens,)):
+                seen.append((name, args[0]))  # keep the tensor alive so identity is meaningful
 
         return record
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
     try:
         param = next(model.parameters())
-        embeds = torch.zeros(1, 3, hidden_size, dtype=param.dtype, device=param.device)
+        embeds = torch.zeros(1, tokens, hidden_size, dtype=param.dtype, device=param.device)
+        mask = torch.ones(1, tokens, dtype=torch.long, device=param.device)
         with torch.no_grad():
-            inner(inputs_embeds=embeds, attention_mask=torch.ones(1, 3, dtype=torch.long, device=param.device), use_cache=False)
+            inner(inputs_embeds=embeds, attention_mask=mask, use_cache=False)
     finally:
         for h in handles:
             h.remove()

@@ -27,6 +27,7 @@ from torch import nn
 
 from common import tensor_codec as codec
 from common.tensor_codec import WireError
+from common.model_parts import UnsupportedModel
 from common.wire import dlora_pb2 as pb
 from cloud_server.sites import SiteSpec
 
@@ -287,7 +288,11 @@ class StepRunner:
         (OPT's MLP runs on [B*T, H]); edges always see [B, T, in]."""
         if x.dim() == 3 or self.batch_shape is None:
             return x
-        return x.reshape(*self.batch_shape, x.shape[-1])
+        rows, positions = self.batch_shape
+        if x.dim() != 2 or x.shape[0] != rows * positions:
+            raise UnsupportedModel(f"a target linear got input of shape {list(x.shape)}, not one row per token of "
+                                   f"the [{rows}, {positions}] batch; it cannot be adapted remotely")
+        return x.reshape(rows, positions, x.shape[-1])
 
     def _run_group(self, group: tuple[str, ...], x: torch.Tensor) -> _GroupCache:
         batched = self.as_batch(x)

@@ -252,6 +252,7 @@ class CloudSession:
         is re-opened; a merely unreachable server is retried on the same session.
         """
         saved = [None if p.grad is None else p.grad.clone() for p in params]
+        reopened = False
         for attempt in range(self.retry.retries + 1):
             try:
                 self._ensure_parked()
@@ -259,23 +260,31 @@ class CloudSession:
             except CloudError as exc:
                 if exc.code not in RETRYABLE or attempt == self.retry.retries:
                     raise
+                lost = exc.code == grpc.StatusCode.NOT_FOUND
+                if lost and self.split is not None:
+                    self.reopen()  # raises: a lost SplitLoRA session cannot be resumed
                 for p, g in zip(params, saved):
                     p.grad = None if g is None else g.clone()
                 # A server that answers NOT_FOUND is up but lost the session (it
-                # restarted): re-open at once. Only an unreachable or busy server waits.
-                if exc.code == grpc.StatusCode.NOT_FOUND and self._reopened(what):
-                    continue
+                # restarted): re-open at once, the first time. Only an unreachable or
+                # busy server, or one that loses session after session, is waited for.
+                if lost and not reopened:
+                    reopened = True
+                    if self._reopened(what):
+                        continue
                 wait = self.retry.delay(attempt)
                 log.warning("%s failed (%s); retry %d/%d in %.1f s", what, exc, attempt + 1, self.retry.retries, wait)
                 time.sleep(wait)
+                if lost and reopened:
+                    self._reopened(what)
         raise AssertionError("unreachable")
 
     def _reopened(self, what: str) -> bool:
-        """Re-open a lost session now; False if the server could not be reached (back off, then retry)."""
+        """Re-open a lost session; False if the server could not be reached (back off, then retry)."""
         log.warning("%s: the cloud no longer knows session %s (restarted?); opening a new one now",
                     what, self.session_id[:8])
         try:
-            self.reopen()  # raises at once for SplitLoRA, whose server-side adapters are gone
+            self.reopen()
         except CloudError as again:
             if again.code not in RETRYABLE:
                 raise

@@ -144,3 +144,28 @@ def test_cloud_refuses_a_cut_view_that_does_not_reproduce_the_model(tmp_path):
     broken.config.layer_types = served.inner.config.layer_types[:1]  # block 0's kind, not block 1's
     with pytest.raises(UnsupportedModel, match=r"gemma2: the cloud's output of blocks 1\.\.1 \(SplitLoRA at cut 1\)"):
         served._check_view(1, broken)
+
+
+def test_cut_checks_ignore_other_sessions_steps(tmp_path):
+    """A cut view is checked while other sessions' steps run through the same blocks:
+    the check must read its own probe's activations, never theirs."""
+    import threading
+
+    served = ServedModel(str(save_tiny("llama", tmp_path / "llama", layers=4)), device="cpu")
+    stop = threading.Event()
+
+    def other_session() -> None:
+        x, mask = torch.randn(3, 7, served.meta.hidden_size), torch.ones(3, 7, dtype=torch.long)
+        with torch.no_grad():
+            while not stop.is_set():
+                served.inner(inputs_embeds=x, attention_mask=mask, use_cache=False)
+
+    thread = threading.Thread(target=other_session)
+    thread.start()
+    try:
+        for i in range(30):
+            cut = 1 + i % 3
+            served._check_view(cut, served._build_view(cut))
+    finally:
+        stop.set()
+        thread.join()

@@ -212,3 +212,28 @@ def test_half_precision_server_keeps_server_side_adapters_finite(model_dirs, tmp
             assert updates == 3
             for a, b in server_side.values():
                 assert torch.isfinite(a).all() and torch.isfinite(b).all() and b.abs().sum() > 0
+
+
+def test_restarted_server_stops_a_split_run_at_once(model_dirs, tmp_path, caplog):
+    """A restarted server lost the server-side adapters: the edge says so at once,
+    without backing off (a SplitLoRA session cannot be re-opened and resumed)."""
+    from cloud_server import launch
+    from edge_client.session import RetryPolicy
+    from test_reliability import free_port
+
+    args = ["--model", str(model_dirs["llama"]), "--port", str(free_port())]
+    cfg = TrainConfig(server="", mode="splitlora", cut_layer=1, rank=4, alpha=8.0, lr=1e-2,
+                      cache=tmp_path / "cache", progress=False)
+    with launch.start(args, tmp_path / "a.log", timeout=300) as server:
+        session = CloudSession(server.address, split=SplitOptions(1, f"r-{uuid.uuid4().hex}", 1, 4, 8.0, 1e-2),
+                               retry=RetryPolicy(retries=3, backoff=0.05))
+        trainer = EdgeTrainer(cfg, session)
+        trainer.train_examples, trainer.label_ids = 4, None
+        batch = make_batch(trainer.tokenizer, EXAMPLES[:2], 64)
+        trainer.train_step(batch)
+    with launch.start(args, tmp_path / "b.log", timeout=300):
+        grpc.channel_ready_future(session.channel).result(timeout=30)  # past gRPC's reconnect backoff
+        with caplog.at_level("WARNING", logger="edge_client.session"), \
+                pytest.raises(CloudError, match="SplitLoRA runs cannot be resumed"):
+            trainer.train_step(batch)
+    assert "retry 1/" not in caplog.text
