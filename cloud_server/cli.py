@@ -85,6 +85,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="which training modes edges may open sessions in: 'dlora' (the cloud runs every block, "
                         "edges compute the adapters), 'splitlora' (edges run the first --cut-layer blocks, the "
                         "cloud trains server-side adapters), or 'any'; each session picks its own (default: %(default)s)")
+    aud = p.add_argument_group("privacy audit", "see for yourself what this cloud learns from edges")
+    aud.add_argument("--record-dir", type=Path,
+                     help="write every message edges send, as received, under this directory (one file per call; "
+                          "read with cloud_server.recorder.read). It holds activations and gradients computed from "
+                          "the edges' private data: for audits and `make bench-privacy`, not for production")
+    aud.add_argument("--record-limit-mb", type=float, default=1024,
+                     help="stop recording once this many MiB are written (default: %(default)s)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 keeps torch's default")
     p.add_argument("--stats-every", type=float, default=60.0,
                    help="seconds between throughput log lines (steps, tokens/s, busy share); quiet when idle "
@@ -109,6 +116,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--batch-lag-timeout must be positive")
     if args.stats_every <= 0:
         p.error("--stats-every must be positive")
+    if args.record_limit_mb <= 0:
+        p.error("--record-limit-mb must be positive")
     from cloud_server.auth import is_loopback
     if not args.tls_cert and not is_loopback(args.host) and not args.allow_insecure_remote:
         p.error(f"refusing plaintext on non-loopback address {args.host}: give --tls-cert/--tls-key, "
@@ -158,8 +167,18 @@ def main(argv: list[str] | None = None) -> int:
     modes = ("dlora", "splitlora") if args.mode == "any" else (args.mode,)
     batching = BatchingConfig(args.batch_window_ms / 1000, args.max_cohort_tokens, args.max_cohort_sessions,
                               args.batch_lag_timeout)
+    recorder = None
+    if args.record_dir:
+        from cloud_server.recorder import MessageRecorder
+        try:
+            recorder = MessageRecorder(args.record_dir, int(args.record_limit_mb * (1 << 20)))
+        except OSError as exc:
+            print(f"cloud_server: --record-dir: {exc}", file=sys.stderr)
+            return 2
+        log.warning("recording every edge message under %s: it holds activations computed from the edges' "
+                    "private data; protect it, and delete it after the audit", args.record_dir)
     service = DLoRAService(served, limits, Authenticator(tokens, mtls=bool(args.tls_client_ca)), modes=modes,
-                           batching=batching)
+                           batching=batching, recorder=recorder)
     try:
         running = make_server(service, args.host, args.port, tls, stats_every=args.stats_every)
     except OSError as exc:

@@ -23,6 +23,7 @@ from common.wire import dlora_pb2_grpc as pb_grpc
 from cloud_server import assets as edge_assets
 from cloud_server.auth import Authenticator, Unauthenticated
 from cloud_server.federation import Federation, FederationClosed, FederationMismatch, Federations, SplitSettings
+from cloud_server.recorder import MessageRecorder
 from cloud_server.served_model import ServedModel
 from cloud_server.session import (Session, SessionBusy, SessionManager, SessionNotFound,
                                   StepOutOfOrder, TooManySessions)
@@ -182,6 +183,22 @@ def _single_request(behavior: Callable, method: str) -> Callable:
     return handle
 
 
+def _recorded(behavior: Callable, method: str, recorder: MessageRecorder) -> Callable:
+    """Serve `behavior`, writing each request message of the call to the recorder as it arrives."""
+    def handle(requests: Iterator, context: grpc.ServicerContext):
+        record = recorder.call(method)
+
+        def tee() -> Iterator:
+            for msg in requests:
+                if not isinstance(msg, Undecodable):
+                    record.add(msg)
+                yield msg
+
+        return behavior(tee(), context)
+
+    return handle
+
+
 def method_handlers(service: "DLoRAService") -> dict[str, grpc.RpcMethodHandler]:
     """The service's handlers, built from the proto's service descriptor like the
     generated `add_DLoRAServicer_to_server`, but with requests parsed leniently."""
@@ -192,6 +209,8 @@ def method_handlers(service: "DLoRAService") -> dict[str, grpc.RpcMethodHandler]
         behavior = getattr(service, method.name)
         if not method.client_streaming:
             behavior = _single_request(behavior, method.name)
+        if service.recorder is not None:
+            behavior = _recorded(behavior, method.name, service.recorder)
         # Every method takes a request stream (see _single_request); replies as the proto says.
         make = grpc.stream_stream_rpc_method_handler if method.server_streaming else \
             grpc.stream_unary_rpc_method_handler
@@ -201,8 +220,10 @@ def method_handlers(service: "DLoRAService") -> dict[str, grpc.RpcMethodHandler]
 
 class DLoRAService(pb_grpc.DLoRAServicer):
     def __init__(self, served: ServedModel, limits: ServerLimits, auth: Authenticator | None = None,
-                 modes: tuple[str, ...] = ("dlora", "splitlora"), batching: BatchingConfig | None = None) -> None:
+                 modes: tuple[str, ...] = ("dlora", "splitlora"), batching: BatchingConfig | None = None,
+                 recorder: MessageRecorder | None = None) -> None:
         self.served = served
+        self.recorder = recorder  # writes every edge message to disk: privacy audits only
         self.modes = modes
         self.federations = Federations()
         self.limits = limits

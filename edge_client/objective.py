@@ -17,7 +17,10 @@ LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 
 @dataclass
 class Batch:
-    input_ids: torch.Tensor       # [B, T], right-padded
+    # Prompt + completion without its last token, right-padded. The last token's
+    # output predicts nothing, so it is never sent: the label of a one-token
+    # completion does not reach the cloud in the input.
+    input_ids: torch.Tensor       # [B, T]
     attention_mask: torch.Tensor  # [B, T] bool
     rows: torch.Tensor            # [N] row of each predicted token
     positions: torch.Tensor       # [N] position whose output predicts it
@@ -66,7 +69,7 @@ def make_batch(tokenizer, examples: Sequence[Example], max_length: int) -> Batch
     seqs, rows, positions, targets = [], [], [], []
     for i, ex in enumerate(examples):
         p, c = encode(tokenizer, ex.prompt, ex.completion, max_length)
-        seqs.append(p + c)
+        seqs.append(p + c[:-1])  # teacher forcing needs every completion token but the last as input
         for j, tok in enumerate(c):
             rows.append(i)
             positions.append(len(p) - 1 + j)  # the output at this position predicts c[j]

@@ -68,10 +68,19 @@ def reference_model(model_dir: Path, adapters: dict[str, LoRAAdapter]):
 
 
 def reference_loss(model, batch: Batch) -> torch.Tensor:
-    """Hugging Face's own causal-LM loss, with labels only on the completion tokens."""
-    labels = torch.full_like(batch.input_ids, -100)
+    """Hugging Face's own causal-LM loss on the whole sequences, labels only on the completion tokens.
+
+    The edge never sends a sequence's last token (its output predicts nothing);
+    the reference puts it back, so the equality also proves the cut is lossless.
+    """
+    rows = batch.input_ids.shape[0]
+    ids = torch.cat([batch.input_ids, torch.zeros(rows, 1, dtype=batch.input_ids.dtype)], dim=1)
+    mask = torch.cat([batch.attention_mask, torch.zeros(rows, 1, dtype=torch.bool)], dim=1)
+    ids[batch.rows, batch.positions + 1] = batch.targets
+    mask[batch.rows, batch.positions + 1] = True
+    labels = torch.full_like(ids, -100)
     labels[batch.rows, batch.positions + 1] = batch.targets
-    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask.long(), labels=labels).loss
+    return model(input_ids=ids, attention_mask=mask.long(), labels=labels).loss
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
