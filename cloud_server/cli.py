@@ -18,9 +18,11 @@ examples:
   cloud_server --model ./my-llama --device cuda --port 50051
   cloud_server --port 0                     # pick a free port; the ready line names it
 
-The server never sees text, token ids or labels: edges send hidden states and
-adapter outputs only. It prints 'DLoRA cloud server listening on HOST:PORT'
-once it accepts connections.
+Edges send hidden states, adapter outputs and gradients, never text, token ids
+or labels as such; a server holding the model can still recover the text and
+labels from them (README: Privacy; audit with --record-dir).
+
+It prints 'DLoRA cloud server listening on HOST:PORT' once it accepts connections.
 """
 
 

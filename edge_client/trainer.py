@@ -311,6 +311,7 @@ def run(cfg: TrainConfig) -> dict:
                  cfg.kr.policy if cfg.kr.policy == "all" else
                  f"{cfg.kr.policy} (budget {cfg.kr.budget}, revive {cfg.kr.revive}, period {cfg.kr.period}, "
                  f"warm-up {cfg.kr.warmup_steps})")
+        log.warning(privacy_notice(cfg))
         if resumed is not None:
             trainer.restore(resumed)
             before, history, live_history = resumed["before"], resumed["history"], resumed["live_history"]
@@ -391,6 +392,21 @@ def run(cfg: TrainConfig) -> dict:
                "summary": summary, "history": history, "live_sets": live_history, "evals": evals}
     (cfg.out / "run.json").write_text(json.dumps(log_doc, indent=2))
     return summary
+
+
+def privacy_notice(cfg: TrainConfig) -> str:
+    """One plain line, at the start of every run: what the cloud can recover under these settings.
+
+    The figures are `make bench-privacy` on SmolLM2-135M + BBC News (bench/results/privacy):
+    they hold for every DLoRA variant measured there (both objectives, fp32 and bf16 wires).
+    """
+    if cfg.mode == "splitlora":
+        return (f"privacy: the cloud sees the activations after block {cfg.cut_layer} and the gradient it returns; "
+                "how much of your text and labels it can recover from them is not measured yet (README: Privacy)")
+    return ("privacy: the cloud can read your training text back from the first activations it receives (100% of "
+            "tokens by nearest neighbour) and each label from the final-hidden gradient (100%), measured by "
+            "`make bench-privacy`; no option hardens this yet, so use a cloud you trust with your data "
+            "(README: Privacy)")
 
 
 def public_config(cfg: TrainConfig) -> dict:

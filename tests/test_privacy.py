@@ -55,3 +55,14 @@ def test_nearest_neighbour_recovers_the_input_but_no_label(recorded_step, model_
     for row, ex in enumerate(EXAMPLES):
         prompt, completion = encode(tokenizer, ex.prompt, ex.completion, 64)
         assert got[row][mask[row]].tolist() == prompt + completion[:-1], f"row {row}: more than the prompt was sent"
+
+
+def test_recording_stops_at_its_limit(tmp_path, caplog):
+    rec = recorder.MessageRecorder(tmp_path / "wire", limit_bytes=100)
+    msg = pb.CloseSessionRequest(session_id="x" * 40)  # 42 bytes, 46 with its length
+    call = rec.call("CloseSession")
+    for _ in range(3):
+        call.add(msg)
+    kept = list(recorder.read(recorder.calls(tmp_path / "wire", "CloseSession")[0]))
+    assert kept == [msg.SerializeToString()] * 2  # the third would pass 100 bytes
+    assert "message recording stopped" in caplog.text
