@@ -19,13 +19,20 @@ Attacks:
   task's label tokens (a cloud that knows the label names), or takes the
   most negative score over the whole vocabulary (one that does not).
 
+Label differential privacy (--label-epsilon) is measured against the true
+labels, next to its guarantee: the keep probability of randomised response,
+which bounds any attacker's chance of naming a label.
+
 Not yet here (see the README's privacy section): learned inverters, DLoRA
---edge-layers, SplitLoRA cuts, and noise or differential-privacy options.
+--edge-layers, SplitLoRA cuts, token-level differential privacy, and the
+accuracy each option costs.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -37,6 +44,7 @@ from cloud_server import launch, recorder
 from cloud_server.model_store import ensure_default_model
 from common import tensor_codec as codec
 from common.wire import dlora_pb2 as pb
+from edge_client import label_privacy
 from edge_client.objective import Batch, make_batch
 from edge_client.session import CloudSession
 from edge_client.trainer import EdgeTrainer, TrainConfig, batches, load_splits
@@ -48,6 +56,9 @@ VARIANTS = {
     "lm-objective": {"objective": "lm"},
     # Half the bytes on the wire: does rounding hide anything?
     "bf16-wire": {"wire_dtype": "bf16"},
+    # Label differential privacy: the edge trains on labels released by randomised response.
+    "label-dp-eps1": {"label_epsilon": 1.0},
+    "label-dp-eps2": {"label_epsilon": 2.0},
 }
 
 
@@ -130,20 +141,25 @@ def attack_step(messages: list[pb.EdgeMessage], public: Public, label_tokens: to
 
 def run_variant(name: str, settings: dict, args, public: Public) -> dict:
     wire = args.out / name / "wire"
-    with launch.start(["--model", "smollm2-135m", "--record-dir", str(wire), "--threads", str(args.threads)],
-                      args.out / f"{name}.server.log") as server:
+    # ~190 MB a step edge -> cloud on SmolLM2 at batch 8 x 128: room for every recorded step.
+    limit = str(400 * args.steps)
+    with launch.start(["--model", "smollm2-135m", "--record-dir", str(wire), "--record-limit-mb", limit,
+                       "--threads", str(args.threads)], args.out / f"{name}.server.log") as server:
         cfg = replace(TrainConfig(server=server.address, cache=args.cache, progress=False, seed=args.seed,
                                   out=args.out / name), **settings)
         train, _, _ = load_splits(cfg)
+        # What the edge trains on: the true labels, or those released by randomised response.
+        released = train if cfg.label_epsilon is None else label_privacy.privatise(train, cfg.label_epsilon, cfg.seed)
         with CloudSession(server.address, wire_dtype=cfg.wire_dtype) as session:
             trainer = EdgeTrainer(cfg, session)
-            objective = trainer.set_objective(train)
-            stream = batches(train.examples, cfg.batch_size, cfg.seed)
+            objective = trainer.set_objective(released)
+            # Same seed, same order: batch i of both streams holds the same examples.
+            stream, true_stream = (batches(d.examples, cfg.batch_size, cfg.seed) for d in (released, train))
             truths, megabytes = [], []
             for step in range(args.steps):
                 batch = make_batch(trainer.tokenizer, next(stream), cfg.max_length)
                 _, stats, _ = trainer.train_step(batch)
-                truths.append(batch)
+                truths.append(make_batch(trainer.tokenizer, next(true_stream), cfg.max_length))
                 megabytes.append((stats.bytes_sent + stats.bytes_received) / 1e6)
                 print(f"    step {step + 1}/{args.steps}: {megabytes[-1]:.1f} MB", flush=True)
     label_tokens = torch.tensor([trainer.tokenizer(" " + lab, add_special_tokens=False).input_ids[0]
@@ -155,17 +171,45 @@ def run_variant(name: str, settings: dict, args, public: Public) -> dict:
     for call, truth in zip(calls, truths):
         messages = [pb.EdgeMessage.FromString(m) for m in recorder.read(call)]
         attack_step(messages, public, label_tokens, truth, tally)
+    shutil.rmtree(wire)  # gigabytes of activations computed from (public, here) data: attacked, then gone
     rates = {k: tally.rate(k) for k in sorted(tally.trials)}
+    bound = (None if cfg.label_epsilon is None else
+             label_privacy.keep_probability(cfg.label_epsilon, len(train.labels)))
     return {"variant": name, "settings": settings, "objective": objective, "steps": args.steps,
-            "labels": train.labels, "chance": 1 / len(train.labels), "rates": rates, "trials": tally.trials,
+            "labels": train.labels, "chance": 1 / len(train.labels), "label_bound": bound,
+            "rates": rates, "trials": tally.trials,
             "mb_per_step": sum(megabytes) / len(megabytes)}
+
+
+def accuracy(names: list[str], args) -> dict[str, dict]:
+    """Held-out accuracy after `--accuracy-steps` of `edge_client train` per variant (no recording)."""
+    out = {}
+    with launch.start(["--model", "smollm2-135m"], args.out / "accuracy.server.log") as server:
+        for name in names:
+            flags = [x for k, v in VARIANTS[name].items() for x in (f"--{k.replace('_', '-')}", str(v))]
+            run_dir = args.out / f"{name}.accuracy"
+            cmd = [sys.executable, "-m", "edge_client", "train", "--server", server.address, "--steps",
+                   str(args.accuracy_steps), "--seed", str(args.seed), "--eval-limit", str(args.eval_limit),
+                   "--no-eval-before", "--no-progress", "--out", str(run_dir), *flags]
+            print(f"[{time.strftime('%H:%M:%S')}] {name}: {args.accuracy_steps} steps for accuracy ...", flush=True)
+            with open(args.out / f"{name}.accuracy.log", "w") as log:
+                if subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT) != 0:
+                    raise SystemExit(f"{name}: edge_client train failed; see {args.out / name}.accuracy.log")
+            after = json.loads((run_dir / "run.json").read_text())["summary"]["after"]
+            out[name] = after
+            print(f"    accuracy {after['accuracy']:.1%} on {after['examples']} held-out articles", flush=True)
+    return out
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=6, help="training steps recorded per variant (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=10, help="training steps recorded per variant (default: %(default)s)")
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help=f"comma-separated from {list(VARIANTS)} (default: all)")
+    p.add_argument("--accuracy-steps", type=int, default=40,
+                   help="also train each variant this many steps (no recording) and report held-out accuracy; "
+                        "0: skip (default: %(default)s)")
+    p.add_argument("--eval-limit", type=int, default=200, help="held-out articles for accuracy (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="cloud_server torch threads (default: %(default)s)")
     p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "dlora")
@@ -180,17 +224,23 @@ def main() -> int:
     for name in names:
         print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
         rows.append(run_variant(name, VARIANTS[name], args, public))
+    accs = accuracy(names, args) if args.accuracy_steps else {}
+    for r in rows:
+        r["accuracy"] = accs.get(r["variant"])
     print(f"\nSmolLM2-135M, BBC News, {args.steps} recorded training steps per variant, batch 8 x up to 128 tokens, "
           f"seed {args.seed}; the cloud's attacks on its own recording (chance for labels: "
           f"{rows[0]['chance']:.0%})")
-    print("| variant | objective | tokens by NN (L2 / cosine) | label in the input | label from the gradient "
-          "(known label set / full vocabulary) | loss positions found | MB/step |")
-    print("|---|---|---|---|---|---|---|")
+    print("| variant | objective | tokens by NN (L2 / cosine) | label in the input | true label from the gradient "
+          "(known label set / full vocabulary) | guarantee: at most | loss positions found | MB/step | "
+          f"held-out accuracy after {args.accuracy_steps} steps |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         x = r["rates"]
+        bound = "—" if r["label_bound"] is None else f"{r['label_bound']:.1%}"
         print(f"| {r['variant']} | {r['objective']} | {x['tokens_nn_l2']:.1%} / {x['tokens_nn_cosine']:.1%} | "
               f"{x['label_in_input']:.1%} | {x['label_grad_known_set']:.1%} / {x['label_grad_full_vocab']:.1%} | "
-              f"{x['loss_positions_found']:.1%} | {r['mb_per_step']:.1f} |")
+              f"{bound} | {x['loss_positions_found']:.1%} | {r['mb_per_step']:.1f} | "
+              f"{'—' if r['accuracy'] is None else format(r['accuracy']['accuracy'], '.1%')} |")
     (args.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                                        "rows": rows}, indent=2))
     print(f"\nwritten to {args.out}/results.json")

@@ -17,8 +17,10 @@ data format (JSONL, one object per line, all lines of one kind):
   {"text": "...", "label": "sport"}          classification: accuracy is reported
   {"prompt": "...", "completion": "..."}     generation: held-out loss is reported
 
-Only hidden states, adapter activations and their gradients leave the device;
-text, token ids and labels never do.
+Only hidden states, adapter activations and their gradients leave the device,
+never text, token ids or labels as such; but the cloud that serves the model can
+recover the text and the labels from them (README: Privacy). --label-epsilon
+bounds what it learns of the labels.
 """
 
 
@@ -71,6 +73,11 @@ def _train_parser(sub) -> None:
                    help="loss: 'lm' = cross-entropy over the whole vocabulary; 'labels' = over the label "
                         "tokens only (PET-style, C instead of V LM-head columns on the device); 'auto' = "
                         "labels for text/label data with one-token labels, else lm (default: %(default)s)")
+    p.add_argument("--label-epsilon", type=float, default=None, metavar="EPS",
+                   help="label differential privacy: release each training label once by randomised response with "
+                        "this epsilon (kept with probability e^EPS/(e^EPS+C-1), else another label at random); the "
+                        "cloud, which can read labels from the gradient, then learns only the released ones. Text/"
+                        "label data only; costs accuracy at small EPS (default: off)")
     kr = p.add_argument_group("Kill and Revive", "which adapters stay live (trained here, with traffic); "
                               "killed ones are parked frozen on the cloud")
     kr.add_argument("--policy", default="all", choices=["all", "random", "static", "kr"],
@@ -240,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
                       lr=args.lr, rank=args.rank, alpha=args.alpha,
                       targets=[t for t in args.targets.split(",") if t], max_length=args.max_length,
                       eval_limit=args.eval_limit, wire_dtype=args.wire_dtype, seed=args.seed,
-                      objective=args.objective, kr=kr, credentials=creds,
+                      objective=args.objective, label_epsilon=args.label_epsilon, kr=kr, credentials=creds,
                       retry=RetryPolicy(retries=args.retries), checkpoint_every=args.checkpoint_every,
                       resume=args.resume, eval_every=args.eval_every, mode=args.mode, cut_layer=args.cut_layer,
                       aggregate_every=args.aggregate_every, clients=args.clients, federation=args.federation,

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from common.lora import LoRAAdapter, LoRAConfig, adapters_state, load_adapters_state
 from edge_client import data as datasets
+from edge_client import label_privacy
 from edge_client import peft_format
 from edge_client.edge_model import EdgeModel, load_tokenizer
 from edge_client.kill_revive import Change, KRConfig, Selector
@@ -44,6 +45,9 @@ class TrainConfig:
     # "auto": the label-restricted loss for classification data whose labels are
     # one token each, the language-model loss otherwise. "lm" or "labels" force one.
     objective: str = "auto"
+    # Label differential privacy: training labels released by randomised response
+    # with this epsilon (see label_privacy.py); None: the true labels.
+    label_epsilon: float | None = None
     kr: KRConfig = field(default_factory=KRConfig)
     seed: int = 0
     out: Path = Path("runs/latest")
@@ -219,7 +223,7 @@ class EdgeTrainer:
         c = self.cfg
         return {"rank": c.rank, "alpha": c.alpha, "lr": c.lr, "batch_size": c.batch_size, "seed": c.seed,
                 "max_length": c.max_length, "data": str(c.data), "template": c.template, "objective": c.objective,
-                "kr": json.loads(json.dumps(asdict(c.kr))), "modules": sorted(self.adapters)}
+                **({"label_epsilon": c.label_epsilon} if c.label_epsilon is not None else {}), "kr": json.loads(json.dumps(asdict(c.kr))), "modules": sorted(self.adapters)}
 
     def checkpoint_state(self, extra: dict) -> dict:
         return {"version": 1, "step_id": self.step_id, "adapters": adapters_state(self.adapters),
@@ -274,6 +278,12 @@ def run(cfg: TrainConfig) -> dict:
     """The whole job: evaluate, train, evaluate, save. Returns the run summary."""
     torch.manual_seed(cfg.seed)
     train, test, source = load_splits(cfg)
+    if cfg.label_epsilon is not None:
+        train = label_privacy.privatise(train, cfg.label_epsilon, cfg.seed)
+        log.info("label privacy: epsilon %g, each training label kept with probability %.1f%% (randomised "
+                 "response over %d labels); evaluation uses the true labels, on this device",
+                 cfg.label_epsilon, 100 * label_privacy.keep_probability(cfg.label_epsilon, len(train.labels)),
+                 len(train.labels))
     if len(train.examples) < cfg.batch_size:
         raise datasets.DataError(f"{len(train.examples)} training examples are fewer than --batch-size {cfg.batch_size}")
     t_start = time.time()
@@ -400,13 +410,16 @@ def privacy_notice(cfg: TrainConfig) -> str:
     The figures are `make bench-privacy` on SmolLM2-135M + BBC News (bench/results/privacy):
     they hold for every DLoRA variant measured there (both objectives, fp32 and bf16 wires).
     """
+    labels = "each label from the final-hidden gradient (100%)"
+    if cfg.label_epsilon is not None:
+        labels = (f"labels only as released by randomised response (epsilon {cfg.label_epsilon:g}: "
+                  "each right with the keep probability logged above)")
     if cfg.mode == "splitlora":
         return (f"privacy: the cloud sees the activations after block {cfg.cut_layer} and the gradient it returns; "
                 "how much of your text and labels it can recover from them is not measured yet (README: Privacy)")
     return ("privacy: the cloud can read your training text back from the first activations it receives (100% of "
-            "tokens by nearest neighbour) and each label from the final-hidden gradient (100%), measured by "
-            "`make bench-privacy`; no option hardens this yet, so use a cloud you trust with your data "
-            "(README: Privacy)")
+            "tokens by nearest neighbour) and " + labels + ", measured by `make bench-privacy`; no option hardens "
+            "the text yet, so use a cloud you trust with it (README: Privacy)")
 
 
 def public_config(cfg: TrainConfig) -> dict:

@@ -66,3 +66,41 @@ def test_recording_stops_at_its_limit(tmp_path, caplog):
     kept = list(recorder.read(recorder.calls(tmp_path / "wire", "CloseSession")[0]))
     assert kept == [msg.SerializeToString()] * 2  # the third would pass 100 bytes
     assert "message recording stopped" in caplog.text
+
+
+@pytest.mark.parametrize("epsilon", [0.5, 1.0, 3.0])
+def test_randomised_response_matches_its_epsilon(epsilon):
+    """The keep rate is e^eps/(e^eps+C-1) within 4 sigma, flips spread evenly over the other
+    labels, so P[release y | y] / P[release y | y'] = e^eps: epsilon-label-DP."""
+    import math
+    from collections import Counter
+
+    from edge_client.label_privacy import keep_probability, randomise
+
+    labels, n = ["a", "b", "c", "d", "e"], 25_000
+    true = [labels[i % len(labels)] for i in range(n)]
+    out = randomise(true, labels, epsilon, seed=1)
+    p = keep_probability(epsilon, len(labels))
+    assert p / ((1 - p) / (len(labels) - 1)) == pytest.approx(math.exp(epsilon))
+    kept = sum(a == b for a, b in zip(true, out)) / n
+    assert abs(kept - p) < 4 * math.sqrt(p * (1 - p) / n), (kept, p)
+    for y in labels:
+        flips = Counter(o for t, o in zip(true, out) if t == y and o != y)
+        expected = n / len(labels) * (1 - p) / (len(labels) - 1)
+        assert set(flips) == set(labels) - {y}
+        for other, count in flips.items():
+            assert abs(count - expected) < 5 * math.sqrt(expected), (y, other, count, expected)
+    assert randomise(true, labels, epsilon, seed=1) == out  # drawn once, reproducibly
+
+
+def test_label_privacy_rewrites_completions_and_refuses_unlabelled_data():
+    from edge_client.data import Dataset, Example
+    from edge_client.label_privacy import privatise
+
+    train = Dataset([Example(f"text {i}", " red", "red") for i in range(200)], ["blue", "red"])
+    noisy = privatise(train, 0.0, seed=0)  # epsilon 0: a fair coin between the two labels
+    assert [ex.prompt for ex in noisy.examples] == [ex.prompt for ex in train.examples]
+    assert all(ex.completion == " " + ex.label for ex in noisy.examples)
+    assert 60 < sum(ex.label == "blue" for ex in noisy.examples) < 140
+    with pytest.raises(ValueError, match="needs text/label data"):
+        privatise(Dataset([Example("p", " c")], []), 1.0, seed=0)
