@@ -8,7 +8,7 @@ from cloud_server import launch
 from cloud_server.served_model import ServedModel
 from common.model_parts import UnsupportedModel, is_linear, layer_index
 from edge_client.edge_model import EdgeModel
-from helpers import EXAMPLES, connect, reference_loss, reference_model, rel_err
+from helpers import EXAMPLES, check_grads, connect, reference_loss, reference_model, rel_err
 from test_generation import check_generation_matches_full_recompute
 from test_splitlora import check_split_equals_centralized
 from tiny_models import FAMILIES, save_tiny
@@ -55,12 +55,7 @@ def test_family_trains_exactly(family_server, tmp_path):
             worst["loss"] = max(worst["loss"], abs(loss - ref_loss.item()) / abs(ref_loss.item()))
             assert worst["loss"] <= TOL, f"{kind} step {step}: loss"
             if step == 1:
-                for name, ad in edge.adapters.items():
-                    for w in ("lora_A", "lora_B"):
-                        got, want = getattr(ad, w).grad, getattr(ref[name], w).grad
-                        assert want is not None and want.norm() > 0, f"{kind} {name}.{w}: zero reference gradient"
-                        worst["gradients"] = max(worst["gradients"], rel_err(got, want))
-                        assert rel_err(got, want) <= TOL, f"{kind} {name}.{w}: gradient {rel_err(got, want):.1e}"
+                worst["gradients"] = check_grads(edge.adapters, ref, TOL, what=f"{kind} ")
             opt.step()
             ref_opt.step()
         for name, ad in edge.adapters.items():
