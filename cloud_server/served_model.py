@@ -86,7 +86,7 @@ class ServedModel:
         install_taps(model, [n for g in self.groups for n in g])
         self.model = model
         self._check_split(probe)
-        self._probe_embeds = probe["embeds"]  # all SplitLoRA cut checks need later (not the logits)
+        self._probe_embeds = probe["embeds"]  # what the SplitLoRA cut checks need later (not the logits)
         self._refused_cuts: dict[int, str] = {}
         self.blocks_attr = blocks_name(self.inner, self.meta.num_layers)
         self._views: dict[int, nn.Module] = {0: self.inner}
