@@ -75,7 +75,8 @@ class EdgeModel(nn.Module):
                         "against its model", edge_probe.ASSET)
             return
         with safe_open(probe_file, framework="pt") as f:
-            cloud_dtype = getattr(torch, (f.metadata() or {}).get("cloud_dtype", "float32"), torch.float32)
+            named = getattr(torch, (f.metadata() or {}).get("cloud_dtype", "float32"), None)
+        cloud_dtype = named if isinstance(named, torch.dtype) else torch.float32
         edge_probe.check_edge(self.embed, self.logits, load_file(probe_file), cloud_dtype, model_type)
 
     @property

@@ -223,7 +223,9 @@ class EdgeTrainer:
         c = self.cfg
         return {"rank": c.rank, "alpha": c.alpha, "lr": c.lr, "batch_size": c.batch_size, "seed": c.seed,
                 "max_length": c.max_length, "data": str(c.data), "template": c.template, "objective": c.objective,
-                **({"label_epsilon": c.label_epsilon} if c.label_epsilon is not None else {}), "kr": json.loads(json.dumps(asdict(c.kr))), "modules": sorted(self.adapters)}
+                "kr": json.loads(json.dumps(asdict(c.kr))), "modules": sorted(self.adapters),
+                # Only when set, so checkpoints written before the option existed still resume.
+                **({"label_epsilon": c.label_epsilon} if c.label_epsilon is not None else {})}
 
     def checkpoint_state(self, extra: dict) -> dict:
         return {"version": 1, "step_id": self.step_id, "adapters": adapters_state(self.adapters),
@@ -321,7 +323,7 @@ def run(cfg: TrainConfig) -> dict:
                  cfg.kr.policy if cfg.kr.policy == "all" else
                  f"{cfg.kr.policy} (budget {cfg.kr.budget}, revive {cfg.kr.revive}, period {cfg.kr.period}, "
                  f"warm-up {cfg.kr.warmup_steps})")
-        log.warning(privacy_notice(cfg))
+        log.warning(privacy_notice(cfg, len(train.labels)))
         if resumed is not None:
             trainer.restore(resumed)
             before, history, live_history = resumed["before"], resumed["history"], resumed["live_history"]
@@ -404,7 +406,7 @@ def run(cfg: TrainConfig) -> dict:
     return summary
 
 
-def privacy_notice(cfg: TrainConfig) -> str:
+def privacy_notice(cfg: TrainConfig, classes: int) -> str:
     """One plain line, at the start of every run: what the cloud can recover under these settings.
 
     The figures are `make bench-privacy` on SmolLM2-135M + BBC News (bench/results/privacy):
@@ -412,8 +414,9 @@ def privacy_notice(cfg: TrainConfig) -> str:
     """
     labels = "each label from the final-hidden gradient (100%)"
     if cfg.label_epsilon is not None:
+        keep = label_privacy.keep_probability(cfg.label_epsilon, classes)
         labels = (f"labels only as released by randomised response (epsilon {cfg.label_epsilon:g}: "
-                  "each right with the keep probability logged above)")
+                  f"at most {keep:.0%} of them right)")
     if cfg.mode == "splitlora":
         return (f"privacy: the cloud sees the activations after block {cfg.cut_layer} and the gradient it returns; "
                 "how much of your text and labels it can recover from them is not measured yet (README: Privacy)")
