@@ -37,6 +37,9 @@ class StepJob:
     mask: torch.Tensor       # [b, T], 1 = real position
     train: bool
     solo: bool = False       # never batched (its edge once lagged behind a joint batch)
+    # Blocks [0, cut) ran on the edge (DLoRA edge_layers): the step starts at block
+    # `cut`, and a training step returns dL/d(hidden) to the edge.
+    cut: int = 0
     cloud_seconds: float = 0.0
     cohort_size: int = 1
     done: threading.Event = field(default_factory=threading.Event)
@@ -50,6 +53,7 @@ class StepJob:
 class _Cohort:
     train: bool
     jobs: list[StepJob]
+    cut: int = 0             # members share the block they start at
 
 
 @dataclass
@@ -91,11 +95,11 @@ class StepBatcher:
         with self._lock:
             if self.config.window > 0 and not job.solo:
                 for forming in self._forming:
-                    if forming.train == job.train and self._fits(forming.jobs, job):
+                    if forming.train == job.train and forming.cut == job.cut and self._fits(forming.jobs, job):
                         forming.jobs.append(job)
                         self._lock.notify_all()
                         return None
-            cohort = _Cohort(job.train, [job])
+            cohort = _Cohort(job.train, [job], job.cut)
             if self.config.window > 0 and not job.solo:
                 self._forming.append(cohort)
             return cohort
@@ -143,12 +147,15 @@ def run_cohort(served: ServedModel, jobs: list[StepJob], groups: dict[str, tuple
     """One step for every member: joint forward with the members' adapters, each
     member's final hidden states out, their gradients in, one joint backward."""
     t0 = time.perf_counter()
-    train = jobs[0].train
+    train, cut = jobs[0].train, jobs[0].cut
+    if train and cut:
+        for job in jobs:  # each member's dL/d(hidden) goes back to its edge's blocks
+            job.hidden.requires_grad_(True)
     hidden, mask = _stack(jobs)
     runner = StepRunner([j.link for j in jobs], train, groups,
                         [j.hidden.shape[0] for j in jobs], [j.hidden.shape[1] for j in jobs], lag_timeout)
     try:
-        final = served.run(runner, hidden, mask)
+        final = served.run(runner, hidden, mask, cut=cut)
         for i, job in enumerate(jobs):
             part = runner.part(i, final)
             runner.guard(i, lambda: job.link.send(final_message(part, job.link.wire_dtype)))
@@ -158,6 +165,9 @@ def run_cohort(served: ServedModel, jobs: list[StepJob], groups: dict[str, tuple
             runner.raise_if_all_failed()
             if final.requires_grad:
                 final.backward(runner.joint(grads, final, final.shape[-1]))
+            if cut:
+                for i, job in enumerate(jobs):
+                    runner.guard(i, lambda: job.link.send(_cut_grad(job.hidden, job.link.wire_dtype)))
         runner.raise_if_all_failed()
     finally:
         runner.release()
@@ -172,6 +182,14 @@ def run_cohort(served: ServedModel, jobs: list[StepJob], groups: dict[str, tuple
 def final_message(hidden: torch.Tensor, wire_dtype: torch.dtype) -> pb.CloudMessage:
     msg = pb.CloudMessage()
     codec.encode_into(msg.final_hidden.hidden, hidden, wire_dtype)  # in place: no copy per nesting level
+    return msg
+
+
+def _cut_grad(hidden: torch.Tensor, wire_dtype: torch.dtype) -> pb.CloudMessage:
+    msg = pb.CloudMessage()
+    # No gradient reached these rows only if the edge failed mid-step; it then gets nothing anyway.
+    grad = hidden.grad if hidden.grad is not None else torch.zeros_like(hidden)
+    codec.encode_into(msg.cut_grad.grad, grad, wire_dtype)
     return msg
 
 

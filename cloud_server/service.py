@@ -267,7 +267,11 @@ class DLoRAService(pb_grpc.DLoRAServicer):
             sites = self.served.sites(targets)
             prepare = None
             if mode == "splitlora":
+                if request.edge_layers:
+                    raise WireError("edge_layers is a DLoRA option; a SplitLoRA session sets split.cut_layer")
                 sites, prepare = self._split_session(request.split, targets, sites)
+            elif request.edge_layers:
+                prepare = self._edge_layers(request.edge_layers)
             session = self.sessions.open(owner, request.client_name[:64], sites, wire, prepare)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a status
             context.abort(*_status(exc))
@@ -293,7 +297,21 @@ class DLoRAService(pb_grpc.DLoRAServicer):
                              max_sessions=self.limits.max_sessions),
             wire_dtype=codec.wire_dtype(wire),
             device=str(self.served.device),
+            edge_layers=session.cut if session.federation is None else 0,
         )
+
+    def _edge_layers(self, layers: int) -> Callable[[Session], None]:
+        """DLoRA with blocks [0, layers) on the edge: the session's steps start at block `layers`."""
+        total = self.served.meta.num_layers
+        if not 0 < layers < total:
+            raise WireError(f"edge_layers must be in 0..{total - 1} for this {total}-block model, got {layers}")
+        # Built (and checked against the probe) now, so a split this family cannot serve fails at open.
+        self.served.view(layers)
+
+        def prepare(session: Session) -> None:
+            session.cut = layers
+
+        return prepare
 
     def _split_session(self, split: pb.SplitConfig, targets: list[str], sites):
         """SplitLoRA: the client-side sites, and a hook that joins the session to its federation."""
@@ -373,6 +391,10 @@ class DLoRAService(pb_grpc.DLoRAServicer):
             unknown = sorted(unpark - session.module_names)
             if unknown:
                 raise WireError(f"cannot unpark {_names(unknown)}: not modules of this session")
+            on_edge = sorted(n for n in park.keys() | unpark if self._layer_of(session, n) < session.cut)
+            if on_edge:
+                raise WireError(f"cannot park or unpark {_names(on_edge)}: they sit in blocks "
+                                f"0..{session.cut - 1}, which run on the edge (edge_layers {session.cut})")
             with session.exclusive():
                 # Set semantics, so a retried request (reply lost) is harmless.
                 for name in unpark:
@@ -388,6 +410,10 @@ class DLoRAService(pb_grpc.DLoRAServicer):
                      session.live_sites(), len(session.sites))
         return pb.ParkReply(parked=len(session.parked), live=total - len(session.parked),
                             live_sites=session.live_sites())
+
+    @staticmethod
+    def _layer_of(session: Session, name: str) -> int:
+        return next((s.layer for s in session.sites for m in s.modules if m.name == name), -1)
 
     def _decode_parked(self, session: Session, p: pb.ParkedAdapter) -> LoRAAdapter:
         spec = next((m for s in session.sites for m in s.modules if m.name == p.name), None)
@@ -562,7 +588,7 @@ class DLoRAService(pb_grpc.DLoRAServicer):
                             credit=receive.credit)
             # Alone, or batched with other sessions' steps that arrive together; an edge
             # that once lagged behind its batch runs alone from then on.
-            job = StepJob(link, hidden, mask, train, solo=session.solo)
+            job = StepJob(link, hidden, mask, train, solo=session.solo, cut=session.cut)
             try:
                 self.batcher.run(job)
             except LaggedBehind:
@@ -677,6 +703,9 @@ class DLoRAService(pb_grpc.DLoRAServicer):
         if session.federation is not None:
             raise WrongMode("generation runs in DLoRA mode: export the run's adapters (client and server side "
                             "together) and generate with them in a DLoRA session")
+        if session.cut:
+            raise WrongMode(f"generation runs every block on the cloud; this session keeps blocks "
+                            f"0..{session.cut - 1} on the edge (edge_layers {session.cut}): open one without")
         hidden, mask = self._decode_inputs(session, start)
         t0 = time.perf_counter()
         wait = 0.0

@@ -59,8 +59,8 @@ class Session:
     # Killed ("parked") adapters the cloud applies frozen, by module name.
     parked: dict[str, nn.Module] = field(default_factory=dict)
     closed: bool = False
-    # SplitLoRA: blocks [0, cut) run on the edge; the federation holds the
-    # server-side adapters. cut = 0 and no federation in DLoRA mode.
+    # Blocks [0, cut) run on the edge: SplitLoRA's cut layer (the federation
+    # holds the server-side adapters), or DLoRA's edge_layers (0: none).
     cut: int = 0
     federation: object | None = None
     last_update_step: int = -1        # last step id whose server-side update was applied
@@ -73,7 +73,8 @@ class Session:
         return {m.name for s in self.sites for m in s.modules}
 
     def live_sites(self) -> int:
-        return sum(any(m.name not in self.parked for m in s.modules) for s in self.sites)
+        """Sites that cost a round trip: those of the cloud's blocks with a module still live."""
+        return sum(any(m.name not in self.parked for m in s.modules) for s in self.sites if s.layer >= self.cut)
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:

@@ -78,6 +78,15 @@ def _train_parser(sub) -> None:
                         "this epsilon (kept with probability e^EPS/(e^EPS+C-1), else another label at random); the "
                         "cloud, which can read labels from the gradient, then learns only the released ones. Text/"
                         "label data only; costs accuracy at small EPS (default: off)")
+    p.add_argument("--edge-layers", type=int, default=0, metavar="K",
+                   help="DLoRA: run the first K frozen blocks on this device, with their adapters, so the cloud "
+                        "receives their output instead of the embedding; exact, costs this device K blocks of "
+                        "memory and compute (README: Privacy) (default: %(default)s)")
+    p.add_argument("--token-epsilon", type=float, default=None, metavar="EPS",
+                   help="token privacy (metric differential privacy): before anything is sent, each token, in "
+                        "training and evaluation, is swapped for the token nearest its embedding plus noise of "
+                        "density ~ exp(-EPS * |z|); epsilon is per unit of embedding distance (README: Privacy) "
+                        "(default: off)")
     kr = p.add_argument_group("Kill and Revive", "which adapters stay live (trained here, with traffic); "
                               "killed ones are parked frozen on the cloud")
     kr.add_argument("--policy", default="all", choices=["all", "random", "static", "kr"],
@@ -207,6 +216,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--test-fraction must be between 0 and 1")
     if args.lr <= 0 or args.alpha <= 0:
         p.error("--lr and --alpha must be positive")
+    if args.token_epsilon is not None and not 0 < args.token_epsilon < float("inf"):
+        p.error("--token-epsilon must be a finite number above 0")
+    if args.edge_layers < 0:
+        p.error("--edge-layers must not be negative")
+    if args.edge_layers and args.mode != "dlora":
+        p.error("--edge-layers is a DLoRA option; SplitLoRA runs --cut-layer blocks on this device")
     if min(args.cut_layer, args.aggregate_every, args.clients) < 1:
         p.error("--cut-layer, --aggregate-every and --clients must be at least 1")
     if args.retries < 0 or args.checkpoint_every < 0 or args.eval_every < 0:
@@ -247,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
                       lr=args.lr, rank=args.rank, alpha=args.alpha,
                       targets=[t for t in args.targets.split(",") if t], max_length=args.max_length,
                       eval_limit=args.eval_limit, wire_dtype=args.wire_dtype, seed=args.seed,
-                      objective=args.objective, label_epsilon=args.label_epsilon, kr=kr, credentials=creds,
+                      objective=args.objective, label_epsilon=args.label_epsilon,
+                      edge_layers=args.edge_layers, token_epsilon=args.token_epsilon, kr=kr, credentials=creds,
                       retry=RetryPolicy(retries=args.retries), checkpoint_every=args.checkpoint_every,
                       resume=args.resume, eval_every=args.eval_every, mode=args.mode, cut_layer=args.cut_layer,
                       aggregate_every=args.aggregate_every, clients=args.clients, federation=args.federation,

@@ -145,9 +145,11 @@ class CloudSession:
 
     def __init__(self, target: str, *, wire_dtype: str = "fp32", targets: list[str] | None = None,
                  client_name: str = "edge", timeout: float = 600.0, credentials: Credentials | None = None,
-                 retry: RetryPolicy | None = None, split: SplitOptions | None = None) -> None:
+                 retry: RetryPolicy | None = None, split: SplitOptions | None = None, edge_layers: int = 0) -> None:
         self.target = target
         self.split = split
+        # DLoRA: blocks [0, edge_layers) run here; steps send their output and get its gradient back.
+        self.edge_layers = edge_layers
         self.timeout = timeout
         self.wire_dtype = codec.dtype_from_name(wire_dtype)
         self.targets = targets or []
@@ -187,7 +189,7 @@ class CloudSession:
                              grpc.StatusCode.UNAVAILABLE) from None
         try:
             req = pb.OpenSessionRequest(client_name=self.client_name, wire_dtype=codec.wire_dtype(self.wire_dtype),
-                                        target_modules=self.targets)
+                                        target_modules=self.targets, edge_layers=self.edge_layers)
             if self.split is not None:
                 sp = self.split
                 req.mode = pb.SPLITLORA
@@ -199,6 +201,9 @@ class CloudSession:
             raise _rpc_error(exc) from None
         finally:
             boot.close()
+        if reply.edge_layers != self.edge_layers:
+            raise CloudError(f"the server at {self.target} does not run blocks from edge_layers "
+                             f"{self.edge_layers} (an older cloud_server?); it answered {reply.edge_layers}")
         sites = [SiteInfo(s.index, s.layer, tuple(SiteModule(m.name, m.in_features, m.out_features)
                                                   for m in s.modules)) for s in reply.sites]
         if self.channel is not None and (sites != self.sites or reply.model.assets_sha256 != self.model.assets_sha256):
@@ -360,7 +365,10 @@ class CloudSession:
                    loss_fn: Callable[[torch.Tensor], torch.Tensor]) -> tuple[float, StepStats]:
         """Forward and backward through the cloud; adapter grads accumulate in `adapters`.
 
-        `loss_fn` maps the final hidden state [B, T, H] to a scalar loss.
+        `loss_fn` maps the final hidden state [B, T, H] to a scalar loss. With
+        edge_layers, `hidden` is the output of the edge's blocks; if it requires
+        grad, the cloud's dL/d(hidden) is backpropagated into them once the step
+        has succeeded (so a retried attempt never adds it twice).
         """
         params = [p for a in adapters.values() for p in (a.lora_A, a.lora_B)]
         return self._with_retries(f"step {step_id}", lambda: self._step(
@@ -455,10 +463,23 @@ class CloudSession:
         return out, reply.scale, reply.updates
 
     def _step(self, rpc, step_id, hidden, mask, adapters, loss_fn):
+        train = loss_fn is not None
+        got: dict[str, torch.Tensor] = {}
+
         def on_final(exchange: _EdgeExchange, msg: pb.FinalHidden):
+            if train and self.edge_layers:
+                exchange.on_cut_grad = lambda g: got.__setitem__("grad", codec.decode(
+                    g.grad, name="gradient of the edge blocks' output", shape=tuple(hidden.shape),
+                    dtypes=[self.wire_dtype]).float())
             return exchange.final(msg, loss_fn, tuple(hidden.shape))
 
-        return self._stream(rpc, step_id, hidden, mask, adapters, loss_fn is not None, on_final)
+        result, stats = self._stream(rpc, step_id, hidden.detach(), mask, adapters, train, on_final)
+        if train and self.edge_layers:
+            if "grad" not in got:
+                raise CloudError("the cloud ended the step without the gradient of the edge blocks' output")
+            if hidden.requires_grad:
+                hidden.backward(got["grad"])
+        return result, stats
 
     def _stream(self, rpc, step_id, hidden, mask, adapters, train, on_final, timeout: float | None = -1.0):
         """One bidirectional stream: send the start, answer the cloud until it ends."""

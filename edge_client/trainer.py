@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from common.lora import LoRAAdapter, LoRAConfig, adapters_state, load_adapters_state
 from edge_client import data as datasets
-from edge_client import label_privacy
+from edge_client import label_privacy, token_privacy
 from edge_client import peft_format
 from edge_client.edge_model import EdgeModel, load_tokenizer
 from edge_client.kill_revive import Change, KRConfig, Selector
@@ -48,6 +48,12 @@ class TrainConfig:
     # Label differential privacy: training labels released by randomised response
     # with this epsilon (see label_privacy.py); None: the true labels.
     label_epsilon: float | None = None
+    # DLoRA: run the first edge_layers frozen blocks here, with their adapters, so the
+    # cloud sees their output instead of the embedding (see README: Privacy). 0: none.
+    edge_layers: int = 0
+    # Token privacy (metric DP, see token_privacy.py): every token this device sends
+    # the cloud, training and evaluation, is first released with this epsilon. None: off.
+    token_epsilon: float | None = None
     kr: KRConfig = field(default_factory=KRConfig)
     seed: int = 0
     out: Path = Path("runs/latest")
@@ -94,9 +100,12 @@ class EdgeTrainer:
         self.session = session
         assets = session.fetch_assets(cfg.cache / "edge-assets")
         self.tokenizer = load_tokenizer(assets)
+        self.split = cfg.mode == "splitlora"
+        # The blocks this device runs: SplitLoRA's first cut_layer, or DLoRA's edge_layers.
         self.front: FrontModel | None = None
-        if cfg.mode == "splitlora":
-            self.front = FrontModel.from_assets(assets, cfg.cut_layer)
+        front_layers = cfg.cut_layer if self.split else cfg.edge_layers
+        if front_layers:
+            self.front = FrontModel.from_assets(assets, front_layers)
             self.edge = self.front.head
         else:
             self.edge = EdgeModel.from_assets(assets)
@@ -111,20 +120,29 @@ class EdgeTrainer:
                 bound = 1.0 / fin ** 0.5
                 ad.lora_A.copy_(torch.rand(ad.lora_A.shape, generator=gen) * 2 * bound - bound)
             self.adapters[name] = ad
+        layer = {m.name: s.layer for s in session.sites for m in s.modules}
+        local = {n: a for n, a in self.adapters.items() if self.split or layer[n] < cfg.edge_layers}
+        # Adapters the cloud's blocks need at their sites (DLoRA): the ones Kill and Revive manages.
+        self.remote = {n: a for n, a in self.adapters.items() if n not in local}
         if self.front is not None:
-            self.front.add_adapters(self.adapters)
+            self.front.add_adapters(local)
         self.train_examples = 0           # FedAvg weight (set by run())
         self.rounds = 0
         params = [p for a in self.adapters.values() for p in a.parameters()]
         # Killed modules get no gradient, so AdamW leaves them (and their moments) alone.
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
         self.step_id = 0
+        # SplitLoRA trains every adapter (run() refuses a policy there); in DLoRA the
+        # selector manages the modules of the cloud's blocks only.
+        managed = self.adapters if self.split else self.remote
         units = None
         if cfg.kr.unit == "site":
-            units = {f"site{s.index}": [m.name for m in s.modules] for s in session.sites}
-        self.selector = Selector(list(self.adapters), cfg.kr, units)
-        self.selector.start(self.adapters)
+            units = {f"site{s.index}": [m.name for m in s.modules] for s in session.sites
+                     if s.modules[0].name in managed}
+        self.selector = Selector(list(managed), cfg.kr, units)
+        self.selector.start(managed)
         self.label_ids: torch.Tensor | None = None
+        self._forwards = 0                # evaluation batches so far: each draws its own token noise
 
     def set_objective(self, train: datasets.Dataset) -> str:
         """Pick the loss: label-restricted for one-token labels (unless told otherwise)."""
@@ -144,22 +162,26 @@ class EdgeTrainer:
 
     # -- one step ------------------------------------------------------------
     def train_step(self, batch: Batch) -> tuple[float, StepStats, Change | None]:
-        if self.front is not None:
+        if self.split:
             loss, stats = self.split_step(batch)
             return loss, stats, None
         self.optimizer.zero_grad(set_to_none=True)
-        hidden = self.edge.embed(batch.input_ids)
         self.step_id += 1
-        loss, stats = self.session.train_step(self.step_id, hidden, batch.attention_mask, self.adapters,
+        hidden = self.first_hidden(batch.input_ids, batch.attention_mask)
+        loss, stats = self.session.train_step(self.step_id, hidden, batch.attention_mask, self.remote,
                                               lambda h: self.loss(h, batch))
+        if self.front is not None:
+            b, t = batch.input_ids.shape
+            stats.block_flops = self.front.flops(b, t, train=True)
+            stats.edge_flops += 3 * sum(a.flops(b * t) for n, a in self.adapters.items() if n not in self.remote)
         # Head FLOPs: norm + LM head forward, and the backward to the hidden
         # state (the head is frozen, so no weight gradient): about 2x forward.
         cols = None if self.label_ids is None else len(self.label_ids)
         stats.head_flops = 2 * self.edge.head_flops(len(batch.targets), cols)
         self.optimizer.step()
-        change = self.selector.after_step(self.step_id, self.adapters)
+        change = self.selector.after_step(self.step_id, self.remote)
         if change is not None:
-            sent, received = self.session.park({n: self.adapters[n] for n in change.kill}, change.revive)
+            sent, received = self.session.park({n: self.remote[n] for n in change.kill}, change.revive)
             stats.bytes_sent += sent
             stats.bytes_received += received
         return loss, stats, change
@@ -168,7 +190,7 @@ class EdgeTrainer:
         """SplitLoRA: own blocks forward, cloud's blocks forward and backward, own backward; FedAvg every I steps."""
         self.optimizer.zero_grad(set_to_none=True)
         self.step_id += 1
-        cut = self.front(batch.input_ids, batch.attention_mask)
+        cut = self.first_hidden(batch.input_ids, batch.attention_mask)
         loss, stats, grad = self.session.split_step(self.step_id, cut, batch.attention_mask,
                                                     lambda h: self.loss(h, batch))
         cut.backward(grad)
@@ -187,12 +209,23 @@ class EdgeTrainer:
         return loss, stats
 
     # -- evaluation ----------------------------------------------------------
+    def first_hidden(self, input_ids: torch.Tensor, mask: torch.Tensor, noise_step: int | None = None) -> torch.Tensor:
+        """What the cloud's first block receives: the embedding, or the output of this device's blocks.
+
+        With token privacy, the tokens are released first (noise drawn for `noise_step`:
+        the same step draws the same noise, so a resumed run replays it).
+        """
+        if self.cfg.token_epsilon is not None:
+            step = self.step_id if noise_step is None else noise_step
+            input_ids = token_privacy.perturb(input_ids, mask, self.edge.embedding.weight, self.cfg.token_epsilon,
+                                              token_privacy.generator_for(self.cfg.seed, step))
+        return self.edge.embed(input_ids) if self.front is None else self.front(input_ids, mask)
+
     @torch.no_grad()
     def hidden(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        if self.front is not None:
-            h, _ = self.session.forward(self.front(input_ids, mask), mask, {})
-            return h
-        h, _ = self.session.forward(self.edge.embed(input_ids), mask, self.adapters)
+        # Evaluation batches draw noise apart from the training steps' (negative step numbers).
+        self._forwards += 1
+        h, _ = self.session.forward(self.first_hidden(input_ids, mask, noise_step=-self._forwards), mask, self.remote)
         return h
 
     @torch.no_grad()
@@ -224,8 +257,10 @@ class EdgeTrainer:
         return {"rank": c.rank, "alpha": c.alpha, "lr": c.lr, "batch_size": c.batch_size, "seed": c.seed,
                 "max_length": c.max_length, "data": str(c.data), "template": c.template, "objective": c.objective,
                 "kr": json.loads(json.dumps(asdict(c.kr))), "modules": sorted(self.adapters),
-                # Only when set, so checkpoints written before the option existed still resume.
-                **({"label_epsilon": c.label_epsilon} if c.label_epsilon is not None else {})}
+                # Only when set, so checkpoints written before the options existed still resume.
+                **({"label_epsilon": c.label_epsilon} if c.label_epsilon is not None else {}),
+                **({"edge_layers": c.edge_layers} if c.edge_layers else {}),
+                **({"token_epsilon": c.token_epsilon} if c.token_epsilon is not None else {})}
 
     def checkpoint_state(self, extra: dict) -> dict:
         return {"version": 1, "step_id": self.step_id, "adapters": adapters_state(self.adapters),
@@ -244,7 +279,7 @@ class EdgeTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.selector.load_state_dict(state["selector"])
         self.step_id = state["step_id"]
-        killed = {n: self.adapters[n] for n in self.adapters if n not in self.selector.live}
+        killed = {n: self.remote[n] for n in self.remote if n not in self.selector.live}
         if killed:
             self.session.park(killed, [])
 
@@ -252,7 +287,7 @@ class EdgeTrainer:
         """The adapters in PEFT's layout; in SplitLoRA mode with the cloud's server-side ones, so the
         file describes the whole fine-tuned model."""
         adapters = dict(self.adapters)
-        if self.front is not None:
+        if self.split:
             server, scale, _ = self.session.server_adapters()
             adapters |= {name: LoRAAdapter.from_weights(a, b, scale) for name, (a, b) in server.items()}
         return peft_format.save(out, adapters, self.cfg.rank, self.cfg.alpha, meta.get("model", ""),
@@ -295,20 +330,8 @@ def run(cfg: TrainConfig) -> dict:
         if not ckpt_path.exists():
             raise datasets.DataError(f"--resume: no checkpoint at {ckpt_path}")
         resumed = torch.load(ckpt_path, weights_only=True)  # plain data only: no pickled code runs
-    split = None
-    if cfg.mode == "splitlora":
-        if cfg.kr.policy != "all":
-            raise ValueError("Kill and Revive (--policy) is a DLoRA-mode feature; SplitLoRA trains every adapter")
-        if cfg.resume:
-            raise ValueError("--resume is not supported in SplitLoRA mode: the server-side adapters live on the cloud")
-        if cfg.aggregate_every < 1 or cfg.clients < 1:
-            raise ValueError("--aggregate-every and --clients must be at least 1")
-        split = SplitOptions(cfg.cut_layer, cfg.federation, cfg.clients, cfg.rank, cfg.alpha, cfg.lr)
-    elif cfg.mode != "dlora":
-        raise ValueError(f"unknown mode {cfg.mode!r}; choose dlora or splitlora")
-    with CloudSession(cfg.server, wire_dtype=cfg.wire_dtype, targets=cfg.targets or None,
-                      client_name=cfg.client_name, credentials=cfg.credentials, retry=cfg.retry,
-                      split=split) as session:
+    with open_session(cfg) as session:
+        split = session.split
         log.info("session %s on %s: model %s (%d layers), %d sites, %d adapted modules, cloud device %s",
                  session.session_id[:8], cfg.server, session.model.name, session.model.num_layers,
                  len(session.sites), len(session.module_names), session.device)
@@ -318,6 +341,10 @@ def run(cfg: TrainConfig) -> dict:
             log.info("SplitLoRA: blocks 0..%d on this device, %d..%d on the cloud; federation %r of %d clients, "
                      "FedAvg every %d steps", cfg.cut_layer - 1, cfg.cut_layer, session.model.num_layers - 1,
                      cfg.federation, cfg.clients, cfg.aggregate_every)
+        elif cfg.edge_layers:
+            log.info("edge layers: blocks 0..%d and their %d adapters run on this device, the cloud runs "
+                     "blocks %d..%d", cfg.edge_layers - 1, len(trainer.adapters) - len(trainer.remote),
+                     cfg.edge_layers, session.model.num_layers - 1)
         objective = trainer.set_objective(train)
         log.info("objective: %s; selection policy: %s", objective,
                  cfg.kr.policy if cfg.kr.policy == "all" else
@@ -394,7 +421,7 @@ def run(cfg: TrainConfig) -> dict:
             "edge_flops_per_step": sum(h["edge_flops"] for h in history) / n,
             "adapter_flops_per_step": sum(h["adapter_flops"] for h in history) / n,
             "total_seconds": time.time() - t_start, "reconnects": session.reconnects,
-            "mode": cfg.mode, "cut_layer": cfg.cut_layer if split else 0,
+            "mode": cfg.mode, "cut_layer": cfg.cut_layer if split else 0, "edge_layers": cfg.edge_layers,
             "edge_param_mb": trainer.edge_param_bytes() / 1e6, "edge_peak_rss_mb": peak_rss_mb(),
         }
         adapter_path = trainer.save(cfg.out, summary)
@@ -404,6 +431,28 @@ def run(cfg: TrainConfig) -> dict:
                "summary": summary, "history": history, "live_sets": live_history, "evals": evals}
     (cfg.out / "run.json").write_text(json.dumps(log_doc, indent=2))
     return summary
+
+
+def open_session(cfg: TrainConfig) -> CloudSession:
+    """The session `cfg` trains in, its mode and options checked first."""
+    split = None
+    if cfg.edge_layers < 0 or (cfg.edge_layers and cfg.mode != "dlora"):
+        raise ValueError("--edge-layers is a DLoRA option (0 or more); SplitLoRA keeps --cut-layer blocks here")
+    if cfg.token_epsilon is not None:
+        token_privacy.check_epsilon(cfg.token_epsilon)
+    if cfg.mode == "splitlora":
+        if cfg.kr.policy != "all":
+            raise ValueError("Kill and Revive (--policy) is a DLoRA-mode feature; SplitLoRA trains every adapter")
+        if cfg.resume:
+            raise ValueError("--resume is not supported in SplitLoRA mode: the server-side adapters live on the cloud")
+        if cfg.aggregate_every < 1 or cfg.clients < 1:
+            raise ValueError("--aggregate-every and --clients must be at least 1")
+        split = SplitOptions(cfg.cut_layer, cfg.federation, cfg.clients, cfg.rank, cfg.alpha, cfg.lr)
+    elif cfg.mode != "dlora":
+        raise ValueError(f"unknown mode {cfg.mode!r}; choose dlora or splitlora")
+    return CloudSession(cfg.server, wire_dtype=cfg.wire_dtype, targets=cfg.targets or None,
+                        client_name=cfg.client_name, credentials=cfg.credentials, retry=cfg.retry,
+                        split=split, edge_layers=cfg.edge_layers)
 
 
 def privacy_notice(cfg: TrainConfig, classes: int) -> str:

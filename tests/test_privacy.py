@@ -104,3 +104,29 @@ def test_label_privacy_rewrites_completions_and_refuses_unlabelled_data():
     assert 60 < sum(ex.label == "blue" for ex in noisy.examples) < 140
     with pytest.raises(ValueError, match="needs text/label data"):
         privatise(Dataset([Example("p", " c")], []), 1.0, seed=0)
+
+
+def test_token_privacy_sends_only_released_tokens(model_dirs, tmp_path):
+    """With --token-epsilon the cloud's recording holds the embedding of the released tokens,
+    drawn with the step's own noise (so a resumed run replays it), not the text."""
+    from transformers import AutoModelForCausalLM
+
+    from edge_client import token_privacy
+    from edge_client.objective import make_batch
+    from edge_client.trainer import EdgeTrainer, TrainConfig, open_session
+
+    table = AutoModelForCausalLM.from_pretrained(model_dirs["llama"]).get_input_embeddings().weight.detach()
+    with launch.start(["--model", str(model_dirs["llama"]), "--record-dir", str(tmp_path / "wire")],
+                      tmp_path / "server.log", timeout=300) as server:
+        cfg = TrainConfig(server=server.address, cache=tmp_path / "cache", progress=False, token_epsilon=10.0, seed=5)
+        with open_session(cfg) as session:
+            trainer = EdgeTrainer(cfg, session)
+            trainer.label_ids = None
+            batch = make_batch(trainer.tokenizer, EXAMPLES, 64)
+            trainer.train_step(batch)
+    first = pb.EdgeMessage.FromString(next(recorder.read(recorder.calls(tmp_path / "wire", "TrainStep")[0]))).start
+    got = nearest_tokens(codec.decode(first.hidden, name="hidden"), table)
+    mask = batch.attention_mask
+    released = token_privacy.perturb(batch.input_ids, mask, table, 10.0, token_privacy.generator_for(5, 1))
+    assert torch.equal(got[mask], released[mask])
+    assert float((got == batch.input_ids)[mask].float().mean()) < 0.5  # most of the text never left
