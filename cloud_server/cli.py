@@ -89,8 +89,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "cloud trains server-side adapters), or 'any'; each session picks its own (default: %(default)s)")
     aud = p.add_argument_group("privacy audit", "see for yourself what this cloud learns from edges")
     aud.add_argument("--record-dir", type=Path,
-                     help="write every message edges send, as received, under this directory (one file per call; "
-                          "read with cloud_server.recorder.read). It holds activations and gradients computed from "
+                     help="write every message edges send, as received, and every reply, under this directory "
+                          "(two files per call; read with cloud_server.recorder.read). It holds activations and "
+                          "gradients computed from "
                           "the edges' private data: for audits and `make bench-privacy`, not for production")
     aud.add_argument("--record-limit-mb", type=float, default=1024,
                      help="stop recording once this many MiB are written (default: %(default)s)")

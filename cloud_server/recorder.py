@@ -1,9 +1,11 @@
-"""What a curious cloud sees: every message edges send, recorded as received, for privacy audits.
+"""What a curious cloud sees: every message of every call, recorded as it crossed the wire, for privacy audits.
 
-One file per call, `NNNNNN-Method.pb`, holding the call's request messages in
-order, each as a 4-byte little-endian length and the message's bytes. Off
-unless `cloud_server --record-dir` is given; `bench/privacy.py` attacks these
-files, so its figures come from what really crossed the wire.
+Two files per call: `NNNNNN-Method.pb` holds the call's request messages (what
+the edge sent) and `NNNNNN-Method.replies.pb` the cloud's replies (which the
+cloud computed itself, so it knows them anyway: they pair each site input with
+the edge's answer). Each message is a 4-byte little-endian length and its
+bytes. Off unless `cloud_server --record-dir` is given; `bench/privacy.py`
+attacks these files, so its figures come from what really crossed the wire.
 """
 from __future__ import annotations
 
@@ -29,9 +31,17 @@ class CallRecord:
         self._path = path
 
     def add(self, msg: Message) -> None:
+        """A request message, as the edge sent it."""
+        self._write(self._path, msg)
+
+    def add_reply(self, msg: Message) -> None:
+        """A reply message, as the cloud sent it."""
+        self._write(replies(self._path), msg)
+
+    def _write(self, path: Path, msg: Message) -> None:
         data = msg.SerializeToString()
         if self._recorder.reserve(_LENGTH.size + len(data)):
-            with open(self._path, "ab") as f:
+            with open(path, "ab") as f:
                 f.write(_LENGTH.pack(len(data)) + data)
 
 
@@ -72,6 +82,11 @@ def read(path: Path) -> Iterator[bytes]:
         offset += _LENGTH.size
         yield data[offset:offset + size]
         offset += size
+
+
+def replies(call: Path) -> Path:
+    """The file of a recorded call's replies (read it with `read`, parse with the method's reply type)."""
+    return call.with_name(call.name.removesuffix(".pb") + ".replies.pb")
 
 
 def calls(root: Path, method: str) -> list[Path]:

@@ -183,8 +183,9 @@ def _single_request(behavior: Callable, method: str) -> Callable:
     return handle
 
 
-def _recorded(behavior: Callable, method: str, recorder: MessageRecorder) -> Callable:
-    """Serve `behavior`, writing each request message of the call to the recorder as it arrives."""
+def _recorded(behavior: Callable, method: str, recorder: MessageRecorder, streams_replies: bool) -> Callable:
+    """Serve `behavior`, writing each message of the call to the recorder: requests as they
+    arrive, replies as they leave."""
     def handle(requests: Iterator, context: grpc.ServicerContext):
         record = recorder.call(method)
 
@@ -194,9 +195,19 @@ def _recorded(behavior: Callable, method: str, recorder: MessageRecorder) -> Cal
                     record.add(msg)
                 yield msg
 
-        return behavior(tee(), context)
+        if not streams_replies:
+            reply = behavior(tee(), context)
+            record.add_reply(reply)
+            return reply
+        return _replies_recorded(behavior(tee(), context), record)
 
     return handle
+
+
+def _replies_recorded(replies: Iterator[Message], record) -> Iterator[Message]:
+    for reply in replies:
+        record.add_reply(reply)
+        yield reply
 
 
 def method_handlers(service: "DLoRAService") -> dict[str, grpc.RpcMethodHandler]:
@@ -210,7 +221,7 @@ def method_handlers(service: "DLoRAService") -> dict[str, grpc.RpcMethodHandler]
         if not method.client_streaming:
             behavior = _single_request(behavior, method.name)
         if service.recorder is not None:
-            behavior = _recorded(behavior, method.name, service.recorder)
+            behavior = _recorded(behavior, method.name, service.recorder, method.server_streaming)
         # Every method takes a request stream (see _single_request); replies as the proto says.
         make = grpc.stream_stream_rpc_method_handler if method.server_streaming else \
             grpc.stream_unary_rpc_method_handler

@@ -7,6 +7,7 @@ import torch
 from cloud_server import launch, recorder
 from common import tensor_codec as codec
 from common.wire import dlora_pb2 as pb
+from edge_client.data import Example
 from edge_client.objective import encode
 from helpers import EXAMPLES, connect
 
@@ -130,3 +131,35 @@ def test_token_privacy_sends_only_released_tokens(model_dirs, tmp_path):
     released = token_privacy.perturb(batch.input_ids, mask, table, 10.0, token_privacy.generator_for(5, 1))
     assert torch.equal(got[mask], released[mask])
     assert float((got == batch.input_ids)[mask].float().mean()) < 0.5  # most of the text never left
+
+
+def test_the_cloud_reconstructs_the_adapters_from_one_step(model_dirs, tmp_path):
+    """Each site input (which the cloud computed) and the edge's answer to it give the cloud
+    scale * B @ A of every live module by least squares: the adapters are not private."""
+    with launch.start(["--model", str(model_dirs["llama"]), "--record-dir", str(tmp_path / "wire")],
+                      tmp_path / "server.log", timeout=300) as server:
+        edge = connect(server.address, tmp_path / "cache")
+        # Text with more distinct bytes than the tiny model's 32 dimensions, so the first
+        # block's site inputs span its whole input space (real training reaches that in a step).
+        text = "The QUICK brown fox, 12 jumps; 34 over: 56 LAZY dogs! 7/8 (9) ?#@ WXYZ vq"
+        try:
+            edge.step(1, edge.batch([Example(text[i:] + text[:i], " sport") for i in range(0, 40, 10)]))
+            sites = edge.session.sites
+        finally:
+            edge.session.close()
+    call = recorder.calls(tmp_path / "wire", "TrainStep")[0]
+    sent = [pb.EdgeMessage.FromString(m) for m in recorder.read(call)]
+    got = [pb.CloudMessage.FromString(m) for m in recorder.read(recorder.replies(call))]
+    inputs = {m.site_input.site: m.site_input for m in got if m.WhichOneof("kind") == "site_input"}
+    outputs = {m.site_outputs.site: m.site_outputs for m in sent if m.WhichOneof("kind") == "site_outputs"}
+    assert inputs.keys() == outputs.keys() == {s.index for s in sites}
+    mask = codec.decode(sent[0].start.attention_mask, name="mask")
+    for site in sites:
+        x = codec.decode(inputs[site.index].x, name="x")[mask]
+        for slot, tensor in zip(inputs[site.index].live, outputs[site.index].outputs):
+            module = site.modules[slot]
+            y = codec.decode(tensor, name="y")[mask]
+            delta = torch.linalg.lstsq(x.double(), y.double()).solution.T.float()  # [out, in]
+            ad = edge.adapters[module.name]
+            true = ad.scale * ad.lora_B.detach() @ ad.lora_A.detach()
+            assert float((delta - true).norm() / true.norm()) < 1e-3, module.name
