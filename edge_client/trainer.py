@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from common.lora import LoRAAdapter, LoRAConfig, adapters_state, load_adapters_state
 from edge_client import data as datasets
-from edge_client import label_privacy, token_privacy
+from edge_client import label_privacy, leakage, token_privacy
 from edge_client import peft_format
 from edge_client.edge_model import EdgeModel, load_tokenizer
 from edge_client.kill_revive import Change, KRConfig, Selector
@@ -350,7 +350,8 @@ def run(cfg: TrainConfig) -> dict:
                  cfg.kr.policy if cfg.kr.policy == "all" else
                  f"{cfg.kr.policy} (budget {cfg.kr.budget}, revive {cfg.kr.revive}, period {cfg.kr.period}, "
                  f"warm-up {cfg.kr.warmup_steps})")
-        log.warning(privacy_notice(cfg, len(train.labels)))
+        log.warning(leakage.notice(cfg.mode, cfg.edge_layers, cfg.cut_layer, cfg.label_epsilon, cfg.token_epsilon,
+                                   len(train.labels)))
         if resumed is not None:
             trainer.restore(resumed)
             before, history, live_history = resumed["before"], resumed["history"], resumed["live_history"]
@@ -453,25 +454,6 @@ def open_session(cfg: TrainConfig) -> CloudSession:
     return CloudSession(cfg.server, wire_dtype=cfg.wire_dtype, targets=cfg.targets or None,
                         client_name=cfg.client_name, credentials=cfg.credentials, retry=cfg.retry,
                         split=split, edge_layers=cfg.edge_layers)
-
-
-def privacy_notice(cfg: TrainConfig, classes: int) -> str:
-    """One plain line, at the start of every run: what the cloud can recover under these settings.
-
-    The figures are `make bench-privacy` on SmolLM2-135M + BBC News (bench/results/privacy):
-    they hold for every DLoRA variant measured there (both objectives, fp32 and bf16 wires).
-    """
-    labels = "each label from the final-hidden gradient (100%)"
-    if cfg.label_epsilon is not None:
-        keep = label_privacy.keep_probability(cfg.label_epsilon, classes)
-        labels = (f"labels only as released by randomised response (epsilon {cfg.label_epsilon:g}: "
-                  f"at most {keep:.0%} of them right)")
-    if cfg.mode == "splitlora":
-        return (f"privacy: the cloud sees the activations after block {cfg.cut_layer} and the gradient it returns; "
-                "how much of your text and labels it can recover from them is not measured yet (README: Privacy)")
-    return ("privacy: the cloud can read your training text back from the first activations it receives (100% of "
-            "tokens by nearest neighbour) and " + labels + ", measured by `make bench-privacy`; no option hardens "
-            "the text yet, so use a cloud you trust with it (README: Privacy)")
 
 
 def public_config(cfg: TrainConfig) -> dict:

@@ -111,3 +111,19 @@ def check_grads(adapters: dict[str, LoRAAdapter], ref: dict[str, LoRAAdapter], t
             worst = max(worst, rel_err(got, want))
             assert rel_err(got, want) <= tol, f"{what}{name}.{w}: relative error {rel_err(got, want):.2e}"
     return worst
+
+
+def train_alongside(trainer, model, opt, tol: float = 1e-5) -> list:
+    """4 steps of `trainer` (an EdgeTrainer) and of the in-process `model` with its optimizer `opt`,
+    on the same batches: every loss within `tol`. Returns the trainer's step stats."""
+    stats = []
+    for step, idx in enumerate(([0, 1], [2, 3], [1, 2], [0, 3]), 1):
+        batch = make_batch(trainer.tokenizer, [EXAMPLES[i] for i in idx], 64)
+        loss, step_stats, _ = trainer.train_step(batch)
+        opt.zero_grad()
+        want = reference_loss(model, batch)
+        want.backward()
+        opt.step()
+        assert abs(loss - want.item()) <= tol * abs(want.item()), f"step {step}: {loss} against {want.item()}"
+        stats.append(step_stats)
+    return stats

@@ -53,6 +53,25 @@ def test_train_end_to_end(servers, jsonl, tmp_path):
     assert cfg["r"] == 2 and sorted(cfg["target_modules"]) == ["k_proj", "q_proj", "v_proj"]
 
 
+def test_train_with_every_privacy_option(servers, jsonl, tmp_path):
+    """--edge-layers, --token-epsilon and --label-epsilon together, end to end: the run says
+    what the cloud can still recover, trains the edge's block adapters too, and records the settings."""
+    out = tmp_path / "run"
+    res = cli("edge_client", "train", "--server", servers["llama"], "--data", str(jsonl), "--steps", "2",
+              "--batch-size", "4", "--eval-limit", "4", "--rank", "2", "--out", str(out), "--no-progress",
+              "--edge-layers", "1", "--token-epsilon", "50", "--label-epsilon", "2")
+    assert res.returncode == 0, res.stderr
+    assert "privacy: the cloud serving the model can read back" in res.stderr
+    assert "the output of block 0 of the tokens --token-epsilon 50 released" in res.stderr
+    log = json.loads((out / "run.json").read_text())
+    assert log["summary"]["edge_layers"] == 1 and log["config"]["token_epsilon"] == 50.0
+    assert all(h["site_exchanges"] == 1 and h["block_flops"] > 0 for h in log["history"])  # block 1's site only
+    weights = load_file(out / "adapter_model.safetensors")
+    assert weights["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"].abs().sum() > 0
+    bad = cli("edge_client", "train", "--server", servers["llama"], "--edge-layers", "1", "--mode", "splitlora")
+    assert bad.returncode == 2 and "--edge-layers is a DLoRA option" in bad.stderr
+
+
 def test_prompt_completion_data(servers, tmp_path):
     path = tmp_path / "gen.jsonl"
     path.write_text("\n".join(json.dumps({"prompt": f"count {i}:", "completion": f" {i + 1}"}) for i in range(20)))

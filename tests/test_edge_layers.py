@@ -14,7 +14,7 @@ from common.wire import dlora_pb2_grpc as pb_grpc
 from edge_client.objective import make_batch
 from edge_client.session import CloudError, CloudSession
 from edge_client.trainer import EdgeTrainer, TrainConfig
-from helpers import EXAMPLES, reference_loss, rel_err
+from helpers import EXAMPLES, reference_loss, rel_err, train_alongside
 from test_batching import _concurrently
 from tiny_models import save_tiny
 
@@ -72,14 +72,7 @@ def test_training_with_edge_layers_equals_in_process(kind, edge_layers, deep, tm
         assert trainer.remote and all(layer[n] >= edge_layers for n in trainer.remote)
         remote_sites = sum(s.layer >= edge_layers for s in session.sites)
         model, ref, opt = _reference(model_dir, trainer)
-        for step, idx in enumerate(([0, 1], [2, 3], [1, 2], [0, 3]), 1):
-            batch = make_batch(trainer.tokenizer, [EXAMPLES[i] for i in idx], 64)
-            loss, stats, _ = trainer.train_step(batch)
-            opt.zero_grad()
-            want = reference_loss(model, batch)
-            want.backward()
-            opt.step()
-            assert abs(loss - want.item()) <= TOL * abs(want.item()), f"step {step}"
+        for stats in train_alongside(trainer, model, opt, TOL):
             # Sites of the edge's blocks never cross the wire.
             assert stats.sites == remote_sites and stats.block_flops > 0
         for name, ad in trainer.adapters.items():

@@ -21,7 +21,7 @@ from common.wire import dlora_pb2_grpc as pb_grpc
 from edge_client.objective import make_batch
 from edge_client.session import CloudError, CloudSession, SplitOptions
 from edge_client.trainer import EdgeTrainer, TrainConfig
-from helpers import EXAMPLES, reference_loss, rel_err
+from helpers import EXAMPLES, rel_err, train_alongside
 
 TOL = 1e-5
 
@@ -55,14 +55,7 @@ def check_split_equals_centralized(address: str, model_dir, tmp_path) -> None:
         inject(model, ref)
         opt = torch.optim.AdamW([p for a in ref.values() for p in a.parameters()], lr=cfg.lr, weight_decay=0.0)
 
-        for step, idx in enumerate(([0, 1], [2, 3], [1, 2], [0, 3]), 1):
-            batch = make_batch(trainer.tokenizer, [EXAMPLES[i] for i in idx], 64)
-            loss, stats, _ = trainer.train_step(batch)
-            opt.zero_grad()
-            want = reference_loss(model, batch)
-            want.backward()
-            opt.step()
-            assert abs(loss - want.item()) <= TOL * abs(want.item()), f"step {step}"
+        for stats in train_alongside(trainer, model, opt, TOL):
             assert stats.sites == 0 and stats.block_flops > 0
 
         server, _, updates = session.server_adapters()

@@ -1,0 +1,56 @@
+"""What a curious cloud recovers under a run's settings: the figures of the last `make bench-privacy` run.
+
+`edge_client train` prints `notice(...)` at the start of every run, so a user
+knows what the settings leak before any data leaves the device. The figures
+come from bench/results/privacy (SmolLM2-135M, BBC News); other models and data
+leak differently, and the notice says when a setting was not measured.
+"""
+from __future__ import annotations
+
+from edge_client import label_privacy
+
+SOURCE = "`make bench-privacy`, SmolLM2-135M + BBC News"
+
+# Share of the training tokens the best attack (nearest neighbour or a learned inverter)
+# read back, by (depth, token epsilon): depth is the block whose input the cloud receives
+# first (0: the embedding; DLoRA's --edge-layers or SplitLoRA's --cut-layer), and the
+# token epsilon is --token-epsilon (None: off).
+TOKENS: dict[tuple[int, float | None], float] = {}
+# Held-out accuracy points lost against the default, by --token-epsilon alone.
+ACCURACY_LOSS_BY_TOKEN_EPSILON: dict[float, float] = {}
+# Share of the labels the gradient attack named, without label privacy.
+LABELS = 1.0
+SUGGESTED_TOKEN_EPSILON = 25.0
+
+
+def _tokens(depth: int, token_epsilon: float | None) -> str:
+    where = "the embedding" if depth == 0 else f"the output of block {depth - 1}"
+    if token_epsilon is not None:
+        where += f" of the tokens --token-epsilon {token_epsilon:g} released"
+    got = TOKENS.get((depth, token_epsilon))
+    read = f"{got:.0%} of your training tokens" if got is not None else "an unmeasured share of your training tokens"
+    return f"{read} from {where}"
+
+
+def notice(mode: str, edge_layers: int, cut_layer: int, label_epsilon: float | None,
+           token_epsilon: float | None, classes: int) -> str:
+    """One plain line: what the cloud can recover under these settings, and which flag hardens it."""
+    depth = cut_layer if mode == "splitlora" else edge_layers
+    tokens = _tokens(depth, token_epsilon)
+    if label_epsilon is not None:
+        keep = label_privacy.keep_probability(label_epsilon, classes)
+        labels = f"at most {keep:.0%} of your labels (randomised response, --label-epsilon {label_epsilon:g})"
+    else:
+        labels = f"{LABELS:.0%} of your labels from the gradient"
+    hardening = []
+    if token_epsilon is None:
+        loss = ACCURACY_LOSS_BY_TOKEN_EPSILON.get(SUGGESTED_TOKEN_EPSILON)
+        cost = f", {loss:.0f} accuracy points" if loss is not None else ""
+        hardened = TOKENS.get((0, SUGGESTED_TOKEN_EPSILON))
+        if hardened is not None:
+            hardening.append(f"--token-epsilon {SUGGESTED_TOKEN_EPSILON:g} cuts the tokens to {hardened:.0%}{cost}")
+    if label_epsilon is None:
+        hardening.append("--label-epsilon bounds the labels")
+    advice = f"; {' and '.join(hardening)}" if hardening else ""
+    return (f"privacy: the cloud serving the model can read back {tokens}, and {labels} ({SOURCE}){advice} "
+            "(README: Privacy)")
