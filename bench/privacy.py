@@ -1,4 +1,4 @@
-"""`make bench-privacy`: what a curious cloud recovers from what really crosses the wire.
+"""`make bench-privacy`: what a curious cloud recovers from what really crosses the wire, and what each defence costs.
 
 A cloud_server on the embedded SmolLM2-135M records every message edges send
 (`--record-dir`). An edge trains on BBC News with each variant's settings.
@@ -6,32 +6,34 @@ Then the cloud's attacks run on the recording alone, with only what the cloud
 holds: the public model. The edge's batches (true tokens and labels) are kept
 to score the attacks, never to run them.
 
-Attacks:
-- **Tokens by nearest neighbour.** Each position of the first activations
-  (StepStart.hidden) is matched against the embedding table, by L2 and by
-  cosine.
+Attacks on the first activations the edge sends (StepStart.hidden: the
+embedding output, or with --edge-layers K / SplitLoRA cut K the output of
+block K - 1):
+- **Tokens by nearest neighbour** against the embedding table, by L2 and by cosine.
+- **Tokens by a learned inverter** (bench/inverters.py): a ridge map and a small
+  MLP, trained by the cloud on public text (not BBC) through the same frozen
+  blocks [0, K), which it has.
 - **Labels from the input.** Is the label among the recovered input tokens,
   where a sequence's completion would sit (its last real position)?
-- **Labels from the gradient.** The final-hidden gradient (FinalGrad) is zero
-  except at the loss positions, so it marks them. At each one, it is a
-  combination of LM-head rows seen through the final norm. The attack divides
-  out the norm's weight and then either solves least squares over the
-  task's label tokens (a cloud that knows the label names), or takes the
-  most negative score over the whole vocabulary (one that does not).
 
-Label differential privacy (--label-epsilon) is measured against the true
-labels, next to its guarantee: the keep probability of randomised response,
-which bounds any attacker's chance of naming a label.
+Attack on the gradient the edge sends (FinalGrad, every mode):
+- **Labels from the gradient.** The final-hidden gradient is zero except at the
+  loss positions, so it marks them. At each one, it is a combination of
+  LM-head rows seen through the final norm. The attack divides out the norm's
+  weight and then either solves least squares over the task's label tokens
+  (a cloud that knows the label names), or takes the most negative score over
+  the whole vocabulary (one that does not).
 
-Not yet here (see the README's privacy section): learned inverters, DLoRA
---edge-layers, SplitLoRA cuts, token-level differential privacy, and the
-accuracy each option costs.
+Defences measured, alone and combined: --edge-layers (DLoRA), SplitLoRA's cut,
+--label-epsilon (randomised response: its keep probability bounds any
+attacker) and --token-epsilon (metric DP on the tokens). For each variant the
+same settings also train `--accuracy-steps` steps without recording, for
+held-out accuracy, edge GFLOP/step and edge memory.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -40,43 +42,83 @@ from pathlib import Path
 
 import torch
 
+from bench import inverters
 from cloud_server import launch, recorder
 from cloud_server.model_store import ensure_default_model
 from common import tensor_codec as codec
 from common.wire import dlora_pb2 as pb
 from edge_client import label_privacy
 from edge_client.objective import Batch, make_batch
-from edge_client.session import CloudSession
-from edge_client.trainer import EdgeTrainer, TrainConfig, batches, load_splits
+from edge_client.trainer import EdgeTrainer, TrainConfig, batches, load_splits, open_session
+
+# Token privacy epsilons, per unit of embedding distance. SmolLM2's nearest embedding rows sit
+# 2.0 apart (median; token_privacy.distance_scale), so these bounds are weak as guarantees go
+# (e^(25 x 2) between neighbours); they are where the tokens released unchanged fall to about
+# 15% (25) and 80% (50) of BBC text.
+TOKEN_EPS_STRONG, TOKEN_EPS_WEAK = 25.0, 50.0
 
 VARIANTS = {
-    # The defaults: label-restricted loss (BBC's labels are one token each), fp32 on the wire.
+    # The defaults: DLoRA, label-restricted loss (BBC's labels are one token each), fp32 on the wire.
     "default": {},
-    # The language-model loss: a softmax over the whole vocabulary.
-    "lm-objective": {"objective": "lm"},
-    # Half the bytes on the wire: does rounding hide anything?
-    "bf16-wire": {"wire_dtype": "bf16"},
+    # The first K blocks and their adapters on the edge.
+    "edge-layers-1": {"edge_layers": 1},
+    "edge-layers-2": {"edge_layers": 2},
+    "edge-layers-4": {"edge_layers": 4},
+    # SplitLoRA: blocks [0, cut) on the edge, the rest with server-side adapters.
+    "splitlora-cut-1": {"mode": "splitlora", "cut_layer": 1},
+    "splitlora-cut-2": {"mode": "splitlora", "cut_layer": 2},
+    "splitlora-cut-4": {"mode": "splitlora", "cut_layer": 4},
     # Label differential privacy: the edge trains on labels released by randomised response.
     "label-dp-eps1": {"label_epsilon": 1.0},
     "label-dp-eps2": {"label_epsilon": 2.0},
+    # Token privacy: every token released by metric DP before it is embedded.
+    "token-dp-eps25": {"token_epsilon": TOKEN_EPS_STRONG},
+    "token-dp-eps50": {"token_epsilon": TOKEN_EPS_WEAK},
+    # Every defence at once.
+    "combined": {"edge_layers": 2, "label_epsilon": 2.0, "token_epsilon": TOKEN_EPS_STRONG},
+    # Measured in earlier runs, not by default: neither changes what leaks.
+    "lm-objective": {"objective": "lm"},
+    "bf16-wire": {"wire_dtype": "bf16"},
 }
+DEFAULT_VARIANTS = [v for v in VARIANTS if v not in ("lm-objective", "bf16-wire")]
+
+
+def depth(settings: dict) -> int:
+    """The block whose input the cloud receives first: 0 (embedding), --edge-layers or the SplitLoRA cut."""
+    if settings.get("mode") == "splitlora":
+        return settings["cut_layer"]
+    return settings.get("edge_layers", 0)
 
 
 @dataclass
 class Public:
-    """What the cloud holds of the model: embedding table, LM head and final norm weight."""
+    """What the cloud holds: the whole public model (embedding table, blocks, final norm, LM head)."""
 
+    model: torch.nn.Module
+    tokenizer: object
     embedding: torch.Tensor   # [V, H]
     head: torch.Tensor        # [V, H]
     norm_weight: torch.Tensor  # [H]
+    inverters: dict[int, dict[str, inverters.Inverter]] = field(default_factory=dict)
 
     @classmethod
     def load(cls) -> "Public":
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(ensure_default_model(), dtype=torch.float32)
-        return cls(model.get_input_embeddings().weight.detach(), model.get_output_embeddings().weight.detach(),
-                   model.model.norm.weight.detach())
+        path = ensure_default_model()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        model.requires_grad_(False)
+        return cls(model, AutoTokenizer.from_pretrained(path), model.get_input_embeddings().weight.detach(),
+                   model.get_output_embeddings().weight.detach(), model.model.norm.weight.detach())
+
+    def learned(self, k: int, args) -> dict[str, inverters.Inverter]:
+        """The cloud's inverters for activations entering block k, trained once per depth on public text."""
+        if k not in self.inverters:
+            print(f"[{time.strftime('%H:%M:%S')}] training inverters for block {k} on {inverters.PUBLIC_SOURCE} ...",
+                  flush=True)
+            self.inverters[k] = inverters.train_inverters(self.model, self.tokenizer, k, tokens=args.public_tokens,
+                                                          seconds=args.inverter_seconds, seed=args.seed)
+        return self.inverters[k]
 
 
 @dataclass
@@ -102,20 +144,22 @@ def nearest(hidden: torch.Tensor, table: torch.Tensor, cosine: bool) -> torch.Te
     return torch.cat([torch.cdist(chunk, table).argmin(dim=1) for chunk in hidden.split(256)])
 
 
-def attack_step(messages: list[pb.EdgeMessage], public: Public, label_tokens: torch.Tensor, truth: Batch,
-                tally: Tally) -> None:
-    """Every attack on one recorded training step, scored against the edge's batch."""
+def attack_step(messages: list[pb.EdgeMessage], public: Public, learned: dict[str, inverters.Inverter],
+                label_tokens: torch.Tensor, truth: Batch, tally: Tally) -> None:
+    """Every attack on one recorded training step, scored against the edge's (true) batch."""
     start = messages[0].start
     hidden = codec.decode(start.hidden, name="hidden", finite=False).float()
     mask = codec.decode(start.attention_mask, name="mask")
     flat = hidden[mask]
     want = truth.input_ids[mask]
-    for how in ("l2", "cosine"):
-        got = nearest(flat, public.embedding, cosine=how == "cosine")
-        tally.add(f"tokens_nn_{how}", int((got == want).sum()), len(want))
-    # The label as an input token: where a completion's last token would sit.
+    guesses = {f"nn_{how}": nearest(flat, public.embedding, cosine=how == "cosine") for how in ("l2", "cosine")}
+    guesses |= {name: inv.predict(flat) for name, inv in learned.items()}
+    for name, got in guesses.items():
+        tally.add(f"tokens_{name}", int((got == want).sum()), len(want))
+    # The label as an input token, where a completion's last token would sit: by the best guess here.
+    best = max(guesses.values(), key=lambda got: int((got == want).sum()))
     recovered = torch.zeros_like(truth.input_ids)
-    recovered[mask] = nearest(flat, public.embedding, cosine=False)
+    recovered[mask] = best
     last = mask.sum(dim=1) - 1
     tally.add("label_in_input", int((recovered[truth.rows, last[truth.rows]] == truth.targets).sum()),
               len(truth.targets))
@@ -139,111 +183,228 @@ def attack_step(messages: list[pb.EdgeMessage], public: Public, label_tokens: to
             tally.add("label_grad_full_vocab", int(by_vocab[i] == truth_at[(r, p)]), 1)
 
 
-def run_variant(name: str, settings: dict, args, public: Public) -> dict:
-    wire = args.out / name / "wire"
-    # ~190 MB a step edge -> cloud on SmolLM2 at batch 8 x 128: room for every recorded step.
-    limit = str(400 * args.steps)
-    with launch.start(["--model", "smollm2-135m", "--record-dir", str(wire), "--record-limit-mb", limit,
-                       "--threads", str(args.threads)], args.out / f"{name}.server.log") as server:
-        cfg = replace(TrainConfig(server=server.address, cache=args.cache, progress=False, seed=args.seed,
-                                  out=args.out / name), **settings)
-        train, _, _ = load_splits(cfg)
-        # What the edge trains on: the true labels, or those released by randomised response.
-        released = train if cfg.label_epsilon is None else label_privacy.privatise(train, cfg.label_epsilon, cfg.seed)
-        with CloudSession(server.address, wire_dtype=cfg.wire_dtype) as session:
-            trainer = EdgeTrainer(cfg, session)
-            objective = trainer.set_objective(released)
-            # Same seed, same order: batch i of both streams holds the same examples.
-            stream, true_stream = (batches(d.examples, cfg.batch_size, cfg.seed) for d in (released, train))
-            truths, megabytes = [], []
-            for step in range(args.steps):
-                batch = make_batch(trainer.tokenizer, next(stream), cfg.max_length)
-                _, stats, _ = trainer.train_step(batch)
-                truths.append(make_batch(trainer.tokenizer, next(true_stream), cfg.max_length))
-                megabytes.append((stats.bytes_sent + stats.bytes_received) / 1e6)
-                print(f"    step {step + 1}/{args.steps}: {megabytes[-1]:.1f} MB", flush=True)
+def adapter_errors(call: Path, sites: list, truth: dict[str, torch.Tensor]) -> list[float]:
+    """The cloud fits each live module's scale * B @ A from one recorded step: the site inputs it
+    sent (least squares against the outputs the edge answered). Relative error per module."""
+    sent = [pb.EdgeMessage.FromString(m) for m in recorder.read(call)]
+    replies = [pb.CloudMessage.FromString(m) for m in recorder.read(recorder.replies(call))]
+    inputs = {m.site_input.site: m.site_input for m in replies if m.WhichOneof("kind") == "site_input"}
+    outputs = {m.site_outputs.site: m.site_outputs for m in sent if m.WhichOneof("kind") == "site_outputs"}
+    mask = codec.decode(sent[0].start.attention_mask, name="mask")
+    errors = []
+    for site in sites:
+        if site.index not in inputs:
+            continue
+        x = codec.decode(inputs[site.index].x, name="x", finite=False).double()[mask]
+        for slot, tensor in zip(inputs[site.index].live, outputs[site.index].outputs):
+            name = site.modules[slot].name
+            y = codec.decode(tensor, name="y", finite=False).double()[mask]
+            fitted = torch.linalg.lstsq(x, y).solution.T
+            errors.append(float((fitted - truth[name]).norm() / truth[name].norm()))
+    return errors
+
+
+def run_variant(name: str, settings: dict, args, public: Public, server: launch.ServerProcess) -> dict:
+    """Train `args.steps` recorded steps with `settings` against the recording server, then attack them."""
+    cfg = replace(TrainConfig(server=server.address, cache=args.cache, progress=False, seed=args.seed,
+                              out=args.out / name, federation=f"privacy-{name}"), **settings)
+    train, _, _ = load_splits(cfg)
+    # What the edge trains on: the true labels, or those released by randomised response.
+    released = train if cfg.label_epsilon is None else label_privacy.privatise(train, cfg.label_epsilon, cfg.seed)
+    with open_session(cfg) as session:
+        trainer = EdgeTrainer(cfg, session)
+        trainer.train_examples = len(released.examples)
+        objective = trainer.set_objective(released)
+        # Same seed, same order: batch i of both streams holds the same examples.
+        stream, true_stream = (batches(d.examples, cfg.batch_size, cfg.seed) for d in (released, train))
+        truths, megabytes = [], []
+        for step in range(args.steps):
+            batch = make_batch(trainer.tokenizer, next(stream), cfg.max_length)
+            # The adapters this step's forward uses: what the adapter attack is scored against.
+            deltas = {n: (a.scale * a.lora_B @ a.lora_A).detach().double() for n, a in trainer.remote.items()}
+            _, stats, _ = trainer.train_step(batch)
+            truths.append(make_batch(trainer.tokenizer, next(true_stream), cfg.max_length))
+            megabytes.append((stats.bytes_sent + stats.bytes_received) / 1e6)
+            print(f"    step {step + 1}/{args.steps}: {megabytes[-1]:.1f} MB", flush=True)
+    wire = args.out / "wire"
+    calls = [c for c in recorder.calls(wire, "TrainStep")
+             if pb.EdgeMessage.FromString(next(recorder.read(c))).start.session_id == session.session_id]
     label_tokens = torch.tensor([trainer.tokenizer(" " + lab, add_special_tokens=False).input_ids[0]
                                  for lab in train.labels])
+    learned = public.learned(depth(settings), args)
     tally = Tally()
-    calls = recorder.calls(wire, "TrainStep")
     if len(calls) != len(truths):
         raise SystemExit(f"{name}: {len(calls)} recorded steps for {len(truths)} trained (a retried step?)")
     for call, truth in zip(calls, truths):
         messages = [pb.EdgeMessage.FromString(m) for m in recorder.read(call)]
-        attack_step(messages, public, label_tokens, truth, tally)
-    shutil.rmtree(wire)  # gigabytes of activations computed from (public, here) data: attacked, then gone
+        attack_step(messages, public, learned, label_tokens, truth, tally)
+    # On the last step (B is 0 before the first update, so earlier steps carry no adapter).
+    errors = adapter_errors(calls[-1], session.sites, deltas) if deltas and args.steps > 1 else []
+    for path in wire.glob("*"):  # gigabytes of activations computed from (public, here) data: attacked, then gone
+        path.unlink()
     rates = {k: tally.rate(k) for k in sorted(tally.trials)}
+    rates["tokens_learned"] = max(rates["tokens_ridge"], rates["tokens_mlp"])
+    rates["tokens_nn"] = max(rates["tokens_nn_l2"], rates["tokens_nn_cosine"])
     bound = (None if cfg.label_epsilon is None else
              label_privacy.keep_probability(cfg.label_epsilon, len(train.labels)))
-    return {"variant": name, "settings": settings, "objective": objective, "steps": args.steps,
-            "labels": train.labels, "chance": 1 / len(train.labels), "label_bound": bound,
-            "rates": rates, "trials": tally.trials,
-            "mb_per_step": sum(megabytes) / len(megabytes)}
+    return {"variant": name, "settings": settings, "depth": depth(settings), "objective": objective,
+            "steps": args.steps, "labels": train.labels, "chance": 1 / len(train.labels), "label_bound": bound,
+            "rates": rates, "trials": tally.trials, "mb_per_step": sum(megabytes) / len(megabytes),
+            "adapter_error_median": sorted(errors)[len(errors) // 2] if errors else None,
+            "adapter_error_max": max(errors) if errors else None, "adapters_attacked": len(errors)}
+
+
+def _flags(settings: dict) -> list[str]:
+    return [x for k, v in settings.items() for x in (f"--{k.replace('_', '-')}", str(v))]
 
 
 def accuracy(names: list[str], args) -> dict[str, dict]:
-    """Held-out accuracy after `--accuracy-steps` of `edge_client train` per variant (no recording)."""
+    """Per variant, `--accuracy-steps` of `edge_client train` for each accuracy seed (no recording):
+    held-out accuracy (mean over seeds), edge GFLOP/step and edge memory."""
     out = {}
     with launch.start(["--model", "smollm2-135m"], args.out / "accuracy.server.log") as server:
         for name in names:
-            flags = [x for k, v in VARIANTS[name].items() for x in (f"--{k.replace('_', '-')}", str(v))]
-            run_dir = args.out / f"{name}.accuracy"
-            cmd = [sys.executable, "-m", "edge_client", "train", "--server", server.address, "--steps",
-                   str(args.accuracy_steps), "--seed", str(args.seed), "--eval-limit", str(args.eval_limit),
-                   "--no-eval-before", "--no-progress", "--out", str(run_dir), *flags]
-            print(f"[{time.strftime('%H:%M:%S')}] {name}: {args.accuracy_steps} steps for accuracy ...", flush=True)
-            with open(args.out / f"{name}.accuracy.log", "w") as log:
-                if subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT) != 0:
-                    raise SystemExit(f"{name}: edge_client train failed; see {args.out / name}.accuracy.log")
-            after = json.loads((run_dir / "run.json").read_text())["summary"]["after"]
-            out[name] = after
-            print(f"    accuracy {after['accuracy']:.1%} on {after['examples']} held-out articles", flush=True)
+            runs = []
+            for seed in args.accuracy_seeds:
+                run_dir = args.out / f"{name}.accuracy.seed{seed}"
+                cmd = [sys.executable, "-m", "edge_client", "train", "--server", server.address, "--steps",
+                       str(args.accuracy_steps), "--seed", str(seed), "--eval-limit", str(args.eval_limit),
+                       "--no-eval-before", "--no-progress", "--out", str(run_dir), *_flags(VARIANTS[name])]
+                if VARIANTS[name].get("mode") == "splitlora":
+                    cmd += ["--federation", f"accuracy-{name}-{seed}"]
+                print(f"[{time.strftime('%H:%M:%S')}] {name}, seed {seed}: {args.accuracy_steps} steps for "
+                      "accuracy ...", flush=True)
+                with open(args.out / f"{name}.accuracy.seed{seed}.log", "w") as log:
+                    if subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT) != 0:
+                        raise SystemExit(f"{name}: edge_client train failed; see {log.name}")
+                summary = json.loads((run_dir / "run.json").read_text())["summary"]
+                runs.append(summary)
+                print(f"    accuracy {summary['after']['accuracy']:.1%} on {summary['after']['examples']} "
+                      "held-out articles", flush=True)
+            accs = [r["after"]["accuracy"] for r in runs]
+            out[name] = {"accuracy": sum(accs) / len(accs), "per_seed": accs, "seeds": args.accuracy_seeds,
+                         "examples": runs[0]["after"]["examples"],
+                         "edge_gflop_per_step": runs[0]["edge_flops_per_step"] / 1e9,
+                         "edge_param_mb": runs[0]["edge_param_mb"],
+                         "edge_peak_rss_mb": max(r["edge_peak_rss_mb"] for r in runs),
+                         "seconds_per_step": sum(r["seconds_per_step"] for r in runs) / len(runs)}
     return out
+
+
+def table(rows: list[dict], args) -> str:
+    """The Markdown table the README quotes."""
+    chance = rows[0]["chance"]
+    lines = [f"SmolLM2-135M, BBC News, {args.steps} recorded training steps per variant (batch 8 x up to 128 "
+             f"tokens, seed {args.seed}); the cloud's attacks on its own recording; learned inverters trained on "
+             f"{args.public_tokens} tokens of {inverters.PUBLIC_SOURCE}. Chance for labels: {chance:.0%}. "
+             f"Accuracy: {args.accuracy_steps} training steps, {args.eval_limit} held-out articles, mean of seeds "
+             f"{','.join(map(str, args.accuracy_seeds))}.",
+             "",
+             "| variant | cloud sees | tokens: NN (L2 / cos) | tokens: learned (ridge / MLP) | label in the input | "
+             "label from the gradient (known set / full vocab) | guarantee: at most | adapters fitted (median error) | "
+             "held-out accuracy | MB/step | edge GFLOP/step | edge weights MB | edge peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        x, acc = r["rates"], r.get("accuracy") or {}
+        sees = "embedding" if r["depth"] == 0 else f"block {r['depth'] - 1} output"
+        bound = "—" if r["label_bound"] is None else f"{r['label_bound']:.1%}"
+        cost = (f"{acc['accuracy']:.1%} | {r['mb_per_step']:.1f} | {acc['edge_gflop_per_step']:.1f} | "
+                f"{acc['edge_param_mb']:.0f} | {acc['edge_peak_rss_mb']:.0f}") if acc else \
+            f"— | {r['mb_per_step']:.1f} | — | — | —"
+        fitted = "— (sent in FedAvg)" if r["adapter_error_median"] is None else f"{r['adapter_error_median']:.1e}"
+        lines.append(f"| {r['variant']} | {sees} | {x['tokens_nn_l2']:.1%} / {x['tokens_nn_cosine']:.1%} | "
+                     f"{x['tokens_ridge']:.1%} / {x['tokens_mlp']:.1%} | {x['label_in_input']:.1%} | "
+                     f"{x['label_grad_known_set']:.1%} / {x['label_grad_full_vocab']:.1%} | {bound} | {fitted} | "
+                     f"{cost} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> Path | None:
+    """Leakage against cost: token and label recovery against edge GFLOP/step and accuracy."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r.get("accuracy")]
+    if not rows:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    for ax, xkey, xlabel in ((axes[0], "edge_gflop_per_step", "edge GFLOP per training step"),
+                             (axes[1], "accuracy", "held-out accuracy")):
+        for r in rows:
+            x = r["accuracy"][xkey] * (100 if xkey == "accuracy" else 1)
+            tok = 100 * max(r["rates"]["tokens_learned"], r["rates"]["tokens_nn"])
+            lab = 100 * r["rates"]["label_grad_known_set"]
+            ax.scatter([x], [tok], marker="o", color="tab:red")
+            ax.scatter([x], [lab], marker="s", color="tab:blue")
+            ax.annotate(r["variant"], (x, tok), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel(xlabel + (" (%)" if xkey == "accuracy" else ""))
+        ax.set_ylabel("recovered by the cloud (%)")
+        ax.grid(alpha=0.3)
+    axes[0].scatter([], [], marker="o", color="tab:red", label="tokens (best attack)")
+    axes[0].scatter([], [], marker="s", color="tab:blue", label="labels (gradient)")
+    axes[0].legend()
+    fig.suptitle("What a curious cloud recovers, against what the defence costs (SmolLM2-135M, BBC News)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=10, help="training steps recorded per variant (default: %(default)s)")
-    p.add_argument("--variants", default=",".join(VARIANTS),
-                   help=f"comma-separated from {list(VARIANTS)} (default: all)")
+    p.add_argument("--steps", type=int, default=4, help="training steps recorded per variant (default: %(default)s)")
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                   help=f"comma-separated from {list(VARIANTS)} (default: all but lm-objective and bf16-wire)")
     p.add_argument("--accuracy-steps", type=int, default=40,
-                   help="also train each variant this many steps (no recording) and report held-out accuracy; "
-                        "0: skip (default: %(default)s)")
+                   help="also train each variant this many steps (no recording) and report held-out accuracy, "
+                        "edge GFLOP/step and memory; 0: skip (default: %(default)s)")
+    p.add_argument("--accuracy-seeds", default="0",
+                   help="comma-separated seeds of the accuracy runs; the table gives their mean (default: %(default)s)")
     p.add_argument("--eval-limit", type=int, default=200, help="held-out articles for accuracy (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--public-tokens", type=int, default=60000,
+                   help="public-text tokens each learned inverter trains on (default: %(default)s)")
+    p.add_argument("--inverter-seconds", type=float, default=60.0,
+                   help="CPU seconds the MLP inverter trains per depth (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the recorded runs and the inverters (default: %(default)s)")
     p.add_argument("--threads", type=int, default=1, help="cloud_server torch threads (default: %(default)s)")
-    p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "dlora")
-    p.add_argument("--out", type=Path, default=Path("bench/out/privacy"))
+    p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "dlora",
+                   help="model, data and edge-asset cache (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=Path("bench/out/privacy"),
+                   help="logs, runs and results (default: %(default)s)")
     args = p.parse_args()
     names = [v for v in args.variants.split(",") if v]
     if unknown := [n for n in names if n not in VARIANTS]:
         p.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    try:
+        args.accuracy_seeds = [int(x) for x in args.accuracy_seeds.split(",") if x.strip()]
+    except ValueError:
+        p.error("--accuracy-seeds takes comma-separated integers, e.g. 0,1,2,3")
+    if args.steps < 1 or args.accuracy_steps < 0 or not args.accuracy_seeds:
+        p.error("--steps must be at least 1, --accuracy-steps at least 0, and --accuracy-seeds name a seed")
     args.out.mkdir(parents=True, exist_ok=True)
     public = Public.load()
     rows = []
-    for name in names:
-        print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
-        rows.append(run_variant(name, VARIANTS[name], args, public))
+    # Request and reply messages of one step: about 2 x 190 MB on SmolLM2 at batch 8 x 128.
+    limit = str(800 * args.steps * len(names))
+    with launch.start(["--model", "smollm2-135m", "--record-dir", str(args.out / "wire"), "--record-limit-mb", limit,
+                       "--threads", str(args.threads)], args.out / "record.server.log") as server:
+        for name in names:
+            print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
+            rows.append(run_variant(name, VARIANTS[name], args, public, server))
     accs = accuracy(names, args) if args.accuracy_steps else {}
     for r in rows:
         r["accuracy"] = accs.get(r["variant"])
-    print(f"\nSmolLM2-135M, BBC News, {args.steps} recorded training steps per variant, batch 8 x up to 128 tokens, "
-          f"seed {args.seed}; the cloud's attacks on its own recording (chance for labels: "
-          f"{rows[0]['chance']:.0%})")
-    print("| variant | objective | tokens by NN (L2 / cosine) | label in the input | true label from the gradient "
-          "(known label set / full vocabulary) | guarantee: at most | loss positions found | MB/step | "
-          f"held-out accuracy after {args.accuracy_steps} steps |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        x = r["rates"]
-        bound = "—" if r["label_bound"] is None else f"{r['label_bound']:.1%}"
-        print(f"| {r['variant']} | {r['objective']} | {x['tokens_nn_l2']:.1%} / {x['tokens_nn_cosine']:.1%} | "
-              f"{x['label_in_input']:.1%} | {x['label_grad_known_set']:.1%} / {x['label_grad_full_vocab']:.1%} | "
-              f"{bound} | {x['loss_positions_found']:.1%} | {r['mb_per_step']:.1f} | "
-              f"{'—' if r['accuracy'] is None else format(r['accuracy']['accuracy'], '.1%')} |")
+    text = table(rows, args)
+    print("\n" + text)
+    (args.out / "table.md").write_text(text)
     (args.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                                        "rows": rows}, indent=2))
-    print(f"\nwritten to {args.out}/results.json")
+    figure = plot(rows, args.out / "leakage.png")
+    print(f"written to {args.out}/results.json, table.md" + (f" and {figure.name}" if figure else ""))
     return 0
 
 
