@@ -258,6 +258,16 @@ def _flags(settings: dict) -> list[str]:
     return [x for k, v in settings.items() for x in (f"--{k.replace('_', '-')}", str(v))]
 
 
+def _finished(run_dir: Path, settings: dict, steps: int) -> dict | None:
+    """The summary of an earlier accuracy run with these settings and steps, if it finished."""
+    try:
+        doc = json.loads((run_dir / "run.json").read_text())
+    except (OSError, ValueError):
+        return None
+    same = all(str(doc["config"].get(k)) == str(v) for k, v in settings.items())
+    return doc["summary"] if same and doc["summary"]["steps"] == steps else None
+
+
 def accuracy(names: list[str], args) -> dict[str, dict]:
     """Per variant, `--accuracy-steps` of `edge_client train` for each accuracy seed (no recording):
     held-out accuracy (mean over seeds), edge GFLOP/step and edge memory."""
@@ -267,6 +277,11 @@ def accuracy(names: list[str], args) -> dict[str, dict]:
             runs = []
             for seed in args.accuracy_seeds:
                 run_dir = args.out / f"{name}.accuracy.seed{seed}"
+                done = _finished(run_dir, VARIANTS[name], args.accuracy_steps) if args.resume else None
+                if done is not None:
+                    print(f"    {name}, seed {seed}: reusing {run_dir}/run.json", flush=True)
+                    runs.append(done)
+                    continue
                 cmd = [sys.executable, "-m", "edge_client", "train", "--server", server.address, "--steps",
                        str(args.accuracy_steps), "--seed", str(seed), "--eval-limit", str(args.eval_limit),
                        "--no-eval-before", "--no-progress", "--out", str(run_dir), *_flags(VARIANTS[name])]
@@ -370,6 +385,9 @@ def main() -> int:
     p.add_argument("--inverter-seconds", type=float, default=60.0,
                    help="CPU seconds the MLP inverter trains per depth (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the recorded runs and the inverters (default: %(default)s)")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse what an interrupted run in --out already measured: recorded variants (rows/) and "
+                        "finished accuracy runs with the same settings")
     p.add_argument("--threads", type=int, default=1, help="cloud_server torch threads (default: %(default)s)")
     p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "dlora",
                    help="model, data and edge-asset cache (default: %(default)s)")
@@ -393,8 +411,17 @@ def main() -> int:
     with launch.start(["--model", "smollm2-135m", "--record-dir", str(args.out / "wire"), "--record-limit-mb", limit,
                        "--threads", str(args.threads)], args.out / "record.server.log") as server:
         for name in names:
+            saved = args.out / "rows" / f"{name}.json"
+            if args.resume and saved.exists():
+                row = json.loads(saved.read_text())
+                if row["settings"] == VARIANTS[name] and row["steps"] == args.steps:
+                    print(f"[{time.strftime('%H:%M:%S')}] {name}: reusing {saved}", flush=True)
+                    rows.append(row)
+                    continue
             print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
             rows.append(run_variant(name, VARIANTS[name], args, public, server))
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            saved.write_text(json.dumps(rows[-1], indent=2))  # an interrupted run keeps what it measured
     accs = accuracy(names, args) if args.accuracy_steps else {}
     for r in rows:
         r["accuracy"] = accs.get(r["variant"])

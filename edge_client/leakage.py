@@ -45,7 +45,7 @@ def notice(mode: str, edge_layers: int, cut_layer: int, label_epsilon: float | N
     hardening = []
     if token_epsilon is None:
         loss = ACCURACY_LOSS_BY_TOKEN_EPSILON.get(SUGGESTED_TOKEN_EPSILON)
-        cost = f", {loss:.0f} accuracy points" if loss is not None else ""
+        cost = f" for {loss:.0f} points of held-out accuracy" if loss is not None else ""
         hardened = TOKENS.get((0, SUGGESTED_TOKEN_EPSILON))
         if hardened is not None:
             hardening.append(f"--token-epsilon {SUGGESTED_TOKEN_EPSILON:g} cuts the tokens to {hardened:.0%}{cost}")
