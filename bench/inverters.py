@@ -98,6 +98,9 @@ def activations(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, dep
                 batch_size: int = 16) -> Tensor:
     """The hidden state entering block `depth` ([B, T, H], fp32): HF hidden_states[depth], un-normed.
 
+    depth == num_layers gives the last block's output before the final norm
+    (HF's hidden_states[-1] is after it).
+
     A pre-hook on block `depth` captures its input and stops the forward pass
     there: the full model with output_hidden_states would run every block and
     the LM head (minutes per batch for SmolLM2 on a CPU) for one early tensor.

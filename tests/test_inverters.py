@@ -10,6 +10,15 @@ VOCAB, HIDDEN, SEQ = 256, 64, 32
 CHANCE = 1 / VOCAB
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One thread: on a shared 2-core machine, two spinning OpenMP threads made this file 20x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     """A 2-block random Llama; initializer_range 0.07 makes block 0 mix enough that the
