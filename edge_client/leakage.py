@@ -15,9 +15,17 @@ SOURCE = "`make bench-privacy`, SmolLM2-135M + BBC News"
 # read back, by (depth, token epsilon): depth is the block whose input the cloud receives
 # first (0: the embedding; DLoRA's --edge-layers or SplitLoRA's --cut-layer), and the
 # token epsilon is --token-epsilon (None: off).
-TOKENS: dict[tuple[int, float | None], float] = {}
+TOKENS: dict[tuple[int, float | None], float] = {
+    (0, None): 1.000,  # default
+    (1, None): 0.970,  # edge-layers-1
+    (2, None): 0.950,  # edge-layers-2
+    (4, None): 0.946,  # edge-layers-4
+    (0, 25.0): 0.160,  # token-dp-eps25
+    (0, 50.0): 0.798,  # token-dp-eps50
+    (2, 25.0): 0.151,  # combined
+}
 # Held-out accuracy points lost against the default, by --token-epsilon alone.
-ACCURACY_LOSS_BY_TOKEN_EPSILON: dict[float, float] = {}
+ACCURACY_LOSS_BY_TOKEN_EPSILON: dict[float, float] = {25: 71.0, 50: 7.0}
 # Share of the labels the gradient attack named, without label privacy.
 LABELS = 1.0
 SUGGESTED_TOKEN_EPSILON = 25.0

@@ -163,3 +163,18 @@ def test_the_cloud_reconstructs_the_adapters_from_one_step(model_dirs, tmp_path)
             ad = edge.adapters[module.name]
             true = ad.scale * ad.lora_B.detach() @ ad.lora_A.detach()
             assert float((delta - true).norm() / true.norm()) < 1e-3, module.name
+
+
+def test_the_start_of_run_notice_quotes_the_measured_figures():
+    """What `edge_client train` prints first: the bench's figure for these settings, or that it is unmeasured."""
+    from edge_client import leakage
+
+    default = leakage.notice("dlora", 0, 4, None, None, 5)
+    assert f"{leakage.TOKENS[(0, None)]:.0%} of your training tokens from the embedding" in default
+    assert "100% of your labels from the gradient" in default and "--label-epsilon" in default
+    assert f"--token-epsilon {leakage.SUGGESTED_TOKEN_EPSILON:g} cuts the tokens" in default
+    split = leakage.notice("splitlora", 0, 2, 2.0, None, 5)
+    assert "the output of block 1" in split and "at most 65% of your labels" in split
+    assert "an unmeasured share" in leakage.notice("dlora", 3, 4, None, None, 5)  # 3 edge layers: not benched
+    hardened = leakage.notice("dlora", 0, 4, 1.0, leakage.SUGGESTED_TOKEN_EPSILON, 5)
+    assert "bounds the labels" not in hardened and "cuts the tokens" not in hardened
