@@ -51,6 +51,9 @@ class _NoPositions(nn.Module):
 _POSITION_TABLES = ("wpe", "embed_positions")
 
 
+ALL_LINEAR = "all-linear"
+
+
 class ServedModel:
     """Loads a causal LM, keeps its blocks on the cloud and hands the rest to edges."""
 
@@ -128,6 +131,8 @@ class ServedModel:
             raise ValueError(f"unknown target modules {unknown}; this model has {sorted(self.linear_names)}")
 
     def sites(self, targets: list[str]) -> list[SiteSpec]:
+        if ALL_LINEAR in targets:  # PEFT's spelling for every linear of the blocks
+            targets = sorted(self.linear_names)
         self.check_targets(targets)
         return select_sites(self.shapes, self.groups, targets)
 

@@ -28,7 +28,7 @@ from cloud_server.served_model import ServedModel
 from cloud_server.session import (Session, SessionBusy, SessionManager, SessionNotFound,
                                   StepOutOfOrder, TooManySessions)
 from cloud_server.batching import BatchingConfig, StepBatcher, StepJob, final_message
-from cloud_server.step_runner import EdgeLink, StepAborted, StepRunner
+from cloud_server.step_runner import EdgeLink, StepAbandoned, StepAborted, StepRunner
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +115,7 @@ def _status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         (WireError, grpc.StatusCode.INVALID_ARGUMENT),
         (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
         (StepAborted, grpc.StatusCode.CANCELLED),
+        (StepAbandoned, grpc.StatusCode.CANCELLED),
     ]
     # Clipped: messages may quote the client's input, and trailers over 16 KiB
     # reach the client as RESOURCE_EXHAUSTED instead of this status.
@@ -530,6 +531,9 @@ class DLoRAService(pb_grpc.DLoRAServicer):
             if isinstance(item, Undecodable):
                 # Raised where the step waits for the message, so its usual clean-up runs.
                 raise WireError(str(item))
+            if item.WhichOneof("kind") == "abandon":
+                # Raised where the step waits, like a failure: the step's tensors go, the session stays.
+                raise StepAbandoned(clip(f"the edge abandoned the step: {item.abandon.reason or 'no reason given'}"))
             return item
 
         def credit(seconds: float) -> None:
@@ -547,6 +551,9 @@ class DLoRAService(pb_grpc.DLoRAServicer):
                 code, detail = _status(exc)
                 if code == grpc.StatusCode.INTERNAL:
                     log.exception("step failed")
+                elif isinstance(exc, StepAbandoned):
+                    session = holder.get("session")
+                    log.info("session %s: %s; its step is freed", session.id[:8] if session else "?", detail)
                 else:
                     log.warning("step refused (%s): %s", code.name, detail)
                 if isinstance(exc, StepAborted) and "session" in holder:

@@ -38,6 +38,10 @@ class StepAborted(Exception):
     """The edge closed the stream or broke the protocol; the message says how."""
 
 
+class StepAbandoned(Exception):
+    """The edge said it gives up on this step (StepAbandon); its session stays open."""
+
+
 class SiteTap(nn.Module):
     """A frozen target linear that adds a remote adapter's output during a step."""
 

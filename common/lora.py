@@ -89,13 +89,14 @@ class LoRAAdapter(nn.Module):
 class LoRALinear(nn.Module):
     """A frozen linear plus an adapter, for the in-process reference model."""
 
-    def __init__(self, base: nn.Module, adapter: LoRAAdapter) -> None:
+    def __init__(self, base: nn.Module, adapter: LoRAAdapter, dropout: float = 0.0) -> None:
         super().__init__()
         self.base = base
         self.adapter = adapter
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()  # PEFT's lora_dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + self.adapter(x)
+        return self.base(x) + self.adapter(self.dropout(x))
 
 
 def make_adapters(
@@ -117,12 +118,27 @@ def make_adapters(
             torch.random.set_rng_state(gen_state)
 
 
-def inject(model: nn.Module, adapters: dict[str, LoRAAdapter]) -> None:
+def seeded_adapters(shapes: dict[str, tuple[int, int]], rank: int, scale: float, seed: int) -> dict[str, LoRAAdapter]:
+    """Fresh adapters for {name: (in, out)}, A drawn as PEFT draws it (uniform in +-1/sqrt(in),
+    which is Kaiming-uniform with a = sqrt(5)) from a generator of its own, B = 0: the same
+    seed gives the same adapters whatever torch's global RNG has done."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, (fin, fout) in shapes.items():
+        ad = LoRAAdapter(fin, fout, rank, scale)
+        with torch.no_grad():
+            bound = 1.0 / fin ** 0.5
+            ad.lora_A.copy_(torch.rand(ad.lora_A.shape, generator=gen) * 2 * bound - bound)
+        out[name] = ad
+    return out
+
+
+def inject(model: nn.Module, adapters: dict[str, LoRAAdapter], dropout: float = 0.0) -> None:
     """Replace each named linear of `model` by base + adapter, in place."""
     for name, adapter in adapters.items():
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, leaf, LoRALinear(getattr(parent, leaf), adapter))
+        setattr(parent, leaf, LoRALinear(getattr(parent, leaf), adapter, dropout))
 
 
 def peft_key(name: str, which: str) -> str:

@@ -146,3 +146,60 @@ class Selector:
 def _top(scores: dict[str, float], k: int, order: dict[str, int]) -> list[str]:
     """The k highest scores; ties go to the unit earlier in the model."""
     return sorted(scores, key=lambda n: (-scores[n], order[n]))[:k]
+
+
+class KillRevive:
+    """Kill and Revive attached to a DLoRAModelForCausalLM: call `step()` after each optimizer step
+    (or hand `callback()` to a Hugging Face Trainer). At each selection it parks the killed
+    modules on the cloud and brings the revived ones back; a parked module gets no gradient,
+    so the optimizer leaves it alone."""
+
+    def __init__(self, model, config: KRConfig | None = None) -> None:
+        self.model = model
+        self.config = config or KRConfig(policy="kr")
+        managed = model.remote_adapters
+        units = None
+        if self.config.unit == "site":
+            units = {f"site{s.index}": [m.name for m in s.modules] for s in model.session.sites
+                     if s.modules[0].name in managed}
+        self.selector = Selector(list(managed), self.config, units)
+        self.selector.start(managed)
+        self.steps = 0
+        self.changes: list[Change] = []
+
+    @property
+    def live(self) -> set[str]:
+        return self.selector.live
+
+    def step(self) -> Change | None:
+        """One optimizer step done: at a selection point, kill and revive; returns the change, if any."""
+        self.steps += 1
+        change = self.selector.after_step(self.steps, self.model.remote_adapters)
+        if change is not None:
+            self.model.park({n: self.model.remote_adapters[n] for n in change.kill}, change.revive)
+            self.changes.append(change)
+        return change
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps, "selector": self.selector.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume: the selector's state, and the killed modules parked again on the cloud."""
+        self.steps = state["steps"]
+        self.selector.load_state_dict(state["selector"])
+        remote = self.model.remote_adapters
+        killed = {n: remote[n] for n in remote if n not in self.selector.live and n not in self.model.session.parked}
+        if killed:
+            self.model.park(killed, [])
+
+    def callback(self):
+        """A transformers.TrainerCallback that calls `step()` at the end of every optimizer step."""
+        from transformers import TrainerCallback
+
+        kr = self
+
+        class KillReviveCallback(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                kr.step()
+
+        return KillReviveCallback()

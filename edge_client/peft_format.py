@@ -28,7 +28,7 @@ class AdapterFormatError(ValueError):
 
 
 def save(out: Path, adapters: dict[str, LoRAAdapter], rank: int, alpha: float, base_model: str = "",
-         model_type: str = "") -> Path:
+         model_type: str = "", use_rslora: bool = False) -> Path:
     """Write adapter_model.safetensors (then rename: never torn) and adapter_config.json."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / ADAPTER_FILE
@@ -36,7 +36,7 @@ def save(out: Path, adapters: dict[str, LoRAAdapter], rank: int, alpha: float, b
     save_file(adapters_state(adapters), tmp, metadata={"format": "pt"})
     tmp.replace(path)
     cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0,
-           "bias": "none", "fan_in_fan_out": model_type in _CONV1D_MODELS,
+           "bias": "none", "fan_in_fan_out": model_type in _CONV1D_MODELS, "use_rslora": use_rslora,
            "target_modules": sorted({n.rsplit(".", 1)[-1] for n in adapters}),
            "base_model_name_or_path": base_model, "inference_mode": True}
     (out / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")

@@ -1,18 +1,15 @@
-"""The edge's side of a DLoRA session: open it, fetch assets, run remote steps.
+"""The edge's side of a DLoRA session: open it, fetch assets, park adapters, run remote steps with retries.
 
-A step is one bidirectional gRPC stream. The edge sends the embedded batch,
-then answers the cloud: adapter outputs for each site input, the gradient of
-the final hidden state, and dL/dx for each site's output gradients.
+A step is one bidirectional gRPC stream (step_stream.StepStream).
 """
 from __future__ import annotations
 
 import hashlib
 import logging
-import queue
 import random
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -20,9 +17,12 @@ import torch
 
 from common import tensor_codec as codec
 from common.lora import LoRAAdapter
-from common.tensor_codec import WireError
 from common.wire import dlora_pb2 as pb
 from common.wire import dlora_pb2_grpc as pb_grpc
+from edge_client.step_stream import CloudError, SiteInfo, SiteModule, StepStats, StepStream, rpc_error
+
+__all__ = ["CloudError", "CloudSession", "Credentials", "RetryPolicy", "SiteInfo", "SiteModule", "SplitOptions",
+           "StepStats"]
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +39,6 @@ def _serialised(raw: bytes) -> bytes:
 def _sized_reply(raw: bytes) -> tuple[int, pb.CloudMessage]:
     """A cloud message with its wire size; ByteSize() would serialise it all over again."""
     return len(raw), pb.CloudMessage.FromString(raw)
-
-
-class CloudError(RuntimeError):
-    """The cloud refused a call; the text carries its status and reason."""
-
-    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 # Failures worth another try: the server is down or restarting, lost our
@@ -102,42 +94,6 @@ class SplitOptions:
     alpha: float = 16.0
     lr: float = 2e-3
     seed: int = 0
-
-
-@dataclass(frozen=True)
-class SiteModule:
-    name: str
-    in_features: int
-    out_features: int
-
-
-@dataclass(frozen=True)
-class SiteInfo:
-    index: int
-    layer: int
-    modules: tuple[SiteModule, ...]
-
-
-@dataclass
-class StepStats:
-    """What one step cost the edge."""
-
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    messages: int = 0
-    sites: int = 0            # site exchanges in the forward pass
-    edge_flops: int = 0       # analytic, adapters only (fwd + bwd)
-    head_flops: int = 0       # final norm + LM head (filled in by the trainer)
-    block_flops: int = 0      # SplitLoRA: the frozen blocks the edge runs (filled in by the trainer)
-    cloud_seconds: float = 0.0
-    batch_sessions: int = 1   # sessions whose steps the cloud ran as one batch with this one
-
-
-def _rpc_error(exc: grpc.RpcError) -> CloudError:
-    code = exc.code() if hasattr(exc, "code") else None
-    detail = exc.details() if hasattr(exc, "details") else str(exc)
-    name = code.name if code is not None else "UNKNOWN"
-    return CloudError(f"cloud refused the call ({name}): {detail}", code)
 
 
 class CloudSession:
@@ -198,7 +154,7 @@ class CloudSession:
                                                   seed=sp.seed))
             reply = pb_grpc.DLoRAStub(boot).OpenSession(req, timeout=self.timeout, metadata=self.credentials.metadata())
         except grpc.RpcError as exc:
-            raise _rpc_error(exc) from None
+            raise rpc_error(exc) from None
         finally:
             boot.close()
         if reply.edge_layers != self.edge_layers:
@@ -249,7 +205,7 @@ class CloudSession:
             log.warning("parked %d killed adapters again on session %s", len(self.parked_adapters),
                         self.session_id[:8])
 
-    def _with_retries(self, what: str, attempt_fn, params: list[torch.Tensor] = ()):
+    def with_retries(self, what: str, attempt_fn, params: list[torch.Tensor] = ()):
         """Run attempt_fn, retrying retryable failures with exponential backoff.
 
         Gradients in `params` are restored before each retry, so a step that
@@ -324,7 +280,7 @@ class CloudSession:
                     raise CloudError(f"asset {chunk.path}: chunk at offset {chunk.offset}, expected {len(buf)}")
                 buf.extend(chunk.data)
         except grpc.RpcError as exc:
-            raise _rpc_error(exc) from None
+            raise rpc_error(exc) from None
         for name, (buf, sha, size) in files.items():
             if Path(name).name != name:
                 raise CloudError(f"asset name {name!r} is not a plain file name")
@@ -342,7 +298,7 @@ class CloudSession:
 
         Returns (bytes sent, bytes received).
         """
-        sizes = self._with_retries("parking adapters", lambda: self._park_rpc(kill, revive))
+        sizes = self.with_retries("parking adapters", lambda: self._park_rpc(kill, revive))
         for name in revive:
             self.parked_adapters.pop(name, None)
         self.parked_adapters.update(kill)
@@ -356,7 +312,7 @@ class CloudSession:
         try:
             reply = self.stub.ParkAdapters(req, timeout=self.timeout, metadata=self.credentials.metadata())
         except grpc.RpcError as exc:
-            raise _rpc_error(exc) from None
+            raise rpc_error(exc) from None
         return req.ByteSize(), reply.ByteSize()
 
     # -- steps ---------------------------------------------------------------
@@ -371,13 +327,13 @@ class CloudSession:
         has succeeded (so a retried attempt never adds it twice).
         """
         params = [p for a in adapters.values() for p in (a.lora_A, a.lora_B)]
-        return self._with_retries(f"step {step_id}", lambda: self._step(
+        return self.with_retries(f"step {step_id}", lambda: self._step(
             self.step_rpcs["TrainStep"], step_id, hidden, mask, adapters, loss_fn), params)
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor,
                 adapters: dict[str, LoRAAdapter]) -> tuple[torch.Tensor, StepStats]:
         """Forward only: the final hidden state [B, T, H] (before the final norm)."""
-        return self._with_retries("forward", lambda: self._step(self.step_rpcs["Forward"], 0, hidden, mask,
+        return self.with_retries("forward", lambda: self._step(self.step_rpcs["Forward"], 0, hidden, mask,
                                                                 adapters, None))
 
     def generate(self, hidden: torch.Tensor, mask: torch.Tensor, adapters: dict[str, LoRAAdapter],
@@ -391,7 +347,7 @@ class CloudSession:
         """
         self._ensure_parked()
 
-        def on_final(exchange: _EdgeExchange, msg: pb.FinalHidden) -> bool:
+        def on_final(exchange, msg: pb.FinalHidden) -> bool:
             lead = (hidden.shape[0], 1)
             h = codec.decode(msg.hidden, name="final hidden state", shape=lead + (hidden.shape[2],),
                              dtypes=[self.wire_dtype]).float()
@@ -414,7 +370,7 @@ class CloudSession:
         def attempt():
             got: dict[str, torch.Tensor] = {}
 
-            def on_final(exchange: _EdgeExchange, msg: pb.FinalHidden):
+            def on_final(exchange, msg: pb.FinalHidden):
                 exchange.on_cut_grad = lambda g: got.__setitem__("grad", codec.decode(
                     g.grad, name="cut-layer gradient", shape=tuple(cut.shape), dtypes=[self.wire_dtype]).float())
                 return exchange.final(msg, loss_fn, tuple(cut.shape))
@@ -424,7 +380,7 @@ class CloudSession:
                 raise CloudError("the cloud ended a SplitLoRA step without the cut-layer gradient")
             return loss, stats, got["grad"]
 
-        return self._with_retries(f"step {step_id}", attempt)
+        return self.with_retries(f"step {step_id}", attempt)
 
     def aggregate(self, round_: int, examples: int, adapters: dict[str, LoRAAdapter]) -> tuple[int, int, int]:
         """FedAvg: send this client's adapters, load the federation's average into them.
@@ -439,9 +395,9 @@ class CloudSession:
             try:
                 return self.stub.Aggregate(req, timeout=self.timeout, metadata=self.credentials.metadata())
             except grpc.RpcError as exc:
-                raise _rpc_error(exc) from None
+                raise rpc_error(exc) from None
 
-        reply = self._with_retries(f"aggregation round {round_}", attempt)
+        reply = self.with_retries(f"aggregation round {round_}", attempt)
         if {w.name for w in reply.adapters} != set(adapters):
             raise CloudError("the aggregation reply does not name this client's adapters")
         for w in reply.adapters:
@@ -457,7 +413,7 @@ class CloudSession:
             reply = self.stub.GetServerAdapters(pb.ServerAdaptersRequest(session_id=self.session_id),
                                                 timeout=self.timeout, metadata=self.credentials.metadata())
         except grpc.RpcError as exc:
-            raise _rpc_error(exc) from None
+            raise rpc_error(exc) from None
         out = {w.name: (codec.decode(w.lora_A, name=f"{w.name} lora_A"), codec.decode(w.lora_B, name=f"{w.name} lora_B"))
                for w in reply.adapters}
         return out, reply.scale, reply.updates
@@ -466,11 +422,9 @@ class CloudSession:
         train = loss_fn is not None
         got: dict[str, torch.Tensor] = {}
 
-        def on_final(exchange: _EdgeExchange, msg: pb.FinalHidden):
+        def on_final(exchange, msg: pb.FinalHidden):
             if train and self.edge_layers:
-                exchange.on_cut_grad = lambda g: got.__setitem__("grad", codec.decode(
-                    g.grad, name="gradient of the edge blocks' output", shape=tuple(hidden.shape),
-                    dtypes=[self.wire_dtype]).float())
+                exchange.on_cut_grad = lambda g: got.__setitem__("grad", self.decode_cut_grad(g, hidden.shape))
             return exchange.final(msg, loss_fn, tuple(hidden.shape))
 
         result, stats = self._stream(rpc, step_id, hidden.detach(), mask, adapters, train, on_final)
@@ -481,63 +435,25 @@ class CloudSession:
                 hidden.backward(got["grad"])
         return result, stats
 
+    def decode_cut_grad(self, msg: pb.CutGrad, shape) -> torch.Tensor:
+        return codec.decode(msg.grad, name="gradient of the edge blocks' output", shape=tuple(shape),
+                            dtypes=[self.wire_dtype]).float()
+
     def _stream(self, rpc, step_id, hidden, mask, adapters, train, on_final, timeout: float | None = -1.0):
-        """One bidirectional stream: send the start, answer the cloud until it ends."""
-        stats = StepStats()
-        outbox: queue.SimpleQueue = queue.SimpleQueue()
+        """One whole call: send the start, answer the cloud until it ends."""
+        stream = StepStream(self, rpc, step_id, hidden, mask, adapters, train,
+                            self.timeout if timeout == -1.0 else timeout)
+        return stream.run(on_final), stream.stats
 
-        def send(msg: pb.EdgeMessage) -> None:
-            raw = msg.SerializeToString()
-            if len(raw) > self.limits.max_message_bytes:
-                raise WireError(f"a {len(raw)}-byte message exceeds the server's limit of "
-                                f"{self.limits.max_message_bytes} bytes; use a smaller batch or sequence")
-            stats.bytes_sent += len(raw)
-            stats.messages += 1
-            outbox.put(raw)
-
-        def requests() -> Iterator[bytes]:
-            while (raw := outbox.get()) is not None:
-                yield raw
-
-        first = pb.EdgeMessage()
-        first.start.session_id, first.start.step_id = self.session_id, step_id
-        codec.encode_into(first.start.hidden, hidden, self.wire_dtype)
-        codec.encode_into(first.start.attention_mask, mask.bool())
-        send(first)
-        exchange = _EdgeExchange(self, adapters, send, stats, train, tuple(hidden.shape[:2]),
-                                 close_stream=lambda: outbox.put(None))
-        result = None
-        responses = rpc(requests(), timeout=self.timeout if timeout == -1.0 else timeout,
-                        metadata=self.credentials.metadata())
-        try:
-            for size, msg in responses:
-                stats.bytes_received += size
-                stats.messages += 1
-                kind = msg.WhichOneof("kind")
-                if kind == "site_input":
-                    exchange.forward(msg.site_input)
-                elif kind == "final_hidden":
-                    result = on_final(exchange, msg.final_hidden)
-                elif kind == "site_grad_outputs":
-                    exchange.backward(msg.site_grad_outputs)
-                elif kind == "cut_grad":
-                    exchange.on_cut_grad(msg.cut_grad)
-                elif kind == "end":
-                    stats.cloud_seconds = msg.end.cloud_seconds
-                    stats.batch_sessions = msg.end.batch_sessions or 1
-                    break
-                else:
-                    raise WireError(f"unexpected message {kind!r} from the cloud")
-        except grpc.RpcError as exc:
-            raise _rpc_error(exc) from None
-        except BaseException:
-            responses.cancel()
-            raise
-        finally:
-            outbox.put(None)
-        if result is None:
-            raise CloudError("the cloud ended the step without sending the final hidden state")
-        return result, stats
+    def open_step(self, step_id: int, hidden: torch.Tensor, mask: torch.Tensor, adapters: dict[str, LoRAAdapter],
+                  train: bool, dropout: float = 0.0, seed: int = 0) -> StepStream:
+        """A step whose stream stays open after the forward pass, for a backward that comes later
+        (`StepStream.finish`); gradients are collected in the stream, not added to `.grad`.
+        Not retried here: the caller replays a failed step (see remote_model)."""
+        self._ensure_parked()
+        rpc = self.step_rpcs["TrainStep" if train else "Forward"]
+        return StepStream(self, rpc, step_id, hidden, mask, adapters, train, self.timeout, accumulate=False,
+                          dropout=dropout, seed=seed)
 
     def close(self) -> None:
         if self.closed:
@@ -547,7 +463,7 @@ class CloudSession:
             self.stub.CloseSession(pb.CloseSessionRequest(session_id=self.session_id), timeout=30,
                                    metadata=self.credentials.metadata())
         except grpc.RpcError as exc:
-            log.warning("closing the session failed: %s", _rpc_error(exc))
+            log.warning("closing the session failed: %s", rpc_error(exc))
         finally:
             self.channel.close()
 
@@ -556,93 +472,3 @@ class CloudSession:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _unexpected_cut_grad(_msg) -> None:
-    raise WireError("the cloud sent a cut-layer gradient in a DLoRA step")
-
-
-@dataclass
-class _EdgeExchange:
-    """Per-step state: what the edge computed at each site, kept for backward."""
-
-    session: CloudSession
-    adapters: dict[str, LoRAAdapter]
-    send: Callable[[pb.EdgeMessage], None]
-    stats: StepStats
-    train: bool
-    lead: tuple[int, ...] = ()        # (batch, seq) of this step (of this pass, when generating)
-    close_stream: Callable[[], None] = lambda: None
-    on_cut_grad: Callable[[pb.CutGrad], None] = field(default=None)  # type: ignore[assignment]
-
-    def __post_init__(self) -> None:
-        if self.on_cut_grad is None:
-            self.on_cut_grad = _unexpected_cut_grad
-    saved: dict[int, tuple[torch.Tensor, list[torch.Tensor], list[LoRAAdapter]]] = field(default_factory=dict)
-
-    def _site(self, index: int) -> SiteInfo:
-        if not 0 <= index < len(self.session.sites):
-            raise WireError(f"the cloud named site {index}, which this session does not have")
-        return self.session.sites[index]
-
-    def forward(self, msg: pb.SiteInput) -> None:
-        site = self._site(msg.site)
-        live = list(msg.live)
-        if any(not 0 <= i < len(site.modules) for i in live):
-            raise WireError(f"site {msg.site}: live module index out of range: {live}")
-        parked = [site.modules[i].name for i in live if site.modules[i].name in self.session.parked]
-        if parked:
-            raise WireError(f"the cloud asked for parked modules {parked}; edge and cloud disagree on the live set")
-        x = codec.decode(msg.x, name=f"input of site {msg.site}", dtypes=[self.session.wire_dtype],
-                         shape=self.lead + (site.modules[0].in_features,))
-        x = x.float()
-        mods = [self.adapters[site.modules[i].name] for i in live]
-        tokens = x.numel() // x.shape[-1]
-        with torch.set_grad_enabled(self.train):
-            if self.train:
-                x.requires_grad_(True)
-            ys = [m(x) for m in mods]
-        if self.train:
-            self.saved[msg.site] = (x, ys, mods)
-        self.stats.sites += 1
-        self.stats.edge_flops += sum(m.flops(tokens) for m in mods)
-        # Built in place: a finished Tensor put into a message is copied again.
-        reply = pb.EdgeMessage()
-        reply.site_outputs.site = msg.site
-        for y in ys:
-            codec.encode_into(reply.site_outputs.outputs.add(), y, self.session.wire_dtype)
-        self.send(reply)
-
-    def final(self, msg: pb.FinalHidden, loss_fn, shape: tuple[int, ...]):
-        h = codec.decode(msg.hidden, name="final hidden state", shape=shape,
-                         dtypes=[self.session.wire_dtype]).float()
-        if not self.train:
-            return h
-        h.requires_grad_(True)
-        loss = loss_fn(h)
-        loss.backward()
-        reply = pb.EdgeMessage()
-        codec.encode_into(reply.final_grad.grad, h.grad, self.session.wire_dtype)
-        self.send(reply)
-        return float(loss.detach())
-
-    def backward(self, msg: pb.SiteGradOutputs) -> None:
-        if msg.site not in self.saved:
-            raise WireError(f"gradients for site {msg.site}, which had no forward in this step")
-        x, ys, mods = self.saved.pop(msg.site)
-        if len(msg.grad_outputs) != len(ys):
-            raise WireError(f"site {msg.site}: {len(msg.grad_outputs)} gradients for {len(ys)} outputs")
-        grads = [codec.decode(g, name=f"output gradient at site {msg.site}", shape=tuple(y.shape),
-                              dtypes=[self.session.wire_dtype]).float() for g, y in zip(msg.grad_outputs, ys)]
-        params = [p for m in mods for p in (m.lora_A, m.lora_B)]
-        # Backward costs about twice the forward; dL/dx only where the cloud needs it.
-        tokens = x.numel() // x.shape[-1]
-        self.stats.edge_flops += 2 * sum(m.flops(tokens) for m in mods)
-        inputs = params + ([x] if msg.want_grad_input else [])
-        torch.autograd.backward(ys, grads, inputs=inputs)
-        reply = pb.EdgeMessage()
-        reply.site_grad_input.SetInParent()  # the kind is set even for site 0 without dL/dx
-        reply.site_grad_input.site = msg.site
-        if msg.want_grad_input:
-            codec.encode_into(reply.site_grad_input.grad_input, x.grad, self.session.wire_dtype)
-        self.send(reply)

@@ -64,8 +64,8 @@ class FrontModel(nn.Module):
         setattr(inner, norm_attr, nn.Identity())  # the cut-layer activation leaves un-normed
         return cls(model, head, cut)
 
-    def add_adapters(self, adapters: dict[str, LoRAAdapter]) -> None:
-        inject(self.model, adapters)
+    def add_adapters(self, adapters: dict[str, LoRAAdapter], dropout: float = 0.0) -> None:
+        inject(self.model, adapters, dropout)
 
     def forward(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Activations after block cut - 1: [B, T, H]."""

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from common.lora import LoRAAdapter, LoRAConfig, adapters_state, load_adapters_state
+from common.lora import LoRAAdapter, LoRAConfig, adapters_state, load_adapters_state, seeded_adapters
 from edge_client import data as datasets
 from edge_client import label_privacy, leakage, token_privacy
 from edge_client import peft_format
@@ -112,14 +112,8 @@ class EdgeTrainer:
         lora = LoRAConfig(rank=cfg.rank, alpha=cfg.alpha, targets=cfg.targets)
         # A federation's clients start from one client-side initialisation (FedAvg
         # averages one model's copies), from the federation's seed.
-        gen = torch.Generator().manual_seed(session.split.seed if session.split else cfg.seed)
-        self.adapters: dict[str, LoRAAdapter] = {}
-        for name, (fin, fout) in session.module_shapes().items():
-            ad = LoRAAdapter(fin, fout, lora.rank, lora.scale)
-            with torch.no_grad():  # seeded independently of torch's global RNG
-                bound = 1.0 / fin ** 0.5
-                ad.lora_A.copy_(torch.rand(ad.lora_A.shape, generator=gen) * 2 * bound - bound)
-            self.adapters[name] = ad
+        self.adapters: dict[str, LoRAAdapter] = seeded_adapters(
+            session.module_shapes(), lora.rank, lora.scale, session.split.seed if session.split else cfg.seed)
         layer = {m.name: s.layer for s in session.sites for m in s.modules}
         local = {n: a for n, a in self.adapters.items() if self.split or layer[n] < cfg.edge_layers}
         # Adapters the cloud's blocks need at their sites (DLoRA): the ones Kill and Revive manages.

@@ -1,0 +1,393 @@
+"""DLoRAModelForCausalLM: the cloud's frozen blocks as a torch module; `loss.backward()` drives the remote backward.
+
+    model = DLoRAModelForCausalLM.connect("cloud:50551", LoraConfig(r=8, lora_alpha=16))
+    out = model(input_ids, attention_mask, labels=labels)   # forward through the cloud's blocks
+    out.loss.backward()                                     # the cloud's backward, adapters' .grad filled
+    optimizer.step()                                        # any torch optimizer: the adapters are Parameters
+
+The device holds the tokenizer, the embedding, the final norm and LM head
+(and with `edge_layers` the first blocks); the adapters are the module's only
+parameters. A training forward opens a step stream and leaves it open at the
+final hidden state; the matching backward sends its gradient and finishes the
+step (`_RemoteBlocks`). A forward whose backward never comes (the loss
+raised, the graph was dropped, or a new forward began) is abandoned: the cloud
+frees the step and the session stays usable.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from common.lora import LoRAAdapter, LoRALinear, seeded_adapters
+from edge_client import peft_format, token_privacy
+from edge_client.edge_model import EdgeModel, load_tokenizer
+from edge_client.session import CloudError, CloudSession, Credentials, RetryPolicy, StepStats
+from edge_client.split_model import FrontModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RemoteConfig:
+    """Where the cloud is and what this device keeps to itself (see README: Privacy)."""
+
+    server: str = field(default="127.0.0.1:50551", metadata={"help": "cloud_server address, host:port"})
+    edge_layers: int = field(default=0, metadata={
+        "help": "run the first K frozen blocks and their adapters on this device; the cloud sees their output, "
+                "not the embedding (costs edge compute; see README: Privacy)"})
+    token_epsilon: float | None = field(default=None, metadata={
+        "help": "metric differential privacy on every token sent: each is released with this epsilon before it "
+                "is embedded (smaller: more private, less accurate; README: Privacy)"})
+    wire_dtype: str = field(default="fp32", metadata={"help": "activations on the wire: fp32, bf16 or fp16"})
+    client_name: str = field(default="edge", metadata={"help": "name the cloud logs for this device"})
+    cache: Path = field(default=Path.home() / ".cache" / "dlora", metadata={
+        "help": "where the edge assets (tokenizer, embedding, head) are kept"})
+    seed: int = field(default=0, metadata={"help": "seed of the adapters' initialisation, dropout and token noise"})
+    timeout: float = field(default=600.0, metadata={"help": "seconds one call may take"})
+
+    def __post_init__(self) -> None:
+        if self.edge_layers < 0:
+            raise ValueError(f"edge_layers must be 0 or more, got {self.edge_layers}")
+        if self.token_epsilon is not None:
+            token_privacy.check_epsilon(self.token_epsilon)
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """What DLoRA takes from a PEFT LoraConfig."""
+
+    r: int = 8
+    lora_alpha: float = 16.0
+    target_modules: tuple[str, ...] = ()   # leaf names; () the server's default; ("all-linear",) every linear
+    lora_dropout: float = 0.0
+    use_rslora: bool = False
+
+    @property
+    def scale(self) -> float:
+        return self.lora_alpha / (self.r ** 0.5 if self.use_rslora else self.r)
+
+
+# LoraConfig fields DLoRA follows; the rest must keep PEFT's default, or the config is refused.
+_FOLLOWED = {"r", "lora_alpha", "target_modules", "lora_dropout", "use_rslora"}
+# Bookkeeping with no effect on the adapters' math (fan_in_fan_out: DLoRA reads each layer's layout itself).
+_IGNORED = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+            "inference_mode", "fan_in_fan_out", "runtime_config", "megatron_core"}
+
+
+def lora_settings(config=None) -> LoraSettings:
+    """LoraSettings from a peft.LoraConfig (or a LoraSettings, or None: the defaults), refusing what DLoRA
+    cannot do with a message that names the fields."""
+    if config is None or isinstance(config, LoraSettings):
+        return config or LoraSettings()
+    from peft import LoraConfig
+
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"lora_config must be a peft.LoraConfig, got {type(config).__name__}")
+    default = LoraConfig()
+    odd = [f.name for f in dataclasses.fields(config)
+           if f.name not in _FOLLOWED | _IGNORED and getattr(config, f.name) != getattr(default, f.name)]
+    if odd:
+        raise ValueError(f"DLoRA does not support LoraConfig fields {odd[:6]}; it follows r, lora_alpha, "
+                         "target_modules, lora_dropout and use_rslora (leave the others at PEFT's defaults)")
+    if config.task_type not in (None, "CAUSAL_LM"):
+        raise ValueError(f"task_type {config.task_type!r}: DLoRA trains causal language models (CAUSAL_LM)")
+    targets = config.target_modules
+    if isinstance(targets, str) and targets != "all-linear":
+        raise ValueError(f"target_modules {targets!r}: give a list of module names (e.g. ['q_proj', 'v_proj']) "
+                         "or 'all-linear'; regular expressions are not supported")
+    names = ("all-linear",) if targets == "all-linear" else tuple(sorted({t.rsplit(".", 1)[-1] for t in targets or ()}))
+    return LoraSettings(int(config.r), float(config.lora_alpha), names, float(config.lora_dropout),
+                        bool(config.use_rslora))
+
+
+class _Parts:
+    """The frozen model parts this device holds, kept out of the module tree: they are the cloud's
+    public weights (re-sent with the assets), so state_dict() and checkpoints hold the adapters only."""
+
+    def __init__(self, edge: EdgeModel, front: FrontModel | None) -> None:
+        self.edge, self.front = edge, front
+
+
+class DLoRAModelForCausalLM(nn.Module):
+    """A causal LM whose frozen blocks run on a cloud_server; its parameters are the LoRA adapters."""
+
+    # What Hugging Face's Trainer reads: the loss is ForCausalLMLoss, and it takes num_items_in_batch.
+    loss_type = "ForCausalLM"
+    accepts_loss_kwargs = True
+    main_input_name = "input_ids"
+
+    def __init__(self, session: CloudSession, assets: Path, lora: LoraSettings, remote: RemoteConfig) -> None:
+        super().__init__()
+        from transformers import AutoConfig
+
+        self.session = session
+        self.remote_config = remote
+        self.lora_settings = lora
+        self.config = AutoConfig.from_pretrained(assets)
+        self.tokenizer = load_tokenizer(assets)
+        front = FrontModel.from_assets(assets, remote.edge_layers) if remote.edge_layers else None
+        self._parts = _Parts(front.head if front is not None else EdgeModel.from_assets(assets), front)
+        adapters = seeded_adapters(session.module_shapes(), lora.r, lora.scale, remote.seed)
+        layer = {m.name: s.layer for s in session.sites for m in s.modules}
+        # Adapters of the cloud's blocks answer its site exchanges; those of this device's blocks live in them.
+        self.remote_adapters = {n: a for n, a in adapters.items() if layer[n] >= remote.edge_layers}
+        if front is not None:
+            front.add_adapters({n: a for n, a in adapters.items() if n not in self.remote_adapters}, lora.lora_dropout)
+        self.adapters = adapters
+        self.lora = nn.ModuleDict({n.replace(".", "__"): a for n, a in adapters.items()})
+        self.steps = 0                    # training forwards so far: each one's step id
+        self._forwards = 0                # no-grad forwards so far (their token noise is drawn apart)
+        self._pending = None              # the last training step's stream, until its backward ends it
+        self.last_stats: StepStats | None = None
+
+    # -- construction --------------------------------------------------------
+    @classmethod
+    def connect(cls, server: str, lora_config=None, *, credentials: Credentials | None = None,
+                retry: RetryPolicy | None = None, **settings) -> "DLoRAModelForCausalLM":
+        """Open a session on `server` with fresh adapters for `lora_config` (a peft.LoraConfig).
+
+        `settings` are RemoteConfig's fields: edge_layers, token_epsilon, wire_dtype, client_name, cache,
+        seed, timeout."""
+        remote = RemoteConfig(server=server, **settings)
+        lora = lora_settings(lora_config)
+        session = CloudSession(server, wire_dtype=remote.wire_dtype, targets=list(lora.target_modules) or None,
+                               client_name=remote.client_name, timeout=remote.timeout, credentials=credentials,
+                               retry=retry, edge_layers=remote.edge_layers)
+        try:
+            return cls(session, session.fetch_assets(remote.cache / "edge-assets"), lora, remote)
+        except BaseException:
+            session.close()
+            raise
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, server: str, **kwargs) -> "DLoRAModelForCausalLM":
+        """Connect with the LoRA settings of a PEFT adapter directory and load its adapters."""
+        from peft import LoraConfig
+
+        adapters, cfg = peft_format.load(Path(path))
+        lora = LoraConfig(r=int(cfg["r"]), lora_alpha=cfg["lora_alpha"], use_rslora=bool(cfg.get("use_rslora")),
+                          target_modules=sorted({n.rsplit(".", 1)[-1] for n in adapters}))
+        model = cls.connect(server, lora, **kwargs)
+        model.load_adapters(adapters, str(path))
+        return model
+
+    def load_adapters(self, adapters: dict[str, LoRAAdapter], source: str = "the adapters") -> None:
+        if set(adapters) != set(self.adapters):
+            extra, missing = sorted(set(adapters) - set(self.adapters)), sorted(set(self.adapters) - set(adapters))
+            raise ValueError(f"{source} do not fit this session's modules: unexpected {extra[:3]}, missing "
+                             f"{missing[:3]} (were they trained on another model or target_modules?)")
+        with torch.no_grad():
+            for name, ad in adapters.items():
+                self.adapters[name].lora_A.copy_(ad.lora_A)
+                self.adapters[name].lora_B.copy_(ad.lora_B)
+        parked = {n: self.adapters[n] for n in self.session.parked}
+        if parked:  # the cloud applies parked copies: give it the loaded ones
+            self.park(parked, [])
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """The adapters in PEFT's layout (PeftModel.from_pretrained loads them on the base model)."""
+        s = self.lora_settings
+        return peft_format.save(Path(path), self.adapters, s.r, s.lora_alpha, self.session.model.name,
+                                self.session.model.model_type, use_rslora=s.use_rslora)
+
+    # -- the parts -----------------------------------------------------------
+    @property
+    def edge(self) -> EdgeModel:
+        """Embedding, final norm and LM head."""
+        return self._parts.edge
+
+    @property
+    def front(self) -> FrontModel | None:
+        """With edge_layers: the first blocks, run here."""
+        return self._parts.front
+
+    def train(self, mode: bool = True) -> "DLoRAModelForCausalLM":
+        """Train mode turns LoRA dropout on; the frozen parts stay in eval mode, as the cloud's blocks do."""
+        super().train(mode)
+        if self.front is not None:
+            for m in self.front.model.modules():
+                if isinstance(m, LoRALinear):
+                    m.dropout.train(mode)
+        return self
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.edge.embedding
+
+    def live_adapters(self) -> dict[str, LoRAAdapter]:
+        """The cloud-side adapters this device computes now (Kill and Revive parks the others on the cloud)."""
+        return {n: a for n, a in self.remote_adapters.items() if n not in self.session.parked_adapters}
+
+    # -- forward -------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, num_items_in_batch=None, **kwargs):
+        """Logits [B, T, V] for `input_ids`, and with `labels` the causal-LM loss (labels shifted inside,
+        -100 ignored), as a Hugging Face CausalLMOutputWithPast."""
+        from transformers.loss.loss_utils import ForCausalLMLoss
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        unsupported = sorted(k for k, v in kwargs.items() if v is not None and v is not False
+                             and k not in ("return_dict", "use_cache"))
+        if unsupported:
+            raise TypeError(f"DLoRAModelForCausalLM.forward does not take {unsupported}; it takes input_ids, "
+                            "attention_mask and labels")
+        mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        hidden = self.final_hidden(input_ids, mask)
+        logits = self.edge.logits(hidden)
+        loss = None
+        if labels is not None:
+            loss = ForCausalLMLoss(logits, labels, logits.shape[-1], num_items_in_batch=num_items_in_batch)
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    def final_hidden(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The last block's output [B, T, H] (before the final norm): through the cloud, differentiable
+        with respect to the adapters when grad is enabled."""
+        self.settle()
+        live = self.live_adapters()
+        params = [p for a in live.values() for p in (a.lora_A, a.lora_B)]
+        train = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        if train:
+            self.steps += 1
+            step = self.steps
+        else:
+            self._forwards += 1
+            step = -self._forwards        # token noise of evaluation batches is drawn apart from training's
+        first = self.first_hidden(input_ids, mask, step)
+        if not train:
+            hidden, self.last_stats = self.session.forward(first.detach(), mask, live)
+            return hidden
+        handle = _StepHandle(self, step, first, mask, live, params)
+        return _RemoteBlocks.apply(handle, first, *params)
+
+    def first_hidden(self, input_ids: torch.Tensor, mask: torch.Tensor, step: int) -> torch.Tensor:
+        """What the cloud's first block receives: the embedding, or the output of this device's blocks;
+        with token_epsilon, of the released tokens (noise drawn for `step`, so a replay draws the same)."""
+        cfg = self.remote_config
+        if cfg.token_epsilon is not None:
+            input_ids = token_privacy.perturb(input_ids, mask, self.edge.embedding.weight, cfg.token_epsilon,
+                                              token_privacy.generator_for(cfg.seed, step))
+        return self.edge.embed(input_ids) if self.front is None else self.front(input_ids, mask)
+
+    def settle(self) -> None:
+        """End the last training step if its backward never came: the cloud frees it, the session stays."""
+        stream, self._pending = self._pending, None
+        if stream is None or stream.state in ("done", "failed"):
+            return
+        if stream.state != "abandoned":
+            log.warning("step %d: its backward never came before the next call; abandoning it (the cloud "
+                        "frees it). Call loss.backward() before the next forward.", stream.step_id)
+            stream.abandon("a new call began before its backward")
+        stream.drain()
+
+    # -- Kill and Revive and generation ----------------------------------------
+    def park(self, kill: dict[str, LoRAAdapter], revive: list[str]) -> tuple[int, int]:
+        """Freeze `kill` on the cloud (no traffic, no gradient) and bring `revive` back; (bytes sent, received)."""
+        self.settle()
+        return self.session.park(kill, revive)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                 seed: int = 0) -> torch.Tensor:
+        """Each row's tokens followed by its new ones ([B, T + n], right-padded with the pad token).
+        Greedy by default; do_sample draws with temperature and top_p."""
+        from edge_client.generation import GenerateConfig, generate
+
+        if self.remote_config.edge_layers:
+            raise CloudError("generation runs every block on the cloud; this model keeps edge_layers="
+                             f"{self.remote_config.edge_layers} on the device (connect without edge_layers to "
+                             "generate)")
+        self.settle()
+        cfg = GenerateConfig(max_new_tokens, temperature if do_sample else 0.0, top_p if do_sample else 1.0, seed)
+        mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        rows = []
+        for ids, keep in zip(input_ids, mask):
+            got = generate(self.session, self.edge, self.tokenizer, self.remote_adapters, ids[keep].tolist(), cfg)
+            rows.append(torch.cat([ids, torch.tensor(got.token_ids, dtype=ids.dtype)]))
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id
+        return torch.stack([torch.cat([r, r.new_full((width - len(r),), pad)]) for r in rows])
+
+    def close(self) -> None:
+        self.settle()
+        self.session.close()
+
+    def __enter__(self) -> "DLoRAModelForCausalLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _StepHandle:
+    """One training step between its forward and its backward. Only the autograd graph holds it:
+    when the graph is dropped without a backward, the step is abandoned."""
+
+    def __init__(self, model: DLoRAModelForCausalLM, step: int, first: torch.Tensor, mask: torch.Tensor,
+                 live: dict[str, LoRAAdapter], params: list[nn.Parameter]) -> None:
+        self.model, self.step, self.first, self.mask, self.live, self.params = model, step, first, mask, live, params
+        self.box: list = [None]           # the step's current stream (a replay replaces it)
+        weakref.finalize(self, _abandon, self.box)
+
+    @property
+    def stream(self):
+        return self.box[0]
+
+    def _open(self) -> torch.Tensor:
+        m = self.model
+        dropout = m.lora_settings.lora_dropout if m.training else 0.0   # as PEFT: only in train mode
+        self.box[0] = m.session.open_step(self.step, self.first, self.mask, self.live, train=True,
+                                          dropout=dropout, seed=m.remote_config.seed)
+        m._pending = self.stream
+        return self.stream.open()
+
+    def forward(self) -> torch.Tensor:
+        return self.model.session.with_retries(f"step {self.step}", self._open)
+
+    def backward(self, grad: torch.Tensor) -> tuple[list[torch.Tensor | None], torch.Tensor | None]:
+        """Finish the step with dL/d(final hidden): the adapters' gradients and dL/d(first hidden)."""
+        if self.stream.state == "abandoned":
+            raise RuntimeError(f"step {self.step} was abandoned because another call reached the cloud before "
+                               "its backward; call loss.backward() before the next forward")
+        got: dict[str, torch.Tensor] = {}
+
+        def attempt() -> None:
+            if self.stream.state != "paused":   # the stream failed: replay the forward (same inputs and noise)
+                self._open()
+            if self.model.remote_config.edge_layers:
+                self.stream.exchange.on_cut_grad = lambda g: got.__setitem__(
+                    "cut", self.model.session.decode_cut_grad(g, self.first.shape))
+            self.stream.finish(grad)
+
+        self.model.session.with_retries(f"step {self.step}", attempt)
+        self.model.last_stats = self.stream.stats
+        if self.model.remote_config.edge_layers and "cut" not in got:
+            raise CloudError("the cloud ended the step without the gradient of the edge blocks' output")
+        grads = self.stream.exchange.grads
+        return [grads.get(id(p)) for p in self.params], got.get("cut")
+
+
+def _abandon(box: list) -> None:
+    """The finaliser of a step's handle: a step whose graph went without a backward is given up."""
+    if box[0] is not None:
+        box[0].abandon("its autograd graph was dropped before backward")
+
+
+class _RemoteBlocks(torch.autograd.Function):
+    """The cloud's blocks as one autograd node: forward opens the step, backward finishes it."""
+
+    @staticmethod
+    def forward(ctx, handle: _StepHandle, first: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        ctx.handle = handle
+        return handle.forward()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        handle, ctx.handle = ctx.handle, None
+        param_grads, first_grad = handle.backward(grad)
+        return (None, first_grad, *param_grads)

@@ -1,0 +1,316 @@
+"""One step's bidirectional stream with the cloud, held open from forward to backward.
+
+The edge sends the step's start (the first hidden state and the mask), then
+answers the cloud: adapter outputs at each site in the forward pass, the
+gradient of the final hidden state, and dL/dx for each site's output gradients
+in the backward pass. The stream can stop after the final hidden state and
+resume when the caller's loss is backpropagated (`open`, then `finish`), or
+be abandoned, which frees the step on the cloud and keeps the session.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+
+from common import tensor_codec as codec
+from common.lora import LoRAAdapter
+from common.tensor_codec import WireError
+from common.wire import dlora_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+
+class CloudError(RuntimeError):
+    """The cloud refused a call; the text carries its status and reason."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def rpc_error(exc: grpc.RpcError) -> CloudError:
+    code = exc.code() if hasattr(exc, "code") else None
+    detail = exc.details() if hasattr(exc, "details") else str(exc)
+    name = code.name if code is not None else "UNKNOWN"
+    return CloudError(f"cloud refused the call ({name}): {detail}", code)
+
+
+@dataclass(frozen=True)
+class SiteModule:
+    name: str
+    in_features: int
+    out_features: int
+
+
+@dataclass(frozen=True)
+class SiteInfo:
+    index: int
+    layer: int
+    modules: tuple[SiteModule, ...]
+
+
+@dataclass
+class StepStats:
+    """What one step cost the edge."""
+
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    messages: int = 0
+    sites: int = 0            # site exchanges in the forward pass
+    edge_flops: int = 0       # analytic, adapters only (fwd + bwd)
+    head_flops: int = 0       # final norm + LM head (filled in by the trainer)
+    block_flops: int = 0      # SplitLoRA: the frozen blocks the edge runs (filled in by the trainer)
+    cloud_seconds: float = 0.0
+    batch_sessions: int = 1   # sessions whose steps the cloud ran as one batch with this one
+
+
+class StepStream:
+    """One TrainStep, Forward or Generate call: `run` it whole, or `open` it and `finish` it later.
+
+    `session` gives the stream its session id, sites, parked set, wire dtype and
+    message limit. With `accumulate` False, adapter gradients are not added to
+    `.grad` but collected in `grads` (by parameter), for an autograd Function to
+    hand back. `dropout` drops site inputs before the adapters (PEFT's
+    lora_dropout), with masks drawn from `seed` so a replayed step draws the same.
+    """
+
+    def __init__(self, session, rpc, step_id: int, hidden: torch.Tensor, mask: torch.Tensor,
+                 adapters: dict[str, LoRAAdapter], train: bool, timeout: float | None, *,
+                 accumulate: bool = True, dropout: float = 0.0, seed: int = 0) -> None:
+        self.session = session
+        self.step_id = step_id
+        self.stats = StepStats()
+        self.shape = tuple(hidden.shape)
+        self.lead = self.shape[:2]
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.exchange = _EdgeExchange(session, adapters, self.send, self.stats, train, self.lead,
+                                      close_stream=self.close_requests, accumulate=accumulate, dropout=dropout,
+                                      seed=seed * 1_000_003 + step_id)
+        self.state = "open"               # open -> (paused) -> done | failed | abandoned
+        first = pb.EdgeMessage()
+        first.start.session_id, first.start.step_id = session.session_id, step_id
+        codec.encode_into(first.start.hidden, hidden.detach(), session.wire_dtype)
+        codec.encode_into(first.start.attention_mask, mask.bool())
+        self.send(first)
+        self._responses = rpc(self._requests(), timeout=timeout, metadata=session.credentials.metadata())
+
+    # -- the request side ----------------------------------------------------
+    def send(self, msg: pb.EdgeMessage) -> None:
+        raw = msg.SerializeToString()
+        limit = self.session.limits.max_message_bytes
+        if len(raw) > limit:
+            raise WireError(f"a {len(raw)}-byte message exceeds the server's limit of {limit} bytes; use a "
+                            "smaller batch or sequence")
+        self.stats.bytes_sent += len(raw)
+        self.stats.messages += 1
+        self._outbox.put(raw)
+
+    def close_requests(self) -> None:
+        self._outbox.put(None)
+
+    def _requests(self) -> Iterator[bytes]:
+        while (raw := self._outbox.get()) is not None:
+            yield raw
+
+    # -- the reply side ------------------------------------------------------
+    def run(self, on_final: Callable[["_EdgeExchange", pb.FinalHidden], object]):
+        """The whole call: `on_final` handles the final hidden state; its result is returned."""
+        result = self._pump(on_final)
+        if result is _NO_FINAL:
+            raise CloudError("the cloud ended the step without sending the final hidden state")
+        return result
+
+    def open(self) -> torch.Tensor:
+        """Run the forward pass: the final hidden state [B, T, H] (before the final norm), fp32.
+
+        A training stream then waits, open, for `finish` (or `abandon`)."""
+        msg = self._pump(None, stop_at_final=True)
+        if msg is _NO_FINAL:
+            raise CloudError("the cloud ended the step without sending the final hidden state")
+        return codec.decode(msg.hidden, name="final hidden state", shape=self.shape, dtypes=[self.session.wire_dtype]).float()
+
+    def finish(self, grad: torch.Tensor) -> None:
+        """Send dL/d(final hidden) and answer the cloud's backward until the step ends."""
+        if self.state != "paused":
+            raise RuntimeError(f"step {self.step_id} is {self.state}; only an opened training step can finish")
+        self.state = "open"
+        reply = pb.EdgeMessage()
+        codec.encode_into(reply.final_grad.grad, grad.detach(), self.session.wire_dtype)
+        self.send(reply)
+        self._pump(None)
+
+    def abandon(self, reason: str) -> None:
+        """Give the step up: the cloud frees it and keeps the session. Safe from any thread."""
+        if self.state not in ("open", "paused"):
+            return
+        self.state = "abandoned"
+        msg = pb.EdgeMessage()
+        msg.abandon.reason = reason[:200]
+        self._outbox.put(msg.SerializeToString())
+        self.close_requests()
+
+    def drain(self) -> None:
+        """After `abandon`: read the call to its end, so the cloud has freed the step when this returns."""
+        try:
+            for _ in self._responses:
+                pass
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.CANCELLED:
+                log.warning("abandoning step %d: %s", self.step_id, rpc_error(exc))
+
+    def _pump(self, on_final, stop_at_final: bool = False):
+        result = _NO_FINAL
+        try:
+            for size, msg in self._responses:
+                self.stats.bytes_received += size
+                self.stats.messages += 1
+                kind = msg.WhichOneof("kind")
+                if kind == "site_input":
+                    self.exchange.forward(msg.site_input)
+                elif kind == "final_hidden":
+                    if stop_at_final:
+                        self.state = "paused" if self.exchange.train else "open"
+                        return msg.final_hidden
+                    result = on_final(self.exchange, msg.final_hidden)
+                elif kind == "site_grad_outputs":
+                    self.exchange.backward(msg.site_grad_outputs)
+                elif kind == "cut_grad":
+                    self.exchange.on_cut_grad(msg.cut_grad)
+                elif kind == "end":
+                    self.stats.cloud_seconds = msg.end.cloud_seconds
+                    self.stats.batch_sessions = msg.end.batch_sessions or 1
+                    self.state = "done"
+                    return result
+                else:
+                    raise WireError(f"unexpected message {kind!r} from the cloud")
+        except grpc.RpcError as exc:
+            self.state = "failed"
+            raise rpc_error(exc) from None
+        except BaseException:
+            self.state = "failed"
+            self._responses.cancel()
+            raise
+        finally:
+            if self.state != "paused":
+                self.close_requests()
+        self.state = "failed"
+        raise CloudError(f"the cloud ended step {self.step_id} before its end message")
+
+
+_NO_FINAL = object()
+
+
+def _unexpected_cut_grad(_msg) -> None:
+    raise WireError("the cloud sent a cut-layer gradient in a DLoRA step")
+
+
+@dataclass
+class _EdgeExchange:
+    """Per-step state: what the edge computed at each site, kept for backward."""
+
+    session: object
+    adapters: dict[str, LoRAAdapter]
+    send: Callable[[pb.EdgeMessage], None]
+    stats: StepStats
+    train: bool
+    lead: tuple[int, ...] = ()        # (batch, seq) of this step (of this pass, when generating)
+    close_stream: Callable[[], None] = lambda: None
+    on_cut_grad: Callable[[pb.CutGrad], None] = field(default=None)  # type: ignore[assignment]
+    accumulate: bool = True           # add adapter gradients to .grad; else collect them in `grads`
+    dropout: float = 0.0
+    seed: int = 0
+    grads: dict[int, torch.Tensor] = field(default_factory=dict)    # id(parameter) -> its gradient
+    saved: dict[int, tuple[torch.Tensor, list[torch.Tensor], list[LoRAAdapter]]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.on_cut_grad is None:
+            self.on_cut_grad = _unexpected_cut_grad
+
+    def _site(self, index: int):
+        if not 0 <= index < len(self.session.sites):
+            raise WireError(f"the cloud named site {index}, which this session does not have")
+        return self.session.sites[index]
+
+    def forward(self, msg: pb.SiteInput) -> None:
+        site = self._site(msg.site)
+        live = list(msg.live)
+        if any(not 0 <= i < len(site.modules) for i in live):
+            raise WireError(f"site {msg.site}: live module index out of range: {live}")
+        parked = [site.modules[i].name for i in live if site.modules[i].name in self.session.parked]
+        if parked:
+            raise WireError(f"the cloud asked for parked modules {parked}; edge and cloud disagree on the live set")
+        x = codec.decode(msg.x, name=f"input of site {msg.site}", dtypes=[self.session.wire_dtype],
+                         shape=self.lead + (site.modules[0].in_features,))
+        x = x.float()
+        mods = [self.adapters[site.modules[i].name] for i in live]
+        tokens = x.numel() // x.shape[-1]
+        with torch.set_grad_enabled(self.train):
+            if self.train:
+                x.requires_grad_(True)
+            ys = [m(self._drop(x, msg.site, k)) for k, m in enumerate(mods)]
+        if self.train:
+            self.saved[msg.site] = (x, ys, mods)
+        self.stats.sites += 1
+        self.stats.edge_flops += sum(m.flops(tokens) for m in mods)
+        # Built in place: a finished Tensor put into a message is copied again.
+        reply = pb.EdgeMessage()
+        reply.site_outputs.site = msg.site
+        for y in ys:
+            codec.encode_into(reply.site_outputs.outputs.add(), y, self.session.wire_dtype)
+        self.send(reply)
+
+    def _drop(self, x: torch.Tensor, site: int, k: int) -> torch.Tensor:
+        """LoRA dropout on one module's copy of the site input (training only); the mask is
+        a function of (seed, step, site, module), so a replayed step draws the same one."""
+        if not self.train or self.dropout == 0.0:
+            return x
+        keep = 1.0 - self.dropout
+        gen = torch.Generator().manual_seed((self.seed * 65_537 + site) * 257 + k)
+        mask = torch.empty(x.shape, dtype=x.dtype).bernoulli_(keep, generator=gen)
+        return x * mask / keep
+
+    def final(self, msg: pb.FinalHidden, loss_fn, shape: tuple[int, ...]):
+        h = codec.decode(msg.hidden, name="final hidden state", shape=shape,
+                         dtypes=[self.session.wire_dtype]).float()
+        if not self.train:
+            return h
+        h.requires_grad_(True)
+        loss = loss_fn(h)
+        loss.backward()
+        reply = pb.EdgeMessage()
+        codec.encode_into(reply.final_grad.grad, h.grad, self.session.wire_dtype)
+        self.send(reply)
+        return float(loss.detach())
+
+    def backward(self, msg: pb.SiteGradOutputs) -> None:
+        if msg.site not in self.saved:
+            raise WireError(f"gradients for site {msg.site}, which had no forward in this step")
+        x, ys, mods = self.saved.pop(msg.site)
+        if len(msg.grad_outputs) != len(ys):
+            raise WireError(f"site {msg.site}: {len(msg.grad_outputs)} gradients for {len(ys)} outputs")
+        grads = [codec.decode(g, name=f"output gradient at site {msg.site}", shape=tuple(y.shape),
+                              dtypes=[self.session.wire_dtype]).float() for g, y in zip(msg.grad_outputs, ys)]
+        params = [p for m in mods for p in (m.lora_A, m.lora_B)]
+        # Backward costs about twice the forward; dL/dx only where the cloud needs it.
+        tokens = x.numel() // x.shape[-1]
+        self.stats.edge_flops += 2 * sum(m.flops(tokens) for m in mods)
+        inputs = params + ([x] if msg.want_grad_input else [])
+        if self.accumulate:
+            torch.autograd.backward(ys, grads, inputs=inputs)
+            grad_x = x.grad
+        else:
+            got = torch.autograd.grad(ys, inputs, grads)
+            for p, g in zip(params, got):
+                self.grads[id(p)] = self.grads[id(p)] + g if id(p) in self.grads else g
+            grad_x = got[-1] if msg.want_grad_input else None
+        reply = pb.EdgeMessage()
+        reply.site_grad_input.SetInParent()  # the kind is set even for site 0 without dL/dx
+        reply.site_grad_input.site = msg.site
+        if msg.want_grad_input:
+            codec.encode_into(reply.site_grad_input.grad_input, grad_x, self.session.wire_dtype)
+        self.send(reply)
