@@ -55,6 +55,8 @@ class Change:
     kill: list[str]
     revive: list[str]
     scores: dict[str, float] = field(default_factory=dict)
+    bytes_sent: int = 0        # the parking call's traffic
+    bytes_received: int = 0
 
 
 class Selector:
@@ -158,6 +160,10 @@ class KillRevive:
         self.model = model
         self.config = config or KRConfig(policy="kr")
         managed = model.remote_adapters
+        if not managed:
+            raise ValueError("Kill and Revive manages the adapters of the cloud's blocks, and this model has none "
+                             "(a SplitLoRA model trains every adapter; DLoRA with edge_layers below the last block "
+                             "has some)")
         units = None
         if self.config.unit == "site":
             units = {f"site{s.index}": [m.name for m in s.modules] for s in model.session.sites
@@ -176,7 +182,8 @@ class KillRevive:
         self.steps += 1
         change = self.selector.after_step(self.steps, self.model.remote_adapters)
         if change is not None:
-            self.model.park({n: self.model.remote_adapters[n] for n in change.kill}, change.revive)
+            change.bytes_sent, change.bytes_received = self.model.park(
+                {n: self.model.remote_adapters[n] for n in change.kill}, change.revive)
             self.changes.append(change)
         return change
 

@@ -27,7 +27,7 @@ from torch import nn
 from common.lora import LoRAAdapter, LoRALinear, seeded_adapters
 from edge_client import peft_format, token_privacy
 from edge_client.edge_model import EdgeModel, load_tokenizer
-from edge_client.session import CloudError, CloudSession, Credentials, RetryPolicy, StepStats
+from edge_client.session import CloudError, CloudSession, Credentials, RetryPolicy, SplitOptions, StepStats
 from edge_client.split_model import FrontModel
 
 log = logging.getLogger(__name__)
@@ -131,12 +131,21 @@ class DLoRAModelForCausalLM(nn.Module):
         self.lora_settings = lora
         self.config = AutoConfig.from_pretrained(assets)
         self.tokenizer = load_tokenizer(assets)
-        front = FrontModel.from_assets(assets, remote.edge_layers) if remote.edge_layers else None
+        self.split = session.split
+        if self.split is not None and remote.edge_layers:
+            raise ValueError("edge_layers is a DLoRA option; a SplitLoRA model runs its cut_layer blocks here")
+        # The blocks this device runs: SplitLoRA's first cut_layer, or DLoRA's edge_layers.
+        self.front_layers = self.split.cut_layer if self.split is not None else remote.edge_layers
+        front = FrontModel.from_assets(assets, self.front_layers) if self.front_layers else None
         self._parts = _Parts(front.head if front is not None else EdgeModel.from_assets(assets), front)
-        adapters = seeded_adapters(session.module_shapes(), lora.r, lora.scale, remote.seed)
+        # A federation's clients start from one initialisation (FedAvg averages copies of one model).
+        adapters = seeded_adapters(session.module_shapes(), lora.r, lora.scale,
+                                   self.split.seed if self.split is not None else remote.seed)
         layer = {m.name: s.layer for s in session.sites for m in s.modules}
-        # Adapters of the cloud's blocks answer its site exchanges; those of this device's blocks live in them.
-        self.remote_adapters = {n: a for n, a in adapters.items() if layer[n] >= remote.edge_layers}
+        # Adapters of the cloud's blocks answer its site exchanges; those of this device's blocks live in
+        # them (SplitLoRA: every client-side adapter; the server-side ones live on the cloud).
+        self.remote_adapters = {n: a for n, a in adapters.items()
+                                if self.split is None and layer[n] >= remote.edge_layers}
         if front is not None:
             front.add_adapters({n: a for n, a in adapters.items() if n not in self.remote_adapters}, lora.lora_dropout)
         self.adapters = adapters
@@ -149,16 +158,19 @@ class DLoRAModelForCausalLM(nn.Module):
     # -- construction --------------------------------------------------------
     @classmethod
     def connect(cls, server: str, lora_config=None, *, credentials: Credentials | None = None,
-                retry: RetryPolicy | None = None, **settings) -> "DLoRAModelForCausalLM":
+                retry: RetryPolicy | None = None, split: SplitOptions | None = None,
+                **settings) -> "DLoRAModelForCausalLM":
         """Open a session on `server` with fresh adapters for `lora_config` (a peft.LoraConfig).
 
         `settings` are RemoteConfig's fields: edge_layers, token_epsilon, wire_dtype, client_name, cache,
-        seed, timeout."""
+        seed, timeout. `split` makes it a SplitLoRA client (see SplitLoRAModelForCausalLM)."""
         remote = RemoteConfig(server=server, **settings)
         lora = lora_settings(lora_config)
+        if split is not None:
+            split = dataclasses.replace(split, rank=lora.r, alpha=lora.lora_alpha)
         session = CloudSession(server, wire_dtype=remote.wire_dtype, targets=list(lora.target_modules) or None,
                                client_name=remote.client_name, timeout=remote.timeout, credentials=credentials,
-                               retry=retry, edge_layers=remote.edge_layers)
+                               retry=retry, edge_layers=remote.edge_layers, split=split)
         try:
             return cls(session, session.fetch_assets(remote.cache / "edge-assets"), lora, remote)
         except BaseException:
@@ -191,10 +203,23 @@ class DLoRAModelForCausalLM(nn.Module):
             self.park(parked, [])
 
     def save_pretrained(self, path: str | Path) -> Path:
-        """The adapters in PEFT's layout (PeftModel.from_pretrained loads them on the base model)."""
+        """The adapters in PEFT's layout (PeftModel.from_pretrained loads them on the base model); for a
+        SplitLoRA client with the federation's server-side ones, so the directory is the whole fine-tune."""
         s = self.lora_settings
-        return peft_format.save(Path(path), self.adapters, s.r, s.lora_alpha, self.session.model.name,
+        adapters = dict(self.adapters)
+        if self.split is not None:
+            server, scale, _ = self.session.server_adapters()
+            adapters |= {name: LoRAAdapter.from_weights(a, b, scale) for name, (a, b) in server.items()}
+        return peft_format.save(Path(path), adapters, s.r, s.lora_alpha, self.session.model.name,
                                 self.session.model.model_type, use_rslora=s.use_rslora)
+
+    def aggregate(self, round_: int, examples: int) -> tuple[int, int, int]:
+        """SplitLoRA: FedAvg of this client's adapters with the federation's, weighted by `examples`;
+        the average is loaded here. Returns (clients averaged, bytes sent, bytes received)."""
+        if self.split is None:
+            raise ValueError("aggregate() is SplitLoRA's FedAvg; this is a DLoRA model")
+        self.settle()
+        return self.session.aggregate(round_, examples, self.adapters)
 
     # -- the parts -----------------------------------------------------------
     @property
@@ -298,10 +323,9 @@ class DLoRAModelForCausalLM(nn.Module):
         Greedy by default; do_sample draws with temperature and top_p."""
         from edge_client.generation import GenerateConfig, generate
 
-        if self.remote_config.edge_layers:
-            raise CloudError("generation runs every block on the cloud; this model keeps edge_layers="
-                             f"{self.remote_config.edge_layers} on the device (connect without edge_layers to "
-                             "generate)")
+        if self.front is not None:
+            raise CloudError(f"generation runs every block on the cloud; this model keeps {self.front_layers} "
+                             "blocks on the device (a DLoRA model without edge_layers generates)")
         self.settle()
         cfg = GenerateConfig(max_new_tokens, temperature if do_sample else 0.0, top_p if do_sample else 1.0, seed)
         mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
@@ -359,14 +383,14 @@ class _StepHandle:
         def attempt() -> None:
             if self.stream.state != "paused":   # the stream failed: replay the forward (same inputs and noise)
                 self._open()
-            if self.model.remote_config.edge_layers:
+            if self.model.front is not None:
                 self.stream.exchange.on_cut_grad = lambda g: got.__setitem__(
                     "cut", self.model.session.decode_cut_grad(g, self.first.shape))
             self.stream.finish(grad)
 
         self.model.session.with_retries(f"step {self.step}", attempt)
         self.model.last_stats = self.stream.stats
-        if self.model.remote_config.edge_layers and "cut" not in got:
+        if self.model.front is not None and "cut" not in got:
             raise CloudError("the cloud ended the step without the gradient of the edge blocks' output")
         grads = self.stream.exchange.grads
         return [grads.get(id(p)) for p in self.params], got.get("cut")
@@ -391,3 +415,16 @@ class _RemoteBlocks(torch.autograd.Function):
         handle, ctx.handle = ctx.handle, None
         param_grads, first_grad = handle.backward(grad)
         return (None, first_grad, *param_grads)
+
+
+class SplitLoRAModelForCausalLM(DLoRAModelForCausalLM):
+    """A SplitLoRA client: blocks [0, cut_layer) and their adapters here, the rest with server-side
+    adapters on the cloud; `aggregate()` averages the client adapters across the federation."""
+
+    @classmethod
+    def connect(cls, server: str, lora_config=None, *, cut_layer: int = 4, federation: str = "default",
+                clients: int = 1, server_lr: float = 2e-3, **kwargs) -> "SplitLoRAModelForCausalLM":
+        """`server_lr`: the learning rate of the cloud's optimizer for the server-side adapters."""
+        seed = kwargs.get("seed", 0)
+        split = SplitOptions(cut_layer, federation, clients, lr=server_lr, seed=seed)
+        return super().connect(server, lora_config, split=split, **kwargs)

@@ -11,15 +11,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from common.lora import LoRAAdapter, LoRAConfig, adapters_state, load_adapters_state, seeded_adapters
+from common.lora import adapters_state, load_adapters_state
 from edge_client import data as datasets
 from edge_client import label_privacy, leakage, token_privacy
-from edge_client import peft_format
-from edge_client.edge_model import EdgeModel, load_tokenizer
-from edge_client.kill_revive import Change, KRConfig, Selector
+from edge_client.kill_revive import Change, KillRevive, KRConfig
 from edge_client.objective import Batch, classify, completion_loss, label_loss, label_token_ids, make_batch
+from edge_client.remote_model import DLoRAModelForCausalLM, LoraSettings, RemoteConfig
 from edge_client.session import CloudSession, Credentials, RetryPolicy, SplitOptions, StepStats
-from edge_client.split_model import FrontModel
 
 log = logging.getLogger(__name__)
 
@@ -93,50 +91,39 @@ def load_splits(cfg: TrainConfig) -> tuple[datasets.Dataset, datasets.Dataset, s
 
 
 class EdgeTrainer:
-    """Everything the device holds: data, tokenizer, edge model parts, adapters, optimizer."""
+    """The CLI's training job on a DLoRAModelForCausalLM: data, loss, optimizer, Kill and Revive, FedAvg."""
 
     def __init__(self, cfg: TrainConfig, session: CloudSession) -> None:
         self.cfg = cfg
         self.session = session
-        assets = session.fetch_assets(cfg.cache / "edge-assets")
-        self.tokenizer = load_tokenizer(assets)
         self.split = cfg.mode == "splitlora"
-        # The blocks this device runs: SplitLoRA's first cut_layer, or DLoRA's edge_layers.
-        self.front: FrontModel | None = None
-        front_layers = cfg.cut_layer if self.split else cfg.edge_layers
-        if front_layers:
-            self.front = FrontModel.from_assets(assets, front_layers)
-            self.edge = self.front.head
-        else:
-            self.edge = EdgeModel.from_assets(assets)
-        lora = LoRAConfig(rank=cfg.rank, alpha=cfg.alpha, targets=cfg.targets)
-        # A federation's clients start from one client-side initialisation (FedAvg
-        # averages one model's copies), from the federation's seed.
-        self.adapters: dict[str, LoRAAdapter] = seeded_adapters(
-            session.module_shapes(), lora.rank, lora.scale, session.split.seed if session.split else cfg.seed)
-        layer = {m.name: s.layer for s in session.sites for m in s.modules}
-        local = {n: a for n, a in self.adapters.items() if self.split or layer[n] < cfg.edge_layers}
-        # Adapters the cloud's blocks need at their sites (DLoRA): the ones Kill and Revive manages.
-        self.remote = {n: a for n, a in self.adapters.items() if n not in local}
-        if self.front is not None:
-            self.front.add_adapters(local)
+        remote = RemoteConfig(server=cfg.server, edge_layers=cfg.edge_layers, token_epsilon=cfg.token_epsilon,
+                              wire_dtype=cfg.wire_dtype, client_name=cfg.client_name, cache=cfg.cache, seed=cfg.seed)
+        self.model = DLoRAModelForCausalLM(session, session.fetch_assets(cfg.cache / "edge-assets"),
+                                           LoraSettings(cfg.rank, cfg.alpha, tuple(cfg.targets)), remote)
         self.train_examples = 0           # FedAvg weight (set by run())
         self.rounds = 0
-        params = [p for a in self.adapters.values() for p in a.parameters()]
         # Killed modules get no gradient, so AdamW leaves them (and their moments) alone.
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-        self.step_id = 0
-        # SplitLoRA trains every adapter (run() refuses a policy there); in DLoRA the
-        # selector manages the modules of the cloud's blocks only.
-        managed = self.adapters if self.split else self.remote
-        units = None
-        if cfg.kr.unit == "site":
-            units = {f"site{s.index}": [m.name for m in s.modules] for s in session.sites
-                     if s.modules[0].name in managed}
-        self.selector = Selector(list(managed), cfg.kr, units)
-        self.selector.start(managed)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=0.0)
+        # SplitLoRA trains every adapter (open_session refuses a policy there); in DLoRA
+        # Kill and Revive manages the modules of the cloud's blocks only.
+        self.kr = None if self.split else KillRevive(self.model, cfg.kr)
         self.label_ids: torch.Tensor | None = None
-        self._forwards = 0                # evaluation batches so far: each draws its own token noise
+
+    # The model's parts, by the names the benches and tests use.
+    tokenizer = property(lambda self: self.model.tokenizer)
+    edge = property(lambda self: self.model.edge)
+    front = property(lambda self: self.model.front)
+    adapters = property(lambda self: self.model.adapters)
+    remote = property(lambda self: self.model.remote_adapters)
+
+    @property
+    def step_id(self) -> int:
+        return self.model.steps
+
+    @property
+    def live(self) -> set[str]:
+        return self.kr.live if self.kr is not None else set(self.adapters)
 
     def set_objective(self, train: datasets.Dataset) -> str:
         """Pick the loss: label-restricted for one-token labels (unless told otherwise)."""
@@ -156,16 +143,14 @@ class EdgeTrainer:
 
     # -- one step ------------------------------------------------------------
     def train_step(self, batch: Batch) -> tuple[float, StepStats, Change | None]:
-        if self.split:
-            loss, stats = self.split_step(batch)
-            return loss, stats, None
+        """One step: forward through the cloud, this device's loss, backward, AdamW; then Kill and
+        Revive (DLoRA) or FedAvg every aggregate_every steps (SplitLoRA)."""
         self.optimizer.zero_grad(set_to_none=True)
-        self.step_id += 1
-        hidden = self.first_hidden(batch.input_ids, batch.attention_mask)
-        loss, stats = self.session.train_step(self.step_id, hidden, batch.attention_mask, self.remote,
-                                              lambda h: self.loss(h, batch))
+        loss = self.loss(self.model.final_hidden(batch.input_ids, batch.attention_mask), batch)
+        loss.backward()
+        stats = self.model.last_stats
+        b, t = batch.input_ids.shape
         if self.front is not None:
-            b, t = batch.input_ids.shape
             stats.block_flops = self.front.flops(b, t, train=True)
             stats.edge_flops += 3 * sum(a.flops(b * t) for n, a in self.adapters.items() if n not in self.remote)
         # Head FLOPs: norm + LM head forward, and the backward to the hidden
@@ -173,54 +158,28 @@ class EdgeTrainer:
         cols = None if self.label_ids is None else len(self.label_ids)
         stats.head_flops = 2 * self.edge.head_flops(len(batch.targets), cols)
         self.optimizer.step()
-        change = self.selector.after_step(self.step_id, self.remote)
-        if change is not None:
-            sent, received = self.session.park({n: self.remote[n] for n in change.kill}, change.revive)
-            stats.bytes_sent += sent
-            stats.bytes_received += received
-        return loss, stats, change
-
-    def split_step(self, batch: Batch):
-        """SplitLoRA: own blocks forward, cloud's blocks forward and backward, own backward; FedAvg every I steps."""
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step_id += 1
-        cut = self.first_hidden(batch.input_ids, batch.attention_mask)
-        loss, stats, grad = self.session.split_step(self.step_id, cut, batch.attention_mask,
-                                                    lambda h: self.loss(h, batch))
-        cut.backward(grad)
-        b, t = batch.input_ids.shape
-        stats.edge_flops = 3 * sum(a.flops(b * t) for a in self.adapters.values())
-        stats.block_flops = self.front.flops(b, t, train=True)
-        cols = None if self.label_ids is None else len(self.label_ids)
-        stats.head_flops = 2 * self.edge.head_flops(len(batch.targets), cols)
-        self.optimizer.step()
-        if self.step_id % self.cfg.aggregate_every == 0 or self.step_id == self.cfg.steps:
+        change = None
+        if self.kr is not None:
+            change = self.kr.step()
+            if change is not None:
+                stats.bytes_sent += change.bytes_sent
+                stats.bytes_received += change.bytes_received
+        elif self.step_id % self.cfg.aggregate_every == 0 or self.step_id == self.cfg.steps:
             self.rounds += 1
-            clients, sent, received = self.session.aggregate(self.rounds, self.train_examples, self.adapters)
+            clients, sent, received = self.model.aggregate(self.rounds, self.train_examples)
             stats.bytes_sent += sent
             stats.bytes_received += received
             log.debug("aggregation round %d: averaged with %d clients", self.rounds, clients)
-        return loss, stats
+        return float(loss.detach()), stats, change
 
     # -- evaluation ----------------------------------------------------------
     def first_hidden(self, input_ids: torch.Tensor, mask: torch.Tensor, noise_step: int | None = None) -> torch.Tensor:
-        """What the cloud's first block receives: the embedding, or the output of this device's blocks.
-
-        With token privacy, the tokens are released first (noise drawn for `noise_step`:
-        the same step draws the same noise, so a resumed run replays it).
-        """
-        if self.cfg.token_epsilon is not None:
-            step = self.step_id if noise_step is None else noise_step
-            input_ids = token_privacy.perturb(input_ids, mask, self.edge.embedding.weight, self.cfg.token_epsilon,
-                                              token_privacy.generator_for(self.cfg.seed, step))
-        return self.edge.embed(input_ids) if self.front is None else self.front(input_ids, mask)
+        """What the cloud's first block receives (see DLoRAModelForCausalLM.first_hidden)."""
+        return self.model.first_hidden(input_ids, mask, self.step_id if noise_step is None else noise_step)
 
     @torch.no_grad()
     def hidden(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        # Evaluation batches draw noise apart from the training steps' (negative step numbers).
-        self._forwards += 1
-        h, _ = self.session.forward(self.first_hidden(input_ids, mask, noise_step=-self._forwards), mask, self.remote)
-        return h
+        return self.model.final_hidden(input_ids, mask)
 
     @torch.no_grad()
     def evaluate(self, test: datasets.Dataset, desc: str) -> dict:
@@ -260,7 +219,8 @@ class EdgeTrainer:
         return {"version": 1, "step_id": self.step_id, "adapters": adapters_state(self.adapters),
                 "model": self.session.model.name, "model_type": self.session.model.model_type,
                 "mode": self.cfg.mode,
-                "optimizer": self.optimizer.state_dict(), "selector": self.selector.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                **({"selector": self.kr.selector.state_dict()} if self.kr is not None else {}),
                 "fingerprint": self.fingerprint(), **extra}
 
     def restore(self, state: dict) -> None:
@@ -271,21 +231,12 @@ class EdgeTrainer:
             raise ValueError(f"--resume with different settings would not continue the same run ({detail})")
         load_adapters_state(self.adapters, state["adapters"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.selector.load_state_dict(state["selector"])
-        self.step_id = state["step_id"]
-        killed = {n: self.remote[n] for n in self.remote if n not in self.selector.live}
-        if killed:
-            self.session.park(killed, [])
+        self.model.steps = state["step_id"]
+        self.kr.load_state_dict({"steps": state["step_id"], "selector": state["selector"]})
 
     def save(self, out: Path, meta: dict) -> Path:
-        """The adapters in PEFT's layout; in SplitLoRA mode with the cloud's server-side ones, so the
-        file describes the whole fine-tuned model."""
-        adapters = dict(self.adapters)
-        if self.split:
-            server, scale, _ = self.session.server_adapters()
-            adapters |= {name: LoRAAdapter.from_weights(a, b, scale) for name, (a, b) in server.items()}
-        return peft_format.save(out, adapters, self.cfg.rank, self.cfg.alpha, meta.get("model", ""),
-                                self.session.model.model_type)
+        """The adapters in PEFT's layout (SplitLoRA: with the cloud's server-side ones)."""
+        return self.model.save_pretrained(out)
 
     def edge_param_bytes(self) -> int:
         """Bytes of weights this device holds: its model parts plus the adapters."""
@@ -354,7 +305,7 @@ def run(cfg: TrainConfig) -> dict:
         else:
             before = trainer.evaluate(test, "eval before") if cfg.eval_before else None
             history = []
-            live_history = [{"step": 0, "live": sorted(trainer.selector.live), "killed": [], "revived": []}]
+            live_history = [{"step": 0, "live": sorted(trainer.live), "killed": [], "revived": []}]
             evals = [{"step": 0, **before}] if before is not None else []
         if before is not None:
             log.info("before training: %s", _fmt(before))
@@ -375,17 +326,17 @@ def run(cfg: TrainConfig) -> dict:
             history.append({"step": step + 1, "loss": loss, "seconds": dt, "tokens": batch.tokens,
                             "bytes_sent": stats.bytes_sent, "bytes_received": stats.bytes_received,
                             "messages": stats.messages, "site_exchanges": stats.sites,
-                            "live_modules": len(trainer.selector.live),
+                            "live_modules": len(trainer.live),
                             "adapter_flops": stats.edge_flops, "head_flops": stats.head_flops,
                             "block_flops": stats.block_flops,
                             "edge_flops": stats.edge_flops + stats.head_flops + stats.block_flops,
                             "cloud_seconds": stats.cloud_seconds})
             if change is not None:
-                live_history.append({"step": change.step, "live": sorted(trainer.selector.live),
+                live_history.append({"step": change.step, "live": sorted(trainer.live),
                                      "killed": change.kill, "revived": change.revive})
                 log.debug("step %d: killed %d, revived %d, %d live", change.step, len(change.kill),
-                          len(change.revive), len(trainer.selector.live))
-            bar.set_postfix(loss=f"{loss:.3f}", live=len(trainer.selector.live),
+                          len(change.revive), len(trainer.live))
+            bar.set_postfix(loss=f"{loss:.3f}", live=len(trainer.live),
                             MB_step=f"{(stats.bytes_sent + stats.bytes_received) / 1e6:.1f}")
             done = step + 1
             if not cfg.progress and (done % 10 == 0 or done == cfg.steps):

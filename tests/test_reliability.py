@@ -196,7 +196,7 @@ def test_server_killed_mid_step_then_restarted(model_dirs, tmp_path):
         for b in batches_:
             trainer.train_step(b)
         assert trainer.session.reconnects >= 1
-        assert trainer.selector.live != set(trainer.adapters)    # parked adapters were re-parked
+        assert trainer.live != set(trainer.adapters)    # parked adapters were re-parked
         for name, ad in trainer.adapters.items():
             for w in ("lora_A", "lora_B"):
                 got, want = getattr(ad, w), getattr(ref.adapters[name], w)
