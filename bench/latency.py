@@ -23,8 +23,7 @@ from bench.netem import DelayProxy, Link
 from cloud_server import launch
 from edge_client.kill_revive import KRConfig
 from edge_client.objective import make_batch
-from edge_client.session import CloudSession, SplitOptions
-from edge_client.trainer import EdgeTrainer, TrainConfig, batches, load_splits
+from edge_client.trainer import EdgeTrainer, TrainConfig, batches, load_splits, open_session
 
 # KR at its steady state from the second step on: one selection after step 1, none after.
 VARIANTS = {
@@ -37,11 +36,10 @@ LINKS = [Link(1, 100), Link(10, 100), Link(50, 100), Link(1, 10), Link(10, 10), 
 
 def measure(address: str, name: str, steps: int, cache: Path) -> dict:
     """Mean step time, bytes and round trips over `steps` steps after one warm step."""
-    cfg = TrainConfig(server=address, cache=cache, progress=False, seed=0, **VARIANTS[name])
-    split = SplitOptions(cfg.cut_layer, f"latency-{time.time_ns()}", 1, cfg.rank, cfg.alpha, cfg.lr) \
-        if cfg.mode == "splitlora" else None
+    cfg = TrainConfig(server=address, cache=cache, progress=False, seed=0, client_name="bench-latency",
+                      federation=f"latency-{time.time_ns()}", **VARIANTS[name])
     train, _, _ = load_splits(cfg)
-    with CloudSession(address, split=split, client_name="bench-latency") as session:
+    with open_session(cfg) as session:
         trainer = EdgeTrainer(cfg, session)
         trainer.train_examples = len(train.examples)
         trainer.set_objective(train)

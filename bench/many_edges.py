@@ -28,36 +28,33 @@ def _worker(address: str, assets: str, batch_size: int, max_length: int, warmup:
             ready, start, out) -> None:
     """One edge: open a session, wait for the start signal, train, report its timings."""
     torch.set_num_threads(1)
-    from common.lora import LoRAAdapter
+    from bench.step_time import remote_step
+    from common.lora import LoRAConfig
     from edge_client import data as datasets
-    from edge_client.edge_model import EdgeModel, load_tokenizer
-    from edge_client.objective import completion_loss, make_batch
+    from edge_client.objective import make_batch
+    from edge_client.remote_model import DLoRAModelForCausalLM, RemoteConfig
     from edge_client.session import CloudSession
 
     try:
-        session = CloudSession(address)
-        tok, edge = load_tokenizer(Path(assets)), EdgeModel.from_assets(Path(assets))
+        # The Python API's model on the assets the parent fetched once (every worker would fetch them again).
+        model = DLoRAModelForCausalLM(CloudSession(address), Path(assets), LoRAConfig(rank=8, alpha=16.0),
+                                      RemoteConfig(server=address, seed=seed))
         train_path, _ = datasets.bbc_news(cache_root())
         examples = datasets.load(train_path, datasets.BBC_TEMPLATE).examples
-        torch.manual_seed(seed)
-        adapters = {n: LoRAAdapter(i, o, 8, 2.0) for n, (i, o) in session.module_shapes().items()}
-        opt = torch.optim.AdamW([p for a in adapters.values() for p in a.parameters()], lr=1e-4)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         ready.put(seed)
         start.wait()
         rows, t_start = [], None
         for step in range(1, warmup + steps + 1):
             at = (seed * 97 + step * batch_size) % (len(examples) - batch_size)
-            batch = make_batch(tok, examples[at:at + batch_size], max_length)
+            batch = make_batch(model.tokenizer, examples[at:at + batch_size], max_length)
             if step == warmup + 1:
                 t_start = time.perf_counter()
-            opt.zero_grad()
-            _, stats = session.train_step(step, edge.embed(batch.input_ids), batch.attention_mask, adapters,
-                                          lambda h, b=batch: completion_loss(h, b, edge.logits))
-            opt.step()
+            _, stats = remote_step(model, batch, opt)
             if step > warmup:
                 rows.append({"tokens": int(batch.attention_mask.sum()), "batch_sessions": stats.batch_sessions})
         out.put({"seed": seed, "start": t_start, "end": time.perf_counter(), "rows": rows})
-        session.close()
+        model.close()
     except BaseException as exc:  # noqa: BLE001 - reported by the parent
         out.put({"seed": seed, "error": f"{type(exc).__name__}: {exc}"})
 

@@ -32,10 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from cloud_server import launch  # noqa: E402
 from cloud_server.model_store import ensure_default_model  # noqa: E402
 from edge_client import data as datasets  # noqa: E402
-from edge_client.objective import completion_loss  # noqa: E402
-from edge_client.session import CloudSession  # noqa: E402
 
-from bench.step_time import edge_side, in_process_step, timed  # noqa: E402
+from bench.step_time import edge_side, in_process_step, remote_step, timed  # noqa: E402
 
 # Edge parts: (label, how to find the profiled functions, own time or cumulative).
 # Cumulative entries must not nest in each other, or time would count twice.
@@ -82,7 +80,7 @@ def breakdown(profile: cProfile.Profile, steps: int, wall: float, cloud: float) 
     edge = wall - waited
     rows = [("cloud compute (StepEnd)", cloud), ("wire + scheduling (waited - cloud)", max(waited - cloud, 0.0))]
     rows += [(f"edge: {label}", s) for label, s in parts]
-    rows.append(("edge: other (head + loss, optimizer excluded, glue)", max(edge - sum(s for _, s in parts), 0.0)))
+    rows.append(("edge: other (head + loss, optimizer step, glue)", max(edge - sum(s for _, s in parts), 0.0)))
     return rows
 
 
@@ -93,14 +91,11 @@ def run(model_dir: Path, batch_size: int, max_length: int, warmup: int, reps: in
     exs = datasets.load(train_p, datasets.BBC_TEMPLATE).examples[:batch_size]
     args = ["--model", str(model_dir), "--device", "cpu", "--threads", str(threads)]
     with launch.start(args, cache / "cloud.log", timeout=900) as server:
-        session = CloudSession(server.address, wire_dtype=wire)
-        edge, batch, adapters = edge_side(session, cache, exs, max_length)
-        step_id = [0]
+        model, batch = edge_side(server.address, wire, cache, exs, max_length)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
         def step():
-            step_id[0] += 1
-            return session.train_step(step_id[0], edge.embed(batch.input_ids), batch.attention_mask, adapters,
-                                      lambda h: completion_loss(h, batch, edge.logits))
+            return remote_step(model, batch, opt)
 
         for _ in range(warmup):
             step()
@@ -112,8 +107,8 @@ def run(model_dir: Path, batch_size: int, max_length: int, warmup: int, reps: in
             profile.disable()
             walls.append(time.perf_counter() - t0)
             clouds.append(stats.cloud_seconds)
-        session.close()
-    local = statistics.median(timed(in_process_step(model_dir, adapters, batch), warmup, reps))
+        model.close()
+    local = statistics.median(timed(in_process_step(model_dir, model.adapters, batch), warmup, reps))
     wall = statistics.mean(walls)
     print(f"{reps} steps, batch {batch_size}x{batch.input_ids.shape[1]}, {wire} wire, {threads} thread(s) per process; "
           f"wall per step: mean {wall:.3f} s, min {min(walls):.3f} s; "

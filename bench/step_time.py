@@ -21,11 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from cloud_server import launch  # noqa: E402
 from cloud_server.model_store import ensure_default_model  # noqa: E402
-from common.lora import LoRAAdapter, adapters_state, inject, load_adapters_state  # noqa: E402
+from common.lora import LoRAAdapter, LoRAConfig, adapters_state, inject, load_adapters_state  # noqa: E402
 from edge_client import data as datasets  # noqa: E402
-from edge_client.edge_model import EdgeModel, load_tokenizer  # noqa: E402
 from edge_client.objective import completion_loss, make_batch  # noqa: E402
-from edge_client.session import CloudSession  # noqa: E402
+from edge_client.remote_model import DLoRAModelForCausalLM  # noqa: E402
+from edge_client.session import StepStats  # noqa: E402
 
 
 def timed(fn, warmup: int, reps: int) -> list[float]:
@@ -63,14 +63,19 @@ def in_process_step(model_dir: Path, adapters: dict[str, LoRAAdapter], batch) ->
     return local
 
 
-def edge_side(session: CloudSession, cache: Path, examples, max_length: int):
-    """The bench's edge: downloaded assets, the batch, and seeded rank-8 adapters on every module."""
-    assets = session.fetch_assets(cache / "assets")
-    tok, edge = load_tokenizer(assets), EdgeModel.from_assets(assets)
-    batch = make_batch(tok, examples, max_length)
-    torch.manual_seed(0)
-    adapters = {n: LoRAAdapter(i, o, 8, 2.0) for n, (i, o) in session.module_shapes().items()}
-    return edge, batch, adapters
+def edge_side(address: str, wire: str, cache: Path, examples, max_length: int):
+    """The bench's edge: the Python API's model, rank-8 adapters on every served module, and the batch."""
+    model = DLoRAModelForCausalLM.connect(address, LoRAConfig(rank=8, alpha=16.0), wire_dtype=wire, cache=cache)
+    return model, make_batch(model.tokenizer, examples, max_length)
+
+
+def remote_step(model: DLoRAModelForCausalLM, batch, opt: torch.optim.Optimizer) -> tuple[float, StepStats]:
+    """One distributed training step, as any user loop runs it: its loss and wire statistics."""
+    opt.zero_grad()
+    loss = completion_loss(model.final_hidden(batch.input_ids, batch.attention_mask), batch, model.edge.logits)
+    loss.backward()
+    opt.step()
+    return float(loss.detach()), model.last_stats
 
 
 def bench_model(label: str, model_dir: Path, batch_size: int, max_length: int, warmup: int, reps: int,
@@ -79,26 +84,21 @@ def bench_model(label: str, model_dir: Path, batch_size: int, max_length: int, w
     exs = datasets.load(train_p, datasets.BBC_TEMPLATE).examples[:batch_size]
     server_args = ["--model", str(model_dir), "--device", "cpu", "--threads", str(threads)]
     with launch.start(server_args, cache / f"{label}.log", timeout=900) as server:
-        session = CloudSession(server.address, wire_dtype=wire)
-        edge, batch, adapters = edge_side(session, cache, exs, max_length)
-        opt = torch.optim.AdamW([p for a in adapters.values() for p in a.parameters()], lr=1e-4)
-        step = {"id": 0, "bytes": 0}
+        model, batch = edge_side(server.address, wire, cache, exs, max_length)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        step = {"bytes": 0}
 
         def remote() -> None:
-            opt.zero_grad()
-            step["id"] += 1
-            _, st = session.train_step(step["id"], edge.embed(batch.input_ids), batch.attention_mask, adapters,
-                                       lambda h: completion_loss(h, batch, edge.logits))
+            _, st = remote_step(model, batch, opt)
             step["bytes"] = st.bytes_sent + st.bytes_received
-            opt.step()
 
         default_threads = torch.get_num_threads()
         if edge_threads:
             torch.set_num_threads(edge_threads)
         remote_t = timed(remote, warmup, reps)
         torch.set_num_threads(default_threads)
-        session.close()
-    local_t = timed(in_process_step(model_dir, adapters, batch), warmup, reps)
+        model.close()
+    local_t = timed(in_process_step(model_dir, model.adapters, batch), warmup, reps)
     r, l_ = statistics.median(remote_t), statistics.median(local_t)
     return {"model": label, "batch": f"{batch_size}x{batch.input_ids.shape[1]}", "wire": wire,
             "in_process_s": l_, "distributed_s": r, "ratio": r / l_, "bytes_per_step": step["bytes"],
@@ -142,8 +142,8 @@ def main() -> int:
     print()
     print(f"step time, CPU ({torch.get_num_threads()} torch threads per process), 127.0.0.1, {args.wire} wire, "
           f"median of {args.reps}")
-    print(f"| model | batch | in-process s | distributed s | ratio | MB on wire per step |")
-    print(f"|---|---|---|---|---|---|")
+    print("| model | batch | in-process s | distributed s | ratio | MB on wire per step |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['batch']} | {r['in_process_s']:.4f} | {r['distributed_s']:.4f} | "
               f"{r['ratio']:.2f}x | {r['bytes_per_step'] / 1e6:.2f} |")

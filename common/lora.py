@@ -8,33 +8,39 @@ results.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from common.model_parts import linear_features
+from common.settings import setting
 
 
 @dataclass
 class LoRAConfig:
-    """Hyper-parameters of the adapters the edge trains."""
+    """Hyper-parameters of the adapters the edge trains (PEFT's LoraConfig says r, lora_alpha,
+    target_modules, lora_dropout, use_rslora)."""
 
-    rank: int = 8
-    alpha: float = 16.0
-    # Leaf names of the adapted linears; empty means the server's default.
-    targets: list[str] = field(default_factory=list)
+    rank: int = setting(8, "LoRA rank r")
+    alpha: float = setting(16.0, "LoRA alpha; scale = alpha / r")
+    targets: list[str] = setting(list, "comma-separated linears to adapt, e.g. q_proj,v_proj, or all-linear; "
+                                       "none: the server's default")
+    dropout: float = setting(0.0, "LoRA dropout on each adapter's input, in training", flag="--lora-dropout")
+    use_rslora: bool = setting(False, "rank-stabilised scale alpha / sqrt(r) instead of alpha / r")
 
     def __post_init__(self) -> None:
         if self.rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
         if self.alpha <= 0:
             raise ValueError(f"LoRA alpha must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
 
     @property
     def scale(self) -> float:
-        return self.alpha / self.rank
+        return self.alpha / (self.rank ** 0.5 if self.use_rslora else self.rank)
 
 
 class LoRAAdapter(nn.Module):

@@ -24,109 +24,37 @@ bounds what it learns of the labels.
 """
 
 
-def _connection_args(p: argparse.ArgumentParser, title: str = "connection"):
-    """--server and the credentials, shared by every command that talks to a cloud_server."""
+def _connection_args(p: argparse.ArgumentParser, title: str = "connection", server: bool = True):
+    """The credentials (and --server), shared by every command that talks to a cloud_server."""
     g = p.add_argument_group(title)
-    g.add_argument("--server", default="127.0.0.1:50551", help="cloud_server address HOST:PORT (default: %(default)s)")
+    if server:
+        g.add_argument("--server", default="127.0.0.1:50551", help="cloud_server address HOST:PORT (default: %(default)s)")
+    _credential_args(g)
+    return g
+
+
+def _credential_args(g) -> None:
     g.add_argument("--token", default=os.environ.get("DLORA_TOKEN"),
                    help="bearer token the server expects (default: $DLORA_TOKEN)")
     g.add_argument("--tls-ca", type=Path, help="CA certificate (PEM) that signed the server's: enables TLS")
     g.add_argument("--tls-cert", type=Path, help="this client's certificate (PEM), for mutual TLS")
     g.add_argument("--tls-key", type=Path, help="this client's private key (PEM), for mutual TLS")
     g.add_argument("--tls-server-name", help="name to expect in the server certificate, if not the host")
-    return g
 
 
-def _train_parser(sub) -> None:
+def _train_parser(sub) -> argparse.ArgumentParser:
+    from common.settings import add_arguments, group
+    from edge_client.trainer import TrainConfig
+
     p = sub.add_parser("train", help="train LoRA adapters against a cloud_server",
                        description="Train rank-r LoRA adapters on private JSONL data. The cloud runs the "
                                    "frozen transformer blocks; this device runs the embedding, the LM head, "
                                    "the loss and the adapters.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=None,
-                   help="training JSONL file (default: the embedded BBC News topic set)")
-    p.add_argument("--test", type=Path, default=None,
-                   help="held-out JSONL file (default: hold out --test-fraction of --data)")
-    p.add_argument("--labels", default=None,
-                   help="comma-separated label set of text/label data, when this device's data may lack "
-                        "some labels (default: the labels found in --data)")
-    p.add_argument("--test-fraction", type=float, default=0.2, help="held-out share when no --test (default: %(default)s)")
-    p.add_argument("--template", default=None,
-                   help="prompt template for text/label data, with {text} and {labels} "
-                        "(default: a short classification instruction)")
-    p.add_argument("--steps", type=int, default=60, help="optimizer steps (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=8, help="examples per step (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (default: %(default)s)")
-    p.add_argument("--rank", type=int, default=8, help="LoRA rank r (default: %(default)s)")
-    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha; scale = alpha / r (default: %(default)s)")
-    p.add_argument("--targets", default="",
-                   help="comma-separated linears to adapt, e.g. q_proj,v_proj (default: the server's)")
-    p.add_argument("--max-length", type=int, default=128, help="tokens per example; longer prompts are cut (default: %(default)s)")
-    p.add_argument("--eval-every", type=int, default=0,
-                   help="evaluate on held-out data every N steps too, for the accuracy curve of "
-                        "'edge_client report'; 0: before and after training only (default: %(default)s)")
-    p.add_argument("--no-eval-before", action="store_true", help="skip the held-out evaluation before training")
-    p.add_argument("--eval-limit", type=int, default=200, help="held-out examples to evaluate, 0 for all (default: %(default)s)")
-    p.add_argument("--wire-dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
-                   help="dtype of activations and gradients on the wire (default: %(default)s)")
-    p.add_argument("--objective", default="auto", choices=["auto", "lm", "labels"],
-                   help="loss: 'lm' = cross-entropy over the whole vocabulary; 'labels' = over the label "
-                        "tokens only (PET-style, C instead of V LM-head columns on the device); 'auto' = "
-                        "labels for text/label data with one-token labels, else lm (default: %(default)s)")
-    p.add_argument("--label-epsilon", type=float, default=None, metavar="EPS",
-                   help="label differential privacy: release each training label once by randomised response with "
-                        "this epsilon (kept with probability e^EPS/(e^EPS+C-1), else another label at random); the "
-                        "cloud, which can read labels from the gradient, then learns only the released ones. Text/"
-                        "label data only; costs accuracy at small EPS (default: off)")
-    p.add_argument("--edge-layers", type=int, default=0, metavar="K",
-                   help="DLoRA: run the first K frozen blocks on this device, with their adapters, so the cloud "
-                        "receives their output instead of the embedding; exact, costs this device K blocks of "
-                        "memory and compute (README: Privacy) (default: %(default)s)")
-    p.add_argument("--token-epsilon", type=float, default=None, metavar="EPS",
-                   help="token privacy (metric differential privacy): before anything is sent, each token, in "
-                        "training and evaluation, is swapped for the token nearest its embedding plus noise of "
-                        "density ~ exp(-EPS * |z|); epsilon is per unit of embedding distance (README: Privacy) "
-                        "(default: off)")
-    kr = p.add_argument_group("Kill and Revive", "which adapters stay live (trained here, with traffic); "
-                              "killed ones are parked frozen on the cloud")
-    kr.add_argument("--policy", default="all", choices=["all", "random", "static", "kr"],
-                    help="'all' keeps every module live; 'kr' is Kill and Revive; 'random' and 'static' "
-                         "are baselines at the same budget (default: %(default)s)")
-    kr.add_argument("--budget", type=float, default=0.125, help="share of modules live after warm-up (default: %(default)s)")
-    kr.add_argument("--revive", type=float, default=0.25, help="share of live slots given to revived modules (default: %(default)s)")
-    kr.add_argument("--period", type=int, default=10, help="steps between selections (default: %(default)s)")
-    kr.add_argument("--warmup-steps", type=int, default=10, help="steps with every module live (default: %(default)s)")
-    kr.add_argument("--unit", default="module", choices=["module", "site"],
-                    help="what is killed and revived as one: a module (one linear) or a site (the linears "
-                         "sharing an input, e.g. q, k, v of a block; traffic is per site) (default: %(default)s)")
-    sp = p.add_argument_group("SplitLoRA mode", "split federated fine-tuning: this device runs the embedding and "
-                              "the first --cut-layer blocks with its own adapters, the cloud runs the rest with "
-                              "server-side adapters it trains; client-side adapters are averaged (FedAvg, "
-                              "weighted by examples) across the federation's clients")
-    sp.add_argument("--mode", default="dlora", choices=["dlora", "splitlora"],
-                    help="'dlora': the cloud runs every block, this device computes the adapters; "
-                         "'splitlora': see above (default: %(default)s)")
-    sp.add_argument("--cut-layer", type=int, default=4, help="blocks run on this device (default: %(default)s)")
-    sp.add_argument("--aggregate-every", type=int, default=10,
-                    help="steps between FedAvg rounds, I in the paper (default: %(default)s)")
-    sp.add_argument("--clients", type=int, default=1,
-                    help="clients each FedAvg round waits for (default: %(default)s)")
-    sp.add_argument("--federation", default="default",
-                    help="federation name: clients with the same name share server-side adapters and "
-                         "average together (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed for adapters and data order (default: %(default)s)")
-    p.add_argument("--out", type=Path, default=Path("runs/latest"),
-                   help="directory for adapter_model.safetensors and run.json (default: %(default)s)")
-    p.add_argument("--name", default="edge", help="client name shown in the server's log")
-    rel = _connection_args(p, "connection and recovery")
-    rel.add_argument("--retries", type=int, default=8,
-                     help="attempts after a failed step, with exponential backoff; the session is re-opened "
-                          "and killed adapters parked again if the server restarted (default: %(default)s)")
-    rel.add_argument("--checkpoint-every", type=int, default=20,
-                     help="save adapters + optimizer to OUT/checkpoint.pt every N steps; 0: only at the end "
-                          "(default: %(default)s)")
-    rel.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
+    # Every flag comes from TrainConfig's fields (and their help), the credentials excepted.
+    groups = add_arguments(p, TrainConfig)
+    _credential_args(group(p, groups, "connection and recovery"))
+    return p
 
 
 def _export_parser(sub) -> None:
@@ -185,7 +113,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         epilog="run 'edge_client train --help' for the training options")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default: %(default)s)")
     sub = p.add_subparsers(dest="command", required=True)
-    _train_parser(sub)
+    train = _train_parser(sub)
     rep = sub.add_parser("report", help="render PNG plots of a finished run",
                          description="Write loss.png, accuracy.png (or heldout_loss.png), bytes.png and, for Kill "
                                      "and Revive runs, live.png into RUN_DIR from its run.json.")
@@ -207,25 +135,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.command == "generate":
         if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
             p.error("--max-new-tokens must be >= 1, --temperature >= 0 and --top-p in (0, 1]")
-    if args.command != "train":
-        return args
-    for name in ("steps", "batch_size", "rank", "max_length"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if not 0.0 < args.test_fraction < 1.0:
-        p.error("--test-fraction must be between 0 and 1")
-    if args.lr <= 0 or args.alpha <= 0:
-        p.error("--lr and --alpha must be positive")
-    if args.token_epsilon is not None and not 0 < args.token_epsilon < float("inf"):
-        p.error("--token-epsilon must be a finite number above 0")
-    if args.edge_layers < 0:
-        p.error("--edge-layers must not be negative")
-    if args.edge_layers and args.mode != "dlora":
-        p.error("--edge-layers is a DLoRA option; SplitLoRA runs --cut-layer blocks on this device")
-    if min(args.cut_layer, args.aggregate_every, args.clients) < 1:
-        p.error("--cut-layer, --aggregate-every and --clients must be at least 1")
-    if args.retries < 0 or args.checkpoint_every < 0 or args.eval_every < 0:
-        p.error("--retries, --checkpoint-every and --eval-every must not be negative")
+    if args.command == "train":
+        from common.settings import build
+        from edge_client.trainer import TrainConfig
+
+        try:
+            args.config = build(TrainConfig, args)  # its checks run here: a bad value is a usage error
+        except ValueError as exc:
+            train.error(str(exc))
+        args.config.kr.seed = args.config.seed
     return args
 
 
@@ -243,32 +161,18 @@ def main(argv: list[str] | None = None) -> int:
         return _shard(args)
     if args.command == "generate":
         return _generate(args)
+    from dataclasses import replace
+
     from edge_client.data import DataError
-    from edge_client.kill_revive import KRConfig
-    from edge_client.session import CloudError, Credentials, RetryPolicy
-    from edge_client.trainer import TrainConfig, run
+    from edge_client.session import CloudError, Credentials
+    from edge_client.trainer import run
 
     try:
-        kr = KRConfig(policy=args.policy, budget=args.budget, revive=args.revive, period=args.period,
-                      warmup_steps=args.warmup_steps, unit=args.unit, seed=args.seed)
         creds = Credentials.from_files(args.token, args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
     except (ValueError, OSError) as exc:
         print(f"edge_client: {exc}", file=sys.stderr)
         return 2
-
-    cfg = TrainConfig(server=args.server, data=args.data, test=args.test, template=args.template,
-                      labels=[x.strip() for x in args.labels.split(",") if x.strip()] if args.labels else None,
-                      test_fraction=args.test_fraction, steps=args.steps, batch_size=args.batch_size,
-                      lr=args.lr, rank=args.rank, alpha=args.alpha,
-                      targets=[t for t in args.targets.split(",") if t], max_length=args.max_length,
-                      eval_limit=args.eval_limit, wire_dtype=args.wire_dtype, seed=args.seed,
-                      objective=args.objective, label_epsilon=args.label_epsilon,
-                      edge_layers=args.edge_layers, token_epsilon=args.token_epsilon, kr=kr, credentials=creds,
-                      retry=RetryPolicy(retries=args.retries), checkpoint_every=args.checkpoint_every,
-                      resume=args.resume, eval_every=args.eval_every, mode=args.mode, cut_layer=args.cut_layer,
-                      aggregate_every=args.aggregate_every, clients=args.clients, federation=args.federation,
-                      out=args.out, client_name=args.name, progress=not args.no_progress,
-                      eval_before=not args.no_eval_before)
+    cfg = replace(args.config, credentials=creds)
     try:
         summary = run(cfg)
     except (DataError, CloudError, ValueError) as exc:

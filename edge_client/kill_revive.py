@@ -16,23 +16,29 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+from common.settings import setting
+
 from common.lora import LoRAAdapter
 
 POLICIES = ("all", "random", "static", "kr")
 
 
+KR_GROUP = "Kill and Revive: which adapters stay live (trained here, with traffic); killed ones are parked frozen on the cloud"
+
+
 @dataclass
 class KRConfig:
-    policy: str = "all"
-    budget: float = 0.125      # share of units live after warm-up (a cap: rounded down)
-    revive: float = 0.25       # share of the live slots given to revived units
-    period: int = 10           # steps between selections
-    warmup_steps: int = 10     # steps with every module live
-    # What is killed and revived as one: a "module" (one adapted linear, as in
-    # DESIGN.md) or a "site" (all modules that share an input, e.g. q, k, v of a
-    # block). Traffic is paid per site, so site units buy more bytes per slot.
-    unit: str = "module"
-    seed: int = 0
+    policy: str = setting("all", "'all' keeps every module live; 'kr' is Kill and Revive; 'random' and 'static' are "
+                                 "baselines at the same budget", choices=list(POLICIES), group=KR_GROUP)
+    budget: float = setting(0.125, "share of units live after warm-up (a cap: rounded down)", group=KR_GROUP)
+    revive: float = setting(0.25, "share of the live slots given to revived units", group=KR_GROUP)
+    period: int = setting(10, "steps between selections", group=KR_GROUP)
+    warmup_steps: int = setting(10, "steps with every module live", group=KR_GROUP)
+    # Traffic is paid per site, so site units buy more bytes per slot.
+    unit: str = setting("module", "what is killed and revived as one: a module (one linear) or a site (the linears "
+                                  "sharing an input, e.g. q, k, v of a block; traffic is per site)",
+                        choices=["module", "site"], group=KR_GROUP)
+    seed: int = setting(0, "seed of the random policy", cli=False)
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:

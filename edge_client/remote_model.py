@@ -18,13 +18,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from common.lora import LoRAAdapter, LoRALinear, seeded_adapters
+from common.lora import LoRAAdapter, LoRAConfig, LoRALinear, seeded_adapters
+from common.settings import setting
 from edge_client import peft_format, token_privacy
 from edge_client.edge_model import EdgeModel, load_tokenizer
 from edge_client.session import CloudError, CloudSession, Credentials, RetryPolicy, SplitOptions, StepStats
@@ -37,40 +38,30 @@ log = logging.getLogger(__name__)
 class RemoteConfig:
     """Where the cloud is and what this device keeps to itself (see README: Privacy)."""
 
-    server: str = field(default="127.0.0.1:50551", metadata={"help": "cloud_server address, host:port"})
-    edge_layers: int = field(default=0, metadata={
-        "help": "run the first K frozen blocks and their adapters on this device; the cloud sees their output, "
-                "not the embedding (costs edge compute; see README: Privacy)"})
-    token_epsilon: float | None = field(default=None, metadata={
-        "help": "metric differential privacy on every token sent: each is released with this epsilon before it "
-                "is embedded (smaller: more private, less accurate; README: Privacy)"})
-    wire_dtype: str = field(default="fp32", metadata={"help": "activations on the wire: fp32, bf16 or fp16"})
-    client_name: str = field(default="edge", metadata={"help": "name the cloud logs for this device"})
-    cache: Path = field(default=Path.home() / ".cache" / "dlora", metadata={
-        "help": "where the edge assets (tokenizer, embedding, head) are kept"})
-    seed: int = field(default=0, metadata={"help": "seed of the adapters' initialisation, dropout and token noise"})
-    timeout: float = field(default=600.0, metadata={"help": "seconds one call may take"})
+    server: str = setting("127.0.0.1:50551", "cloud_server address HOST:PORT", group="connection and recovery")
+    edge_layers: int = setting(0, "DLoRA: run the first K frozen blocks on this device, with their adapters, so "
+                                  "the cloud receives their output instead of the embedding; exact, costs this "
+                                  "device K blocks of memory and compute (README: Privacy)", metavar="K")
+    token_epsilon: float | None = setting(
+        None, "token privacy (metric differential privacy): before anything is sent, each token, in training and "
+              "evaluation, is swapped for the token nearest its embedding plus noise of density ~ exp(-EPS * |z|); "
+              "epsilon is per unit of embedding distance (README: Privacy)", metavar="EPS")
+    wire_dtype: str = setting("fp32", "dtype of activations and gradients on the wire",
+                              choices=["fp32", "fp16", "bf16"])
+    client_name: str = setting("edge", "client name shown in the server's log", flag="--name")
+    cache: Path = setting(Path.home() / ".cache" / "dlora", "where downloaded edge assets are kept")
+    seed: int = setting(0, "seed of the adapters' initialisation, the data order, dropout and token noise")
+    timeout: float = setting(600.0, "seconds one call to the cloud may take", group="connection and recovery")
 
     def __post_init__(self) -> None:
         if self.edge_layers < 0:
-            raise ValueError(f"edge_layers must be 0 or more, got {self.edge_layers}")
+            raise ValueError(f"--edge-layers must not be negative, got {self.edge_layers}")
         if self.token_epsilon is not None:
             token_privacy.check_epsilon(self.token_epsilon)
-
-
-@dataclass(frozen=True)
-class LoraSettings:
-    """What DLoRA takes from a PEFT LoraConfig."""
-
-    r: int = 8
-    lora_alpha: float = 16.0
-    target_modules: tuple[str, ...] = ()   # leaf names; () the server's default; ("all-linear",) every linear
-    lora_dropout: float = 0.0
-    use_rslora: bool = False
-
-    @property
-    def scale(self) -> float:
-        return self.lora_alpha / (self.r ** 0.5 if self.use_rslora else self.r)
+        if self.wire_dtype not in ("fp32", "fp16", "bf16"):
+            raise ValueError(f"wire dtype {self.wire_dtype!r}: choose fp32, fp16 or bf16")
+        if self.timeout <= 0:
+            raise ValueError(f"timeout must be positive, got {self.timeout}")
 
 
 # LoraConfig fields DLoRA follows; the rest must keep PEFT's default, or the config is refused.
@@ -80,11 +71,11 @@ _IGNORED = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_mode
             "inference_mode", "fan_in_fan_out", "runtime_config", "megatron_core"}
 
 
-def lora_settings(config=None) -> LoraSettings:
-    """LoraSettings from a peft.LoraConfig (or a LoraSettings, or None: the defaults), refusing what DLoRA
-    cannot do with a message that names the fields."""
-    if config is None or isinstance(config, LoraSettings):
-        return config or LoraSettings()
+def lora_settings(config=None) -> LoRAConfig:
+    """DLoRA's LoRAConfig from a peft.LoraConfig (or a LoRAConfig, or None: the defaults), refusing
+    what DLoRA cannot do with a message that names the fields."""
+    if config is None or isinstance(config, LoRAConfig):
+        return config or LoRAConfig()
     from peft import LoraConfig
 
     if not isinstance(config, LoraConfig):
@@ -101,9 +92,9 @@ def lora_settings(config=None) -> LoraSettings:
     if isinstance(targets, str) and targets != "all-linear":
         raise ValueError(f"target_modules {targets!r}: give a list of module names (e.g. ['q_proj', 'v_proj']) "
                          "or 'all-linear'; regular expressions are not supported")
-    names = ("all-linear",) if targets == "all-linear" else tuple(sorted({t.rsplit(".", 1)[-1] for t in targets or ()}))
-    return LoraSettings(int(config.r), float(config.lora_alpha), names, float(config.lora_dropout),
-                        bool(config.use_rslora))
+    names = ["all-linear"] if targets == "all-linear" else sorted({t.rsplit(".", 1)[-1] for t in targets or ()})
+    return LoRAConfig(int(config.r), float(config.lora_alpha), names, float(config.lora_dropout),
+                      bool(config.use_rslora))
 
 
 class _Parts:
@@ -122,7 +113,7 @@ class DLoRAModelForCausalLM(nn.Module):
     accepts_loss_kwargs = True
     main_input_name = "input_ids"
 
-    def __init__(self, session: CloudSession, assets: Path, lora: LoraSettings, remote: RemoteConfig) -> None:
+    def __init__(self, session: CloudSession, assets: Path, lora: LoRAConfig, remote: RemoteConfig) -> None:
         super().__init__()
         from transformers import AutoConfig
 
@@ -139,7 +130,7 @@ class DLoRAModelForCausalLM(nn.Module):
         front = FrontModel.from_assets(assets, self.front_layers) if self.front_layers else None
         self._parts = _Parts(front.head if front is not None else EdgeModel.from_assets(assets), front)
         # A federation's clients start from one initialisation (FedAvg averages copies of one model).
-        adapters = seeded_adapters(session.module_shapes(), lora.r, lora.scale,
+        adapters = seeded_adapters(session.module_shapes(), lora.rank, lora.scale,
                                    self.split.seed if self.split is not None else remote.seed)
         layer = {m.name: s.layer for s in session.sites for m in s.modules}
         # Adapters of the cloud's blocks answer its site exchanges; those of this device's blocks live in
@@ -147,7 +138,7 @@ class DLoRAModelForCausalLM(nn.Module):
         self.remote_adapters = {n: a for n, a in adapters.items()
                                 if self.split is None and layer[n] >= remote.edge_layers}
         if front is not None:
-            front.add_adapters({n: a for n, a in adapters.items() if n not in self.remote_adapters}, lora.lora_dropout)
+            front.add_adapters({n: a for n, a in adapters.items() if n not in self.remote_adapters}, lora.dropout)
         self.adapters = adapters
         self.lora = nn.ModuleDict({n.replace(".", "__"): a for n, a in adapters.items()})
         self.steps = 0                    # training forwards so far: each one's step id
@@ -167,8 +158,8 @@ class DLoRAModelForCausalLM(nn.Module):
         remote = RemoteConfig(server=server, **settings)
         lora = lora_settings(lora_config)
         if split is not None:
-            split = dataclasses.replace(split, rank=lora.r, alpha=lora.lora_alpha)
-        session = CloudSession(server, wire_dtype=remote.wire_dtype, targets=list(lora.target_modules) or None,
+            split = dataclasses.replace(split, rank=lora.rank, alpha=lora.alpha)
+        session = CloudSession(server, wire_dtype=remote.wire_dtype, targets=list(lora.targets) or None,
                                client_name=remote.client_name, timeout=remote.timeout, credentials=credentials,
                                retry=retry, edge_layers=remote.edge_layers, split=split)
         try:
@@ -210,7 +201,7 @@ class DLoRAModelForCausalLM(nn.Module):
         if self.split is not None:
             server, scale, _ = self.session.server_adapters()
             adapters |= {name: LoRAAdapter.from_weights(a, b, scale) for name, (a, b) in server.items()}
-        return peft_format.save(Path(path), adapters, s.r, s.lora_alpha, self.session.model.name,
+        return peft_format.save(Path(path), adapters, s.rank, s.alpha, self.session.model.name,
                                 self.session.model.model_type, use_rslora=s.use_rslora)
 
     def aggregate(self, round_: int, examples: int) -> tuple[int, int, int]:
@@ -364,7 +355,7 @@ class _StepHandle:
 
     def _open(self) -> torch.Tensor:
         m = self.model
-        dropout = m.lora_settings.lora_dropout if m.training else 0.0   # as PEFT: only in train mode
+        dropout = m.lora_settings.dropout if m.training else 0.0   # as PEFT: only in train mode
         self.box[0] = m.session.open_step(self.step, self.first, self.mask, self.live, train=True,
                                           dropout=dropout, seed=m.remote_config.seed)
         m._pending = self.stream

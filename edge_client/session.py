@@ -18,6 +18,7 @@ import torch
 from common import tensor_codec as codec
 from common.lora import LoRAAdapter
 from common.wire import dlora_pb2 as pb
+from common.settings import setting
 from common.wire import dlora_pb2_grpc as pb_grpc
 from edge_client.step_stream import CloudError, SiteInfo, SiteModule, StepStats, StepStream, rpc_error
 
@@ -74,9 +75,15 @@ class Credentials:
 
 @dataclass
 class RetryPolicy:
-    retries: int = 8                  # further attempts after a retryable failure
-    backoff: float = 0.5              # first wait in seconds; doubles each time
-    max_backoff: float = 30.0
+    retries: int = setting(8, "attempts after a failed step, with exponential backoff; the session is re-opened "
+                              "and killed adapters parked again if the server restarted",
+                           group="connection and recovery")
+    backoff: float = setting(0.5, "first wait in seconds; doubles each time", cli=False)
+    max_backoff: float = setting(30.0, "longest wait in seconds", cli=False)
+
+    def __post_init__(self) -> None:
+        if self.retries < 0 or self.backoff < 0 or self.max_backoff < 0:
+            raise ValueError("--retries and the backoff times must not be negative")
 
     def delay(self, attempt: int) -> float:
         base = min(self.backoff * (2 ** attempt), self.max_backoff)

@@ -5,73 +5,106 @@ import json
 import logging
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from common.lora import adapters_state, load_adapters_state
+from common.lora import LoRAConfig, adapters_state, load_adapters_state
+from common.settings import setting
 from edge_client import data as datasets
-from edge_client import label_privacy, leakage, token_privacy
+from edge_client import label_privacy, leakage
 from edge_client.kill_revive import Change, KillRevive, KRConfig
 from edge_client.objective import Batch, classify, completion_loss, label_loss, label_token_ids, make_batch
-from edge_client.remote_model import DLoRAModelForCausalLM, LoraSettings, RemoteConfig
+from edge_client.remote_model import DLoRAModelForCausalLM, RemoteConfig
 from edge_client.session import CloudSession, Credentials, RetryPolicy, SplitOptions, StepStats
 
 log = logging.getLogger(__name__)
 
+SPLIT_GROUP = ("SplitLoRA mode: split federated fine-tuning: this device runs the embedding and the first "
+               "--cut-layer blocks with its own adapters, the cloud runs the rest with server-side adapters it "
+               "trains; client-side adapters are averaged (FedAvg, weighted by examples) across the federation's "
+               "clients")
+
 
 @dataclass
-class TrainConfig:
-    server: str = "127.0.0.1:50551"
-    data: Path | None = None          # None: the embedded BBC News set
-    test: Path | None = None          # None: hold out test_fraction of `data`
-    template: str | None = None
-    labels: list[str] | None = None   # the label set; None: the labels found in `data`
-    test_fraction: float = 0.2
-    steps: int = 60
-    batch_size: int = 8
-    lr: float = 2e-3
-    rank: int = 8
-    alpha: float = 16.0
-    targets: list[str] = field(default_factory=list)
-    max_length: int = 128
-    eval_limit: int = 200
-    eval_batch_size: int = 16
-    wire_dtype: str = "fp32"
+class TrainConfig(LoRAConfig, RemoteConfig):
+    """`edge_client train`: the model's connection and LoRA settings plus the job's. Each field is
+    declared once, with its help; the command line is generated from it (common/settings.py)."""
+
+    data: Path | None = setting(None, "training JSONL file; off: the embedded BBC News topic set")
+    test: Path | None = setting(None, "held-out JSONL file; off: hold out --test-fraction of --data")
+    labels: list[str] | None = setting(None, "comma-separated label set of text/label data, when this device's "
+                                             "data may lack some labels; off: the labels found in --data")
+    test_fraction: float = setting(0.2, "held-out share when no --test")
+    template: str | None = setting(None, "prompt template for text/label data, with {text} and {labels}; off: a "
+                                         "short classification instruction")
+    steps: int = setting(60, "optimizer steps")
+    batch_size: int = setting(8, "examples per step")
+    lr: float = setting(2e-3, "AdamW learning rate")
+    max_length: int = setting(128, "tokens per example; longer prompts are cut")
+    eval_every: int = setting(0, "evaluate on held-out data every N steps too, for the accuracy curve of "
+                                 "'edge_client report'; 0: before and after training only")
+    eval_before: bool = setting(True, "skip the held-out evaluation before training")
+    eval_limit: int = setting(200, "held-out examples to evaluate, 0 for all")
+    eval_batch_size: int = setting(16, "held-out examples per forward")
     # "auto": the label-restricted loss for classification data whose labels are
     # one token each, the language-model loss otherwise. "lm" or "labels" force one.
-    objective: str = "auto"
-    # Label differential privacy: training labels released by randomised response
-    # with this epsilon (see label_privacy.py); None: the true labels.
-    label_epsilon: float | None = None
-    # DLoRA: run the first edge_layers frozen blocks here, with their adapters, so the
-    # cloud sees their output instead of the embedding (see README: Privacy). 0: none.
-    edge_layers: int = 0
-    # Token privacy (metric DP, see token_privacy.py): every token this device sends
-    # the cloud, training and evaluation, is first released with this epsilon. None: off.
-    token_epsilon: float | None = None
-    kr: KRConfig = field(default_factory=KRConfig)
-    seed: int = 0
-    out: Path = Path("runs/latest")
-    cache: Path = Path.home() / ".cache" / "dlora"
-    client_name: str = "edge"
-    progress: bool = True
-    eval_before: bool = True
-    credentials: Credentials = field(default_factory=Credentials)
-    retry: RetryPolicy = field(default_factory=RetryPolicy)
-    eval_every: int = 0               # steps between held-out evaluations; 0: before and after only
-    checkpoint_every: int = 20        # steps between checkpoints; 0: only at the end
-    resume: bool = False              # continue from out/checkpoint.pt
+    objective: str = setting("auto", "loss: 'lm' = cross-entropy over the whole vocabulary; 'labels' = over the "
+                                     "label tokens only (PET-style, C instead of V LM-head columns on the device); "
+                                     "'auto' = labels for text/label data with one-token labels, else lm",
+                             choices=["auto", "lm", "labels"])
+    label_epsilon: float | None = setting(
+        None, "label differential privacy: release each training label once by randomised response with this "
+              "epsilon (kept with probability e^EPS/(e^EPS+C-1), else another label at random); the cloud, which "
+              "can read labels from the gradient, then learns only the released ones. Text/label data only; costs "
+              "accuracy at small EPS", metavar="EPS")
+    kr: KRConfig = setting(KRConfig, "Kill and Revive")
     # "dlora": the cloud runs every block, this device the adapters. "splitlora":
     # this device runs the first cut_layer blocks with its adapters, the cloud
     # the rest with server-side adapters; FedAvg every aggregate_every steps.
-    mode: str = "dlora"
-    cut_layer: int = 4
-    aggregate_every: int = 10
-    clients: int = 1                  # clients per aggregation round (the federation's size)
-    federation: str = "default"
+    mode: str = setting("dlora", "'dlora': the cloud runs every block, this device computes the adapters; "
+                                 "'splitlora': see above", choices=["dlora", "splitlora"], group=SPLIT_GROUP)
+    cut_layer: int = setting(4, "blocks run on this device", group=SPLIT_GROUP)
+    aggregate_every: int = setting(10, "steps between FedAvg rounds, I in the paper", group=SPLIT_GROUP)
+    clients: int = setting(1, "clients each FedAvg round waits for (the federation's size)", group=SPLIT_GROUP)
+    federation: str = setting("default", "federation name: clients with the same name share server-side adapters "
+                                         "and average together", group=SPLIT_GROUP)
+    out: Path = setting(Path("runs/latest"), "directory for adapter_model.safetensors and run.json")
+    progress: bool = setting(True, "no progress bars (for logs)")
+    retry: RetryPolicy = setting(RetryPolicy, "retries")
+    checkpoint_every: int = setting(20, "save adapters + optimizer to OUT/checkpoint.pt every N steps; 0: only at "
+                                        "the end", group="connection and recovery")
+    resume: bool = setting(False, "continue from OUT/checkpoint.pt", group="connection and recovery")
+    credentials: Credentials = setting(Credentials, "the token and TLS files (see the connection flags)", cli=False)
+
+    def __post_init__(self) -> None:
+        LoRAConfig.__post_init__(self)
+        RemoteConfig.__post_init__(self)
+        for name in ("steps", "batch_size", "max_length", "eval_batch_size", "cut_layer", "aggregate_every",
+                     "clients"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("eval_every", "eval_limit", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ValueError(f"--test-fraction must be between 0 and 1, got {self.test_fraction}")
+        if self.lr <= 0:
+            raise ValueError(f"--lr must be positive, got {self.lr}")
+        if self.objective not in ("auto", "lm", "labels"):
+            raise ValueError(f"unknown objective {self.objective!r}; choose auto, lm or labels")
+        if self.mode not in ("dlora", "splitlora"):
+            raise ValueError(f"unknown mode {self.mode!r}; choose dlora or splitlora")
+        if self.mode == "splitlora":
+            if self.edge_layers:
+                raise ValueError("--edge-layers is a DLoRA option; SplitLoRA runs --cut-layer blocks on this device")
+            if self.kr.policy != "all":
+                raise ValueError("Kill and Revive (--policy) is a DLoRA-mode feature; SplitLoRA trains every adapter")
+            if self.resume:
+                raise ValueError("--resume is not supported in SplitLoRA mode: the server-side adapters live on "
+                                 "the cloud")
 
 
 def load_splits(cfg: TrainConfig) -> tuple[datasets.Dataset, datasets.Dataset, str]:
@@ -97,10 +130,7 @@ class EdgeTrainer:
         self.cfg = cfg
         self.session = session
         self.split = cfg.mode == "splitlora"
-        remote = RemoteConfig(server=cfg.server, edge_layers=cfg.edge_layers, token_epsilon=cfg.token_epsilon,
-                              wire_dtype=cfg.wire_dtype, client_name=cfg.client_name, cache=cfg.cache, seed=cfg.seed)
-        self.model = DLoRAModelForCausalLM(session, session.fetch_assets(cfg.cache / "edge-assets"),
-                                           LoraSettings(cfg.rank, cfg.alpha, tuple(cfg.targets)), remote)
+        self.model = DLoRAModelForCausalLM(session, session.fetch_assets(cfg.cache / "edge-assets"), cfg, cfg)
         self.train_examples = 0           # FedAvg weight (set by run())
         self.rounds = 0
         # Killed modules get no gradient, so AdamW leaves them (and their moments) alone.
@@ -380,25 +410,13 @@ def run(cfg: TrainConfig) -> dict:
 
 
 def open_session(cfg: TrainConfig) -> CloudSession:
-    """The session `cfg` trains in, its mode and options checked first."""
+    """The session `cfg` trains in (its settings were checked when it was made)."""
     split = None
-    if cfg.edge_layers < 0 or (cfg.edge_layers and cfg.mode != "dlora"):
-        raise ValueError("--edge-layers is a DLoRA option (0 or more); SplitLoRA keeps --cut-layer blocks here")
-    if cfg.token_epsilon is not None:
-        token_privacy.check_epsilon(cfg.token_epsilon)
     if cfg.mode == "splitlora":
-        if cfg.kr.policy != "all":
-            raise ValueError("Kill and Revive (--policy) is a DLoRA-mode feature; SplitLoRA trains every adapter")
-        if cfg.resume:
-            raise ValueError("--resume is not supported in SplitLoRA mode: the server-side adapters live on the cloud")
-        if cfg.aggregate_every < 1 or cfg.clients < 1:
-            raise ValueError("--aggregate-every and --clients must be at least 1")
         split = SplitOptions(cfg.cut_layer, cfg.federation, cfg.clients, cfg.rank, cfg.alpha, cfg.lr)
-    elif cfg.mode != "dlora":
-        raise ValueError(f"unknown mode {cfg.mode!r}; choose dlora or splitlora")
     return CloudSession(cfg.server, wire_dtype=cfg.wire_dtype, targets=cfg.targets or None,
-                        client_name=cfg.client_name, credentials=cfg.credentials, retry=cfg.retry,
-                        split=split, edge_layers=cfg.edge_layers)
+                        client_name=cfg.client_name, timeout=cfg.timeout, credentials=cfg.credentials,
+                        retry=cfg.retry, split=split, edge_layers=cfg.edge_layers)
 
 
 def public_config(cfg: TrainConfig) -> dict:
