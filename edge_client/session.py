@@ -4,7 +4,6 @@ A step is one bidirectional gRPC stream (step_stream.StepStream).
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import random
 import time
@@ -20,6 +19,7 @@ from common.lora import LoRAAdapter
 from common.wire import dlora_pb2 as pb
 from common.settings import setting
 from common.wire import dlora_pb2_grpc as pb_grpc
+from edge_client import asset_download
 from edge_client.step_stream import CloudError, SiteInfo, SiteModule, StepStats, StepStream, rpc_error
 
 __all__ = ["CloudError", "CloudSession", "Credentials", "RetryPolicy", "SiteInfo", "SiteModule", "SplitOptions",
@@ -274,30 +274,8 @@ class CloudSession:
     # -- assets --------------------------------------------------------------
     def fetch_assets(self, cache_dir: Path) -> Path:
         """Download the edge assets into cache_dir/<digest>, verified; reuse them if present."""
-        dest = cache_dir / self.model.assets_sha256[:16]
-        if (dest / ".complete").exists():
-            return dest
-        dest.mkdir(parents=True, exist_ok=True)
-        files: dict[str, tuple[bytearray, str, int]] = {}
-        try:
-            for chunk in self.stub.GetEdgeAssets(pb.EdgeAssetsRequest(session_id=self.session_id),
-                                                 timeout=self.timeout, metadata=self.credentials.metadata()):
-                buf, _, _ = files.setdefault(chunk.path, (bytearray(), chunk.sha256, chunk.size))
-                if chunk.offset != len(buf):
-                    raise CloudError(f"asset {chunk.path}: chunk at offset {chunk.offset}, expected {len(buf)}")
-                buf.extend(chunk.data)
-        except grpc.RpcError as exc:
-            raise rpc_error(exc) from None
-        for name, (buf, sha, size) in files.items():
-            if Path(name).name != name:
-                raise CloudError(f"asset name {name!r} is not a plain file name")
-            if len(buf) != size or hashlib.sha256(buf).hexdigest() != sha:
-                raise CloudError(f"asset {name} failed its SHA-256 check; refusing to use it")
-            tmp = dest / (name + ".part")
-            tmp.write_bytes(bytes(buf))
-            tmp.replace(dest / name)
-        (dest / ".complete").write_text(self.model.assets_sha256)
-        return dest
+        return asset_download.fetch(self.stub, self.session_id, self.model.assets_sha256, cache_dir, self.timeout,
+                                    self.credentials.metadata())
 
     # -- Kill and Revive ----------------------------------------------------------
     def park(self, kill: dict[str, LoRAAdapter], revive: list[str]) -> tuple[int, int]:
@@ -323,25 +301,14 @@ class CloudSession:
         return req.ByteSize(), reply.ByteSize()
 
     # -- steps ---------------------------------------------------------------
-    def train_step(self, step_id: int, hidden: torch.Tensor, mask: torch.Tensor,
-                   adapters: dict[str, LoRAAdapter],
-                   loss_fn: Callable[[torch.Tensor], torch.Tensor]) -> tuple[float, StepStats]:
-        """Forward and backward through the cloud; adapter grads accumulate in `adapters`.
-
-        `loss_fn` maps the final hidden state [B, T, H] to a scalar loss. With
-        edge_layers, `hidden` is the output of the edge's blocks; if it requires
-        grad, the cloud's dL/d(hidden) is backpropagated into them once the step
-        has succeeded (so a retried attempt never adds it twice).
-        """
-        params = [p for a in adapters.values() for p in (a.lora_A, a.lora_B)]
-        return self.with_retries(f"step {step_id}", lambda: self._step(
-            self.step_rpcs["TrainStep"], step_id, hidden, mask, adapters, loss_fn), params)
-
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor,
                 adapters: dict[str, LoRAAdapter]) -> tuple[torch.Tensor, StepStats]:
-        """Forward only: the final hidden state [B, T, H] (before the final norm)."""
-        return self.with_retries("forward", lambda: self._step(self.step_rpcs["Forward"], 0, hidden, mask,
-                                                                adapters, None))
+        """Forward only: the final hidden state [B, T, H] (before the final norm), and the call's stats."""
+        def attempt():
+            stream = StepStream(self, self.step_rpcs["Forward"], 0, hidden, mask, adapters, False, self.timeout)
+            return stream.open(), stream.stats
+
+        return self.with_retries("forward", attempt)
 
     def generate(self, hidden: torch.Tensor, mask: torch.Tensor, adapters: dict[str, LoRAAdapter],
                  next_embedding: Callable[[torch.Tensor], torch.Tensor | None]) -> StepStats:
@@ -367,28 +334,11 @@ class CloudSession:
             return True
 
         # No overall deadline: the cloud bounds each token's wait instead.
-        _, stats = self._stream(self.step_rpcs["Generate"], 0, hidden, mask, adapters, False, on_final, timeout=None)
-        return stats
+        stream = StepStream(self, self.step_rpcs["Generate"], 0, hidden, mask, adapters, False, None)
+        stream.run(on_final)
+        return stream.stats
 
     # -- SplitLoRA ---------------------------------------------------------------
-    def split_step(self, step_id: int, cut: torch.Tensor, mask: torch.Tensor,
-                   loss_fn: Callable[[torch.Tensor], torch.Tensor]) -> tuple[float, StepStats, torch.Tensor]:
-        """The cloud's blocks after the cut, forward and backward: (loss, stats, dL/d cut)."""
-        def attempt():
-            got: dict[str, torch.Tensor] = {}
-
-            def on_final(exchange, msg: pb.FinalHidden):
-                exchange.on_cut_grad = lambda g: got.__setitem__("grad", codec.decode(
-                    g.grad, name="cut-layer gradient", shape=tuple(cut.shape), dtypes=[self.wire_dtype]).float())
-                return exchange.final(msg, loss_fn, tuple(cut.shape))
-
-            loss, stats = self._stream(self.step_rpcs["TrainStep"], step_id, cut.detach(), mask, {}, True, on_final)
-            if "grad" not in got:
-                raise CloudError("the cloud ended a SplitLoRA step without the cut-layer gradient")
-            return loss, stats, got["grad"]
-
-        return self.with_retries(f"step {step_id}", attempt)
-
     def aggregate(self, round_: int, examples: int, adapters: dict[str, LoRAAdapter]) -> tuple[int, int, int]:
         """FedAvg: send this client's adapters, load the federation's average into them.
 
@@ -425,32 +375,9 @@ class CloudSession:
                for w in reply.adapters}
         return out, reply.scale, reply.updates
 
-    def _step(self, rpc, step_id, hidden, mask, adapters, loss_fn):
-        train = loss_fn is not None
-        got: dict[str, torch.Tensor] = {}
-
-        def on_final(exchange, msg: pb.FinalHidden):
-            if train and self.edge_layers:
-                exchange.on_cut_grad = lambda g: got.__setitem__("grad", self.decode_cut_grad(g, hidden.shape))
-            return exchange.final(msg, loss_fn, tuple(hidden.shape))
-
-        result, stats = self._stream(rpc, step_id, hidden.detach(), mask, adapters, train, on_final)
-        if train and self.edge_layers:
-            if "grad" not in got:
-                raise CloudError("the cloud ended the step without the gradient of the edge blocks' output")
-            if hidden.requires_grad:
-                hidden.backward(got["grad"])
-        return result, stats
-
     def decode_cut_grad(self, msg: pb.CutGrad, shape) -> torch.Tensor:
         return codec.decode(msg.grad, name="gradient of the edge blocks' output", shape=tuple(shape),
                             dtypes=[self.wire_dtype]).float()
-
-    def _stream(self, rpc, step_id, hidden, mask, adapters, train, on_final, timeout: float | None = -1.0):
-        """One whole call: send the start, answer the cloud until it ends."""
-        stream = StepStream(self, rpc, step_id, hidden, mask, adapters, train,
-                            self.timeout if timeout == -1.0 else timeout)
-        return stream.run(on_final), stream.stats
 
     def open_step(self, step_id: int, hidden: torch.Tensor, mask: torch.Tensor, adapters: dict[str, LoRAAdapter],
                   train: bool, dropout: float = 0.0, seed: int = 0) -> StepStream:

@@ -132,7 +132,11 @@ class StepStream:
         msg = self._pump(None, stop_at_final=True)
         if msg is _NO_FINAL:
             raise CloudError("the cloud ended the step without sending the final hidden state")
-        return codec.decode(msg.hidden, name="final hidden state", shape=self.shape, dtypes=[self.session.wire_dtype]).float()
+        hidden = codec.decode(msg.hidden, name="final hidden state", shape=self.shape,
+                              dtypes=[self.session.wire_dtype]).float()
+        if not self.exchange.train:
+            self._pump(None)  # a forward-only call ends right after it
+        return hidden
 
     def finish(self, grad: torch.Tensor) -> None:
         """Send dL/d(final hidden) and answer the cloud's backward until the step ends."""
@@ -273,19 +277,6 @@ class _EdgeExchange:
         gen = torch.Generator().manual_seed((self.seed * 65_537 + site) * 257 + k)
         mask = torch.empty(x.shape, dtype=x.dtype).bernoulli_(keep, generator=gen)
         return x * mask / keep
-
-    def final(self, msg: pb.FinalHidden, loss_fn, shape: tuple[int, ...]):
-        h = codec.decode(msg.hidden, name="final hidden state", shape=shape,
-                         dtypes=[self.session.wire_dtype]).float()
-        if not self.train:
-            return h
-        h.requires_grad_(True)
-        loss = loss_fn(h)
-        loss.backward()
-        reply = pb.EdgeMessage()
-        codec.encode_into(reply.final_grad.grad, h.grad, self.session.wire_dtype)
-        self.send(reply)
-        return float(loss.detach())
 
     def backward(self, msg: pb.SiteGradOutputs) -> None:
         if msg.site not in self.saved:

@@ -1,16 +1,17 @@
 """Test helpers: an edge set up against a server, and the in-process reference model."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from common.lora import LoRAAdapter, adapters_state, inject, load_adapters_state
+from common.lora import LoRAAdapter, LoRAConfig, adapters_state, inject, load_adapters_state
 from edge_client.data import Example
-from edge_client.edge_model import EdgeModel, load_tokenizer
 from edge_client.objective import Batch, completion_loss, make_batch
-from edge_client.session import CloudSession
+from edge_client.remote_model import DLoRAModelForCausalLM, RemoteConfig
+from edge_client.session import CloudSession, StepStats
 
 EXAMPLES = [
     Example("the match ended two nil", " sport"),
@@ -22,18 +23,40 @@ EXAMPLES = [
 
 @dataclass
 class Edge:
-    session: CloudSession
-    edge: EdgeModel
-    tokenizer: object
-    adapters: dict[str, LoRAAdapter]
+    """An edge on the Python API's model, with random adapters (B != 0) and the completion loss."""
+
+    model: DLoRAModelForCausalLM
+
+    @property
+    def session(self) -> CloudSession:
+        return self.model.session
+
+    @property
+    def edge(self):
+        return self.model.edge
+
+    @property
+    def tokenizer(self):
+        return self.model.tokenizer
+
+    @property
+    def adapters(self) -> dict[str, LoRAAdapter]:
+        return self.model.adapters
 
     def batch(self, examples=EXAMPLES, max_length: int = 64) -> Batch:
         return make_batch(self.tokenizer, examples, max_length)
 
+    def train(self, step_id: int, batch: Batch,
+              loss_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[float, StepStats]:
+        """One forward and backward as step `step_id` (adapter grads accumulate): (loss, the step's stats)."""
+        self.model.steps = step_id - 1
+        hidden = self.model.final_hidden(batch.input_ids, batch.attention_mask)
+        loss = loss_fn(hidden) if loss_fn is not None else completion_loss(hidden, batch, self.edge.logits)
+        loss.backward()
+        return float(loss.detach()), self.model.last_stats
+
     def step(self, step_id: int, batch: Batch) -> float:
-        loss, _ = self.session.train_step(step_id, self.edge.embed(batch.input_ids), batch.attention_mask,
-                                          self.adapters, lambda h: completion_loss(h, batch, self.edge.logits))
-        return loss
+        return self.train(step_id, batch)[0]
 
 
 def random_adapters(shapes: dict[str, tuple[int, int]], rank: int = 4, alpha: float = 8.0,
@@ -48,11 +71,19 @@ def random_adapters(shapes: dict[str, tuple[int, int]], rank: int = 4, alpha: fl
     return out
 
 
-def connect(address: str, cache: Path, seed: int = 0, **kw) -> Edge:
-    session = CloudSession(address, **kw)
-    assets = session.fetch_assets(cache)
-    return Edge(session, EdgeModel.from_assets(assets), load_tokenizer(assets),
-                random_adapters(session.module_shapes(), seed=seed))
+def connect(address: str, cache: Path, seed: int = 0, targets: list[str] | None = None, credentials=None,
+            retry=None, **settings) -> Edge:
+    """An Edge with random_adapters(seed) of rank 4, alpha 8; `settings` are RemoteConfig's."""
+    session = CloudSession(address, targets=targets, credentials=credentials, retry=retry,
+                           **{k: v for k, v in settings.items() if k in ("wire_dtype", "timeout", "edge_layers")})
+    try:
+        remote = RemoteConfig(server=address, **settings)
+        model = DLoRAModelForCausalLM(session, session.fetch_assets(cache), LoRAConfig(rank=4, alpha=8.0), remote)
+        model.load_adapters(random_adapters(session.module_shapes(), seed=seed), "the test's adapters")
+    except BaseException:
+        session.close()
+        raise
+    return Edge(model)
 
 
 def reference_model(model_dir: Path, adapters: dict[str, LoRAAdapter]):

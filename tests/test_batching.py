@@ -14,7 +14,6 @@ from common import tensor_codec as codec
 from common.wire import dlora_pb2 as pb
 from common.wire import dlora_pb2_grpc as pb_grpc
 from edge_client.data import Example
-from edge_client.objective import completion_loss
 from helpers import EXAMPLES, connect, reference_loss, reference_model, rel_err
 from test_wire_errors import RawStep, start_msg
 
@@ -65,8 +64,7 @@ def _concurrently(fns) -> list:
 
 def _train(edge, batch):
     def run():
-        return edge.session.train_step(1, edge.edge.embed(batch.input_ids), batch.attention_mask, edge.adapters,
-                                       lambda h: completion_loss(h, batch, edge.edge.logits))
+        return edge.train(1, batch)
     return run
 
 
@@ -225,9 +223,7 @@ def test_a_lagging_edge_is_dropped_and_then_runs_alone(model_dirs, tmp_path):
             # Next time the laggard runs alone: the good edge is not batched with it.
             for ad in good.adapters.values():
                 ad.zero_grad()
-            step2 = lambda: good.session.train_step(  # noqa: E731
-                2, good.edge.embed(batch.input_ids), batch.attention_mask, good.adapters,
-                lambda h: completion_loss(h, batch, good.edge.logits))
+            step2 = lambda: good.train(2, batch)  # noqa: E731
             stalled = threading.Thread(target=_stalling_edge, args=(stub, sid), daemon=True)
             stalled.start()
             time.sleep(0.5)

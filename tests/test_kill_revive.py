@@ -90,8 +90,7 @@ def test_parked_modules_are_exact_and_cost_nothing(kind, servers, model_dirs, ca
     edge = connect(servers[kind], cache, seed=3)
     try:
         batch = edge.batch()
-        _, all_live = edge.session.train_step(1, edge.edge.embed(batch.input_ids), batch.attention_mask,
-                                              edge.adapters, lambda h: edge_loss(edge, h, batch))
+        _, all_live = edge.train(1, batch, lambda h: edge_loss(edge, h, batch))
         for a in edge.adapters.values():
             a.zero_grad()
         names = edge.session.module_names
@@ -100,8 +99,7 @@ def test_parked_modules_are_exact_and_cost_nothing(kind, servers, model_dirs, ca
         killed = [m.name for m in sites[0].modules] + ([sites[1].modules[1].name] if len(sites[1].modules) > 1 else [])
         sent, received = edge.session.park({n: edge.adapters[n] for n in killed}, [])
         assert sent > 0 and received > 0
-        loss, stats = edge.session.train_step(2, edge.edge.embed(batch.input_ids), batch.attention_mask,
-                                              edge.adapters, lambda h: edge_loss(edge, h, batch))
+        loss, stats = edge.train(2, batch, lambda h: edge_loss(edge, h, batch))
         assert stats.sites == len(sites) - 1        # the all-parked site needs no round trip
         assert stats.bytes_sent + stats.bytes_received < all_live.bytes_sent + all_live.bytes_received
         assert stats.edge_flops < all_live.edge_flops
@@ -120,8 +118,7 @@ def test_parked_modules_are_exact_and_cost_nothing(kind, servers, model_dirs, ca
                     assert rel_err(got, want) <= 1e-5, f"{n}.{w}"
         # Reviving brings the module back onto the edge.
         edge.session.park({}, killed)
-        _, back = edge.session.train_step(3, edge.edge.embed(batch.input_ids), batch.attention_mask,
-                                          edge.adapters, lambda h: edge_loss(edge, h, batch))
+        _, back = edge.train(3, batch, lambda h: edge_loss(edge, h, batch))
         assert back.sites == len(sites) and back.bytes_sent == all_live.bytes_sent
     finally:
         edge.session.close()

@@ -1,7 +1,6 @@
 """Reliability and security against real server processes on 127.0.0.1."""
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -9,7 +8,6 @@ import sys
 import textwrap
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -270,7 +268,7 @@ EDGE_THAT_HANGS = textwrap.dedent("""
     def hang(h):
         print("mid-step", flush=True)
         time.sleep(600)
-    edge.session.train_step(1, edge.edge.embed(batch.input_ids), batch.attention_mask, edge.adapters, hang)
+    edge.train(1, batch, hang)
 """)
 
 

@@ -119,8 +119,8 @@ def test_abandoned_forward_frees_the_step(how, servers, model_dirs, cache):
         kw = {k: torch.stack([r[k] for r in rows[:2]]) for k in rows[0]}
         session_id = model.session.session_id
         if how == "graph dropped":
-            out = model(**kw)
-            del out
+            outputs = [model(**kw)]
+            outputs.clear()   # the user drops the output before backward
             gc.collect()
             # The step's stream was given up by the finaliser: the session is free at once for a
             # call that does not go through the model (a park, which a busy session refuses).
