@@ -226,3 +226,24 @@ def test_lora_config_fields_dlora_cannot_follow_are_refused():
     s = lora_settings(LoraConfig(r=4, lora_alpha=16, target_modules=["self_attn.q_proj", "v_proj"], lora_dropout=0.1,
                                  use_rslora=True))
     assert (s.rank, s.targets, s.dropout, s.scale) == (4, ["q_proj", "v_proj"], 0.1, 8.0)
+
+
+def test_splitlora_model_has_the_same_interface(servers, cache):
+    """SplitLoRA as a model: blocks before the cut and their adapters here, the same forward/backward,
+    and aggregate() for FedAvg."""
+    from edge_client.remote_model import SplitLoRAModelForCausalLM
+
+    with SplitLoRAModelForCausalLM.connect(servers["llama"], LoraConfig(r=4, lora_alpha=8), cut_layer=1,
+                                           federation="api-test", cache=cache) as model:
+        assert model.front is not None and not model.remote_adapters
+        assert model.adapters and all(".0." in n for n in model.adapters)   # block 0's adapters only
+        rows = dataset(model.config.vocab_size)
+        kw = {k: torch.stack([r[k] for r in rows[:2]]) for k in rows[0]}
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        model(**kw).loss.backward()
+        assert all(ad.lora_B.grad is not None and ad.lora_B.grad.norm() > 0 for ad in model.adapters.values())
+        opt.step()
+        clients, sent, received = model.aggregate(1, examples=2)
+        assert clients == 1 and sent > 0 and received > 0
+        with pytest.raises(ValueError, match="Kill and Revive"):
+            KillRevive(model)
