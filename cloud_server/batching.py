@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from common import tensor_codec as codec
+from common.settings import setting
 from common.wire import dlora_pb2 as pb
 from cloud_server.served_model import ServedModel
 from cloud_server.step_runner import EdgeLink, StepRunner
@@ -56,15 +57,37 @@ class _Cohort:
     cut: int = 0             # members share the block they start at
 
 
+BATCHING = ("batching: steps of different edges that arrive together run as one batch through the frozen "
+            "blocks, so one accelerator serves many edges")
+
+
 @dataclass
 class BatchingConfig:
-    window: float = 0.1           # seconds a cohort waits for more members; 0 turns batching off
-    max_tokens: int = 65536       # batch x padded length of a whole cohort
-    max_members: int = 16
-    lag_timeout: float = 30.0     # seconds one exchange of a batched edge may take before it is dropped
-    # Padded tokens at most this many times the real ones: a member with long
-    # sequences must not make short ones pay for its padding.
-    max_padding: float = 1.5
+    window_ms: float = setting(100.0, "how long a step waits for other sessions' steps to join its batch; it waits "
+                                      "only while some session is between steps, so a lone edge never waits. 0 "
+                                      "turns batching off", flag="--batch-window-ms", group=BATCHING)
+    max_tokens: int = setting(65536, "largest joint batch: sessions x batch x longest sequence",
+                              flag="--max-cohort-tokens", group=BATCHING)
+    max_members: int = setting(16, "most sessions in one joint batch", flag="--max-cohort-sessions", group=BATCHING)
+    lag_timeout: float = setting(30.0, "seconds a batched edge may take to answer one exchange; a slower edge is "
+                                       "dropped from its batch (its step fails and is retried) and runs alone from "
+                                       "then on, so it cannot hold the others back", flag="--batch-lag-timeout",
+                                 group=BATCHING)
+    # A member with long sequences must not make short ones pay for its padding.
+    max_padding: float = setting(1.5, "padded tokens in a joint batch at most this many times the real ones",
+                                 flag="--max-cohort-padding", group=BATCHING)
+
+    def __post_init__(self) -> None:
+        if self.window_ms < 0 or self.max_tokens < 1 or self.max_members < 1:
+            raise ValueError("--batch-window-ms must not be negative; --max-cohort-tokens and --max-cohort-sessions "
+                             "must be positive")
+        if self.lag_timeout <= 0 or self.max_padding < 1:
+            raise ValueError("--batch-lag-timeout must be positive and --max-cohort-padding at least 1")
+
+    @property
+    def window(self) -> float:
+        """The batching window in seconds."""
+        return self.window_ms / 1000
 
 
 class StepBatcher:

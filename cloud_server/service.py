@@ -17,6 +17,7 @@ from google.protobuf.message import Message
 
 from common import tensor_codec as codec
 from common.lora import LoRAAdapter
+from common.settings import setting
 from common.tensor_codec import WireError, clip
 from common.wire import dlora_pb2 as pb
 from common.wire import dlora_pb2_grpc as pb_grpc
@@ -69,12 +70,24 @@ MODES = {pb.DLORA: "dlora", pb.SPLITLORA: "splitlora"}
 
 @dataclass
 class ServerLimits:
-    max_sessions: int = 8
-    max_batch_tokens: int = 16384
-    max_message_bytes: int = 0      # 0: derived from the model so the largest site tensor fits
-    idle_timeout: float = 600.0     # seconds without a call before a session is freed
-    step_timeout: float = 300.0     # seconds one step may take, edge waits included
-    max_sessions_per_client: int = 0  # most sessions one identity may hold; 0: only max_sessions applies
+    max_sessions: int = setting(8, "most edge sessions open at once")
+    max_sessions_per_client: int = setting(0, "most sessions one client identity (its token or certificate) may "
+                                              "hold, so one client cannot take every slot; 0: no limit besides "
+                                              "--max-sessions")
+    max_batch_tokens: int = setting(16384, "largest batch x sequence length one step may carry")
+    max_message_mb: float = setting(0.0, "largest gRPC message in MiB; 0 derives it from --max-batch-tokens so "
+                                         "the largest site tensor fits")
+    idle_timeout: float = setting(600.0, "seconds without a call before a session is freed")
+    step_timeout: float = setting(300.0, "seconds one step may spend waiting on its edge (from its forward to the "
+                                         "end of its backward); the cloud's own compute is not interrupted")
+
+    def __post_init__(self) -> None:
+        if self.max_sessions < 1 or self.max_batch_tokens < 1:
+            raise ValueError("--max-sessions and --max-batch-tokens must be positive")
+        if self.max_sessions_per_client < 0 or self.max_message_mb < 0:
+            raise ValueError("--max-sessions-per-client and --max-message-mb must not be negative (0: automatic)")
+        if min(self.idle_timeout, self.step_timeout) <= 0:
+            raise ValueError("--idle-timeout and --step-timeout must be positive")
 
 
 class Throughput:
@@ -249,10 +262,9 @@ class DLoRAService(pb_grpc.DLoRAServicer):
         self._inflight_lock = threading.Condition()
         all_sites = served.sites(sorted(served.linear_names))
         width = served.max_site_width(all_sites)
-        if not limits.max_message_bytes:
-            # Largest tensor in one message (fp32) plus room for framing.
-            limits.max_message_bytes = limits.max_batch_tokens * width * 4 + (1 << 20)
-        limits.max_message_bytes = min(limits.max_message_bytes, MAX_GRPC_MESSAGE)
+        # Largest tensor in one message (fp32) plus room for framing, unless the operator set it.
+        derived = limits.max_batch_tokens * width * 4 + (1 << 20)
+        self.message_limit = min(int(limits.max_message_mb * (1 << 20)) or derived, MAX_GRPC_MESSAGE)
 
     def _caller(self, context: grpc.ServicerContext) -> str:
         try:
@@ -304,7 +316,7 @@ class DLoRAService(pb_grpc.DLoRAServicer):
             sites=[pb.Site(index=s.index, layer=s.layer, modules=[
                 pb.ModuleInfo(name=m.name, in_features=m.in_features, out_features=m.out_features)
                 for m in s.modules]) for s in sites],
-            limits=pb.Limits(max_message_bytes=self.limits.max_message_bytes,
+            limits=pb.Limits(max_message_bytes=self.message_limit,
                              max_batch_tokens=self.limits.max_batch_tokens,
                              max_sessions=self.limits.max_sessions),
             wire_dtype=codec.wire_dtype(wire),
@@ -868,7 +880,7 @@ def make_server(service: DLoRAService, host: str, port: int, tls: TLSFiles | Non
                 workers: int | None = None, stats_every: float = 60.0) -> RunningServer:
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-    size = service.limits.max_message_bytes
+    size = service.message_limit
     opts = [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)]
     # Each in-flight step holds one handler thread (plus its worker and pump threads).
     workers = workers or max(16, 2 * service.limits.max_sessions + 8)

@@ -100,7 +100,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls, *, skip: tuple[str, ...]
         kw["help"] = f"{meta['help']} (default: {_show(default)})".replace("%", "%%")
         if meta.get("choices"):
             kw["choices"] = meta["choices"]
-        kw["metavar"] = meta.get("metavar") or flag.lstrip("-").upper().replace("-", "_")
+        if meta.get("metavar") or not meta.get("choices"):  # choices show as {a,b} by default
+            kw["metavar"] = meta.get("metavar") or flag.lstrip("-").upper().replace("-", "_")
         target.add_argument(flag, **kw)
     return groups
 
