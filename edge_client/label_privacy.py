@@ -10,9 +10,12 @@ do not spend the budget again.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 from collections.abc import Sequence
+
+import torch
 
 from edge_client.data import Dataset, Example
 
@@ -31,13 +34,40 @@ def randomise(labels: Sequence[str], label_set: Sequence[str], epsilon: float, s
     """Randomised response on each label of `labels`, drawn from `label_set`."""
     keep = keep_probability(epsilon, len(label_set))
     rng = random.Random(seed)
-    out = []
-    for y in labels:
-        if rng.random() < keep:
-            out.append(y)
-        else:
-            out.append(rng.choice([other for other in label_set if other != y]))
-    return out
+    return [_respond(y, label_set, keep, rng) for y in labels]
+
+
+def _respond(y, label_set: Sequence, keep: float, rng: random.Random):
+    """One randomised response: y with probability `keep`, else one of the others, uniformly."""
+    if rng.random() < keep:
+        return y
+    return rng.choice([other for other in label_set if other != y])
+
+
+def release_tokens(input_ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, label_ids: Sequence[int],
+                   epsilon: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Randomised response on the class tokens of a causal-LM batch: (input_ids, labels) [B, T] where
+    every label entry that is one of `label_ids` (the C class tokens) is released as above, and the
+    same input position (Hugging Face's layout: labels[t] is input_ids[t]) carries the released token
+    too, so neither the input the cloud sees nor the gradient it gets holds the true label.
+
+    Each row's draw is keyed by (seed, the row's real tokens other than its labels), so the same
+    example gets the same release in every epoch: the budget is spent once per example."""
+    keep = keep_probability(epsilon, len(label_ids))
+    members = torch.tensor(list(label_ids), dtype=labels.dtype)
+    ids, out = input_ids.clone(), labels.clone()
+    for row in range(labels.shape[0]):
+        positions = torch.nonzero(torch.isin(labels[row], members)).flatten()
+        context = mask[row].bool().clone()
+        context[positions] = False
+        key = hashlib.sha256(f"{seed}:".encode() + input_ids[row][context].cpu().numpy().tobytes()).digest()
+        rng = random.Random(key)
+        for pos in positions.tolist():
+            released = _respond(int(labels[row, pos]), list(label_ids), keep, rng)
+            if ids[row, pos] == labels[row, pos]:
+                ids[row, pos] = released
+            out[row, pos] = released
+    return ids, out
 
 
 def privatise(train: Dataset, epsilon: float, seed: int) -> Dataset:

@@ -26,7 +26,7 @@ from torch import nn
 
 from common.lora import LoRAAdapter, LoRAConfig, LoRALinear, seeded_adapters
 from common.settings import setting
-from edge_client import peft_format, token_privacy
+from edge_client import label_privacy, peft_format, token_privacy
 from edge_client.edge_model import EdgeModel, load_tokenizer
 from edge_client.session import CloudError, CloudSession, Credentials, RetryPolicy, SplitOptions, StepStats
 from edge_client.split_model import FrontModel
@@ -46,6 +46,13 @@ class RemoteConfig:
         None, "token privacy (metric differential privacy): before anything is sent, each token, in training and "
               "evaluation, is swapped for the token nearest its embedding plus noise of density ~ exp(-EPS * |z|); "
               "epsilon is per unit of embedding distance (README: Privacy)", metavar="EPS")
+    label_epsilon: float | None = setting(
+        None, "label differential privacy: release each training label once by randomised response with this "
+              "epsilon (kept with probability e^EPS/(e^EPS+C-1), else another label at random); the cloud, which "
+              "can read labels from the gradient, then learns only the released ones. Text/label data only; costs "
+              "accuracy at small EPS", metavar="EPS")
+    label_token_ids: list[int] | None = setting(
+        None, "Python API: the C class tokens label_epsilon protects in forward(labels=...)", cli=False)
     wire_dtype: str = setting("fp32", "dtype of activations and gradients on the wire",
                               choices=["fp32", "fp16", "bf16"])
     client_name: str = setting("edge", "client name shown in the server's log", flag="--name")
@@ -58,6 +65,8 @@ class RemoteConfig:
             raise ValueError(f"--edge-layers must not be negative, got {self.edge_layers}")
         if self.token_epsilon is not None:
             token_privacy.check_epsilon(self.token_epsilon)
+        if self.label_epsilon is not None and self.label_token_ids is not None:
+            label_privacy.keep_probability(self.label_epsilon, len(self.label_token_ids))   # checks both
         if self.wire_dtype not in ("fp32", "fp16", "bf16"):
             raise ValueError(f"wire dtype {self.wire_dtype!r}: choose fp32, fp16 or bf16")
         if self.timeout <= 0:
@@ -156,6 +165,9 @@ class DLoRAModelForCausalLM(nn.Module):
         `settings` are RemoteConfig's fields: edge_layers, token_epsilon, wire_dtype, client_name, cache,
         seed, timeout. `split` makes it a SplitLoRA client (see SplitLoRAModelForCausalLM)."""
         remote = RemoteConfig(server=server, **settings)
+        if remote.label_epsilon is not None and not remote.label_token_ids:
+            raise ValueError("label_epsilon protects the class tokens in forward(labels=...): give label_token_ids, "
+                             "the token id of each class label (each label one token)")
         lora = lora_settings(lora_config)
         if split is not None:
             split = dataclasses.replace(split, rank=lora.rank, alpha=lora.alpha)
@@ -253,6 +265,11 @@ class DLoRAModelForCausalLM(nn.Module):
             raise TypeError(f"DLoRAModelForCausalLM.forward does not take {unsupported}; it takes input_ids, "
                             "attention_mask and labels")
         mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        cfg = self.remote_config
+        if labels is not None and cfg.label_epsilon is not None and cfg.label_token_ids:
+            # Label DP: the class tokens are released (in the labels and where the input carries them).
+            input_ids, labels = label_privacy.release_tokens(input_ids, mask, labels, cfg.label_token_ids,
+                                                             cfg.label_epsilon, cfg.seed)
         hidden = self.final_hidden(input_ids, mask)
         logits = self.edge.logits(hidden)
         loss = None

@@ -55,11 +55,6 @@ class TrainConfig(LoRAConfig, RemoteConfig):
                                      "label tokens only (PET-style, C instead of V LM-head columns on the device); "
                                      "'auto' = labels for text/label data with one-token labels, else lm",
                              choices=["auto", "lm", "labels"])
-    label_epsilon: float | None = setting(
-        None, "label differential privacy: release each training label once by randomised response with this "
-              "epsilon (kept with probability e^EPS/(e^EPS+C-1), else another label at random); the cloud, which "
-              "can read labels from the gradient, then learns only the released ones. Text/label data only; costs "
-              "accuracy at small EPS", metavar="EPS")
     kr: KRConfig = setting(KRConfig, "Kill and Revive")
     # "dlora": the cloud runs every block, this device the adapters. "splitlora":
     # this device runs the first cut_layer blocks with its adapters, the cloud

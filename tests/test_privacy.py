@@ -178,3 +178,58 @@ def test_the_start_of_run_notice_quotes_the_measured_figures():
     assert "an unmeasured share" in leakage.notice("dlora", 3, 4, None, None, 5)  # 3 edge layers: not benched
     hardened = leakage.notice("dlora", 0, 4, 1.0, leakage.SUGGESTED_TOKEN_EPSILON, 5)
     assert "bounds the labels" not in hardened and "cuts the tokens" not in hardened
+
+
+@pytest.mark.parametrize("epsilon", [0.5, 2.0])
+def test_label_tokens_released_as_epsilon_says(epsilon):
+    """The Python API's label DP: each class token is kept at e^eps/(e^eps+C-1), else uniformly another,
+    the input carries the released token too, and one example always gets the same release."""
+    from edge_client.label_privacy import keep_probability, release_tokens
+
+    classes, rows, length = [11, 12, 13, 14], 6000, 6
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(20, 90, (rows, length), generator=gen)
+    truth = torch.tensor(classes)[torch.randint(0, 4, (rows,), generator=gen)]
+    ids[:, -1] = truth                              # Hugging Face's layout: labels[t] is input_ids[t]
+    labels = torch.full_like(ids, -100)
+    labels[:, -1] = truth
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    new_ids, new_labels = release_tokens(ids, mask, labels, classes, epsilon, seed=7)
+    assert torch.equal(new_ids[:, -1], new_labels[:, -1]) and torch.equal(new_ids[:, :-1], ids[:, :-1])
+    kept = float((new_labels[:, -1] == truth).float().mean())
+    want = keep_probability(epsilon, len(classes))
+    assert abs(kept - want) < 4 * (want * (1 - want) / rows) ** 0.5, (kept, want)
+    flipped = new_labels[:, -1][new_labels[:, -1] != truth]
+    shares = torch.stack([(flipped == c).float().mean() for c in classes])
+    assert float(shares.max() - shares.min()) < 0.05            # the other labels, uniformly
+    # One example, padded differently in another batch, gets the same release.
+    padded = torch.cat([ids[:3], torch.zeros(3, 2, dtype=ids.dtype)], dim=1)
+    pad_labels = torch.cat([labels[:3], torch.full((3, 2), -100, dtype=labels.dtype)], dim=1)
+    pad_mask = torch.cat([mask[:3], torch.zeros(3, 2, dtype=torch.bool)], dim=1)
+    _, again = release_tokens(padded, pad_mask, pad_labels, classes, epsilon, seed=7)
+    assert torch.equal(again[:, length - 1], new_labels[:3, -1])
+
+
+def test_the_model_trains_on_released_labels(servers, cache):
+    """With label_epsilon, forward(labels=...) computes its loss on the released tokens, in the input too."""
+    from peft import LoraConfig
+
+    from edge_client.label_privacy import release_tokens
+    from edge_client.remote_model import DLoRAModelForCausalLM
+
+    classes = [5, 6, 7]
+    ids = torch.tensor([[20, 21, 22, 5], [30, 31, 32, 6], [40, 41, 42, 7], [50, 51, 52, 5]])
+    labels = torch.full_like(ids, -100)
+    labels[:, -1] = ids[:, -1]
+    with pytest.raises(ValueError, match="label_token_ids"):
+        DLoRAModelForCausalLM.connect(servers["llama"], LoraConfig(r=4, lora_alpha=8), cache=cache, label_epsilon=1.0)
+    with DLoRAModelForCausalLM.connect(servers["llama"], LoraConfig(r=4, lora_alpha=8), cache=cache,
+                                       label_epsilon=0.1, label_token_ids=classes) as private, \
+            DLoRAModelForCausalLM.connect(servers["llama"], LoraConfig(r=4, lora_alpha=8), cache=cache) as plain:
+        rel_ids, rel_labels = release_tokens(ids, torch.ones_like(ids, dtype=torch.bool), labels, classes, 0.1, 0)
+        assert not torch.equal(rel_labels, labels)    # at epsilon 0.1 some of the 4 labels move (seeded)
+        with torch.no_grad():
+            got = private(ids, labels=labels).loss
+            want = plain(rel_ids, labels=rel_labels).loss
+            true = plain(ids, labels=labels).loss
+        assert abs(float(got) - float(want)) <= 1e-6 * abs(float(want)) and float(got) != float(true)

@@ -211,7 +211,13 @@ def test_kill_revive_callback_parks_modules(servers, cache, tmp_path):
     with DLoRAModelForCausalLM.connect(servers["llama"], LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
                                        cache=cache) as model:
         kr = KillRevive(model, KRConfig(policy="kr", budget=0.25, warmup_steps=1, period=100))
-        trainer_run(model, dataset(model.config.vocab_size), tmp_path, callbacks=[kr.callback()])
+        trainer = trainer_run(model, dataset(model.config.vocab_size), tmp_path, callbacks=[kr.callback()])
+        # Trainer's own checkpoint of this model holds the adapters, and only them.
+        from safetensors.torch import load_file
+
+        trainer.save_model(str(tmp_path / "saved"))
+        saved = load_file(tmp_path / "saved" / "model.safetensors")
+        assert len(saved) == 2 * len(model.adapters) and all(k.startswith("lora.") for k in saved)
         assert kr.steps == 3 and len(kr.changes) == 1
         killed = set(kr.changes[0].kill)
         assert killed and killed == model.session.parked
