@@ -37,7 +37,7 @@ def _worker(address: str, assets: str, batch_size: int, max_length: int, warmup:
 
     try:
         # The Python API's model on the assets the parent fetched once (every worker would fetch them again).
-        model = DLoRAModelForCausalLM(CloudSession(address), Path(assets), LoRAConfig(rank=8, alpha=16.0),
+        model = DLoRAModelForCausalLM(CloudSession(address), Path(assets), LoRAConfig(r=8, lora_alpha=16.0),
                                       RemoteConfig(server=address, seed=seed))
         train_path, _ = datasets.bbc_news(cache_root())
         examples = datasets.load(train_path, datasets.BBC_TEMPLATE).examples

@@ -65,7 +65,7 @@ def in_process_step(model_dir: Path, adapters: dict[str, LoRAAdapter], batch) ->
 
 def edge_side(address: str, wire: str, cache: Path, examples, max_length: int):
     """The bench's edge: the Python API's model, rank-8 adapters on every served module, and the batch."""
-    model = DLoRAModelForCausalLM.connect(address, LoRAConfig(rank=8, alpha=16.0), wire_dtype=wire, cache=cache)
+    model = DLoRAModelForCausalLM.connect(address, LoRAConfig(r=8, lora_alpha=16.0), wire_dtype=wire, cache=cache)
     return model, make_batch(model.tokenizer, examples, max_length)
 
 

@@ -23,24 +23,24 @@ class LoRAConfig:
     """Hyper-parameters of the adapters the edge trains (PEFT's LoraConfig says r, lora_alpha,
     target_modules, lora_dropout, use_rslora)."""
 
-    rank: int = setting(8, "LoRA rank r")
-    alpha: float = setting(16.0, "LoRA alpha; scale = alpha / r")
-    targets: list[str] = setting(list, "comma-separated linears to adapt, e.g. q_proj,v_proj, or all-linear; "
-                                       "none: the server's default")
-    dropout: float = setting(0.0, "LoRA dropout on each adapter's input, in training", flag="--lora-dropout")
+    r: int = setting(8, "LoRA rank r", aliases=("--rank",))
+    lora_alpha: float = setting(16.0, "LoRA alpha; scale = alpha / r", aliases=("--alpha",))
+    target_modules: list[str] = setting(list, "comma-separated linears to adapt, e.g. q_proj,v_proj, or all-linear; "
+                                              "none: the server's default", aliases=("--targets",))
+    lora_dropout: float = setting(0.0, "LoRA dropout on each adapter's input, in training")
     use_rslora: bool = setting(False, "rank-stabilised scale alpha / sqrt(r) instead of alpha / r")
 
     def __post_init__(self) -> None:
-        if self.rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
-        if self.alpha <= 0:
-            raise ValueError(f"LoRA alpha must be > 0, got {self.alpha}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        if self.r < 1:
+            raise ValueError(f"LoRA rank r must be >= 1, got {self.r}")
+        if self.lora_alpha <= 0:
+            raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
 
     @property
     def scale(self) -> float:
-        return self.alpha / (self.rank ** 0.5 if self.use_rslora else self.rank)
+        return self.lora_alpha / (self.r ** 0.5 if self.use_rslora else self.r)
 
 
 class LoRAAdapter(nn.Module):
@@ -117,7 +117,7 @@ def make_adapters(
         out: dict[str, LoRAAdapter] = {}
         for name in names:
             fin, fout = linear_features(modules[name])
-            out[name] = LoRAAdapter(fin, fout, config.rank, config.scale)
+            out[name] = LoRAAdapter(fin, fout, config.r, config.scale)
         return out
     finally:
         if seed is not None:

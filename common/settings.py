@@ -20,13 +20,16 @@ from pathlib import Path
 from typing import Any
 
 
-def setting(default: Any, help: str, *, flag: str | None = None, choices: list | None = None,
-            metavar: str | None = None, group: str | None = None, cli: bool = True) -> Any:
+def setting(default: Any, help: str, *, flag: str | None = None, aliases: tuple[str, ...] = (),
+            choices: list | None = None, metavar: str | None = None, group: str | None = None,
+            cli: bool = True) -> Any:
     """A dataclass field with its help text. `default` may be a callable (a default factory).
 
     A bool that defaults to True gets a `--no-...` flag; one that defaults to False, a plain switch.
-    A list[str] is given comma-separated. `cli=False` keeps the field out of the command line."""
-    meta = {"help": help, "flag": flag, "choices": choices, "metavar": metavar, "group": group, "cli": cli}
+    A list[str] is given comma-separated. `aliases` are further flags for the same field (older
+    spellings that keep working). `cli=False` keeps the field out of the command line."""
+    meta = {"help": help, "flag": flag, "aliases": aliases, "choices": choices, "metavar": metavar, "group": group,
+            "cli": cli}
     if callable(default):
         return dataclasses.field(default_factory=default, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -87,7 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls, *, skip: tuple[str, ...]
                 kw.update(action="store_false", default=True)
             else:
                 kw.update(action="store_true", default=False)
-            target.add_argument(flag, **kw)
+            target.add_argument(flag, *meta.get("aliases", ()), **kw)
             continue
         origin = typing.get_origin(tp)
         if origin is list:
@@ -102,7 +105,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls, *, skip: tuple[str, ...]
             kw["choices"] = meta["choices"]
         if meta.get("metavar") or not meta.get("choices"):  # choices show as {a,b} by default
             kw["metavar"] = meta.get("metavar") or flag.lstrip("-").upper().replace("-", "_")
-        target.add_argument(flag, **kw)
+        target.add_argument(flag, *meta.get("aliases", ()), **kw)
     return groups
 
 

@@ -139,7 +139,7 @@ class DLoRAModelForCausalLM(nn.Module):
         front = FrontModel.from_assets(assets, self.front_layers) if self.front_layers else None
         self._parts = _Parts(front.head if front is not None else EdgeModel.from_assets(assets), front)
         # A federation's clients start from one initialisation (FedAvg averages copies of one model).
-        adapters = seeded_adapters(session.module_shapes(), lora.rank, lora.scale,
+        adapters = seeded_adapters(session.module_shapes(), lora.r, lora.scale,
                                    self.split.seed if self.split is not None else remote.seed)
         layer = {m.name: s.layer for s in session.sites for m in s.modules}
         # Adapters of the cloud's blocks answer its site exchanges; those of this device's blocks live in
@@ -147,7 +147,7 @@ class DLoRAModelForCausalLM(nn.Module):
         self.remote_adapters = {n: a for n, a in adapters.items()
                                 if self.split is None and layer[n] >= remote.edge_layers}
         if front is not None:
-            front.add_adapters({n: a for n, a in adapters.items() if n not in self.remote_adapters}, lora.dropout)
+            front.add_adapters({n: a for n, a in adapters.items() if n not in self.remote_adapters}, lora.lora_dropout)
         self.adapters = adapters
         self.lora = nn.ModuleDict({n.replace(".", "__"): a for n, a in adapters.items()})
         self.steps = 0                    # training forwards so far: each one's step id
@@ -162,16 +162,17 @@ class DLoRAModelForCausalLM(nn.Module):
                 **settings) -> "DLoRAModelForCausalLM":
         """Open a session on `server` with fresh adapters for `lora_config` (a peft.LoraConfig).
 
-        `settings` are RemoteConfig's fields: edge_layers, token_epsilon, wire_dtype, client_name, cache,
-        seed, timeout. `split` makes it a SplitLoRA client (see SplitLoRAModelForCausalLM)."""
+        `settings` are RemoteConfig's fields: edge_layers, token_epsilon, label_epsilon, label_token_ids,
+        wire_dtype, client_name, cache, seed, timeout. `split` makes it a SplitLoRA client (see
+        SplitLoRAModelForCausalLM)."""
         remote = RemoteConfig(server=server, **settings)
         if remote.label_epsilon is not None and not remote.label_token_ids:
             raise ValueError("label_epsilon protects the class tokens in forward(labels=...): give label_token_ids, "
                              "the token id of each class label (each label one token)")
         lora = lora_settings(lora_config)
         if split is not None:
-            split = dataclasses.replace(split, rank=lora.rank, alpha=lora.alpha)
-        session = CloudSession(server, wire_dtype=remote.wire_dtype, targets=list(lora.targets) or None,
+            split = dataclasses.replace(split, rank=lora.r, alpha=lora.lora_alpha)
+        session = CloudSession(server, wire_dtype=remote.wire_dtype, targets=list(lora.target_modules) or None,
                                client_name=remote.client_name, timeout=remote.timeout, credentials=credentials,
                                retry=retry, edge_layers=remote.edge_layers, split=split)
         try:
@@ -213,7 +214,7 @@ class DLoRAModelForCausalLM(nn.Module):
         if self.split is not None:
             server, scale, _ = self.session.server_adapters()
             adapters |= {name: LoRAAdapter.from_weights(a, b, scale) for name, (a, b) in server.items()}
-        return peft_format.save(Path(path), adapters, s.rank, s.alpha, self.session.model.name,
+        return peft_format.save(Path(path), adapters, s.r, s.lora_alpha, self.session.model.name,
                                 self.session.model.model_type, use_rslora=s.use_rslora)
 
     def aggregate(self, round_: int, examples: int) -> tuple[int, int, int]:
@@ -372,7 +373,7 @@ class _StepHandle:
 
     def _open(self) -> torch.Tensor:
         m = self.model
-        dropout = m.lora_settings.dropout if m.training else 0.0   # as PEFT: only in train mode
+        dropout = m.lora_settings.lora_dropout if m.training else 0.0   # as PEFT: only in train mode
         self.box[0] = m.session.open_step(self.step, self.first, self.mask, self.live, train=True,
                                           dropout=dropout, seed=m.remote_config.seed)
         m._pending = self.stream

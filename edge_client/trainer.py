@@ -232,7 +232,7 @@ class EdgeTrainer:
     def fingerprint(self) -> dict:
         """What must not change across --resume for the result to equal an uninterrupted run."""
         c = self.cfg
-        return {"rank": c.rank, "alpha": c.alpha, "lr": c.lr, "batch_size": c.batch_size, "seed": c.seed,
+        return {"rank": c.r, "alpha": c.lora_alpha, "lr": c.lr, "batch_size": c.batch_size, "seed": c.seed,
                 "max_length": c.max_length, "data": str(c.data), "template": c.template, "objective": c.objective,
                 "kr": json.loads(json.dumps(asdict(c.kr))), "modules": sorted(self.adapters),
                 # Only when set, so checkpoints written before the options existed still resume.
@@ -408,8 +408,8 @@ def open_session(cfg: TrainConfig) -> CloudSession:
     """The session `cfg` trains in (its settings were checked when it was made)."""
     split = None
     if cfg.mode == "splitlora":
-        split = SplitOptions(cfg.cut_layer, cfg.federation, cfg.clients, cfg.rank, cfg.alpha, cfg.lr)
-    return CloudSession(cfg.server, wire_dtype=cfg.wire_dtype, targets=cfg.targets or None,
+        split = SplitOptions(cfg.cut_layer, cfg.federation, cfg.clients, cfg.r, cfg.lora_alpha, cfg.lr)
+    return CloudSession(cfg.server, wire_dtype=cfg.wire_dtype, targets=cfg.target_modules or None,
                         client_name=cfg.client_name, timeout=cfg.timeout, credentials=cfg.credentials,
                         retry=cfg.retry, split=split, edge_layers=cfg.edge_layers)
 

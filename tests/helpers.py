@@ -78,7 +78,7 @@ def connect(address: str, cache: Path, seed: int = 0, targets: list[str] | None 
                            **{k: v for k, v in settings.items() if k in ("wire_dtype", "timeout", "edge_layers")})
     try:
         remote = RemoteConfig(server=address, **settings)
-        model = DLoRAModelForCausalLM(session, session.fetch_assets(cache), LoRAConfig(rank=4, alpha=8.0), remote)
+        model = DLoRAModelForCausalLM(session, session.fetch_assets(cache), LoRAConfig(r=4, lora_alpha=8.0), remote)
         model.load_adapters(random_adapters(session.module_shapes(), seed=seed), "the test's adapters")
     except BaseException:
         session.close()

@@ -231,7 +231,7 @@ def test_lora_config_fields_dlora_cannot_follow_are_refused():
         lora_settings(LoraConfig(target_modules=r".*proj"))
     s = lora_settings(LoraConfig(r=4, lora_alpha=16, target_modules=["self_attn.q_proj", "v_proj"], lora_dropout=0.1,
                                  use_rslora=True))
-    assert (s.rank, s.targets, s.dropout, s.scale) == (4, ["q_proj", "v_proj"], 0.1, 8.0)
+    assert (s.r, s.target_modules, s.lora_dropout, s.scale) == (4, ["q_proj", "v_proj"], 0.1, 8.0)
 
 
 def test_splitlora_model_has_the_same_interface(servers, cache):

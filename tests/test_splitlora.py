@@ -39,7 +39,7 @@ def check_split_equals_centralized(address: str, model_dir, tmp_path) -> None:
     cfg = TrainConfig(server=address, mode="splitlora", cut_layer=1, aggregate_every=1, clients=1,
                       federation=f"eq-{uuid.uuid4().hex}", rank=4, alpha=8.0, lr=1e-2, steps=4, seed=3,
                       cache=tmp_path / "cache", progress=False)
-    split = SplitOptions(cfg.cut_layer, cfg.federation, 1, cfg.rank, cfg.alpha, cfg.lr)
+    split = SplitOptions(cfg.cut_layer, cfg.federation, 1, cfg.r, cfg.lora_alpha, cfg.lr)
     with CloudSession(cfg.server, split=split) as session:
         trainer = EdgeTrainer(cfg, session)
         trainer.train_examples = 7
@@ -192,7 +192,7 @@ def test_half_precision_server_keeps_server_side_adapters_finite(model_dirs, tmp
 
     with launch.start(["--model", str(model_dirs["llama"]), "--device", "cpu", "--dtype", "fp16"],
                       tmp_path / "server.log") as server:
-        cfg = TrainConfig(server=server.address, mode="splitlora", cut_layer=1, rank=4, alpha=8.0, lr=1e-2,
+        cfg = TrainConfig(server=server.address, mode="splitlora", cut_layer=1, r=4, lora_alpha=8.0, lr=1e-2,
                           cache=tmp_path / "cache", progress=False)
         with CloudSession(server.address, split=SplitOptions(1, "fp16", 1, 4, 8.0, 1e-2)) as session:
             trainer = EdgeTrainer(cfg, session)
@@ -215,7 +215,7 @@ def test_restarted_server_stops_a_split_run_at_once(model_dirs, tmp_path, caplog
     from test_reliability import free_port
 
     args = ["--model", str(model_dirs["llama"]), "--port", str(free_port())]
-    cfg = TrainConfig(server="", mode="splitlora", cut_layer=1, rank=4, alpha=8.0, lr=1e-2,
+    cfg = TrainConfig(server="", mode="splitlora", cut_layer=1, r=4, lora_alpha=8.0, lr=1e-2,
                       cache=tmp_path / "cache", progress=False)
     with launch.start(args, tmp_path / "a.log", timeout=300) as server:
         session = CloudSession(server.address, split=SplitOptions(1, f"r-{uuid.uuid4().hex}", 1, 4, 8.0, 1e-2),
