@@ -27,14 +27,14 @@ from edge_client.trainer import TrainConfig, run
 
 VARIANTS = {
     "all": {"policy": "all"},
-    "random": {"policy": "random"},
-    "static": {"policy": "static"},
-    "kr": {"policy": "kr"},
+    "random": {"policy": "random", "unit": "module"},
+    "static": {"policy": "static", "unit": "module"},
+    "kr": {"policy": "kr", "unit": "module"},
     "kr-site": {"policy": "kr", "unit": "site"},
 }
 # Settings that name a run; the rest (address, output path, progress) do not change its result.
-_RESULT_KEYS = ("steps", "batch_size", "lr", "rank", "alpha", "max_length", "eval_limit", "wire_dtype",
-                "objective", "kr", "seed", "data", "targets")
+_RESULT_KEYS = ("steps", "batch_size", "lr", "r", "lora_alpha", "max_length", "eval_limit", "wire_dtype",
+                "objective", "kr", "seed", "data", "target_modules")
 
 
 def parse_variant(spec: str) -> dict:

@@ -41,7 +41,7 @@ def deep(tmp_path_factory):
 
 
 def _trainer(address: str, tmp_path, edge_layers: int, **kw) -> tuple[CloudSession, EdgeTrainer]:
-    settings = {"rank": 4, "alpha": 8.0, "lr": 1e-2, "seed": 3} | kw
+    settings = {"r": 4, "lora_alpha": 8.0, "lr": 1e-2, "seed": 3} | kw
     cfg = TrainConfig(server=address, edge_layers=edge_layers, cache=tmp_path / "cache", progress=False, **settings)
     session = CloudSession(address, edge_layers=edge_layers)
     trainer = EdgeTrainer(cfg, session)

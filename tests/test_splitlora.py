@@ -37,7 +37,7 @@ def check_split_equals_centralized(address: str, model_dir, tmp_path) -> None:
     from transformers import AutoModelForCausalLM
 
     cfg = TrainConfig(server=address, mode="splitlora", cut_layer=1, aggregate_every=1, clients=1,
-                      federation=f"eq-{uuid.uuid4().hex}", rank=4, alpha=8.0, lr=1e-2, steps=4, seed=3,
+                      federation=f"eq-{uuid.uuid4().hex}", r=4, lora_alpha=8.0, lr=1e-2, steps=4, seed=3,
                       cache=tmp_path / "cache", progress=False)
     split = SplitOptions(cfg.cut_layer, cfg.federation, 1, cfg.r, cfg.lora_alpha, cfg.lr)
     with CloudSession(cfg.server, split=split) as session:
