@@ -33,11 +33,11 @@ class KRConfig:
     budget: float = setting(0.125, "share of units live after warm-up (a cap: rounded down)", group=KR_GROUP)
     revive: float = setting(0.25, "share of the live slots given to revived units", group=KR_GROUP)
     period: int = setting(10, "steps between selections", group=KR_GROUP)
-    warmup_steps: int = setting(10, "steps with every module live", group=KR_GROUP)
-    # Traffic is paid per site, so site units buy more bytes per slot.
-    unit: str = setting("module", "what is killed and revived as one: a module (one linear) or a site (the linears "
-                                  "sharing an input, e.g. q, k, v of a block; traffic is per site)",
-                        choices=["module", "site"], group=KR_GROUP)
+    warmup_steps: int = setting(20, "steps with every module live", group=KR_GROUP)
+    # Traffic is paid per site, so site units buy more bytes per slot (DESIGN.md section 3).
+    unit: str = setting("site", "what is killed and revived as one: a site (the linears sharing an input, e.g. "
+                                "q, k, v of a block; traffic is per site) or a module (one linear)",
+                        choices=["site", "module"], group=KR_GROUP)
     seed: int = setting(0, "seed of the random policy", cli=False)
 
     def __post_init__(self) -> None:

@@ -165,7 +165,8 @@ def test_train_with_kr_logs_live_sets(servers, jsonl, tmp_path):
     out = tmp_path / "kr"
     res = cli("edge_client", "train", "--server", servers["llama"], "--data", str(jsonl), "--steps", "8",
               "--batch-size", "4", "--eval-limit", "4", "--policy", "kr", "--budget", "0.34", "--revive", "0.5",
-              "--period", "2", "--warmup-steps", "2", "--eval-every", "4", "--out", str(out), "--no-progress")
+              "--period", "2", "--warmup-steps", "2", "--unit", "module", "--eval-every", "4", "--out", str(out),
+              "--no-progress")
     assert res.returncode == 0, res.stderr
     assert "step 8/8: loss" in res.stderr  # without a bar, a log line every 10 steps and at the end
     log = json.loads((out / "run.json").read_text())
