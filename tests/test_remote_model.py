@@ -210,7 +210,7 @@ def test_kill_revive_callback_parks_modules(servers, cache, tmp_path):
     """KR as a Trainer callback: at the selection step modules are parked on the cloud and stop changing."""
     with DLoRAModelForCausalLM.connect(servers["llama"], LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
                                        cache=cache) as model:
-        kr = KillRevive(model, KRConfig(policy="kr", budget=0.25, warmup_steps=1, period=100))
+        kr = KillRevive(model, KRConfig(policy="kr", budget=0.25, warmup_steps=1, period=100, unit="module"))
         trainer = trainer_run(model, dataset(model.config.vocab_size), tmp_path, callbacks=[kr.callback()])
         # Trainer's own checkpoint of this model holds the adapters, and only them.
         from safetensors.torch import load_file
