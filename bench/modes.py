@@ -1,5 +1,5 @@
 """`make bench-modes`: DLoRA against SplitLoRA on the same model, data, steps and wire
-(and `make bench-wire`: DLoRA with fp32, fp16 and bf16 on the wire).
+(and `make bench-wire`: DLoRA with fp32, fp16, bf16 and int8 on the wire, and int8 with Kill and Revive).
 
 Each variant is one `edge_client train` process (so its peak memory is its
 own) against one cloud_server on the embedded SmolLM2-135M, on BBC News.
@@ -25,6 +25,9 @@ VARIANTS = {
     # `make bench-wire`: the same DLoRA run with half-precision activations and gradients on the wire.
     "dlora-fp16": ["--wire-dtype", "fp16"],
     "dlora-bf16": ["--wire-dtype", "bf16"],
+    # int8 with a float32 scale per token (common/tensor_codec.py), alone and with Kill and Revive's defaults.
+    "dlora-int8": ["--wire-dtype", "int8"],
+    "dlora-kr-site-int8": ["--policy", "kr", "--unit", "site", "--wire-dtype", "int8"],
 }
 DEFAULT = "dlora,dlora-kr-site,splitlora-k2,splitlora-k4"
 

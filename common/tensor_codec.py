@@ -2,6 +2,11 @@
 
 Decoding never trusts the sender: dtype, shape, byte length and finiteness are
 checked, and a mismatch raises `WireError` with a message that names the tensor.
+
+int8 is a quantised wire format for floating tensors: each row (every dimension
+but the last: one token's vector) is sent as int8 values and one float32 scale,
+its absolute maximum / 127, so the error per element is at most half a scale.
+Decoding gives float32 back.
 """
 from __future__ import annotations
 
@@ -47,9 +52,10 @@ _TO_WIRE: dict[torch.dtype, int] = {
     torch.float16: pb.FLOAT16,
     torch.bfloat16: pb.BFLOAT16,
     torch.bool: pb.BOOL,
+    torch.int8: pb.INT8,
 }
 _FROM_WIRE: dict[int, torch.dtype] = {v: k for k, v in _TO_WIRE.items()}
-_NAMES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_NAMES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}
 # How each dtype's bytes are read with numpy. numpy has no bfloat16: its bit
 # pattern travels and is checked as int16.
 _NUMPY: dict[torch.dtype, type] = {
@@ -57,6 +63,7 @@ _NUMPY: dict[torch.dtype, type] = {
     torch.float16: np.float16,
     torch.bfloat16: np.int16,
     torch.bool: np.bool_,
+    torch.int8: np.int8,
 }
 # Exponent field of a bfloat16 bit pattern; all ones means Inf or NaN.
 _BF16_EXPONENT = 0x7F80
@@ -105,6 +112,8 @@ def encode_into(out: pb.Tensor, t: torch.Tensor, dtype: torch.dtype | None = Non
     assigning a finished `Tensor` into a message makes (megabytes per site).
     """
     t = t.detach()
+    if dtype == torch.int8 and t.is_floating_point():
+        return _quantise_into(out, t)
     if dtype is not None and t.dtype != dtype:
         t = t.to(dtype)
     t = t.contiguous().cpu()
@@ -116,6 +125,20 @@ def encode_into(out: pb.Tensor, t: torch.Tensor, dtype: torch.dtype | None = Non
     out.shape.extend(t.shape)
     # Little-endian row-major bytes (numpy's native order on the hosts we support).
     out.data = t.numpy().tobytes()
+    return out
+
+
+def _quantise_into(out: pb.Tensor, t: torch.Tensor) -> pb.Tensor:
+    """int8 with one scale per row: round to nearest of x / (absmax / 127)."""
+    rows = t.float().cpu().reshape(-1, t.shape[-1] if t.dim() else 1)
+    scale = rows.abs().amax(dim=1) / 127.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row: any scale is exact
+    q = torch.round(rows / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    out.Clear()
+    out.dtype = pb.INT8
+    out.shape.extend(t.shape)
+    out.data = q.numpy().tobytes()
+    out.scales = scale.numpy().astype("<f4").tobytes()
     return out
 
 
@@ -174,6 +197,8 @@ def decode(
             f"{dtype_name(dtype)} (expected {numel * itemsize})"
         )
     values = np.frombuffer(data, dtype=_NUMPY[dtype])  # a read-only view, no copy yet
+    if dtype == torch.int8:
+        return _dequantise(msg, values, got_shape, name)
     if finite and dtype.is_floating_point and not _all_finite(values, dtype):
         raise WireError(f"{name}: contains NaN or Inf")
     # copy(): `data` is immutable, and the caller may write into the tensor
@@ -182,3 +207,17 @@ def decode(
     if dtype == torch.bfloat16:
         t = t.view(torch.bfloat16)
     return t.reshape(got_shape)
+
+
+def _dequantise(msg: pb.Tensor, values: np.ndarray, shape: tuple[int, ...], name: str) -> torch.Tensor:
+    """float32 from int8 values and their per-row scales, the scales checked like any float data."""
+    width = shape[-1] if shape else 1
+    rows = len(values) // width if width else 0
+    scales = msg.scales
+    if len(scales) != rows * 4:
+        raise WireError(f"{name}: {len(scales)} bytes of int8 scales for {rows} rows (expected {rows * 4})")
+    scale = np.frombuffer(scales, dtype="<f4")
+    if not np.isfinite(scale).all() or (scale < 0).any():
+        raise WireError(f"{name}: int8 scales must be finite and not negative")
+    out = values.reshape(rows, width).astype(np.float32) * scale[:, None]
+    return torch.from_numpy(out).reshape(shape)

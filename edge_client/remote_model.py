@@ -53,8 +53,9 @@ class RemoteConfig:
               "accuracy at small EPS", metavar="EPS")
     label_token_ids: list[int] | None = setting(
         None, "Python API: the C class tokens label_epsilon protects in forward(labels=...)", cli=False)
-    wire_dtype: str = setting("fp32", "dtype of activations and gradients on the wire",
-                              choices=["fp32", "fp16", "bf16"])
+    wire_dtype: str = setting("fp32", "dtype of activations and gradients on the wire; int8 sends one byte per "
+                                      "value plus a float32 scale per token (its absolute maximum / 127)",
+                              choices=["fp32", "fp16", "bf16", "int8"])
     client_name: str = setting("edge", "client name shown in the server's log", flag="--name")
     cache: Path = setting(Path.home() / ".cache" / "dlora", "where downloaded edge assets are kept")
     seed: int = setting(0, "seed of the adapters' initialisation, the data order, dropout and token noise")
@@ -67,8 +68,8 @@ class RemoteConfig:
             token_privacy.check_epsilon(self.token_epsilon)
         if self.label_epsilon is not None and self.label_token_ids is not None:
             label_privacy.keep_probability(self.label_epsilon, len(self.label_token_ids))   # checks both
-        if self.wire_dtype not in ("fp32", "fp16", "bf16"):
-            raise ValueError(f"wire dtype {self.wire_dtype!r}: choose fp32, fp16 or bf16")
+        if self.wire_dtype not in ("fp32", "fp16", "bf16", "int8"):
+            raise ValueError(f"wire dtype {self.wire_dtype!r}: choose fp32, fp16, bf16 or int8")
         if self.timeout <= 0:
             raise ValueError(f"timeout must be positive, got {self.timeout}")
 

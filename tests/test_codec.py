@@ -1,6 +1,7 @@
 """The tensor codec: exact round trips and refusal of malformed tensors."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -55,8 +56,9 @@ def test_expected_shape_dtype_and_finiteness():
 
 def test_dtype_names():
     assert codec.dtype_from_name("bf16") == torch.bfloat16
+    assert codec.dtype_from_name("int8") == torch.int8
     with pytest.raises(ValueError, match="unknown wire dtype"):
-        codec.dtype_from_name("int8")
+        codec.dtype_from_name("int4")
 
 
 FLOATS = [torch.float32, torch.float16, torch.bfloat16]
@@ -112,3 +114,37 @@ def test_encode_into_a_field_equals_encode():
     again = outer.site_outputs.outputs[0]
     codec.encode_into(again, torch.zeros(4))  # refilling replaces, never appends to the shape
     assert list(again.shape) == [4] and again.dtype == pb.FLOAT32
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 32), (7, 3), (4,), ()])
+def test_int8_rows_round_to_within_half_a_scale(shape):
+    """int8: one scale per row (absmax / 127); every value within half its row's scale; zeros exact."""
+    t = torch.randn(shape) * torch.logspace(-3, 2, shape[0] if shape else 1).reshape(
+        (-1,) + (1,) * (len(shape) - 1) if shape else ())
+    msg = codec.encode(t, torch.int8)
+    assert msg.dtype == pb.INT8 and len(msg.data) == t.numel()
+    back = codec.decode(msg, name="t", shape=shape, dtypes=[torch.int8])
+    assert back.dtype == torch.float32 and back.shape == t.shape
+    rows = t.reshape(-1, t.shape[-1] if t.dim() else 1)
+    half_scale = rows.abs().amax(dim=1, keepdim=True) / 127 / 2
+    assert bool(((back.reshape(rows.shape) - rows).abs() <= half_scale * (1 + 1e-5) + 1e-12).all())
+    zeros = codec.decode(codec.encode(torch.zeros(3, 4), torch.int8), name="z", dtypes=[torch.int8])
+    assert torch.equal(zeros, torch.zeros(3, 4))
+    # A quarter of the bytes of fp32, plus 4 per row.
+    assert msg.ByteSize() < codec.encode(t).ByteSize() / 3 + 4 * rows.shape[0] + 16
+
+
+def test_int8_scales_are_checked():
+    msg = codec.encode(torch.randn(3, 8), torch.int8)
+    short = pb.Tensor()
+    short.CopyFrom(msg)
+    short.scales = msg.scales[:-4]
+    with pytest.raises(codec.WireError, match="bytes of int8 scales for 3 rows"):
+        codec.decode(short, name="x", dtypes=[torch.int8])
+    bad = pb.Tensor()
+    bad.CopyFrom(msg)
+    bad.scales = np.array([1.0, float("nan"), 1.0], dtype="<f4").tobytes()
+    with pytest.raises(codec.WireError, match="finite"):
+        codec.decode(bad, name="x", dtypes=[torch.int8])
+    with pytest.raises(codec.WireError, match="not allowed"):
+        codec.decode(msg, name="x", dtypes=[torch.float32])
