@@ -13,6 +13,7 @@ import threading
 from safetensors.torch import save as save_safetensors
 
 from common import edge_probe
+from common.lora import ALL_LINEAR
 from common.model_parts import (DEFAULT_TARGETS, UnsupportedModel, backbone, blocks_name, check_layout,
                                 final_norm_name, num_layers)
 from cloud_server import assets as edge_assets
@@ -49,9 +50,6 @@ class _NoPositions(nn.Module):
 
 # Learned position tables, by attribute name on the backbone; SplitLoRA edges add them before block 0.
 _POSITION_TABLES = ("wpe", "embed_positions")
-
-
-ALL_LINEAR = "all-linear"
 
 
 class ServedModel:

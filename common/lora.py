@@ -18,6 +18,10 @@ from common.model_parts import linear_features
 from common.settings import setting
 
 
+# The target that asks for every linear of the blocks (PEFT's spelling); both sides read it.
+ALL_LINEAR = "all-linear"
+
+
 @dataclass
 class LoRAConfig:
     """Hyper-parameters of the adapters the edge trains (PEFT's LoraConfig says r, lora_alpha,

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from common.lora import LoRAAdapter, LoRAConfig, LoRALinear, seeded_adapters
+from common.lora import ALL_LINEAR, LoRAAdapter, LoRAConfig, LoRALinear, seeded_adapters
 from common.settings import setting
 from edge_client import label_privacy, peft_format, token_privacy
 from edge_client.edge_model import EdgeModel, load_tokenizer
@@ -99,10 +99,10 @@ def lora_settings(config=None) -> LoRAConfig:
     if config.task_type not in (None, "CAUSAL_LM"):
         raise ValueError(f"task_type {config.task_type!r}: DLoRA trains causal language models (CAUSAL_LM)")
     targets = config.target_modules
-    if isinstance(targets, str) and targets != "all-linear":
+    if isinstance(targets, str) and targets != ALL_LINEAR:
         raise ValueError(f"target_modules {targets!r}: give a list of module names (e.g. ['q_proj', 'v_proj']) "
                          "or 'all-linear'; regular expressions are not supported")
-    names = ["all-linear"] if targets == "all-linear" else sorted({t.rsplit(".", 1)[-1] for t in targets or ()})
+    names = [ALL_LINEAR] if targets == ALL_LINEAR else sorted({t.rsplit(".", 1)[-1] for t in targets or ()})
     return LoRAConfig(int(config.r), float(config.lora_alpha), names, float(config.lora_dropout),
                       bool(config.use_rslora))
 
