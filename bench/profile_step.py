@@ -126,7 +126,7 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--wire", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--wire", default="fp32", choices=["fp32", "fp16", "bf16", "int8"])
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:

@@ -119,7 +119,7 @@ def main() -> int:
                    help="torch threads of the edge (this process) during the distributed steps; 0: as --threads. "
                         "The edge's adapter work is small; on a host it shares with the cloud its idle "
                         "threads' spinning slows the cloud")
-    p.add_argument("--wire", default="fp32", choices=["fp32", "fp16", "bf16"], help="wire dtype (default: fp32)")
+    p.add_argument("--wire", default="fp32", choices=["fp32", "fp16", "bf16", "int8"], help="wire dtype (default: fp32)")
     args = p.parse_args()
     from common.malloc_tuning import tune_malloc
     from tiny_models import save_tiny

@@ -99,7 +99,7 @@ def _generate_parser(sub) -> None:
     p.add_argument("--park", action="store_true",
                    help="upload the adapters to the cloud for this session: one round trip per token "
                         "instead of one per site, but the adapters leave the device")
-    p.add_argument("--wire-dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
+    p.add_argument("--wire-dtype", default="fp32", choices=["fp32", "fp16", "bf16", "int8"],
                    help="dtype of activations on the wire (default: %(default)s)")
     p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "dlora",
                    help="where downloaded edge assets are kept (default: %(default)s)")
