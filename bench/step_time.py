@@ -39,8 +39,10 @@ def timed(fn, warmup: int, reps: int) -> list[float]:
     return out
 
 
-def in_process_step(model_dir: Path, adapters: dict[str, LoRAAdapter], batch) -> Callable[[], None]:
-    """The 1.0x line: the whole model with copies of `adapters` in this process, nothing on a wire."""
+def in_process_step(model_dir: Path, adapters: dict[str, LoRAAdapter], batch,
+                    device: str = "cpu") -> Callable[[], None]:
+    """The 1.0x line: the whole model with copies of `adapters` in this process (on `device`),
+    nothing on a wire."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -48,6 +50,8 @@ def in_process_step(model_dir: Path, adapters: dict[str, LoRAAdapter], batch) ->
     ref = {n: LoRAAdapter(a.in_features, a.out_features, a.rank, a.scale) for n, a in adapters.items()}
     load_adapters_state(ref, adapters_state(adapters))
     inject(model, ref)
+    model.to(device)
+    batch = batch.to(device)
     ref_opt = torch.optim.AdamW([p for a in ref.values() for p in a.parameters()], lr=1e-4)
     inner, norm_head = model.base_model, model
 
@@ -59,6 +63,8 @@ def in_process_step(model_dir: Path, adapters: dict[str, LoRAAdapter], batch) ->
         loss = torch.nn.functional.cross_entropy(norm_head.lm_head(picked).float(), batch.targets)
         loss.backward()
         ref_opt.step()
+        if device != "cpu":
+            torch.cuda.synchronize()  # the step is done when the device is
 
     return local
 
@@ -79,10 +85,12 @@ def remote_step(model: DLoRAModelForCausalLM, batch, opt: torch.optim.Optimizer)
 
 
 def bench_model(label: str, model_dir: Path, batch_size: int, max_length: int, warmup: int, reps: int,
-                wire: str, cache: Path, threads: int = 0, edge_threads: int = 0) -> dict:
+                wire: str, cache: Path, threads: int = 0, edge_threads: int = 0, device: str = "cpu") -> dict:
+    """Median step time of the distributed step (the cloud on `device`, this process the edge) and
+    of the in-process step (on `device`), with the same adapters and batch."""
     train_p, _ = datasets.bbc_news(Path.home() / ".cache" / "dlora")
     exs = datasets.load(train_p, datasets.BBC_TEMPLATE).examples[:batch_size]
-    server_args = ["--model", str(model_dir), "--device", "cpu", "--threads", str(threads)]
+    server_args = ["--model", str(model_dir), "--device", device, "--threads", str(threads)]
     with launch.start(server_args, cache / f"{label}.log", timeout=900) as server:
         model, batch = edge_side(server.address, wire, cache, exs, max_length)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -98,9 +106,9 @@ def bench_model(label: str, model_dir: Path, batch_size: int, max_length: int, w
         remote_t = timed(remote, warmup, reps)
         torch.set_num_threads(default_threads)
         model.close()
-    local_t = timed(in_process_step(model_dir, model.adapters, batch), warmup, reps)
+    local_t = timed(in_process_step(model_dir, model.adapters, batch, device), warmup, reps)
     r, l_ = statistics.median(remote_t), statistics.median(local_t)
-    return {"model": label, "batch": f"{batch_size}x{batch.input_ids.shape[1]}", "wire": wire,
+    return {"model": label, "batch": f"{batch_size}x{batch.input_ids.shape[1]}", "wire": wire, "device": device,
             "in_process_s": l_, "distributed_s": r, "ratio": r / l_, "bytes_per_step": step["bytes"],
             "reps": reps}
 

@@ -30,6 +30,11 @@ class Batch:
     def tokens(self) -> int:
         return int(self.attention_mask.sum())
 
+    def to(self, device) -> "Batch":
+        """The same batch on `device` (an in-process reference on an accelerator)."""
+        return Batch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.rows, self.positions,
+                                              self.targets)))
+
 
 def _pad(seqs: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
