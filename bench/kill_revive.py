@@ -76,7 +76,8 @@ def train_all(args, names: list[str]) -> dict[str, dict[int, dict]]:
                               "warmup_steps": args.warmup_steps, "seed": seed} | fields))
             cfg = TrainConfig(steps=args.steps, eval_limit=args.eval_limit, seed=seed, kr=kr,
                               out=args.out / f"seed{seed}" / name, client_name=f"bench-{name}-s{seed}",
-                              progress=sys.stderr.isatty(), eval_before=(name == names[0]))
+                              wire_dtype=args.wire_dtype, progress=sys.stderr.isatty(),
+                              eval_before=args.eval_before and name == names[0])
             if args.reuse and _same_run(cfg.out / "run.json", cfg) and (
                     not cfg.eval_before or json.loads((cfg.out / "run.json").read_text())["summary"]["before"]):
                 results[name][seed] = json.loads((cfg.out / "run.json").read_text())
@@ -130,6 +131,10 @@ def main() -> int:
     p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2, 3],
                    help="comma-separated seeds (adapter init, data order, random policy)")
     p.add_argument("--no-reuse", dest="reuse", action="store_false", help="re-train runs that already exist")
+    p.add_argument("--wire-dtype", default="fp32", choices=["fp32", "fp16", "bf16", "int8"],
+                   help="activations and gradients on the wire (default: %(default)s)")
+    p.add_argument("--no-eval-before", dest="eval_before", action="store_false",
+                   help="skip the held-out evaluation before training (it is the same for every variant)")
     p.add_argument("--out", type=Path, default=Path("bench/out/kr"))
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -143,7 +148,8 @@ def main() -> int:
     print()
     print(f"SmolLM2-135M, BBC News, {args.steps} steps, batch 8, seeds {','.join(map(str, args.seeds))}, "
           f"budget {args.budget}, revive {args.revive}, period {args.period}, warm-up {args.warmup_steps}; "
-          f"accuracy before training {statistics.fmean(befores):.1%}; per-step figures are after warm-up")
+          f"{args.wire_dtype} wire; accuracy before training "
+          f"{f'{statistics.fmean(befores):.1%}' if befores else 'not measured'}; per-step figures are after warm-up")
     print("| variant | held-out acc, mean (per seed) | live modules | MB/step | edge GFLOP/step (adapters) "
           "| bytes cut | FLOPs cut | s/step |")
     print("|---|---|---|---|---|---|---|---|")
