@@ -21,6 +21,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from cloud_server import launch
+from common import tensor_codec as codec
 from edge_client import plots
 from edge_client.kill_revive import KRConfig
 from edge_client.trainer import TrainConfig, run
@@ -131,7 +132,7 @@ def main() -> int:
     p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2, 3],
                    help="comma-separated seeds (adapter init, data order, random policy)")
     p.add_argument("--no-reuse", dest="reuse", action="store_false", help="re-train runs that already exist")
-    p.add_argument("--wire-dtype", default="fp32", choices=["fp32", "fp16", "bf16", "int8"],
+    p.add_argument("--wire-dtype", default="fp32", choices=list(codec.WIRE_DTYPES),
                    help="activations and gradients on the wire (default: %(default)s)")
     p.add_argument("--no-eval-before", dest="eval_before", action="store_false",
                    help="skip the held-out evaluation before training (it is the same for every variant)")

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from cloud_server import launch  # noqa: E402
 from cloud_server.model_store import ensure_default_model  # noqa: E402
+from common import tensor_codec as codec  # noqa: E402
 from edge_client import data as datasets  # noqa: E402
 
 from bench.step_time import edge_side, in_process_step, remote_step, timed  # noqa: E402
@@ -126,7 +127,7 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--wire", default="fp32", choices=["fp32", "fp16", "bf16", "int8"])
+    p.add_argument("--wire", default="fp32", choices=list(codec.WIRE_DTYPES))
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from cloud_server import launch  # noqa: E402
 from cloud_server.model_store import ensure_default_model  # noqa: E402
+from common import tensor_codec as codec  # noqa: E402
 from common.lora import LoRAAdapter, LoRAConfig, adapters_state, inject, load_adapters_state  # noqa: E402
 from edge_client import data as datasets  # noqa: E402
 from edge_client.objective import completion_loss, make_batch  # noqa: E402
@@ -127,7 +128,7 @@ def main() -> int:
                    help="torch threads of the edge (this process) during the distributed steps; 0: as --threads. "
                         "The edge's adapter work is small; on a host it shares with the cloud its idle "
                         "threads' spinning slows the cloud")
-    p.add_argument("--wire", default="fp32", choices=["fp32", "fp16", "bf16", "int8"], help="wire dtype (default: fp32)")
+    p.add_argument("--wire", default="fp32", choices=list(codec.WIRE_DTYPES), help="wire dtype (default: fp32)")
     args = p.parse_args()
     from common.malloc_tuning import tune_malloc
     from tiny_models import save_tiny

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 _DONE = object()
 _EOF = object()
 _CHUNK = 1 << 20
-_WIRE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int8)
+_WIRE_DTYPES = tuple(codec.dtype_from_name(n) for n in codec.WIRE_DTYPES)
 MAX_PARKED_RANK = 256
 FIRST_MESSAGE_SECONDS = 10.0
 GENERATION_TOKEN_SECONDS = 60.0   # the edge picks a token in milliseconds; an idle stream is abandoned
@@ -281,7 +281,8 @@ class DLoRAService(pb_grpc.DLoRAServicer):
         try:
             wire = codec.torch_dtype(request.wire_dtype or pb.FLOAT32)
             if wire not in _WIRE_DTYPES:
-                raise WireError(f"wire dtype {codec.dtype_name(wire)} is not supported; use fp32, fp16, bf16 or int8")
+                raise WireError(f"wire dtype {codec.dtype_name(wire)} is not supported; use one of "
+                                f"{', '.join(codec.WIRE_DTYPES)}")
             mode = MODES.get(request.mode)
             if mode is None:
                 raise WireError(f"unknown session mode {request.mode}")

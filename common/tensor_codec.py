@@ -56,6 +56,8 @@ _TO_WIRE: dict[torch.dtype, int] = {
 }
 _FROM_WIRE: dict[int, torch.dtype] = {v: k for k, v in _TO_WIRE.items()}
 _NAMES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}
+# The dtypes activations and gradients may take on the wire, by name (the CLIs' choices).
+WIRE_DTYPES = tuple(_NAMES)
 # How each dtype's bytes are read with numpy. numpy has no bfloat16: its bit
 # pattern travels and is checked as int16.
 _NUMPY: dict[torch.dtype, type] = {

@@ -76,6 +76,8 @@ def _export_parser(sub) -> None:
 
 
 def _generate_parser(sub) -> None:
+    from common.tensor_codec import WIRE_DTYPES
+
     p = sub.add_parser("generate", help="generate text with the cloud model and this device's adapters",
                        description="Generate text with the frozen cloud model plus LoRA adapters kept on this "
                                    "device. The prompt is tokenized and embedded here and tokens are chosen "
@@ -99,7 +101,7 @@ def _generate_parser(sub) -> None:
     p.add_argument("--park", action="store_true",
                    help="upload the adapters to the cloud for this session: one round trip per token "
                         "instead of one per site, but the adapters leave the device")
-    p.add_argument("--wire-dtype", default="fp32", choices=["fp32", "fp16", "bf16", "int8"],
+    p.add_argument("--wire-dtype", default="fp32", choices=list(WIRE_DTYPES),
                    help="dtype of activations on the wire (default: %(default)s)")
     p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "dlora",
                    help="where downloaded edge assets are kept (default: %(default)s)")

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from common.lora import ALL_LINEAR, LoRAAdapter, LoRAConfig, LoRALinear, seeded_adapters
+from common import tensor_codec as codec
 from common.settings import setting
 from edge_client import label_privacy, peft_format, token_privacy
 from edge_client.edge_model import EdgeModel, load_tokenizer
@@ -55,7 +56,7 @@ class RemoteConfig:
         None, "Python API: the C class tokens label_epsilon protects in forward(labels=...)", cli=False)
     wire_dtype: str = setting("fp32", "dtype of activations and gradients on the wire; int8 sends one byte per "
                                       "value plus a float32 scale per token (its absolute maximum / 127)",
-                              choices=["fp32", "fp16", "bf16", "int8"])
+                              choices=list(codec.WIRE_DTYPES))
     client_name: str = setting("edge", "client name shown in the server's log", flag="--name")
     cache: Path = setting(Path.home() / ".cache" / "dlora", "where downloaded edge assets are kept")
     seed: int = setting(0, "seed of the adapters' initialisation, the data order, dropout and token noise")
@@ -68,8 +69,8 @@ class RemoteConfig:
             token_privacy.check_epsilon(self.token_epsilon)
         if self.label_epsilon is not None and self.label_token_ids is not None:
             label_privacy.keep_probability(self.label_epsilon, len(self.label_token_ids))   # checks both
-        if self.wire_dtype not in ("fp32", "fp16", "bf16", "int8"):
-            raise ValueError(f"wire dtype {self.wire_dtype!r}: choose fp32, fp16, bf16 or int8")
+        if self.wire_dtype not in codec.WIRE_DTYPES:
+            raise ValueError(f"wire dtype {self.wire_dtype!r}: choose one of {', '.join(codec.WIRE_DTYPES)}")
         if self.timeout <= 0:
             raise ValueError(f"timeout must be positive, got {self.timeout}")
 
