@@ -17,7 +17,7 @@ help:
 	@echo "make bench-step  distributed vs in-process step time (tiny Llama, tiny GPT-2, SmolLM2)"
 	@echo "make bench-kr    every Kill-and-Revive policy on SmolLM2 + BBC News: accuracy, bytes, FLOPs, plots"
 	@echo "make bench-modes DLoRA against SplitLoRA on SmolLM2 + BBC News: accuracy, bytes, edge FLOPs and memory"
-	@echo "make bench-wire  fp32 against fp16, bf16 and int8 on the wire (int8 also with KR): bytes per step, held-out accuracy"
+	@echo "make bench-wire  every wire dtype x factorised or not x KR: MB/step, accuracy (4 seeds; hours), s/step on loopback and WAN"
 	@echo "make bench-latency step time on simulated WAN links (RTT, bandwidth), from loopback measurements"
 	@echo "make bench-edges aggregate tokens/s of 1-16 concurrent edges on one cloud, batching on and off"
 	@echo "make bench-privacy what a curious cloud recovers (tokens, labels) from its own recording of the wire"
@@ -74,7 +74,7 @@ bench-modes: proto
 	$(VPY) -m bench.modes
 
 bench-wire: proto
-	$(VPY) -m bench.modes --variants dlora,dlora-fp16,dlora-bf16,dlora-int8,dlora-kr-site-int8 --out bench/out/wire
+	$(VPY) -m bench.wire
 
 bench-latency: proto
 	$(VPY) -m bench.latency

@@ -34,10 +34,12 @@ VARIANTS = {
 LINKS = [Link(1, 100), Link(10, 100), Link(50, 100), Link(1, 10), Link(10, 10), Link(50, 10)]
 
 
-def measure(address: str, name: str, steps: int, cache: Path) -> dict:
-    """Mean step time, bytes and round trips over `steps` steps after one warm step."""
-    cfg = TrainConfig(server=address, cache=cache, progress=False, seed=0, client_name="bench-latency",
-                      federation=f"latency-{time.time_ns()}", **VARIANTS[name])
+def measure(address: str, name: str, steps: int, cache: Path, settings: dict | None = None) -> dict:
+    """Mean step time, bytes and round trips over `steps` steps after one warm step, for
+    VARIANTS[name] (or, given, `settings`: TrainConfig fields)."""
+    settings = VARIANTS[name] if settings is None else settings
+    cfg = TrainConfig(server=address, cache=cache, progress=False, seed=0, client_name=f"bench-{name}"[:64],
+                      federation=f"latency-{time.time_ns()}", **settings)
     train, _, _ = load_splits(cfg)
     with open_session(cfg) as session:
         trainer = EdgeTrainer(cfg, session)

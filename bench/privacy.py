@@ -183,6 +183,15 @@ def attack_step(messages: list[pb.EdgeMessage], public: Public, learned: dict[st
             tally.add("label_grad_full_vocab", int(by_vocab[i] == truth_at[(r, p)]), 1)
 
 
+def sent_outputs(msg: pb.SiteOutputs) -> list[torch.Tensor]:
+    """The adapter outputs of a site as the cloud sees them: sent whole, or multiplied out from
+    factors (then the cloud also holds B itself, and A up to least squares from x and A x)."""
+    if not msg.factors:
+        return [codec.decode(t, name="y", finite=False).double() for t in msg.outputs]
+    return [codec.decode(f.down, name="down", finite=False).double() @ codec.decode(f.up, name="up").double().T
+            for f in msg.factors]
+
+
 def adapter_errors(call: Path, sites: list, truth: dict[str, torch.Tensor]) -> list[float]:
     """The cloud fits each live module's scale * B @ A from one recorded step: the site inputs it
     sent (least squares against the outputs the edge answered). Relative error per module."""
@@ -196,9 +205,9 @@ def adapter_errors(call: Path, sites: list, truth: dict[str, torch.Tensor]) -> l
         if site.index not in inputs:
             continue
         x = codec.decode(inputs[site.index].x, name="x", finite=False).double()[mask]
-        for slot, tensor in zip(inputs[site.index].live, outputs[site.index].outputs):
+        for slot, y in zip(inputs[site.index].live, sent_outputs(outputs[site.index])):
             name = site.modules[slot].name
-            y = codec.decode(tensor, name="y", finite=False).double()[mask]
+            y = y[mask]
             fitted = torch.linalg.lstsq(x, y).solution.T
             errors.append(float((fitted - truth[name]).norm() / truth[name].norm()))
     return errors

@@ -71,8 +71,11 @@ def in_process_step(model_dir: Path, adapters: dict[str, LoRAAdapter], batch,
 
 
 def edge_side(address: str, wire: str, cache: Path, examples, max_length: int):
-    """The bench's edge: the Python API's model, rank-8 adapters on every served module, and the batch."""
-    model = DLoRAModelForCausalLM.connect(address, LoRAConfig(r=8, lora_alpha=16.0), wire_dtype=wire, cache=cache)
+    """The bench's edge: the Python API's model, rank-8 adapters on every served module, and the batch.
+    `wire` is a wire dtype, factorised, or with '+full' the whole adapter outputs (e.g. 'fp32+full')."""
+    dtype, _, full = wire.partition("+")
+    model = DLoRAModelForCausalLM.connect(address, LoRAConfig(r=8, lora_alpha=16.0), wire_dtype=dtype,
+                                          factorised=full != "full", cache=cache)
     return model, make_batch(model.tokenizer, examples, max_length)
 
 
@@ -128,7 +131,8 @@ def main() -> int:
                    help="torch threads of the edge (this process) during the distributed steps; 0: as --threads. "
                         "The edge's adapter work is small; on a host it shares with the cloud its idle "
                         "threads' spinning slows the cloud")
-    p.add_argument("--wire", default="fp32", choices=list(codec.WIRE_DTYPES), help="wire dtype (default: fp32)")
+    p.add_argument("--wire", default="fp32", choices=[f"{w}{f}" for w in codec.WIRE_DTYPES for f in ("", "+full")],
+                   help="wire dtype, factorised; '+full': adapter outputs at full width (default: fp32)")
     args = p.parse_args()
     from common.malloc_tuning import tune_malloc
     from tiny_models import save_tiny

@@ -25,6 +25,7 @@ import torch
 from common import tensor_codec as codec
 from common.settings import setting
 from common.wire import dlora_pb2 as pb
+from common.wire_format import WireFormat
 from cloud_server.served_model import ServedModel
 from cloud_server.step_runner import EdgeLink, StepRunner
 
@@ -181,7 +182,7 @@ def run_cohort(served: ServedModel, jobs: list[StepJob], groups: dict[str, tuple
         final = served.run(runner, hidden, mask, cut=cut)
         for i, job in enumerate(jobs):
             part = runner.part(i, final)
-            runner.guard(i, lambda: job.link.send(final_message(part, job.link.wire_dtype)))
+            runner.guard(i, lambda: job.link.send(final_message(part, job.link.wire)))
         if train:
             grads = runner.collect(list(range(len(jobs))),
                                    lambda i: _final_grad(jobs[i].link, runner.part(i, final)))
@@ -190,7 +191,7 @@ def run_cohort(served: ServedModel, jobs: list[StepJob], groups: dict[str, tuple
                 final.backward(runner.joint(grads, final, final.shape[-1]))
             if cut:
                 for i, job in enumerate(jobs):
-                    runner.guard(i, lambda: job.link.send(_cut_grad(job.hidden, job.link.wire_dtype)))
+                    runner.guard(i, lambda: job.link.send(_cut_grad(job.hidden, job.link.wire)))
         runner.raise_if_all_failed()
     finally:
         runner.release()
@@ -202,22 +203,22 @@ def run_cohort(served: ServedModel, jobs: list[StepJob], groups: dict[str, tuple
         job.cloud_seconds = max(cloud, 0.0) * job.tokens / total
 
 
-def final_message(hidden: torch.Tensor, wire_dtype: torch.dtype) -> pb.CloudMessage:
+def final_message(hidden: torch.Tensor, wire: WireFormat) -> pb.CloudMessage:
     msg = pb.CloudMessage()
-    codec.encode_into(msg.final_hidden.hidden, hidden, wire_dtype)  # in place: no copy per nesting level
+    wire.put_act(msg.final_hidden.hidden, hidden)  # in place: no copy per nesting level
     return msg
 
 
-def _cut_grad(hidden: torch.Tensor, wire_dtype: torch.dtype) -> pb.CloudMessage:
+def _cut_grad(hidden: torch.Tensor, wire: WireFormat) -> pb.CloudMessage:
     msg = pb.CloudMessage()
     # No gradient reached these rows only if the edge failed mid-step; it then gets nothing anyway.
     grad = hidden.grad if hidden.grad is not None else torch.zeros_like(hidden)
-    codec.encode_into(msg.cut_grad.grad, grad, wire_dtype)
+    wire.put_grad(msg.cut_grad.grad, grad)
     return msg
 
 
 def _final_grad(link: EdgeLink, final: torch.Tensor) -> torch.Tensor:
     msg = link.expect("final_grad")
     grad = codec.decode(msg.final_grad.grad, name="final hidden gradient", shape=tuple(final.shape),
-                        dtypes=[link.wire_dtype])
+                        dtypes=[link.wire.grad])
     return grad.to(device=final.device, dtype=final.dtype)

@@ -20,6 +20,7 @@ from common.lora import LoRAAdapter
 from common.settings import setting
 from common.tensor_codec import WireError, clip
 from common.wire import dlora_pb2 as pb
+from common.wire_format import WireFormat
 from common.wire import dlora_pb2_grpc as pb_grpc
 from cloud_server import assets as edge_assets
 from cloud_server.auth import Authenticator, Unauthenticated
@@ -36,7 +37,6 @@ log = logging.getLogger(__name__)
 _DONE = object()
 _EOF = object()
 _CHUNK = 1 << 20
-_WIRE_DTYPES = tuple(codec.dtype_from_name(n) for n in codec.WIRE_DTYPES)
 MAX_PARKED_RANK = 256
 FIRST_MESSAGE_SECONDS = 10.0
 GENERATION_TOKEN_SECONDS = 60.0   # the edge picks a token in milliseconds; an idle stream is abandoned
@@ -279,10 +279,7 @@ class DLoRAService(pb_grpc.DLoRAServicer):
     def OpenSession(self, request: pb.OpenSessionRequest, context: grpc.ServicerContext) -> pb.OpenSessionReply:
         owner = self._caller(context)
         try:
-            wire = codec.torch_dtype(request.wire_dtype or pb.FLOAT32)
-            if wire not in _WIRE_DTYPES:
-                raise WireError(f"wire dtype {codec.dtype_name(wire)} is not supported; use one of "
-                                f"{', '.join(codec.WIRE_DTYPES)}")
+            wire = WireFormat.from_message(request)
             mode = MODES.get(request.mode)
             if mode is None:
                 raise WireError(f"unknown session mode {request.mode}")
@@ -307,9 +304,9 @@ class DLoRAService(pb_grpc.DLoRAServicer):
             context.abort(*_status(exc))
             raise
 
-    def _open_reply(self, session: Session, sites, wire: torch.dtype) -> pb.OpenSessionReply:
+    def _open_reply(self, session: Session, sites, wire: WireFormat) -> pb.OpenSessionReply:
         meta = self.served.meta
-        return pb.OpenSessionReply(
+        reply = pb.OpenSessionReply(
             session_id=session.id,
             model=pb.ModelInfo(name=meta.name, model_type=meta.model_type, num_layers=meta.num_layers,
                                hidden_size=meta.hidden_size, vocab_size=meta.vocab_size,
@@ -320,10 +317,11 @@ class DLoRAService(pb_grpc.DLoRAServicer):
             limits=pb.Limits(max_message_bytes=self.message_limit,
                              max_batch_tokens=self.limits.max_batch_tokens,
                              max_sessions=self.limits.max_sessions),
-            wire_dtype=codec.wire_dtype(wire),
             device=str(self.served.device),
             edge_layers=session.cut if session.federation is None else 0,
         )
+        wire.fill_reply(reply)
+        return reply
 
     def _edge_layers(self, layers: int) -> Callable[[Session], None]:
         """DLoRA with blocks [0, layers) on the edge: the session's steps start at block `layers`."""
@@ -615,7 +613,7 @@ class DLoRAService(pb_grpc.DLoRAServicer):
             return self._run_split_step(session, start, receive, send, train)
         hidden, mask = self._decode_inputs(session, start)
         with session.step(start.step_id, train):
-            link = EdgeLink(session.sites, receive, send, session.wire_dtype, parked=dict(session.parked),
+            link = EdgeLink(session.sites, receive, send, session.wire, parked=dict(session.parked),
                             credit=receive.credit)
             # Alone, or batched with other sessions' steps that arrive together; an edge
             # that once lagged behind its batch runs alone from then on.
@@ -641,19 +639,21 @@ class DLoRAService(pb_grpc.DLoRAServicer):
         t0 = time.perf_counter()
         with session.step(start.step_id, train), self._federation_lock(fed):
             # Every site after the cut is served here, by the federation's adapters: no site exchange.
-            link = EdgeLink(fed.server_sites, receive, send, session.wire_dtype, parked=fed.applied)
+            link = EdgeLink(fed.server_sites, receive, send, session.wire, parked=fed.applied)
             runner = StepRunner([link], train, self.batcher.groups)
             try:
                 if train:
                     hidden.requires_grad_(True)
                 final = self.served.run(runner, hidden, mask, cut=session.cut)
-                send(final_message(final, session.wire_dtype))
+                send(final_message(final, session.wire))
                 if train:
                     msg = link.expect("final_grad")
                     grad = codec.decode(msg.final_grad.grad, name="final hidden gradient",
-                                        shape=tuple(final.shape), dtypes=[session.wire_dtype])
+                                        shape=tuple(final.shape), dtypes=[session.wire.grad])
                     final.backward(grad.to(device=final.device, dtype=final.dtype))
-                    send(pb.CloudMessage(cut_grad=pb.CutGrad(grad=codec.encode(hidden.grad, session.wire_dtype))))
+                    reply = pb.CloudMessage()
+                    session.wire.put_grad(reply.cut_grad.grad, hidden.grad)
+                    send(reply)
                     # Once per step id: a replayed step (its reply was lost) is not applied twice.
                     if start.step_id > session.last_update_step:
                         fed.apply_update()
@@ -746,7 +746,7 @@ class DLoRAService(pb_grpc.DLoRAServicer):
             parked = dict(session.parked)
             try:
                 while True:
-                    link = EdgeLink(session.sites, receive, send, session.wire_dtype, parked=parked)
+                    link = EdgeLink(session.sites, receive, send, session.wire, parked=parked)
                     runner = StepRunner([link], False, self.batcher.groups)
                     try:
                         last = self.served.extend(runner, hidden, mask, cache)
@@ -756,7 +756,7 @@ class DLoRAService(pb_grpc.DLoRAServicer):
                     wait += link.wait_seconds
                     passes += 1
                     session.tokens += int(mask[:, -hidden.shape[1]:].sum())
-                    send(final_message(last, session.wire_dtype))
+                    send(final_message(last, session.wire))
                     extend_deadline()
                     t_wait = time.perf_counter()
                     try:
@@ -785,7 +785,7 @@ class DLoRAService(pb_grpc.DLoRAServicer):
             raise LimitExceeded(f"batch x length = {batch * (length + 1)} exceeds this server's "
                                 f"limit of {self.limits.max_batch_tokens} tokens")
         h = codec.decode(msg.next_embedding.hidden, name="next embedding",
-                         shape=(batch, 1, self.served.meta.hidden_size), dtypes=[session.wire_dtype])
+                         shape=(batch, 1, self.served.meta.hidden_size), dtypes=[session.wire.act])
         mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=mask.device)], dim=1)
         return h.to(device=self.served.device, dtype=self.served.dtype), mask
 
@@ -802,7 +802,7 @@ class DLoRAService(pb_grpc.DLoRAServicer):
         if shape[0] * shape[1] > self.limits.max_batch_tokens:
             raise LimitExceeded(f"batch x sequence = {shape[0] * shape[1]} exceeds this server's "
                                 f"limit of {self.limits.max_batch_tokens} tokens per step")
-        hidden = codec.decode(start.hidden, name="hidden states", shape=shape, dtypes=[session.wire_dtype])
+        hidden = codec.decode(start.hidden, name="hidden states", shape=shape, dtypes=[session.wire.act])
         mask = codec.decode(start.attention_mask, name="attention mask", shape=shape[:2], dtypes=[torch.bool])
         if not bool(mask.any(dim=1).all()):
             raise WireError("every row of the attention mask needs at least one real position")

@@ -9,10 +9,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
 from common.malloc_tuning import release_memory
+from common.wire_format import WireFormat
 from cloud_server.sites import SiteSpec
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ class Session:
     owner: str                # identity that opened it; only it may use the session
     client_name: str
     sites: list[SiteSpec]
-    wire_dtype: torch.dtype
+    wire: WireFormat
     opened_at: float = field(default_factory=time.monotonic)
     last_used: float = field(default_factory=time.monotonic)
     last_step_id: int = -1
@@ -125,7 +125,7 @@ class SessionManager:
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
 
-    def open(self, owner: str, client_name: str, sites: list[SiteSpec], wire_dtype: torch.dtype,
+    def open(self, owner: str, client_name: str, sites: list[SiteSpec], wire: WireFormat,
              prepare=None) -> Session:
         """A new session; `prepare(session)` runs before it becomes visible (and may refuse it)."""
         with self._lock:
@@ -140,12 +140,12 @@ class SessionManager:
                     "close one first"
                 )
             # 128 random bits: a session id cannot be guessed.
-            session = Session(secrets.token_hex(16), owner, client_name or "anonymous", sites, wire_dtype)
+            session = Session(secrets.token_hex(16), owner, client_name or "anonymous", sites, wire)
             if prepare is not None:
                 prepare(session)
             self._sessions[session.id] = session
         log.info("session %s opened by %r: %d sites, wire %s (%d open)",
-                 session.id[:8], session.client_name, len(sites), str(wire_dtype).replace("torch.", ""),
+                 session.id[:8], session.client_name, len(sites), wire,
                  len(self._sessions))
         return session
 

@@ -6,6 +6,9 @@ is active) the first tap of a site ships the site input to the edge, receives
 the outputs of every live module there, and each tap adds its module's output
 to the frozen projection. `_RemoteSites` is the autograd node for that
 exchange: its backward ships dL/dy to the edge and returns the edge's dL/dx.
+In a factorised session the edge may answer with each output's rank-r
+factors instead; the link multiplies them out, keeps them, and in the
+backward pass sends their gradients instead of dL/dy (common/wire_format.py).
 
 A step may carry several edges at once (cross-session batching, see
 batching.py): their batches are stacked into one, the frozen blocks run once,
@@ -29,6 +32,7 @@ from common import tensor_codec as codec
 from common.tensor_codec import WireError
 from common.model_parts import UnsupportedModel
 from common.wire import dlora_pb2 as pb
+from common.wire_format import WireFormat, factor_grads, factor_output
 from cloud_server.sites import SiteSpec
 
 _active = threading.local()
@@ -85,7 +89,7 @@ class EdgeLink:
     sites: list[SiteSpec]
     receive: Callable[[], pb.EdgeMessage]
     send: Callable[[pb.CloudMessage], None]
-    wire_dtype: torch.dtype
+    wire: WireFormat
     # Killed modules' adapters, applied here, frozen, with no traffic.
     parked: dict[str, nn.Module] = field(default_factory=dict)
     live: dict[int, list[int]] = field(default_factory=dict)  # site -> slots the edge computes
@@ -94,7 +98,9 @@ class EdgeLink:
     within: float | None = None           # in a joint batch: the longest one exchange may take
     wait_seconds: float = 0.0
     error: BaseException | None = None    # set once the edge failed; it then gets no more traffic
+    keep_factors: bool = False            # training: keep factorised outputs' factors for backward
     _site_of: dict[str, int] = field(default_factory=dict)
+    _factors: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for site in self.sites:
@@ -120,7 +126,7 @@ class EdgeLink:
         msg = pb.CloudMessage()
         msg.site_input.site = site
         msg.site_input.live.extend(self.live[site])
-        codec.encode_into(msg.site_input.x, x, self.wire_dtype)
+        self.wire.put_act(msg.site_input.x, x)
         self.send(msg)
 
     def receive_site_outputs(self, site: int, x: torch.Tensor) -> list[torch.Tensor]:
@@ -128,15 +134,46 @@ class EdgeLink:
         reply = self.expect("site_outputs").site_outputs
         if reply.site != site:
             raise WireError(f"site outputs for site {reply.site}, expected site {site}")
+        lead = tuple(x.shape[:-1])
+        if reply.factors:
+            if reply.outputs:
+                raise WireError(f"site {site}: both outputs and factors; send one or the other")
+            return self._multiply_out(site, reply.factors, lead, x)
         if len(reply.outputs) != len(live):
             raise WireError(f"site {site}: {len(reply.outputs)} outputs for {len(live)} live modules")
-        lead = tuple(x.shape[:-1])
         outs = []
         for slot, msg in zip(live, reply.outputs):
             mod = spec.modules[slot]
             t = codec.decode(msg, name=f"output of {mod.name}", shape=lead + (mod.out_features,),
-                             dtypes=[self.wire_dtype])
+                             dtypes=[self.wire.act])
             outs.append(t.to(device=x.device, dtype=x.dtype))
+        return outs
+
+    def _multiply_out(self, site: int, factors, lead: tuple[int, ...], x: torch.Tensor) -> list[torch.Tensor]:
+        """Adapter outputs from their factors, y = down upᵀ (kept for backward when training)."""
+        spec, live = self.sites[site], self.live[site]
+        if not self.wire.factorised:
+            raise WireError(f"site {site}: factors in a session that did not agree to a factorised exchange")
+        if len(factors) != len(live):
+            raise WireError(f"site {site}: {len(factors)} factor pairs for {len(live)} live modules")
+        outs, kept = [], []
+        for slot, f in zip(live, factors):
+            mod = spec.modules[slot]
+            codec.require(f.up, f"up factor of {mod.name}")
+            rank = int(f.up.shape[-1]) if len(f.up.shape) == 2 else -1
+            # A rank at or above out_features saves nothing; beyond it, only memory for a hostile peer.
+            if not 1 <= rank < mod.out_features:
+                raise WireError(f"up factor of {mod.name}: shape {codec.shape_text(f.up.shape)}; expected "
+                                f"[{mod.out_features}, r] with 1 <= r < {mod.out_features}")
+            up = codec.decode(f.up, name=f"up factor of {mod.name}", shape=(mod.out_features, rank),
+                              dtypes=[torch.float32])
+            down = codec.decode(f.down, name=f"down factor of {mod.name}", shape=lead + (rank,),
+                                dtypes=[self.wire.act]).float()
+            up, down = up.to(x.device), down.to(x.device)
+            outs.append(factor_output(down, up).to(dtype=x.dtype))
+            kept.append((down, up))
+        if self.keep_factors:
+            self._factors[site] = kept
         return outs
 
     def zero_outputs(self, site: int, x: torch.Tensor) -> list[torch.Tensor]:
@@ -147,8 +184,16 @@ class EdgeLink:
         msg = pb.CloudMessage()
         msg.site_grad_outputs.site = site
         msg.site_grad_outputs.want_grad_input = want_dx
-        for g in grads:
-            codec.encode_into(msg.site_grad_outputs.grad_outputs.add(), g, self.wire_dtype)
+        factors = self._factors.pop(site, None)
+        if factors is None:
+            for g in grads:
+                self.wire.put_grad(msg.site_grad_outputs.grad_outputs.add(), g)
+        else:
+            for g, (down, up) in zip(grads, factors):
+                d_down, d_up = factor_grads(g, down, up)
+                out = msg.site_grad_outputs.factor_grads.add()
+                self.wire.put_grad(out.down, d_down)
+                codec.encode_into(out.up, d_up, torch.float32)
         self.send(msg)
 
     def receive_site_grad_input(self, site: int, x_shape: torch.Size, want_dx: bool) -> torch.Tensor | None:
@@ -158,7 +203,11 @@ class EdgeLink:
         if not want_dx:
             return None
         return codec.decode(reply.grad_input, name=f"grad input of site {site}", shape=tuple(x_shape),
-                            dtypes=[self.wire_dtype])
+                            dtypes=[self.wire.grad])
+
+    def forget_factors(self) -> None:
+        """Drop the factors kept for a backward that will not come (the step ended or failed)."""
+        self._factors.clear()
 
     def take_error(self) -> BaseException | None:
         """The edge's failure, no longer held here: the exception's frames hold the
@@ -229,6 +278,7 @@ class StepRunner:
         for link in links:
             # Alone, an edge has its whole step deadline; batched, it must keep up with the others.
             link.within = lag_timeout if len(links) > 1 else None
+            link.keep_factors = train
         self.train = train
         self.groups = groups                 # linear name -> the names sharing its input
         sizes = batch_sizes or [0] * len(links)
@@ -384,3 +434,5 @@ class StepRunner:
         activations alive after the step."""
         self._caches.clear()
         self._anchor = None
+        for link in self.links:
+            link.forget_factors()

@@ -83,6 +83,10 @@ class LoRAAdapter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
 
+    def down(self, x: torch.Tensor) -> torch.Tensor:
+        """scale * A x: the rank-r half of the output, which `forward` multiplies by B."""
+        return F.linear(x, self.lora_A) * self.scale
+
     @torch.no_grad()
     def weight_norm(self) -> float:
         """||scale * B A||_F from r x r products, without forming B A."""
@@ -90,9 +94,12 @@ class LoRAAdapter(nn.Module):
         sq = torch.trace((b.T @ b) @ (a @ a.T)).clamp_min(0.0)
         return float(abs(self.scale) * sq.sqrt())
 
-    def flops(self, tokens: int) -> int:
-        """Multiply-adds x2 of one forward over `tokens` rows (scale included)."""
+    def flops(self, tokens: int, down_only: bool = False) -> int:
+        """Multiply-adds x2 of one forward over `tokens` rows (scale included); `down_only`:
+        of scale * A x alone (a factorised exchange leaves B's product to the cloud)."""
         r, i, o = self.rank, self.in_features, self.out_features
+        if down_only:
+            return 2 * tokens * r * i + tokens * r
         return 2 * tokens * r * (i + o) + tokens * o
 
 

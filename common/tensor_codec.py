@@ -3,10 +3,12 @@
 Decoding never trusts the sender: dtype, shape, byte length and finiteness are
 checked, and a mismatch raises `WireError` with a message that names the tensor.
 
-int8 is a quantised wire format for floating tensors: each row (every dimension
-but the last: one token's vector) is sent as int8 values and one float32 scale,
-its absolute maximum / 127, so the error per element is at most half a scale.
-Decoding gives float32 back.
+int8 and int4 are quantised wire formats for floating tensors: each group of
+values along the last dimension (int8: a whole row, one token's vector; int4:
+32 values) is sent as integers and one float32 scale, the group's absolute
+maximum / 127 (int8) or / 7 (int4). Rounding to nearest errs by at most half a
+scale per element; stochastic rounding errs by less than one scale but is
+unbiased, which gradients summed over many tokens want. Decoding gives float32.
 """
 from __future__ import annotations
 
@@ -53,9 +55,14 @@ _TO_WIRE: dict[torch.dtype, int] = {
     torch.bfloat16: pb.BFLOAT16,
     torch.bool: pb.BOOL,
     torch.int8: pb.INT8,
+    torch.int4: pb.INT4,  # a marker only: int4 values travel packed two per byte
 }
 _FROM_WIRE: dict[int, torch.dtype] = {v: k for k, v in _TO_WIRE.items()}
-_NAMES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}
+_NAMES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8,
+          "int4": torch.int4}
+# Quantised dtypes: the largest magnitude of a value, and the values per scale (0: a row).
+_LEVELS = {torch.int8: 127, torch.int4: 7}
+_GROUP = {torch.int8: 0, torch.int4: 32}
 # The dtypes activations and gradients may take on the wire, by name (the CLIs' choices).
 WIRE_DTYPES = tuple(_NAMES)
 # How each dtype's bytes are read with numpy. numpy has no bfloat16: its bit
@@ -66,13 +73,14 @@ _NUMPY: dict[torch.dtype, type] = {
     torch.bfloat16: np.int16,
     torch.bool: np.bool_,
     torch.int8: np.int8,
+    torch.int4: np.uint8,  # two values per byte
 }
 # Exponent field of a bfloat16 bit pattern; all ones means Inf or NaN.
 _BF16_EXPONENT = 0x7F80
 
 
 def dtype_from_name(name: str) -> torch.dtype:
-    """'fp32' / 'fp16' / 'bf16' -> torch dtype."""
+    """'fp32' / 'fp16' / 'bf16' / 'int8' / 'int4' -> torch dtype."""
     try:
         return _NAMES[name]
     except KeyError:
@@ -107,15 +115,17 @@ def require(msg: pb.Tensor, name: str) -> None:
     raise WireError(f"{clip(name, 100)}: unknown dtype code 0 (DTYPE_UNSPECIFIED: the sender set no dtype)")
 
 
-def encode_into(out: pb.Tensor, t: torch.Tensor, dtype: torch.dtype | None = None) -> pb.Tensor:
+def encode_into(out: pb.Tensor, t: torch.Tensor, dtype: torch.dtype | None = None, *,
+                stochastic: bool = False) -> pb.Tensor:
     """Fill `out` (e.g. a field of the message being built) with `t`, cast to `dtype` if given.
 
     Writing into the enclosing message's own field saves the copy that
     assigning a finished `Tensor` into a message makes (megabytes per site).
+    `stochastic` rounds quantised dtypes stochastically instead of to nearest.
     """
     t = t.detach()
-    if dtype == torch.int8 and t.is_floating_point():
-        return _quantise_into(out, t)
+    if dtype in _LEVELS and t.is_floating_point():
+        return _quantise_into(out, t, dtype, stochastic)
     if dtype is not None and t.dtype != dtype:
         t = t.to(dtype)
     t = t.contiguous().cpu()
@@ -130,18 +140,39 @@ def encode_into(out: pb.Tensor, t: torch.Tensor, dtype: torch.dtype | None = Non
     return out
 
 
-def _quantise_into(out: pb.Tensor, t: torch.Tensor) -> pb.Tensor:
-    """int8 with one scale per row: round to nearest of x / (absmax / 127)."""
-    rows = t.float().cpu().reshape(-1, t.shape[-1] if t.dim() else 1)
-    scale = rows.abs().amax(dim=1) / 127.0
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row: any scale is exact
-    q = torch.round(rows / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+def _quantise_into(out: pb.Tensor, t: torch.Tensor, dtype: torch.dtype, stochastic: bool) -> pb.Tensor:
+    """Integers with one float32 scale per group: x / (group absmax / levels), rounded."""
+    levels, group = _LEVELS[dtype], _GROUP[dtype]
+    width = t.shape[-1] if t.dim() else 1
+    rows = t.float().cpu().reshape(-1, width)
+    groups = _groups(width, group)
+    if groups > 1:  # pad each row to whole groups (zeros: they change no absmax)
+        rows = torch.nn.functional.pad(rows, (0, groups * group - width)).reshape(-1, group)
+    scale = rows.abs().amax(dim=1) / levels
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero group: any scale is exact
+    scaled = rows / scale[:, None]
+    q = torch.floor(scaled + torch.rand_like(scaled)) if stochastic else torch.round(scaled)
+    q = q.clamp_(-levels, levels).to(torch.int8)
+    if groups > 1:
+        q = q.reshape(-1, groups * group)[:, :width]
     out.Clear()
-    out.dtype = pb.INT8
+    out.dtype = _TO_WIRE[dtype]
     out.shape.extend(t.shape)
-    out.data = q.numpy().tobytes()
+    if dtype == torch.int4:
+        nibbles = (q.reshape(-1) + 8).to(torch.uint8)
+        if nibbles.numel() % 2:
+            nibbles = torch.cat([nibbles, nibbles.new_zeros(1)])
+        out.data = (nibbles[0::2] | (nibbles[1::2] << 4)).numpy().tobytes()
+        out.group = group
+    else:
+        out.data = q.numpy().tobytes()
     out.scales = scale.numpy().astype("<f4").tobytes()
     return out
+
+
+def _groups(width: int, group: int) -> int:
+    """Scales per row of `width` values with `group` values per scale (0: one per row)."""
+    return 1 if group <= 0 or width == 0 else -(-width // group)
 
 
 def encode(t: torch.Tensor, dtype: torch.dtype | None = None) -> pb.Tensor:
@@ -193,14 +224,15 @@ def decode(
     itemsize = np.dtype(_NUMPY[dtype]).itemsize
     # Python integers: a hostile shape cannot overflow into a small product.
     numel = math.prod(got_shape)
-    if len(data) != numel * itemsize:
+    expected = (numel + 1) // 2 if dtype == torch.int4 else numel * itemsize
+    if len(data) != expected:
         raise WireError(
             f"{name}: {len(data)} bytes for shape {shape_text(got_shape)} of "
-            f"{dtype_name(dtype)} (expected {numel * itemsize})"
+            f"{dtype_name(dtype)} (expected {expected})"
         )
     values = np.frombuffer(data, dtype=_NUMPY[dtype])  # a read-only view, no copy yet
-    if dtype == torch.int8:
-        return _dequantise(msg, values, got_shape, name)
+    if dtype in _LEVELS:
+        return _dequantise(msg, values, got_shape, name, dtype, finite)
     if finite and dtype.is_floating_point and not _all_finite(values, dtype):
         raise WireError(f"{name}: contains NaN or Inf")
     # copy(): `data` is immutable, and the caller may write into the tensor
@@ -211,15 +243,36 @@ def decode(
     return t.reshape(got_shape)
 
 
-def _dequantise(msg: pb.Tensor, values: np.ndarray, shape: tuple[int, ...], name: str) -> torch.Tensor:
-    """float32 from int8 values and their per-row scales, the scales checked like any float data."""
+def _dequantise(msg: pb.Tensor, values: np.ndarray, shape: tuple[int, ...], name: str,
+                dtype: torch.dtype, finite: bool) -> torch.Tensor:
+    """float32 from quantised values and their per-group scales, the scales checked like any float data."""
     width = shape[-1] if shape else 1
-    rows = len(values) // width if width else 0
+    numel = math.prod(shape)
+    rows = numel // width if width else 0
+    if msg.group < 0:
+        raise WireError(f"{name}: negative quantisation group {msg.group}")
+    groups = _groups(width, msg.group)
     scales = msg.scales
-    if len(scales) != rows * 4:
-        raise WireError(f"{name}: {len(scales)} bytes of int8 scales for {rows} rows (expected {rows * 4})")
+    if len(scales) != rows * groups * 4:
+        raise WireError(f"{name}: {len(scales)} bytes of {dtype_name(dtype)} scales for {rows} rows of "
+                        f"{groups} groups (expected {rows * groups * 4})")
     scale = np.frombuffer(scales, dtype="<f4")
     if not np.isfinite(scale).all() or (scale < 0).any():
-        raise WireError(f"{name}: int8 scales must be finite and not negative")
-    out = values.reshape(rows, width).astype(np.float32) * scale[:, None]
-    return torch.from_numpy(out).reshape(shape)
+        raise WireError(f"{name}: {dtype_name(dtype)} scales must be finite and not negative")
+    if dtype == torch.int4:
+        both = np.empty(values.size * 2, dtype=np.int8)
+        both[0::2] = values & 0x0F
+        both[1::2] = values >> 4
+        values = both[:numel] - 8
+    q = values.reshape(rows, width).astype(np.float32)
+    with np.errstate(over="ignore"):  # an overflow is refused just below, by name
+        if groups == 1:
+            out = q * scale[:, None]
+        else:
+            group = msg.group
+            padded = np.zeros((rows, groups * group), dtype=np.float32)
+            padded[:, :width] = q
+            out = (padded.reshape(-1, group) * scale[:, None]).reshape(rows, groups * group)[:, :width]
+    if finite and not np.isfinite(out).all():  # a finite scale near float32's maximum, times 127
+        raise WireError(f"{name}: {dtype_name(dtype)} values times their scales overflow float32")
+    return torch.from_numpy(np.ascontiguousarray(out)).reshape(shape)

@@ -133,6 +133,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sh.add_argument("--test", type=Path, default=None, help="held-out JSONL (default: BBC News' held-out part)")
     sh.add_argument("--seed", type=int, default=0, help="seed of the split (default: %(default)s)")
     sh.add_argument("--out", type=Path, required=True, help="directory for the shards")
+    _network_presets(train, argv)
     args = p.parse_args(argv)
     if args.command == "generate":
         if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
@@ -147,6 +148,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             train.error(str(exc))
         args.config.kr.seed = args.config.seed
     return args
+
+
+def _network_presets(train: argparse.ArgumentParser, argv: list[str] | None) -> None:
+    """`train --network wan`: that network's presets become the defaults, so explicit flags still win."""
+    from edge_client.trainer import NETWORKS
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--network", choices=list(NETWORKS), default="lan")
+    known, _ = pre.parse_known_args(sys.argv[1:] if argv is None else argv)
+    train.set_defaults(**NETWORKS[known.network])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from common.lora import LoRAAdapter
+from common.wire_format import WireFormat
 from edge_client.edge_model import EdgeModel
 from edge_client.session import CloudSession, StepStats
 
@@ -108,7 +109,7 @@ def generate_cli(server: str, credentials, adapter_dir, prompts: list[str], cfg:
     if adapter_dir is not None:
         adapters, acfg = peft_format.load(adapter_dir)
         targets = sorted({n.rsplit(".", 1)[-1] for n in adapters})
-    with CloudSession(server, wire_dtype=wire_dtype, targets=targets, client_name="edge-generate",
+    with CloudSession(server, wire=WireFormat.named(wire_dtype), targets=targets, client_name="edge-generate",
                       credentials=credentials) as session:
         assets = session.fetch_assets(cache / "edge-assets")
         tokenizer = load_tokenizer(assets)

@@ -27,6 +27,7 @@ from torch import nn
 from common.lora import ALL_LINEAR, LoRAAdapter, LoRAConfig, LoRALinear, seeded_adapters
 from common import tensor_codec as codec
 from common.settings import setting
+from common.wire_format import WireFormat
 from edge_client import label_privacy, peft_format, token_privacy
 from edge_client.edge_model import EdgeModel, load_tokenizer
 from edge_client.session import CloudError, CloudSession, Credentials, RetryPolicy, SplitOptions, StepStats
@@ -54,9 +55,18 @@ class RemoteConfig:
               "accuracy at small EPS", metavar="EPS")
     label_token_ids: list[int] | None = setting(
         None, "Python API: the C class tokens label_epsilon protects in forward(labels=...)", cli=False)
-    wire_dtype: str = setting("fp32", "dtype of activations and gradients on the wire; int8 sends one byte per "
-                                      "value plus a float32 scale per token (its absolute maximum / 127)",
-                              choices=list(codec.WIRE_DTYPES))
+    wire_dtype: str = setting("fp32", "dtype of activations (and gradients, unless --grad-dtype) on the wire; int8 "
+                                      "sends one byte per value plus a float32 scale per token (its absolute "
+                                      "maximum / 127), int4 half a byte plus a scale per 32 values",
+                              choices=list(codec.WIRE_DTYPES), group="wire: how activations and gradients travel")
+    grad_dtype: str | None = setting(None, "dtype of gradients on the wire; off: --wire-dtype's",
+                                     choices=list(codec.WIRE_DTYPES), group="wire: how activations and gradients travel")
+    factorised: bool = setting(True, "send each adapter's whole output (and receive its gradient) instead of its "
+                                     "rank-r factors, scale*A x and B, which the cloud multiplies out: factors "
+                                     "carry r numbers per token instead of the output width, and are the same "
+                                     "step in exact arithmetic", group="wire")
+    stochastic_rounding: bool = setting(False, "round int8/int4 gradients stochastically (unbiased) instead of "
+                                               "to nearest", group="wire")
     client_name: str = setting("edge", "client name shown in the server's log", flag="--name")
     cache: Path = setting(Path.home() / ".cache" / "dlora", "where downloaded edge assets are kept")
     seed: int = setting(0, "seed of the adapters' initialisation, the data order, dropout and token noise")
@@ -69,10 +79,14 @@ class RemoteConfig:
             token_privacy.check_epsilon(self.token_epsilon)
         if self.label_epsilon is not None and self.label_token_ids is not None:
             label_privacy.keep_probability(self.label_epsilon, len(self.label_token_ids))   # checks both
-        if self.wire_dtype not in codec.WIRE_DTYPES:
-            raise ValueError(f"wire dtype {self.wire_dtype!r}: choose one of {', '.join(codec.WIRE_DTYPES)}")
+        for name in (self.wire_dtype, self.grad_dtype or self.wire_dtype):
+            if name not in codec.WIRE_DTYPES:
+                raise ValueError(f"wire dtype {name!r}: choose one of {', '.join(codec.WIRE_DTYPES)}")
         if self.timeout <= 0:
             raise ValueError(f"timeout must be positive, got {self.timeout}")
+
+    def wire_format(self) -> WireFormat:
+        return WireFormat.named(self.wire_dtype, self.grad_dtype, self.factorised, self.stochastic_rounding)
 
 
 # LoraConfig fields DLoRA follows; the rest must keep PEFT's default, or the config is refused.
@@ -165,8 +179,8 @@ class DLoRAModelForCausalLM(nn.Module):
         """Open a session on `server` with fresh adapters for `lora_config` (a peft.LoraConfig).
 
         `settings` are RemoteConfig's fields: edge_layers, token_epsilon, label_epsilon, label_token_ids,
-        wire_dtype, client_name, cache, seed, timeout. `split` makes it a SplitLoRA client (see
-        SplitLoRAModelForCausalLM)."""
+        wire_dtype, grad_dtype, factorised, stochastic_rounding, client_name, cache, seed, timeout. `split`
+        makes it a SplitLoRA client (see SplitLoRAModelForCausalLM)."""
         remote = RemoteConfig(server=server, **settings)
         if remote.label_epsilon is not None and not remote.label_token_ids:
             raise ValueError("label_epsilon protects the class tokens in forward(labels=...): give label_token_ids, "
@@ -174,7 +188,7 @@ class DLoRAModelForCausalLM(nn.Module):
         lora = lora_settings(lora_config)
         if split is not None:
             split = dataclasses.replace(split, rank=lora.r, alpha=lora.lora_alpha)
-        session = CloudSession(server, wire_dtype=remote.wire_dtype, targets=list(lora.target_modules) or None,
+        session = CloudSession(server, wire=remote.wire_format(), targets=list(lora.target_modules) or None,
                                client_name=remote.client_name, timeout=remote.timeout, credentials=credentials,
                                retry=retry, edge_layers=remote.edge_layers, split=split)
         try:

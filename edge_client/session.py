@@ -17,6 +17,7 @@ import torch
 from common import tensor_codec as codec
 from common.lora import LoRAAdapter
 from common.wire import dlora_pb2 as pb
+from common.wire_format import WireFormat
 from common.settings import setting
 from common.wire import dlora_pb2_grpc as pb_grpc
 from edge_client import asset_download
@@ -106,7 +107,7 @@ class SplitOptions:
 class CloudSession:
     """A session with a cloud_server; owns the gRPC channel."""
 
-    def __init__(self, target: str, *, wire_dtype: str = "fp32", targets: list[str] | None = None,
+    def __init__(self, target: str, *, wire: WireFormat | None = None, targets: list[str] | None = None,
                  client_name: str = "edge", timeout: float = 600.0, credentials: Credentials | None = None,
                  retry: RetryPolicy | None = None, split: SplitOptions | None = None, edge_layers: int = 0) -> None:
         self.target = target
@@ -114,7 +115,7 @@ class CloudSession:
         # DLoRA: blocks [0, edge_layers) run here; steps send their output and get its gradient back.
         self.edge_layers = edge_layers
         self.timeout = timeout
-        self.wire_dtype = codec.dtype_from_name(wire_dtype)
+        self.wire = wire or WireFormat()
         self.targets = targets or []
         self.client_name = client_name
         self.credentials = credentials or Credentials()
@@ -151,8 +152,9 @@ class CloudSession:
             raise CloudError(f"no cloud_server answers at {self.target} (is it running?)",
                              grpc.StatusCode.UNAVAILABLE) from None
         try:
-            req = pb.OpenSessionRequest(client_name=self.client_name, wire_dtype=codec.wire_dtype(self.wire_dtype),
-                                        target_modules=self.targets, edge_layers=self.edge_layers)
+            req = pb.OpenSessionRequest(client_name=self.client_name, target_modules=self.targets,
+                                        edge_layers=self.edge_layers)
+            self.wire.fill_request(req)
             if self.split is not None:
                 sp = self.split
                 req.mode = pb.SPLITLORA
@@ -167,6 +169,9 @@ class CloudSession:
         if reply.edge_layers != self.edge_layers:
             raise CloudError(f"the server at {self.target} does not run blocks from edge_layers "
                              f"{self.edge_layers} (an older cloud_server?); it answered {reply.edge_layers}")
+        if WireFormat.from_message(reply) != self.wire:
+            raise CloudError(f"the server at {self.target} agreed to a {WireFormat.from_message(reply)} wire, not the "
+                             f"{self.wire} asked for (an older cloud_server?)")
         sites = [SiteInfo(s.index, s.layer, tuple(SiteModule(m.name, m.in_features, m.out_features)
                                                   for m in s.modules)) for s in reply.sites]
         if self.channel is not None and (sites != self.sites or reply.model.assets_sha256 != self.model.assets_sha256):
@@ -324,13 +329,15 @@ class CloudSession:
         def on_final(exchange, msg: pb.FinalHidden) -> bool:
             lead = (hidden.shape[0], 1)
             h = codec.decode(msg.hidden, name="final hidden state", shape=lead + (hidden.shape[2],),
-                             dtypes=[self.wire_dtype]).float()
+                             dtypes=[self.wire.act]).float()
             nxt = next_embedding(h)
             if nxt is None:
                 exchange.close_stream()
                 return True
             exchange.lead = lead
-            exchange.send(pb.EdgeMessage(next_embedding=pb.NextEmbedding(hidden=codec.encode(nxt, self.wire_dtype))))
+            reply = pb.EdgeMessage()
+            self.wire.put_act(reply.next_embedding.hidden, nxt)
+            exchange.send(reply)
             return True
 
         # No overall deadline: the cloud bounds each token's wait instead.
@@ -377,7 +384,7 @@ class CloudSession:
 
     def decode_cut_grad(self, msg: pb.CutGrad, shape) -> torch.Tensor:
         return codec.decode(msg.grad, name="gradient of the edge blocks' output", shape=tuple(shape),
-                            dtypes=[self.wire_dtype]).float()
+                            dtypes=[self.wire.grad]).float()
 
     def open_step(self, step_id: int, hidden: torch.Tensor, mask: torch.Tensor, adapters: dict[str, LoRAAdapter],
                   train: bool, dropout: float = 0.0, seed: int = 0) -> StepStream:

@@ -94,7 +94,7 @@ class StepStream:
         self.state = "open"               # open -> (paused) -> done | failed | abandoned
         first = pb.EdgeMessage()
         first.start.session_id, first.start.step_id = session.session_id, step_id
-        codec.encode_into(first.start.hidden, hidden.detach(), session.wire_dtype)
+        session.wire.put_act(first.start.hidden, hidden.detach())
         codec.encode_into(first.start.attention_mask, mask.bool())
         self.send(first)
         self._responses = rpc(self._requests(), timeout=timeout, metadata=session.credentials.metadata())
@@ -133,7 +133,7 @@ class StepStream:
         if msg is _NO_FINAL:
             raise CloudError("the cloud ended the step without sending the final hidden state")
         hidden = codec.decode(msg.hidden, name="final hidden state", shape=self.shape,
-                              dtypes=[self.session.wire_dtype]).float()
+                              dtypes=[self.session.wire.act]).float()
         if not self.exchange.train:
             self._pump(None)  # a forward-only call ends right after it
         return hidden
@@ -144,7 +144,7 @@ class StepStream:
             raise RuntimeError(f"step {self.step_id} is {self.state}; only an opened training step can finish")
         self.state = "open"
         reply = pb.EdgeMessage()
-        codec.encode_into(reply.final_grad.grad, grad.detach(), self.session.wire_dtype)
+        self.session.wire.put_grad(reply.final_grad.grad, grad.detach())
         self.send(reply)
         self._pump(None)
 
@@ -229,7 +229,8 @@ class _EdgeExchange:
     dropout: float = 0.0
     seed: int = 0
     grads: dict[int, torch.Tensor] = field(default_factory=dict)    # id(parameter) -> its gradient
-    saved: dict[int, tuple[torch.Tensor, list[torch.Tensor], list[LoRAAdapter]]] = field(default_factory=dict)
+    # site -> (its input, what was sent: outputs or down factors, the modules, whether factorised)
+    saved: dict[int, tuple[torch.Tensor, list[torch.Tensor], list[LoRAAdapter], bool]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.on_cut_grad is None:
@@ -248,24 +249,33 @@ class _EdgeExchange:
         parked = [site.modules[i].name for i in live if site.modules[i].name in self.session.parked]
         if parked:
             raise WireError(f"the cloud asked for parked modules {parked}; edge and cloud disagree on the live set")
-        x = codec.decode(msg.x, name=f"input of site {msg.site}", dtypes=[self.session.wire_dtype],
+        wire = self.session.wire
+        x = codec.decode(msg.x, name=f"input of site {msg.site}", dtypes=[wire.act],
                          shape=self.lead + (site.modules[0].in_features,))
         x = x.float()
         mods = [self.adapters[site.modules[i].name] for i in live]
         tokens = x.numel() // x.shape[-1]
+        factorised = bool(mods) and wire.factors_pay(tokens, mods[0].rank, [m.out_features for m in mods])
         with torch.set_grad_enabled(self.train):
             if self.train:
                 x.requires_grad_(True)
-            ys = [m(self._drop(x, msg.site, k)) for k, m in enumerate(mods)]
+            # Factorised: scale * A x only; the cloud multiplies by B (sent alongside).
+            ys = [m.down(self._drop(x, msg.site, k)) if factorised else m(self._drop(x, msg.site, k))
+                  for k, m in enumerate(mods)]
         if self.train:
-            self.saved[msg.site] = (x, ys, mods)
+            self.saved[msg.site] = (x, ys, mods, factorised)
         self.stats.sites += 1
-        self.stats.edge_flops += sum(m.flops(tokens) for m in mods)
+        self.stats.edge_flops += sum(m.flops(tokens, down_only=factorised) for m in mods)
         # Built in place: a finished Tensor put into a message is copied again.
         reply = pb.EdgeMessage()
         reply.site_outputs.site = msg.site
-        for y in ys:
-            codec.encode_into(reply.site_outputs.outputs.add(), y, self.session.wire_dtype)
+        for y, m in zip(ys, mods):
+            if factorised:
+                pair = reply.site_outputs.factors.add()
+                wire.put_act(pair.down, y)
+                codec.encode_into(pair.up, m.lora_B, torch.float32)
+            else:
+                wire.put_act(reply.site_outputs.outputs.add(), y)
         self.send(reply)
 
     def _drop(self, x: torch.Tensor, site: int, k: int) -> torch.Tensor:
@@ -281,27 +291,46 @@ class _EdgeExchange:
     def backward(self, msg: pb.SiteGradOutputs) -> None:
         if msg.site not in self.saved:
             raise WireError(f"gradients for site {msg.site}, which had no forward in this step")
-        x, ys, mods = self.saved.pop(msg.site)
-        if len(msg.grad_outputs) != len(ys):
-            raise WireError(f"site {msg.site}: {len(msg.grad_outputs)} gradients for {len(ys)} outputs")
-        grads = [codec.decode(g, name=f"output gradient at site {msg.site}", shape=tuple(y.shape),
-                              dtypes=[self.session.wire_dtype]).float() for g, y in zip(msg.grad_outputs, ys)]
-        params = [p for m in mods for p in (m.lora_A, m.lora_B)]
+        x, ys, mods, factorised = self.saved.pop(msg.site)
+        grads, b_grads = self._output_grads(msg, ys, mods, factorised)
+        # Factorised: B's gradient came from the cloud; autograd gives A's (and dL/dx) through A x.
+        params = [p for m in mods for p in ((m.lora_A,) if factorised else (m.lora_A, m.lora_B))]
         # Backward costs about twice the forward; dL/dx only where the cloud needs it.
         tokens = x.numel() // x.shape[-1]
-        self.stats.edge_flops += 2 * sum(m.flops(tokens) for m in mods)
+        self.stats.edge_flops += 2 * sum(m.flops(tokens, down_only=factorised) for m in mods)
         inputs = params + ([x] if msg.want_grad_input else [])
         if self.accumulate:
             torch.autograd.backward(ys, grads, inputs=inputs)
+            for m, g in zip(mods, b_grads):
+                m.lora_B.grad = g if m.lora_B.grad is None else m.lora_B.grad + g
             grad_x = x.grad
         else:
             got = torch.autograd.grad(ys, inputs, grads)
-            for p, g in zip(params, got):
+            for p, g in [*zip(params, got), *((m.lora_B, g) for m, g in zip(mods, b_grads))]:
                 self.grads[id(p)] = self.grads[id(p)] + g if id(p) in self.grads else g
             grad_x = got[-1] if msg.want_grad_input else None
         reply = pb.EdgeMessage()
         reply.site_grad_input.SetInParent()  # the kind is set even for site 0 without dL/dx
         reply.site_grad_input.site = msg.site
         if msg.want_grad_input:
-            codec.encode_into(reply.site_grad_input.grad_input, grad_x, self.session.wire_dtype)
+            self.session.wire.put_grad(reply.site_grad_input.grad_input, grad_x)
         self.send(reply)
+
+    def _output_grads(self, msg: pb.SiteGradOutputs, ys: list[torch.Tensor], mods: list[LoRAAdapter],
+                      factorised: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The gradients of what this edge sent at a site (outputs, or down factors), and
+        for factors also dL/dB of each module, as the cloud computed them."""
+        wire, site = self.session.wire, msg.site
+        sent = msg.factor_grads if factorised else msg.grad_outputs
+        if len(sent) != len(ys) or (msg.grad_outputs if factorised else msg.factor_grads):
+            what = "factor gradients" if factorised else "output gradients"
+            raise WireError(f"site {site}: expected {len(ys)} {what}, got {len(msg.grad_outputs)} output and "
+                            f"{len(msg.factor_grads)} factor gradients")
+        if not factorised:
+            return [codec.decode(g, name=f"output gradient at site {site}", shape=tuple(y.shape),
+                                 dtypes=[wire.grad]).float() for g, y in zip(sent, ys)], []
+        downs = [codec.decode(g.down, name=f"down-factor gradient at site {site}", shape=tuple(y.shape),
+                              dtypes=[wire.grad]).float() for g, y in zip(sent, ys)]
+        ups = [codec.decode(g.up, name=f"up-factor gradient at site {site}", shape=tuple(m.lora_B.shape),
+                            dtypes=[torch.float32]) for g, m in zip(sent, mods)]
+        return downs, ups

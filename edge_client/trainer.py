@@ -22,6 +22,13 @@ from edge_client.session import CloudSession, Credentials, RetryPolicy, SplitOpt
 
 log = logging.getLogger(__name__)
 
+# `--network` presets: defaults for the settings that decide what a step costs on the link
+# (flags given explicitly still win). 'wan' is bench-wire's recommendation (README: Results).
+NETWORKS: dict[str, dict[str, object]] = {
+    "lan": {},
+    "wan": {"wire_dtype": "int8", "policy": "kr"},
+}
+
 SPLIT_GROUP = ("SplitLoRA mode: split federated fine-tuning: this device runs the embedding and the first "
                "--cut-layer blocks with its own adapters, the cloud runs the rest with server-side adapters it "
                "trains; client-side adapters are averaged (FedAvg, weighted by examples) across the federation's "
@@ -55,6 +62,10 @@ class TrainConfig(LoRAConfig, RemoteConfig):
                                      "label tokens only (PET-style, C instead of V LM-head columns on the device); "
                                      "'auto' = labels for text/label data with one-token labels, else lm",
                              choices=["auto", "lm", "labels"])
+    network: str = setting("lan", "the link to the cloud: 'wan' presets " + " and ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in NETWORKS["wan"].items()) + " (flags given still win), what "
+        "bench-wire found cheapest on slow links at no accuracy cost (README: Results); 'lan' presets nothing",
+        choices=list(NETWORKS), group="wire")
     kr: KRConfig = setting(KRConfig, "Kill and Revive")
     # "dlora": the cloud runs every block, this device the adapters. "splitlora":
     # this device runs the first cut_layer blocks with its adapters, the cloud
@@ -73,6 +84,17 @@ class TrainConfig(LoRAConfig, RemoteConfig):
                                         "the end", group="connection and recovery")
     resume: bool = setting(False, "continue from OUT/checkpoint.pt", group="connection and recovery")
     credentials: Credentials = setting(Credentials, "the token and TLS files (see the connection flags)", cli=False)
+
+    @classmethod
+    def for_network(cls, network: str, **settings) -> "TrainConfig":
+        """A TrainConfig with `network`'s presets (NETWORKS) under `settings`, as `--network` gives."""
+        if network not in NETWORKS:
+            raise ValueError(f"unknown network {network!r}; choose one of {', '.join(NETWORKS)}")
+        preset = dict(NETWORKS[network])
+        policy = preset.pop("policy", None)
+        if policy is not None and "kr" not in settings:
+            settings["kr"] = KRConfig(policy=str(policy))
+        return cls(network=network, **(preset | settings))
 
     def __post_init__(self) -> None:
         LoRAConfig.__post_init__(self)
@@ -409,7 +431,7 @@ def open_session(cfg: TrainConfig) -> CloudSession:
     split = None
     if cfg.mode == "splitlora":
         split = SplitOptions(cfg.cut_layer, cfg.federation, cfg.clients, cfg.r, cfg.lora_alpha, cfg.lr)
-    return CloudSession(cfg.server, wire_dtype=cfg.wire_dtype, targets=cfg.target_modules or None,
+    return CloudSession(cfg.server, wire=cfg.wire_format(), targets=cfg.target_modules or None,
                         client_name=cfg.client_name, timeout=cfg.timeout, credentials=cfg.credentials,
                         retry=cfg.retry, split=split, edge_layers=cfg.edge_layers)
 

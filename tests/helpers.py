@@ -74,10 +74,10 @@ def random_adapters(shapes: dict[str, tuple[int, int]], rank: int = 4, alpha: fl
 def connect(address: str, cache: Path, seed: int = 0, targets: list[str] | None = None, credentials=None,
             retry=None, **settings) -> Edge:
     """An Edge with random_adapters(seed) of rank 4, alpha 8; `settings` are RemoteConfig's."""
-    session = CloudSession(address, targets=targets, credentials=credentials, retry=retry,
-                           **{k: v for k, v in settings.items() if k in ("wire_dtype", "timeout", "edge_layers")})
+    remote = RemoteConfig(server=address, **settings)
+    session = CloudSession(address, targets=targets, credentials=credentials, retry=retry, wire=remote.wire_format(),
+                           timeout=remote.timeout, edge_layers=remote.edge_layers)
     try:
-        remote = RemoteConfig(server=address, **settings)
         model = DLoRAModelForCausalLM(session, session.fetch_assets(cache), LoRAConfig(r=4, lora_alpha=8.0), remote)
         model.load_adapters(random_adapters(session.module_shapes(), seed=seed), "the test's adapters")
     except BaseException:

@@ -114,3 +114,24 @@ def test_run_log_never_holds_secrets():
     assert secret not in text and "PRIVATE KEY" not in text
     assert public_config(cfg)["credentials"] == {"token": "<set>", "tls": True, "client_certificate": True,
                                                  "server_name": None}
+
+
+def test_network_presets_are_defaults_that_flags_override():
+    """`--network wan` sets the wire and KR defaults bench-wire recommends; a flag given explicitly
+    still wins, in any order; the Python API gets the same from TrainConfig.for_network."""
+    from edge_client.cli import parse_args
+    from edge_client.trainer import NETWORKS, TrainConfig
+
+    lan = parse_args(["train"]).config
+    assert (lan.network, lan.wire_dtype, lan.factorised, lan.kr.policy) == ("lan", "fp32", True, "all")
+    wan = parse_args(["train", "--network", "wan"]).config
+    assert wan.network == "wan" and wan.wire_dtype == NETWORKS["wan"]["wire_dtype"] != "fp32"
+    assert wan.kr.policy == NETWORKS["wan"]["policy"] == "kr"
+    mixed = parse_args(["train", "--wire-dtype", "bf16", "--network=wan", "--policy", "random"]).config
+    assert (mixed.wire_dtype, mixed.kr.policy) == ("bf16", "random")
+    api = TrainConfig.for_network("wan", steps=5)
+    assert (api.wire_dtype, api.kr.policy, api.steps) == (wan.wire_dtype, "kr", 5)
+    with pytest.raises(ValueError, match="unknown network 'moon'"):
+        TrainConfig.for_network("moon")
+    res = cli("edge_client", "train", "--network", "moon", timeout=60)
+    assert res.returncode == 2 and "invalid choice: 'moon'" in res.stderr

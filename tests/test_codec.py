@@ -1,6 +1,8 @@
 """The tensor codec: exact round trips and refusal of malformed tensors."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -57,8 +59,9 @@ def test_expected_shape_dtype_and_finiteness():
 def test_dtype_names():
     assert codec.dtype_from_name("bf16") == torch.bfloat16
     assert codec.dtype_from_name("int8") == torch.int8
+    assert codec.dtype_from_name("int4") == torch.int4
     with pytest.raises(ValueError, match="unknown wire dtype"):
-        codec.dtype_from_name("int4")
+        codec.dtype_from_name("int2")
 
 
 FLOATS = [torch.float32, torch.float16, torch.bfloat16]
@@ -148,3 +151,68 @@ def test_int8_scales_are_checked():
         codec.decode(bad, name="x", dtypes=[torch.int8])
     with pytest.raises(codec.WireError, match="not allowed"):
         codec.decode(msg, name="x", dtypes=[torch.float32])
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 64), (3, 70), (5,), (1, 1, 1), ()])
+def test_int4_groups_round_to_within_half_a_scale(shape):
+    """int4: two values per byte, one scale per 32 values of a row (absmax / 7); a row whose
+    width is not a multiple of 32 ends in a shorter group; an odd count pads the last byte."""
+    t = torch.randn(shape) * (torch.rand(shape) * 100) if shape else torch.tensor(-3.5)
+    msg = codec.encode(t, torch.int4)
+    numel = t.numel()
+    width = t.shape[-1] if t.dim() else 1
+    groups = -(-width // 32)
+    assert msg.dtype == pb.INT4 and msg.group == 32 and len(msg.data) == (numel + 1) // 2
+    assert len(msg.scales) == 4 * (numel // width) * groups
+    back = codec.decode(msg, name="t", shape=shape, dtypes=[torch.int4])
+    assert back.dtype == torch.float32 and back.shape == t.shape
+    rows = torch.nn.functional.pad(t.reshape(-1, width), (0, groups * 32 - width))
+    half = (rows.reshape(-1, 32).abs().amax(dim=1, keepdim=True) / 7 / 2).expand(-1, 32)
+    half = half.reshape(rows.shape)[:, :width]
+    assert bool(((back.reshape(-1, width) - t.reshape(-1, width)).abs() <= half * (1 + 1e-5) + 1e-12).all())
+
+
+def test_int4_is_five_bits_a_value():
+    t = torch.randn(8, 128, 576)
+    """4 bits a value and a 32-bit scale per 32 values."""
+    assert codec.encode(t, torch.int4).ByteSize() < codec.encode(t).ByteSize() * (5 / 32) * 1.001
+
+
+def test_stochastic_rounding_is_unbiased_and_nearest_is_not():
+    """A value a third of the way between two levels: nearest always rounds it the same way,
+    stochastic rounding lands on either neighbour with the right odds, so the mean is kept."""
+    rows = torch.full((20_000, 2), 1.0 / 3.0)
+    rows[:, 1] = 1.0                                             # absmax 1: the scale is 1 / levels
+    torch.manual_seed(0)
+    for dtype, levels in ((torch.int4, 7), (torch.int8, 127)):
+        nearest = codec.decode(codec.encode(rows, dtype), name="n", dtypes=[dtype])[:, 0]
+        stoch = codec.decode(codec.encode_into(pb.Tensor(), rows, dtype, stochastic=True), name="s",
+                             dtypes=[dtype])[:, 0]
+        low = math.floor(levels / 3) / levels
+        assert torch.unique(nearest).numel() == 1, dtype
+        assert sorted(torch.unique(stoch).tolist()) == pytest.approx([low, low + 1 / levels]), dtype
+        assert abs(stoch.mean().item() - 1 / 3) < 1e-3 * 7 / levels + 2e-4, dtype
+    assert abs(nearest.mean().item() - 1 / 3) > 1e-3   # int8: 42/127 is off by 1/381
+
+
+def test_quantised_groups_and_nibbles_are_checked():
+    msg = codec.encode(torch.randn(3, 40), torch.int4)
+    for field, value, needle in (("scales", msg.scales[:-4], "bytes of int4 scales for 3 rows of 2 groups"),
+                                 ("group", -1, "negative quantisation group"),
+                                 ("data", msg.data[:-1], "bytes for shape")):
+        bad = pb.Tensor()
+        bad.CopyFrom(msg)
+        setattr(bad, field, value)
+        with pytest.raises(codec.WireError, match=needle):
+            codec.decode(bad, name="x", dtypes=[torch.int4])
+    huge = pb.Tensor()
+    huge.CopyFrom(msg)
+    huge.scales = np.full(6, 3e38, dtype="<f4").tobytes()
+    with pytest.raises(codec.WireError, match="overflow float32"):
+        codec.decode(huge, name="x", dtypes=[torch.int4])
+    # A peer may choose its own group: one scale per row decodes as well.
+    whole = pb.Tensor()
+    whole.CopyFrom(msg)
+    whole.group = 0
+    whole.scales = np.ones(3, dtype="<f4").tobytes()
+    assert codec.decode(whole, name="x", dtypes=[torch.int4]).abs().max() <= 8

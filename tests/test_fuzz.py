@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
+import torch
 from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -14,8 +15,11 @@ from common.wire import dlora_pb2 as pb
 from common.wire import dlora_pb2_grpc as pb_grpc
 
 tensors = st.builds(
-    lambda dtype, shape, data: pb.Tensor(dtype=dtype, shape=shape, data=data),
-    st.integers(-3, 9), st.lists(st.integers(-4, 12), max_size=4), st.binary(max_size=600))
+    lambda dtype, shape, data, scales, group: pb.Tensor(dtype=dtype, shape=shape, data=data, scales=scales,
+                                                        group=group),
+    st.integers(-3, 9), st.lists(st.integers(-4, 12), max_size=4), st.binary(max_size=600),
+    st.one_of(st.just(b""), st.binary(max_size=64)), st.integers(-3, 40))
+QUANTISED = (pb.INT8, pb.INT4)
 
 
 @settings(max_examples=400, deadline=None)
@@ -27,7 +31,11 @@ def test_decode_only_raises_wire_errors(msg, finite):
         assert len(str(exc)) <= 400, str(exc)  # messages end up in gRPC trailers (16 KiB at most)
         return
     assert list(t.shape) == list(msg.shape)
-    assert t.numel() * t.element_size() == len(msg.data)
+    if msg.dtype in QUANTISED:   # float32 from one byte (int8) or half a byte (int4) a value
+        assert t.dtype == torch.float32 and (not finite or bool(torch.isfinite(t).all()))
+        assert len(msg.data) == (t.numel() if msg.dtype == pb.INT8 else (t.numel() + 1) // 2)
+    else:
+        assert t.numel() * t.element_size() == len(msg.data)
 
 
 @settings(max_examples=60, deadline=None)

@@ -133,12 +133,14 @@ def test_token_privacy_sends_only_released_tokens(model_dirs, tmp_path):
     assert float((got == batch.input_ids)[mask].float().mean()) < 0.5  # most of the text never left
 
 
-def test_the_cloud_reconstructs_the_adapters_from_one_step(model_dirs, tmp_path):
+@pytest.mark.parametrize("factorised", [False, True], ids=["full-width", "factorised"])
+def test_the_cloud_reconstructs_the_adapters_from_one_step(factorised, model_dirs, tmp_path):
     """Each site input (which the cloud computed) and the edge's answer to it give the cloud
-    scale * B @ A of every live module by least squares: the adapters are not private."""
+    scale * B @ A of every live module by least squares: the adapters are not private. A
+    factorised answer (scale * A x, and B) reveals the same product, and B itself."""
     with launch.start(["--model", str(model_dirs["llama"]), "--record-dir", str(tmp_path / "wire")],
                       tmp_path / "server.log", timeout=300) as server:
-        edge = connect(server.address, tmp_path / "cache")
+        edge = connect(server.address, tmp_path / "cache", factorised=factorised)
         # Text with more distinct bytes than the tiny model's 32 dimensions, so the first
         # block's site inputs span its whole input space (real training reaches that in a step).
         text = "The QUICK brown fox, 12 jumps; 34 over: 56 LAZY dogs! 7/8 (9) ?#@ WXYZ vq"
@@ -156,9 +158,16 @@ def test_the_cloud_reconstructs_the_adapters_from_one_step(model_dirs, tmp_path)
     mask = codec.decode(sent[0].start.attention_mask, name="mask")
     for site in sites:
         x = codec.decode(inputs[site.index].x, name="x")[mask]
-        for slot, tensor in zip(inputs[site.index].live, outputs[site.index].outputs):
+        live, answer = inputs[site.index].live, outputs[site.index]
+        assert len(answer.factors if factorised else answer.outputs) == len(live) > 0
+        for k, slot in enumerate(live):
             module = site.modules[slot]
-            y = codec.decode(tensor, name="y")[mask]
+            if factorised:
+                up = codec.decode(answer.factors[k].up, name="up")
+                assert torch.equal(up, edge.adapters[module.name].lora_B.detach())
+                y = (codec.decode(answer.factors[k].down, name="down") @ up.T)[mask]
+            else:
+                y = codec.decode(answer.outputs[k], name="y")[mask]
             delta = torch.linalg.lstsq(x.double(), y.double()).solution.T.float()  # [out, in]
             ad = edge.adapters[module.name]
             true = ad.scale * ad.lora_B.detach() @ ad.lora_A.detach()

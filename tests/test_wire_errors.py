@@ -155,11 +155,60 @@ def test_bad_site_outputs(stub, session_id):
                  "expected a site_outputs message")
 
 
+def test_bad_factors(stub, session_id):
+    """Factorised outputs are checked like any tensor: only in a session that agreed to them,
+    never with full outputs beside them, with a rank below the output width, shapes that agree."""
+    opened = stub.OpenSession(pb.OpenSessionRequest(client_name="raw", factorised=True))
+    factorised = opened.session_id
+    widths = {s.index: [m.out_features for m in s.modules] for s in opened.sites}
+    try:
+        def factors(rank=2, up_rows=None, down_rows=None, both=False, nan=False):
+            def reply(site_input: pb.SiteInput) -> pb.EdgeMessage:
+                x = codec.decode(site_input.x, name="x")
+                msg = pb.EdgeMessage()
+                msg.site_outputs.site = site_input.site
+                for slot in site_input.live:
+                    down = torch.zeros(*x.shape[:-1], down_rows or rank)
+                    if nan:
+                        down[0, 0, 0] = float("nan")
+                    pair = msg.site_outputs.factors.add()
+                    codec.encode_into(pair.down, down)
+                    out = widths[site_input.site][slot]
+                    codec.encode_into(pair.up, torch.zeros(up_rows or out, rank))
+                    if both:
+                        codec.encode_into(msg.site_outputs.outputs.add(), torch.zeros(*x.shape[:-1], out))
+                return msg
+            return reply
+
+        bad = grpc.StatusCode.INVALID_ARGUMENT
+        expect_error(lambda: run_raw(stub, start_msg(session_id), factors()), bad,
+                     "did not agree to a factorised exchange")
+        expect_error(lambda: run_raw(stub, start_msg(factorised), factors(both=True)), bad, "both outputs and factors")
+        expect_error(lambda: run_raw(stub, start_msg(factorised), factors(rank=HIDDEN)), bad,  # q_proj: 32 wide
+                     "up factor of model.layers.0.self_attn.q_proj", f"1 <= r < {HIDDEN}")
+        expect_error(lambda: run_raw(stub, start_msg(factorised), factors(up_rows=7)), bad, "up factor", "shape")
+        expect_error(lambda: run_raw(stub, start_msg(factorised), factors(down_rows=3)), bad, "down factor", "shape")
+        expect_error(lambda: run_raw(stub, start_msg(factorised), factors(nan=True)), bad, "down factor", "NaN")
+        # And a well-formed factorised answer goes through to the next site.
+        raw = RawStep(stub)
+        raw.send(start_msg(factorised))
+        first = raw.recv().site_input
+        raw.send(factors()(first))
+        assert raw.recv().site_input.site == first.site + 1
+        raw.close()
+    finally:
+        stub.CloseSession(pb.CloseSessionRequest(session_id=factorised))
+
+
 def test_bad_open_session_requests(stub):
     expect_error(lambda: stub.OpenSession(pb.OpenSessionRequest(target_modules=["nonexistent_proj"])),
                  grpc.StatusCode.INVALID_ARGUMENT, "unknown target modules")
     expect_error(lambda: stub.OpenSession(pb.OpenSessionRequest(wire_dtype=pb.BOOL)),
                  grpc.StatusCode.INVALID_ARGUMENT, "wire dtype")
+    expect_error(lambda: stub.OpenSession(pb.OpenSessionRequest(grad_dtype=pb.BOOL)),
+                 grpc.StatusCode.INVALID_ARGUMENT, "gradient dtype")
+    expect_error(lambda: stub.OpenSession(pb.OpenSessionRequest(grad_dtype=99)),
+                 grpc.StatusCode.INVALID_ARGUMENT, "unknown dtype code 99")
     expect_error(lambda: stub.OpenSession(pb.OpenSessionRequest(mode=7)),
                  grpc.StatusCode.INVALID_ARGUMENT, "unknown session mode 7")
     # Echoed in full, 10^4 names made trailers gRPC refused (RESOURCE_EXHAUSTED) instead of this status.
