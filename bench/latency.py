@@ -30,6 +30,9 @@ VARIANTS = {
     "dlora (all 30 sites)": {},
     "dlora + KR site units (3 sites)": {"kr": KRConfig(policy="kr", unit="site", warmup_steps=1, period=10_000)},
     "splitlora, cut 4": {"mode": "splitlora", "cut_layer": 4},
+    # `--network wan`: int8 on the wire, factorised, KR with site units.
+    "dlora --network wan (3 sites)": {"wire_dtype": "int8",
+                                      "kr": KRConfig(policy="kr", unit="site", warmup_steps=1, period=10_000)},
 }
 LINKS = [Link(1, 100), Link(10, 100), Link(50, 100), Link(1, 10), Link(10, 10), Link(50, 10)]
 
@@ -96,6 +99,8 @@ def main() -> int:
                    help="run a link through the delay proxy when its predicted step time is at most this many "
                         "seconds; longer cells are predicted only (default: %(default)s)")
     p.add_argument("--model", default="smollm2-135m", help="model the cloud serves (default: %(default)s)")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="comma-separated variants to run (default: all of %(default)s)")
     p.add_argument("--out", type=Path, default=Path("bench/out/latency"))
     p.add_argument("--from-runs", nargs="+", type=Path, default=None, metavar="RUN_JSON",
                    help="only the calculation, from finished runs' run.json files (e.g. bench/out/modes/*/run.json); "
@@ -110,11 +115,14 @@ def main() -> int:
                 for link in LINKS]}
         print_table("seconds per training step on each link, predicted from the runs' loopback figures", results)
         return 0
+    chosen = [v for v in args.variants.split(",") if v]
+    if unknown := [v for v in chosen if v not in VARIANTS]:
+        p.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     args.out.mkdir(parents=True, exist_ok=True)
     cache = Path.home() / ".cache" / "dlora"
     results = {}
     with launch.start(["--model", args.model], args.out / "cloud_server.log") as server:
-        for name in VARIANTS:
+        for name in chosen:
             print(f"[{time.strftime('%H:%M:%S')}] {name}: loopback ...", flush=True)
             base = measure(server.address, name, args.steps, cache)
             cells = []
@@ -128,7 +136,8 @@ def main() -> int:
                 cells.append(cell)
             results[name] = {"loopback": base, "links": cells}
     print()
-    print_table(f"{args.model}, BBC News, batch 8, fp32 wire; seconds per training step, predicted (measured "
+    print_table(f"{args.model}, BBC News, batch 8, fp32 wire unless named, factorised; seconds per training step, "
+                f"predicted (measured "
                 f"through the delay proxy where predicted <= {args.measure_below:g} s)", results)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     print(f"\nwritten to {args.out}/results.json")
