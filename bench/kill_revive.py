@@ -16,15 +16,14 @@ import argparse
 import json
 import statistics
 import sys
-import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
-from cloud_server import launch
+from bench.runs import collect
 from common import tensor_codec as codec
 from edge_client import plots
 from edge_client.kill_revive import KRConfig
-from edge_client.trainer import TrainConfig, run
+from edge_client.trainer import TrainConfig
 
 VARIANTS = {
     "all": {"policy": "all"},
@@ -33,9 +32,7 @@ VARIANTS = {
     "kr": {"policy": "kr", "unit": "module"},
     "kr-site": {"policy": "kr", "unit": "site"},
 }
-# Settings that name a run; the rest (address, output path, progress) do not change its result.
-_RESULT_KEYS = ("steps", "batch_size", "lr", "r", "lora_alpha", "max_length", "eval_limit", "wire_dtype",
-                "objective", "kr", "seed", "data", "target_modules")
+
 
 
 def parse_variant(spec: str) -> dict:
@@ -58,41 +55,21 @@ def steady(history: list[dict], key: str, warmup: int) -> float:
     return sum(rows) / len(rows)
 
 
-def _same_run(run_json: Path, cfg: TrainConfig) -> bool:
-    if not run_json.exists():
-        return False
-    old = json.loads(run_json.read_text())["config"]
-    new = json.loads(json.dumps(asdict(cfg), default=str))
-    return all(old.get(k) == new.get(k) for k in _RESULT_KEYS)
-
-
 def train_all(args, names: list[str]) -> dict[str, dict[int, dict]]:
     """results[variant][seed] = run.json of that run (trained now or reused)."""
-    results: dict[str, dict[int, dict]] = {n: {} for n in names}
-    todo = []
+    configs = []
     for seed in args.seeds:
         for name in names:
             fields = parse_variant(name)
             kr = KRConfig(**({"budget": args.budget, "revive": args.revive, "period": args.period,
                               "warmup_steps": args.warmup_steps, "seed": seed} | fields))
-            cfg = TrainConfig(steps=args.steps, eval_limit=args.eval_limit, seed=seed, kr=kr,
-                              out=args.out / f"seed{seed}" / name, client_name=f"bench-{name}-s{seed}",
-                              wire_dtype=args.wire_dtype, progress=sys.stderr.isatty(),
-                              eval_before=args.eval_before and name == names[0])
-            if args.reuse and _same_run(cfg.out / "run.json", cfg) and (
-                    not cfg.eval_before or json.loads((cfg.out / "run.json").read_text())["summary"]["before"]):
-                results[name][seed] = json.loads((cfg.out / "run.json").read_text())
-                print(f"reusing {cfg.out}/run.json", flush=True)
-            else:
-                todo.append((name, seed, cfg))
-    if todo:
-        with launch.start(["--model", "smollm2-135m"], args.out / "cloud_server.log") as server:
-            for i, (name, seed, cfg) in enumerate(todo, 1):
-                print(f"[{time.strftime('%H:%M:%S')}] ({i}/{len(todo)}) seed {seed}, variant {name} ...", flush=True)
-                summary = run(replace(cfg, server=server.address))
-                results[name][seed] = json.loads((cfg.out / "run.json").read_text())
-                print(f"    accuracy {summary['after']['accuracy']:.1%}, {summary['seconds_per_step']:.2f} s/step",
-                      flush=True)
+            configs.append((name, seed, TrainConfig(
+                steps=args.steps, eval_limit=args.eval_limit, seed=seed, kr=kr, out=args.out / f"seed{seed}" / name,
+                client_name=f"bench-{name}-s{seed}", wire_dtype=args.wire_dtype, progress=sys.stderr.isatty(),
+                eval_before=args.eval_before and name == names[0])))
+    # A run without the evaluation before training cannot stand in for one that needs it.
+    results = collect(configs, args.out, args.reuse,
+                      accept=lambda doc, cfg: not cfg.eval_before or bool(doc["summary"]["before"]))
     return results
 
 

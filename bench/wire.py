@@ -20,14 +20,15 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 from bench.latency import measure, predict
 from bench.netem import Link
+from bench.runs import collect
 from cloud_server import launch
 from edge_client.kill_revive import KRConfig
-from edge_client.trainer import TrainConfig, run
+from edge_client.trainer import TrainConfig
 
 # name -> (activations, gradients, stochastic rounding of quantised gradients)
 WIRES = {
@@ -40,11 +41,7 @@ WIRES = {
     "int4-int8grad": ("int4", "int8", False),  # int4 activations, int8 gradients
 }
 LINKS = [Link(10, 100), Link(50, 10)]
-# Settings that name a training run; the rest (address, paths, progress) do not change its result.
-_RESULT_KEYS = ("steps", "batch_size", "lr", "r", "lora_alpha", "max_length", "eval_limit", "wire_dtype", "grad_dtype",
-                "factorised", "stochastic_rounding", "objective", "kr", "seed", "data", "target_modules")
-# Older runs predate these settings; their absence meant this.
-_ABSENT = {"grad_dtype": None, "factorised": False, "stochastic_rounding": False}
+
 
 
 def combos(spec: str) -> list[str]:
@@ -70,14 +67,6 @@ def settings(name: str, kr_steady: bool = False) -> dict:
             "factorised": "fact" in flags, "kr": kr}
 
 
-def same_run(run_json: Path, cfg: TrainConfig) -> bool:
-    if not run_json.exists():
-        return False
-    old = json.loads(run_json.read_text())["config"]
-    new = json.loads(json.dumps(asdict(cfg), default=str))
-    return all(old.get(k, _ABSENT.get(k)) == new.get(k) for k in _RESULT_KEYS)
-
-
 def cost(args, names: list[str]) -> dict[str, dict]:
     """Loopback bytes, round trips and seconds per step of each combination, at KR's steady state."""
     out: dict[str, dict] = {}
@@ -99,27 +88,16 @@ def cost(args, names: list[str]) -> dict[str, dict]:
 
 def accuracy(args, names: list[str]) -> dict[str, dict[int, dict]]:
     """results[combination][seed] = run.json of that training run (trained now or reused)."""
-    results: dict[str, dict[int, dict]] = {n: {} for n in names}
-    todo = []
+    configs = []
     for seed in args.seeds:
         for name in names:
             fields = settings(name)
             fields["kr"] = replace(fields["kr"], seed=seed)  # as bench-kr seeds it
-            cfg = TrainConfig(steps=args.steps, eval_limit=0, seed=seed, out=args.out / f"seed{seed}" / name,
-                              client_name=f"bench-wire-{name}-s{seed}"[:64], progress=sys.stderr.isatty(),
-                              eval_before=False, cache=args.cache, **fields)
-            if args.reuse and same_run(cfg.out / "run.json", cfg):
-                results[name][seed] = json.loads((cfg.out / "run.json").read_text())
-                print(f"reusing {cfg.out}/run.json", flush=True)
-            else:
-                todo.append((name, seed, cfg))
-    if todo:
-        with launch.start(["--model", "smollm2-135m"], args.out / "cloud_server.log") as server:
-            for i, (name, seed, cfg) in enumerate(todo, 1):
-                print(f"[{time.strftime('%H:%M:%S')}] ({i}/{len(todo)}) seed {seed}, {name} ...", flush=True)
-                summary = run(replace(cfg, server=server.address))
-                results[name][seed] = json.loads((cfg.out / "run.json").read_text())
-                print(f"    accuracy {summary['after']['accuracy']:.1%}", flush=True)
+            configs.append((name, seed, TrainConfig(
+                steps=args.steps, eval_limit=0, seed=seed, out=args.out / f"seed{seed}" / name,
+                client_name=f"bench-wire-{name}-s{seed}"[:64], progress=sys.stderr.isatty(), eval_before=False,
+                cache=args.cache, **fields)))
+    results = collect(configs, args.out, args.reuse)
     return results
 
 

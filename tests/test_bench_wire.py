@@ -6,7 +6,7 @@ from dataclasses import asdict
 
 import pytest
 
-from bench import wire
+from bench import runs, wire
 from edge_client.trainer import TrainConfig
 
 
@@ -29,8 +29,8 @@ def test_runs_from_before_the_new_wire_settings_are_reused(tmp_path):
     for key in ("grad_dtype", "factorised", "stochastic_rounding"):
         del old[key]
     (tmp_path / "run.json").write_text(json.dumps({"config": old}))
-    assert wire.same_run(tmp_path / "run.json", cfg)
-    assert not wire.same_run(tmp_path / "run.json", TrainConfig(steps=80, eval_limit=0,
+    assert runs.same_run(tmp_path / "run.json", cfg)
+    assert not runs.same_run(tmp_path / "run.json", TrainConfig(steps=80, eval_limit=0,
                                                                  **wire.settings("int8+fact+kr")))
 
 
