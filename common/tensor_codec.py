@@ -13,6 +13,7 @@ unbiased, which gradients summed over many tokens want. Decoding gives float32.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -144,6 +145,11 @@ def _quantise_into(out: pb.Tensor, t: torch.Tensor, dtype: torch.dtype, stochast
     """Integers with one float32 scale per group: x / (group absmax / levels), rounded."""
     levels, group = _LEVELS[dtype], _GROUP[dtype]
     width = t.shape[-1] if t.dim() else 1
+    out.Clear()
+    out.dtype = _TO_WIRE[dtype]
+    out.shape.extend(t.shape)
+    if t.numel() == 0:  # no values, no scales
+        return out
     rows = t.float().cpu().reshape(-1, width)
     groups = _groups(width, group)
     if groups > 1:  # pad each row to whole groups (zeros: they change no absmax)
@@ -151,13 +157,13 @@ def _quantise_into(out: pb.Tensor, t: torch.Tensor, dtype: torch.dtype, stochast
     scale = rows.abs().amax(dim=1) / levels
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero group: any scale is exact
     scaled = rows / scale[:, None]
-    q = torch.floor(scaled + torch.rand_like(scaled)) if stochastic else torch.round(scaled)
+    if stochastic:  # floor(v + u), u ~ U[0, 1): v on average
+        q = torch.floor(scaled + torch.rand(scaled.shape, generator=_ROUNDING))
+    else:
+        q = torch.round(scaled)
     q = q.clamp_(-levels, levels).to(torch.int8)
     if groups > 1:
         q = q.reshape(-1, groups * group)[:, :width]
-    out.Clear()
-    out.dtype = _TO_WIRE[dtype]
-    out.shape.extend(t.shape)
     if dtype == torch.int4:
         nibbles = (q.reshape(-1) + 8).to(torch.uint8)
         if nibbles.numel() % 2:
@@ -168,6 +174,11 @@ def _quantise_into(out: pb.Tensor, t: torch.Tensor, dtype: torch.dtype, stochast
         out.data = q.numpy().tobytes()
     out.scales = scale.numpy().astype("<f4").tobytes()
     return out
+
+
+# Stochastic rounding draws from its own generator, so the caller's global torch RNG (their
+# dropout, their sampling) is the same with or without it.
+_ROUNDING = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
 
 
 def _groups(width: int, group: int) -> int:

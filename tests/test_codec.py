@@ -153,6 +153,23 @@ def test_int8_scales_are_checked():
         codec.decode(msg, name="x", dtypes=[torch.float32])
 
 
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int4])
+@pytest.mark.parametrize("shape", [(0,), (2, 0, 8), (3, 0)])
+def test_quantised_empty_tensors_round_trip(dtype, shape):
+    msg = codec.encode(torch.empty(shape), dtype)
+    assert msg.data == b"" and msg.scales == b""
+    assert codec.decode(msg, name="e", shape=shape, dtypes=[dtype]).shape == shape
+
+
+def test_stochastic_rounding_leaves_the_global_rng_alone():
+    grads = torch.linspace(-1, 1, 160).reshape(4, 40)
+    torch.manual_seed(0)
+    want = torch.rand(3)
+    torch.manual_seed(0)
+    codec.encode_into(pb.Tensor(), grads, torch.int4, stochastic=True)
+    assert torch.equal(torch.rand(3), want)
+
+
 @pytest.mark.parametrize("shape", [(2, 5, 64), (3, 70), (5,), (1, 1, 1), ()])
 def test_int4_groups_round_to_within_half_a_scale(shape):
     """int4: two values per byte, one scale per 32 values of a row (absmax / 7); a row whose
