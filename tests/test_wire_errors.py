@@ -195,9 +195,12 @@ def test_bad_factors(stub, session_id):
         first = raw.recv().site_input
         raw.send(factors()(first))
         assert raw.recv().site_input.site == first.site + 1
-        raw.close()
+        raw.close()  # mid-step: the cloud then closes the session itself ("its edge vanished")
     finally:
-        stub.CloseSession(pb.CloseSessionRequest(session_id=factorised))
+        try:
+            stub.CloseSession(pb.CloseSessionRequest(session_id=factorised))
+        except grpc.RpcError as exc:  # already closed by that half-close, or not yet: either is fine
+            assert exc.code() == grpc.StatusCode.NOT_FOUND, exc
 
 
 def test_bad_open_session_requests(stub):
