@@ -20,7 +20,7 @@ from common import tensor_codec as codec
 from common.wire import dlora_pb2 as pb
 
 # The dtypes a session may choose for activations and for gradients.
-SUPPORTED = (torch.float32, torch.float16, torch.bfloat16, torch.int8, torch.int4)
+SUPPORTED = tuple(codec.dtype_from_name(name) for name in codec.WIRE_DTYPES)
 
 
 @dataclass(frozen=True)
