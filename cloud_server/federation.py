@@ -1,28 +1,43 @@
-"""SplitLoRA federations: server-side adapters shared by a group of clients, and FedAvg.
+"""SplitLoRA federations: server-side adapters shared by a group of clients, FedAvg, and their durable state.
 
 Clients that open a SplitLoRA session with the same federation name share one
 set of server-side adapters on the blocks after the cut; the cloud trains them
 with AdamW, one client step at a time. Every `I` steps each client sends its
 client-side adapters and example count; once every expected client of the
 round has sent them, all get back the example-weighted average (FedAvg).
+
+A step's update is applied when the federation's next step begins (or someone
+reads the adapters); until then its gradients are kept, and so is each
+member's last answer. A replayed step (its reply was lost, or its replica
+died) is recomputed from the very same state, or answered from what was kept:
+no step counts twice and none is lost. With a state directory all of this is
+written after every step and round (federation_state.py), and whichever
+replica next receives a call of the federation carries on from it.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from common.lora import LoRAAdapter
+from cloud_server.federation_state import StateError, StateFile
 from cloud_server.sites import SiteSpec
 
 log = logging.getLogger(__name__)
-
-
 class FederationMismatch(ValueError):
     """A client asked to join a federation with different settings, or is out of step with it."""
+
+
+class FederationLost(FederationMismatch):
+    """A client resumes a federation this server holds no state of."""
 
 
 class FederationClosed(Exception):
@@ -50,10 +65,11 @@ class _Round:
 
 class Federation:
     def __init__(self, name: str, settings: SplitSettings, server_sites: list[SiteSpec],
-                 device: torch.device, dtype: torch.dtype) -> None:
+                 device: torch.device, dtype: torch.dtype, store: StateFile | None = None) -> None:
         self.name = name
         self.settings = settings
         self.server_sites = server_sites
+        self.store = store
         gen = torch.Generator().manual_seed(settings.seed)
         self.adapters: dict[str, LoRAAdapter] = {}
         for site in server_sites:
@@ -65,41 +81,129 @@ class Federation:
                 # fp32 whatever the served dtype: AdamW's eps underflows in fp16.
                 self.adapters[m.name] = ad.to(device=device)
         self.applied = {n: _Fp32(a) for n, a in self.adapters.items()}
-        params = [p for a in self.adapters.values() for p in a.parameters()]
-        self.optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
+        self.params = [p for a in self.adapters.values() for p in a.parameters()]
+        self.optimizer = torch.optim.AdamW(self.params, lr=settings.lr, weight_decay=0.0)
         self.updates = 0
+        # The step whose update waits in the adapters' .grad, as (member, step id).
+        self.pending: tuple[str, int] | None = None
+        self.answers: dict[str, _Answer] = {}   # each member's last step: its id and the cut gradient sent
+        self._step_kind = ""                    # what begin_step decided: "new", "replay" or "answered"
+        self._saved_grads: list[torch.Tensor | None] | None = None
         # One server-side step at a time: the adapters are shared.
         self.lock = threading.Lock()
-        self.members: set[str] = set()
+        self.members: dict[str, str] = {}      # member key -> its current session id (on any replica)
+        self.local: set[str] = set()           # sessions of this federation on this replica
         self._rounds: dict[int, _Round] = {}
-        self._done = 0                      # last round that was averaged
+        self._done = 0                          # last round that was averaged
         self._cancelled = False
         self._cond = threading.Condition()
 
-    # -- server-side training ------------------------------------------------
-    def apply_update(self) -> None:
+    # -- holding the federation ------------------------------------------------
+    @contextmanager
+    def hold(self, timeout: float | None = None) -> Iterator[None]:
+        """Exclusive use for one operation, across threads and (with a state directory) replicas;
+        a state another replica wrote meanwhile is loaded first."""
+        if not self.lock.acquire(timeout=-1 if timeout is None else timeout):
+            raise TimeoutError(f"another client of federation {self.name!r} held the server-side adapters for "
+                               f"{timeout:.0f} s")
+        try:
+            if self.store is None:
+                yield
+                return
+            with self.store.locked():
+                if self.store.changed() and self.store.exists():
+                    self.load_state(self.store.read())
+                    log.info("federation %r: loaded its state (%d updates, round %d) from %s", self.name,
+                             self.updates, self._done, self.store.path)
+                yield
+        finally:
+            self.lock.release()
+
+    # -- server-side training (call these holding the federation) ---------------
+    def begin_step(self, member: str, step_id: int) -> torch.Tensor | None:
+        """Before a training step of `member`: None to compute it, or the cut gradient already sent for it."""
+        last = self.answers.get(member)
+        if self.pending == (member, step_id):
+            # Its update waits: recompute it from the same state (a failure puts the gradients back).
+            self._step_kind, self._saved_grads = "replay", [p.grad for p in self.params]
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
+        if last is not None and step_id <= last.step_id:
+            if step_id < last.step_id:
+                raise FederationMismatch(f"step id {step_id} is older than this client's last step {last.step_id}; "
+                                         "training step ids must not go back")
+            self._step_kind = "answered"   # applied, and others stepped since: the kept answer stands
+            return last.cut_grad
+        self.settle()
+        self._step_kind = "new"
+        return None
+
+    def end_step(self, member: str, step_id: int, cut_grad: torch.Tensor) -> None:
+        """The step's gradients are in .grad: its update waits for the next step; saved before the reply goes."""
+        self.pending = (member, step_id)
+        self._saved_grads, self._step_kind = None, ""
+        self.answers[member] = _Answer(step_id, cut_grad.detach().cpu().clone())
+        self.save()
+
+    def abort_step(self) -> None:
+        """A step failed half-way: drop its partial gradients, and put back those of an update that waits."""
+        if self._step_kind == "replay":
+            for p, g in zip(self.params, self._saved_grads or []):
+                p.grad = g
+        elif self._step_kind == "new":
+            self.optimizer.zero_grad(set_to_none=True)
+        self._saved_grads, self._step_kind = None, ""
+
+    def settle(self) -> None:
+        """Apply the update that waits, if any."""
+        if self.pending is None:
+            return
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.updates += 1
-
-    def discard_grads(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
+        self.pending = None
 
     def snapshot(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        with self.lock:  # not in the middle of an update
+        """The server-side adapters with every update applied."""
+        with self.hold():
+            self.settle()
             return {n: (a.lora_A.detach().float().cpu().clone(), a.lora_B.detach().float().cpu().clone())
                     for n, a in self.adapters.items()}
 
+    # -- membership ----------------------------------------------------------------
+    def join(self, member: str, session_id: str) -> None:
+        with self.hold():
+            self.members[member] = session_id
+            self.local.add(session_id)
+            self.save()
+
+    def leave(self, member: str, session_id: str) -> bool:
+        """A session closed; True once this replica holds none of the federation's sessions."""
+        with self._cond:
+            with self.hold():
+                self.local.discard(session_id)
+                # The member may have moved on to a session elsewhere (a failover): then it has not left.
+                if self.members.get(member) == session_id:
+                    del self.members[member]
+                    if self.members:
+                        self.save()
+                    elif self.store is not None:
+                        self.store.remove()   # every member left cleanly: the federation is over
+            self._cond.notify_all()
+        return not self.local
+
     # -- FedAvg ----------------------------------------------------------------
-    def aggregate(self, session_id: str, number: int, examples: int,
+    def aggregate(self, member: str, number: int, examples: int,
                   adapters: dict[str, tuple[torch.Tensor, torch.Tensor]],
                   timeout: float) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], int]:
-        """Submit this client's adapters for round `number`; wait for the average.
+        """Submit this member's adapters for round `number`; wait for the average.
 
         Rounds run in order: the one after the last averaged round is open; the
         last averaged one answers retries (a lost reply) with its result.
         """
         deadline = time.monotonic() + timeout
+        with self.hold(timeout):
+            pass  # another replica may have moved the rounds on
         with self._cond:
             if number < self._done or number > self._done + 1:
                 raise FederationMismatch(
@@ -109,7 +213,7 @@ class Federation:
             if rnd.result is None:
                 if rnd.submissions:
                     _check_same_shapes(next(iter(rnd.submissions.values()))[1], adapters)
-                rnd.submissions[session_id] = (examples, adapters)  # a retry replaces its own entry
+                rnd.submissions[member] = (examples, adapters)  # a retry replaces its own entry
             while rnd.result is None:
                 if self._cancelled:
                     raise FederationClosed("the server is shutting down")
@@ -127,11 +231,6 @@ class Federation:
                 self._cond.wait(min(left, 1.0))
             return rnd.result, rnd.averaged
 
-    def leave(self, session_id: str) -> None:
-        with self._cond:
-            self.members.discard(session_id)
-            self._cond.notify_all()
-
     def cancel(self) -> None:
         with self._cond:
             self._cancelled = True
@@ -146,7 +245,81 @@ class Federation:
         self._done = rnd.number
         for old in [n for n in self._rounds if n < rnd.number]:
             del self._rounds[old]
+        with self.hold():
+            self.save()   # a member whose reply is lost gets this round's result from any replica
         self._cond.notify_all()
+
+    # -- durable state -------------------------------------------------------------
+    def save(self) -> None:
+        if self.store is not None:
+            self.store.write(self.state_dict())
+
+    def state_dict(self) -> dict:
+        last = self._rounds.get(self._done)
+        return {
+            "name": self.name,
+            "settings": dataclasses.asdict(self.settings),
+            "adapters": {n: [a.lora_A.detach().cpu(), a.lora_B.detach().cpu()] for n, a in self.adapters.items()},
+            "optimizer": self.optimizer.state_dict(),
+            "updates": self.updates,
+            "pending": None if self.pending is None else list(self.pending),
+            "grads": [None if p.grad is None else p.grad.detach().cpu() for p in self.params],
+            "answers": {m: [a.step_id, a.cut_grad] for m, a in self.answers.items()},
+            "members": dict(self.members),
+            "round": self._done,
+            "round_result": None if last is None or last.result is None else
+            {n: list(ab) for n, ab in last.result.items()},
+            "round_clients": 0 if last is None else last.averaged,
+        }
+
+    def load_state(self, state: dict) -> None:
+        """Take over a saved state; refused (the federation untouched) unless it fits this federation."""
+        try:
+            saved = SplitSettings(**{**state["settings"], "targets": tuple(state["settings"]["targets"])})
+            if saved != self.settings:
+                raise FederationMismatch(f"federation {self.name!r} was saved with {_differences(saved, self.settings)}")
+            if state["adapters"].keys() != self.adapters.keys():
+                raise StateError("its adapters name other modules")
+            for n, (a, b) in state["adapters"].items():
+                if a.shape != self.adapters[n].lora_A.shape or b.shape != self.adapters[n].lora_B.shape:
+                    raise StateError(f"{n}: adapter shapes differ")
+            grads = state["grads"]
+            if len(grads) != len(self.params) or any(
+                    g is not None and g.shape != p.shape for g, p in zip(grads, self.params)):
+                raise StateError("its gradients do not fit the adapters")
+            optimizer = torch.optim.AdamW(self.params, lr=self.settings.lr, weight_decay=0.0)
+            optimizer.load_state_dict(state["optimizer"])
+            answers = {str(m): _Answer(int(s), t) for m, (s, t) in state["answers"].items()}
+            result = state["round_result"]
+            rounds = {} if result is None else {state["round"]: _Round(
+                int(state["round"]), result={n: (a, b) for n, (a, b) in result.items()},
+                averaged=int(state["round_clients"]))}
+            pending = None if state["pending"] is None else (str(state["pending"][0]), int(state["pending"][1]))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            if isinstance(exc, FederationMismatch):
+                raise
+            path = self.store.path if self.store else "state"
+            raise StateError(f"federation state {path} does not fit federation {self.name!r} ({exc}); "
+                             "move it away to start the federation afresh") from None
+        with torch.no_grad():
+            for n, (a, b) in state["adapters"].items():
+                self.adapters[n].lora_A.copy_(a)
+                self.adapters[n].lora_B.copy_(b)
+        for p, g in zip(self.params, grads):
+            p.grad = None if g is None else g.to(p.device)
+        self.optimizer = optimizer
+        self.updates = int(state["updates"])
+        self.pending = pending
+        self.answers = answers
+        self.members = {str(k): str(v) for k, v in state["members"].items()}
+        self._done = int(state["round"])
+        self._rounds = rounds
+
+
+@dataclass
+class _Answer:
+    step_id: int
+    cut_grad: torch.Tensor
 
 
 class _Fp32(torch.nn.Module):
@@ -182,38 +355,57 @@ def _check_same_shapes(ref: dict[str, tuple[torch.Tensor, torch.Tensor]],
                                      f"{list(ref[n][0].shape)}/{list(ref[n][1].shape)} (every client needs the same rank)")
 
 
-class Federations:
-    """The federations of one server, by name."""
+def _differences(a: SplitSettings, b: SplitSettings) -> str:
+    return ", ".join(f"{k} {getattr(a, k)!r} (asked {getattr(b, k)!r})"
+                     for k in a.__dataclass_fields__ if getattr(a, k) != getattr(b, k))
 
-    def __init__(self) -> None:
+
+class Federations:
+    """The federations of one server, by owner and name; with a state directory, durable."""
+
+    def __init__(self, state_dir: Path | None = None) -> None:
+        self.state_dir = state_dir
         self._lock = threading.Lock()
         self._by_name: dict[tuple[str, str], Federation] = {}
 
-    def join(self, owner: str, name: str, session_id: str, settings: SplitSettings, make) -> Federation:
-        """Federations belong to one identity: another owner's same name is another federation."""
+    def join(self, owner: str, name: str, member: str, session_id: str, settings: SplitSettings,
+             make, resume: bool = False) -> Federation:
+        """Join (creating, or resuming from the state directory) the federation `name` of `owner`.
+
+        Federations belong to one identity: another owner's same name is another federation.
+        `make(store)` builds a fresh one. A `resume`d member never gets a fresh one: its run
+        would silently go on from untrained server-side adapters.
+        """
         with self._lock:
             fed = self._by_name.get((owner, name))
             if fed is None:
-                fed = self._by_name[(owner, name)] = make()
-                log.info("federation %r created: cut layer %d, %d clients per round, server-side LoRA rank %d "
-                         "on %d modules", name, settings.cut_layer, settings.clients, settings.rank,
-                         len(fed.adapters))
-            elif fed.settings != settings:
-                diff = [f"{k} {getattr(fed.settings, k)!r} (asked {getattr(settings, k)!r})"
-                        for k in settings.__dataclass_fields__ if getattr(fed.settings, k) != getattr(settings, k)]
-                raise FederationMismatch(f"federation {name!r} already runs with {', '.join(diff)}")
-            fed.members.add(session_id)
+                store = StateFile(self.state_dir, owner, name) if self.state_dir is not None else None
+                if resume and (store is None or not store.exists()):
+                    raise FederationLost(
+                        f"this server holds no state of federation {name!r} (it restarted without --state-dir, or "
+                        "its replicas do not share one): the SplitLoRA run cannot resume; start it again")
+                fed = make(store)
+                fed.join(member, session_id)   # holding it loads a saved state, or refuses one that does not fit
+                self._by_name[(owner, name)] = fed
+                log.info("federation %r %s: cut layer %d, %d clients per round, server-side LoRA rank %d on %d "
+                         "modules", name, f"resumed at update {fed.updates}, round {fed._done}"
+                         if fed.updates or fed._done else "created", settings.cut_layer, settings.clients,
+                         settings.rank, len(fed.adapters))
+                return fed
+            if fed.settings != settings:
+                raise FederationMismatch(f"federation {name!r} already runs with {_differences(fed.settings, settings)}")
+            fed.join(member, session_id)
             return fed
 
-    def leave(self, owner: str, name: str, session_id: str) -> None:
+    def leave(self, owner: str, name: str, member: str, session_id: str) -> None:
         with self._lock:
             fed = self._by_name.get((owner, name))
             if fed is None:
                 return
-            fed.leave(session_id)
-            if not fed.members:
+            if fed.leave(member, session_id):
                 del self._by_name[(owner, name)]
-                log.info("federation %r closed: its last client left after %d server-side updates", name, fed.updates)
+                log.info("federation %r: no client of it left on this server, after %d server-side updates",
+                         name, fed.updates)
 
     def cancel_all(self) -> None:
         """Shutdown: release every client waiting for a round."""

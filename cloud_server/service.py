@@ -5,6 +5,7 @@ import logging
 import queue
 import threading
 import time
+from pathlib import Path
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from contextlib import contextmanager
@@ -25,6 +26,7 @@ from common.wire import dlora_pb2_grpc as pb_grpc
 from cloud_server import assets as edge_assets
 from cloud_server.auth import Authenticator, Unauthenticated
 from cloud_server.federation import Federation, FederationClosed, FederationMismatch, Federations, SplitSettings
+from cloud_server.federation_state import StateError
 from cloud_server.recorder import MessageRecorder
 from cloud_server.served_model import ServedModel
 from cloud_server.session import (Session, SessionBusy, SessionManager, SessionNotFound,
@@ -125,6 +127,7 @@ def _status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         (FederationClosed, grpc.StatusCode.UNAVAILABLE),
         (WrongMode, grpc.StatusCode.FAILED_PRECONDITION),
         (FederationMismatch, grpc.StatusCode.FAILED_PRECONDITION),
+        (StateError, grpc.StatusCode.FAILED_PRECONDITION),
         (WireError, grpc.StatusCode.INVALID_ARGUMENT),
         (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
         (StepAborted, grpc.StatusCode.CANCELLED),
@@ -246,11 +249,11 @@ def method_handlers(service: "DLoRAService") -> dict[str, grpc.RpcMethodHandler]
 class DLoRAService(pb_grpc.DLoRAServicer):
     def __init__(self, served: ServedModel, limits: ServerLimits, auth: Authenticator | None = None,
                  modes: tuple[str, ...] = ("dlora", "splitlora"), batching: BatchingConfig | None = None,
-                 recorder: MessageRecorder | None = None) -> None:
+                 recorder: MessageRecorder | None = None, state_dir: Path | None = None) -> None:
         self.served = served
         self.recorder = recorder  # writes every edge message to disk: privacy audits only
         self.modes = modes
-        self.federations = Federations()
+        self.federations = Federations(state_dir)
         self.limits = limits
         self.auth = auth or Authenticator()
         self.sessions = SessionManager(limits.max_sessions, limits.max_sessions_per_client)
@@ -291,10 +294,13 @@ class DLoRAService(pb_grpc.DLoRAServicer):
             if mode == "splitlora":
                 if request.edge_layers:
                     raise WireError("edge_layers is a DLoRA option; a SplitLoRA session sets split.cut_layer")
-                sites, prepare = self._split_session(request.split, targets, sites)
+                sites, prepare = self._split_session(request.split, targets, sites, request.resume)
             elif request.edge_layers:
                 prepare = self._edge_layers(request.edge_layers)
-            session = self.sessions.open(owner, request.client_name[:64], sites, wire, prepare)
+            if len(request.client_key) > 64:
+                raise WireError("a client key has at most 64 characters")
+            session = self.sessions.open(owner, request.client_name[:64], sites, wire, prepare,
+                                         client_key=request.client_key)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a status
             context.abort(*_status(exc))
         try:
@@ -336,7 +342,7 @@ class DLoRAService(pb_grpc.DLoRAServicer):
 
         return prepare
 
-    def _split_session(self, split: pb.SplitConfig, targets: list[str], sites):
+    def _split_session(self, split: pb.SplitConfig, targets: list[str], sites, resume: bool):
         """SplitLoRA: the client-side sites, and a hook that joins the session to its federation."""
         layers = self.served.meta.num_layers
         if not 0 < split.cut_layer < layers:
@@ -356,11 +362,14 @@ class DLoRAService(pb_grpc.DLoRAServicer):
                                  tuple(sorted(targets)))
 
         def prepare(session: Session) -> None:
-            fed = self.federations.join(session.owner, name, session.id, settings, lambda: Federation(
-                name, settings, [s for s in sites if s.layer >= split.cut_layer], self.served.device,
-                self.served.dtype))
+            fed = self.federations.join(session.owner, name, session.client_key, session.id, settings,
+                                        lambda store: Federation(name, settings,
+                                                                 [s for s in sites if s.layer >= split.cut_layer],
+                                                                 self.served.device, self.served.dtype, store),
+                                        resume)
             session.cut, session.federation = split.cut_layer, fed
-            session.on_close.append(lambda: self.federations.leave(session.owner, name, session.id))
+            session.on_close.append(lambda: self.federations.leave(session.owner, name, session.client_key,
+                                                                   session.id))
 
         return [s for s in sites if s.layer < split.cut_layer], prepare
 
@@ -638,11 +647,14 @@ class DLoRAService(pb_grpc.DLoRAServicer):
         hidden, mask = self._decode_inputs(session, start)
         t0 = time.perf_counter()
         with session.step(start.step_id, train), self._federation_lock(fed):
+            # A replayed step already applied (and stepped past by others) gets the answer it had.
+            answered = fed.begin_step(session.client_key, start.step_id) if train else fed.settle()
+            fresh = train and answered is None
             # Every site after the cut is served here, by the federation's adapters: no site exchange.
             link = EdgeLink(fed.server_sites, receive, send, session.wire, parked=fed.applied)
-            runner = StepRunner([link], train, self.batcher.groups)
+            runner = StepRunner([link], fresh, self.batcher.groups)
             try:
-                if train:
+                if fresh:
                     hidden.requires_grad_(True)
                 final = self.served.run(runner, hidden, mask, cut=session.cut)
                 send(final_message(final, session.wire))
@@ -650,23 +662,24 @@ class DLoRAService(pb_grpc.DLoRAServicer):
                     msg = link.expect("final_grad")
                     grad = codec.decode(msg.final_grad.grad, name="final hidden gradient",
                                         shape=tuple(final.shape), dtypes=[session.wire.grad])
-                    final.backward(grad.to(device=final.device, dtype=final.dtype))
-                    reply = pb.CloudMessage()
-                    session.wire.put_grad(reply.cut_grad.grad, hidden.grad)
-                    send(reply)
-                    # Once per step id: a replayed step (its reply was lost) is not applied twice.
-                    if start.step_id > session.last_update_step:
-                        fed.apply_update()
-                        session.last_update_step = start.step_id
-                    else:
-                        fed.discard_grads()
+                    if fresh:
+                        final.backward(grad.to(device=final.device, dtype=final.dtype))
+                        answered = hidden.grad
             except BaseException:
-                fed.discard_grads()
+                if train:
+                    fed.abort_step()
                 raise
             finally:
                 runner.release()
                 link.error = None  # the error holds frames that hold the graph: drop the back-reference
                 final = None
+            if fresh:
+                # Its update applies when the federation's next step begins; saved before the edge hears of it.
+                fed.end_step(session.client_key, start.step_id, answered)
+            if train:
+                reply = pb.CloudMessage()
+                session.wire.put_grad(reply.cut_grad.grad, answered)
+                send(reply)
             cloud = time.perf_counter() - t0 - link.wait_seconds
             session.tokens += int(mask.sum())
             session.cloud_seconds += cloud
@@ -676,13 +689,11 @@ class DLoRAService(pb_grpc.DLoRAServicer):
     @contextmanager
     def _federation_lock(self, fed: Federation):
         """One server-side step at a time per federation, waiting at most a step deadline."""
-        if not fed.lock.acquire(timeout=self.limits.step_timeout):
-            raise StepTimeout(f"another client of federation {fed.name!r} held the server-side adapters for "
-                              f"{self.limits.step_timeout:.0f} s")
         try:
-            yield
-        finally:
-            fed.lock.release()
+            with fed.hold(self.limits.step_timeout):
+                yield
+        except TimeoutError as exc:
+            raise StepTimeout(str(exc)) from None
 
     # -- SplitLoRA aggregation ------------------------------------------------
     def Aggregate(self, request: pb.AggregateRequest, context: grpc.ServicerContext) -> pb.AggregateReply:
@@ -708,7 +719,8 @@ class DLoRAService(pb_grpc.DLoRAServicer):
             if adapters.keys() != own.keys():
                 raise WireError(f"aggregation needs every client-side module; missing {sorted(own.keys() - adapters.keys())[:3]}")
             session.last_used = time.monotonic()
-            avg, n = fed.aggregate(session.id, request.round, request.examples, adapters, self.limits.step_timeout)
+            avg, n = fed.aggregate(session.client_key, request.round, request.examples, adapters,
+                                   self.limits.step_timeout)
         except Exception as exc:  # noqa: BLE001
             context.abort(*_status(exc))
         return pb.AggregateReply(round=request.round, clients=n, adapters=_weights(avg))

@@ -63,7 +63,8 @@ class Session:
     # holds the server-side adapters), or DLoRA's edge_layers (0: none).
     cut: int = 0
     federation: object | None = None
-    last_update_step: int = -1        # last step id whose server-side update was applied
+    # The key the edge keeps across re-opened sessions (a federation knows its members by it).
+    client_key: str = ""
     on_close: list = field(default_factory=list)
     solo: bool = False                # lagged behind a joint batch once: its steps run alone
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -126,7 +127,7 @@ class SessionManager:
         self._lock = threading.Lock()
 
     def open(self, owner: str, client_name: str, sites: list[SiteSpec], wire: WireFormat,
-             prepare=None) -> Session:
+             prepare=None, client_key: str = "") -> Session:
         """A new session; `prepare(session)` runs before it becomes visible (and may refuse it)."""
         with self._lock:
             if len(self._sessions) >= self.max_sessions:
@@ -140,7 +141,8 @@ class SessionManager:
                     "close one first"
                 )
             # 128 random bits: a session id cannot be guessed.
-            session = Session(secrets.token_hex(16), owner, client_name or "anonymous", sites, wire)
+            sid = secrets.token_hex(16)
+            session = Session(sid, owner, client_name or "anonymous", sites, wire, client_key=client_key or sid)
             if prepare is not None:
                 prepare(session)
             self._sessions[session.id] = session

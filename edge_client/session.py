@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import random
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +32,9 @@ log = logging.getLogger(__name__)
 _BOOTSTRAP_MESSAGE_BYTES = 16 << 20
 _SERVICE = pb.DESCRIPTOR.services_by_name["DLoRA"].full_name
 _STEP_METHODS = ("TrainStep", "Forward", "Generate")
+# gRPC metadata that load balancers hash on, so every call of one session (and of one
+# SplitLoRA federation) reaches the same replica (README: Scaling out).
+AFFINITY_HEADER = "x-dlora-affinity"
 
 
 def _serialised(raw: bytes) -> bytes:
@@ -120,6 +124,8 @@ class CloudSession:
         self.client_name = client_name
         self.credentials = credentials or Credentials()
         self.retry = retry or RetryPolicy()
+        # Kept across re-opened sessions: a federation knows a returning member by it.
+        self.client_key = secrets.token_hex(16)
         self.channel: grpc.Channel | None = None
         self.closed = False
         self.reconnects = 0
@@ -128,6 +134,12 @@ class CloudSession:
         self.parked_adapters: dict[str, LoRAAdapter] = {}
         self._needs_repark = False
         self._open()
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """Sent with every call: the credentials, and the key a load balancer routes by
+        (the federation's name, so its members meet on one replica; else this client's key)."""
+        affinity = self.split.federation if self.split is not None else self.client_key
+        return self.credentials.metadata() + ((AFFINITY_HEADER, affinity),)
 
     @property
     def parked(self) -> set[str]:
@@ -153,15 +165,16 @@ class CloudSession:
                              grpc.StatusCode.UNAVAILABLE) from None
         try:
             req = pb.OpenSessionRequest(client_name=self.client_name, target_modules=self.targets,
-                                        edge_layers=self.edge_layers)
+                                        edge_layers=self.edge_layers, client_key=self.client_key)
             self.wire.fill_request(req)
             if self.split is not None:
                 sp = self.split
                 req.mode = pb.SPLITLORA
+                req.resume = self.channel is not None   # re-opening: rejoin the federation as it was
                 req.split.CopyFrom(pb.SplitConfig(cut_layer=sp.cut_layer, federation=sp.federation,
                                                   clients=sp.clients, rank=sp.rank, alpha=sp.alpha, lr=sp.lr,
                                                   seed=sp.seed))
-            reply = pb_grpc.DLoRAStub(boot).OpenSession(req, timeout=self.timeout, metadata=self.credentials.metadata())
+            reply = pb_grpc.DLoRAStub(boot).OpenSession(req, timeout=self.timeout, metadata=self.metadata())
         except grpc.RpcError as exc:
             raise rpc_error(exc) from None
         finally:
@@ -193,11 +206,8 @@ class CloudSession:
                           for name in _STEP_METHODS}
 
     def reopen(self) -> None:
-        """A new session on the same server (after a restart), with the killed adapters parked again."""
-        if self.split is not None:
-            # The server-side adapters lived in the lost session's federation.
-            raise CloudError(f"the cloud at {self.target} lost this SplitLoRA session (restarted?) and with it the "
-                             "server-side adapters; SplitLoRA runs cannot be resumed", grpc.StatusCode.NOT_FOUND)
+        """A new session after a restart or a failover to another replica, with the killed adapters parked
+        again; a SplitLoRA client rejoins its federation, which the cloud resumes from its state directory."""
         old = self.session_id
         self._open()
         self.reconnects += 1
@@ -205,7 +215,7 @@ class CloudSession:
         log.warning("reconnected to %s as session %s (was %s)", self.target, self.session_id[:8], old[:8])
         try:  # the old session may still exist (a network blip): free its slot
             self.stub.CloseSession(pb.CloseSessionRequest(session_id=old), timeout=10,
-                                   metadata=self.credentials.metadata())
+                                   metadata=self.metadata())
         except grpc.RpcError:
             pass
 
@@ -234,8 +244,6 @@ class CloudSession:
                 if exc.code not in RETRYABLE or attempt == self.retry.retries:
                     raise
                 lost = exc.code == grpc.StatusCode.NOT_FOUND
-                if lost and self.split is not None:
-                    self.reopen()  # raises: a lost SplitLoRA session cannot be resumed
                 for p, g in zip(params, saved):
                     p.grad = None if g is None else g.clone()
                 # A server that answers NOT_FOUND is up but lost the session (it
@@ -280,7 +288,7 @@ class CloudSession:
     def fetch_assets(self, cache_dir: Path) -> Path:
         """Download the edge assets into cache_dir/<digest>, verified; reuse them if present."""
         return asset_download.fetch(self.stub, self.session_id, self.model.assets_sha256, cache_dir, self.timeout,
-                                    self.credentials.metadata())
+                                    self.metadata())
 
     # -- Kill and Revive ----------------------------------------------------------
     def park(self, kill: dict[str, LoRAAdapter], revive: list[str]) -> tuple[int, int]:
@@ -300,7 +308,7 @@ class CloudSession:
                              lora_B=codec.encode(ad.lora_B, torch.float32), scale=ad.scale)
             for name, ad in kill.items()])
         try:
-            reply = self.stub.ParkAdapters(req, timeout=self.timeout, metadata=self.credentials.metadata())
+            reply = self.stub.ParkAdapters(req, timeout=self.timeout, metadata=self.metadata())
         except grpc.RpcError as exc:
             raise rpc_error(exc) from None
         return req.ByteSize(), reply.ByteSize()
@@ -351,13 +359,14 @@ class CloudSession:
 
         Returns (clients averaged, bytes sent, bytes received).
         """
-        req = pb.AggregateRequest(session_id=self.session_id, round=round_, examples=examples, adapters=[
+        req = pb.AggregateRequest(round=round_, examples=examples, adapters=[
             pb.LoRAWeights(name=n, lora_A=codec.encode(a.lora_A, torch.float32),
                            lora_B=codec.encode(a.lora_B, torch.float32)) for n, a in adapters.items()])
 
         def attempt():
+            req.session_id = self.session_id  # a retry may run on a re-opened session
             try:
-                return self.stub.Aggregate(req, timeout=self.timeout, metadata=self.credentials.metadata())
+                return self.stub.Aggregate(req, timeout=self.timeout, metadata=self.metadata())
             except grpc.RpcError as exc:
                 raise rpc_error(exc) from None
 
@@ -373,11 +382,14 @@ class CloudSession:
 
     def server_adapters(self) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float, int]:
         """The federation's server-side adapters: ({name: (A, B)}, scale, updates)."""
-        try:
-            reply = self.stub.GetServerAdapters(pb.ServerAdaptersRequest(session_id=self.session_id),
-                                                timeout=self.timeout, metadata=self.credentials.metadata())
-        except grpc.RpcError as exc:
-            raise rpc_error(exc) from None
+        def attempt():
+            try:
+                return self.stub.GetServerAdapters(pb.ServerAdaptersRequest(session_id=self.session_id),
+                                                   timeout=self.timeout, metadata=self.metadata())
+            except grpc.RpcError as exc:
+                raise rpc_error(exc) from None
+
+        reply = self.with_retries("reading the server-side adapters", attempt)
         out = {w.name: (codec.decode(w.lora_A, name=f"{w.name} lora_A"), codec.decode(w.lora_B, name=f"{w.name} lora_B"))
                for w in reply.adapters}
         return out, reply.scale, reply.updates
@@ -402,7 +414,7 @@ class CloudSession:
         self.closed = True
         try:
             self.stub.CloseSession(pb.CloseSessionRequest(session_id=self.session_id), timeout=30,
-                                   metadata=self.credentials.metadata())
+                                   metadata=self.metadata())
         except grpc.RpcError as exc:
             log.warning("closing the session failed: %s", rpc_error(exc))
         finally:

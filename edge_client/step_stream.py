@@ -97,7 +97,7 @@ class StepStream:
         session.wire.put_act(first.start.hidden, hidden.detach())
         codec.encode_into(first.start.attention_mask, mask.bool())
         self.send(first)
-        self._responses = rpc(self._requests(), timeout=timeout, metadata=session.credentials.metadata())
+        self._responses = rpc(self._requests(), timeout=timeout, metadata=session.metadata())
 
     # -- the request side ----------------------------------------------------
     def send(self, msg: pb.EdgeMessage) -> None:

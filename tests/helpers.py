@@ -158,3 +158,35 @@ def train_alongside(trainer, model, opt, tol: float = 1e-5) -> list:
         assert abs(loss - want.item()) <= tol * abs(want.item()), f"step {step}: {loss} against {want.item()}"
         stats.append(step_stats)
     return stats
+
+
+def split_trainer(address: str, cache: Path, federation: str, clients: int = 1, seed: int = 0,
+                  steps: int = 6, aggregate_every: int = 2, retry=None):
+    """A SplitLoRA edge trainer (cut 1, rank 4) of `federation` on the tiny task, and its `steps` batches:
+    seed s trains on its own examples, so members of one federation differ."""
+    from edge_client.session import SplitOptions
+    from edge_client.trainer import EdgeTrainer, TrainConfig
+
+    cfg = TrainConfig(server=address, mode="splitlora", cut_layer=1, aggregate_every=aggregate_every,
+                      clients=clients, federation=federation, r=4, lora_alpha=8.0, lr=1e-2, steps=steps, seed=0,
+                      cache=cache, progress=False)
+    split = SplitOptions(cfg.cut_layer, federation, clients, cfg.r, cfg.lora_alpha, cfg.lr)
+    trainer = EdgeTrainer(cfg, CloudSession(address, split=split, retry=retry))
+    trainer.train_examples, trainer.label_ids = 4 + seed, None   # FedAvg weights differ; the LM loss
+    picks = [[(seed + i) % 4, (seed + i + 1) % 4] for i in range(steps)]
+    return trainer, [make_batch(trainer.tokenizer, [EXAMPLES[j] for j in p], 64) for p in picks]
+
+
+def split_state(trainer) -> dict[str, torch.Tensor]:
+    """Everything a SplitLoRA run trained: client-side and server-side A and B, by name."""
+    out = {f"{n}.{w}": getattr(a, w).detach().clone() for n, a in trainer.adapters.items() for w in ("lora_A", "lora_B")}
+    server, _, updates = trainer.session.server_adapters()
+    out |= {f"{n}.{w}": t for n, ab in server.items() for w, t in zip(("lora_A", "lora_B"), ab)}
+    out["updates"] = torch.tensor(float(updates))
+    return out
+
+
+def check_same_state(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], tol: float = 1e-5) -> None:
+    assert got.keys() == want.keys()
+    for k in want:
+        assert rel_err(got[k], want[k]) <= tol, f"{k}: relative error {rel_err(got[k], want[k]):.2e}"

@@ -21,7 +21,8 @@ from common.wire import dlora_pb2_grpc as pb_grpc
 from edge_client.objective import make_batch
 from edge_client.session import CloudError, CloudSession, SplitOptions
 from edge_client.trainer import EdgeTrainer, TrainConfig
-from helpers import EXAMPLES, rel_err, train_alongside
+from edge_client.session import RetryPolicy
+from helpers import EXAMPLES, check_same_state, rel_err, split_state, split_trainer, train_alongside
 
 TOL = 1e-5
 
@@ -207,26 +208,62 @@ def test_half_precision_server_keeps_server_side_adapters_finite(model_dirs, tmp
                 assert torch.isfinite(a).all() and torch.isfinite(b).all() and b.abs().sum() > 0
 
 
-def test_restarted_server_stops_a_split_run_at_once(model_dirs, tmp_path, caplog):
-    """A restarted server lost the server-side adapters: the edge says so at once,
-    without backing off (a SplitLoRA session cannot be re-opened and resumed)."""
+def test_restarted_server_without_state_stops_a_split_run_at_once(model_dirs, tmp_path, caplog):
+    """Without --state-dir a restarted server lost the server-side adapters: the edge says so at
+    once, without backing off, instead of training on from fresh ones."""
     from cloud_server import launch
     from edge_client.session import RetryPolicy
     from test_reliability import free_port
 
     args = ["--model", str(model_dirs["llama"]), "--port", str(free_port())]
-    cfg = TrainConfig(server="", mode="splitlora", cut_layer=1, r=4, lora_alpha=8.0, lr=1e-2,
-                      cache=tmp_path / "cache", progress=False)
     with launch.start(args, tmp_path / "a.log", timeout=300) as server:
-        session = CloudSession(server.address, split=SplitOptions(1, f"r-{uuid.uuid4().hex}", 1, 4, 8.0, 1e-2),
-                               retry=RetryPolicy(retries=3, backoff=0.05))
-        trainer = EdgeTrainer(cfg, session)
-        trainer.train_examples, trainer.label_ids = 4, None
-        batch = make_batch(trainer.tokenizer, EXAMPLES[:2], 64)
-        trainer.train_step(batch)
+        trainer, batches = split_trainer(server.address, tmp_path / "cache", f"r-{uuid.uuid4().hex}",
+                                         retry=RetryPolicy(retries=3, backoff=0.05))
+        trainer.train_step(batches[0])
     with launch.start(args, tmp_path / "b.log", timeout=300):
-        grpc.channel_ready_future(session.channel).result(timeout=30)  # past gRPC's reconnect backoff
+        grpc.channel_ready_future(trainer.session.channel).result(timeout=30)  # past gRPC's reconnect backoff
         with caplog.at_level("WARNING", logger="edge_client.session"), \
-                pytest.raises(CloudError, match="SplitLoRA runs cannot be resumed"):
-            trainer.train_step(batch)
+                pytest.raises(CloudError, match="holds no state of federation .* cannot resume"):
+            trainer.train_step(batches[1])
     assert "retry 1/" not in caplog.text
+
+
+def test_restarted_server_resumes_a_split_run_exactly(model_dirs, tmp_path):
+    """With --state-dir a SplitLoRA run outlives its server: killed (SIGKILL) between a step's forward
+    and backward and restarted 1 s later, the edge carries on by itself and ends where an uninterrupted
+    run ends, within 1e-5: client-side and server-side adapters, and the count of server-side updates."""
+    from cloud_server import launch
+    from test_reliability import free_port
+
+    def run(state: str, kill_at: int | None) -> dict[str, torch.Tensor]:
+        args = ["--model", str(model_dirs["llama"]), "--port", str(free_port()), "--state-dir", str(tmp_path / state)]
+        servers = [launch.start(args, tmp_path / f"{state}-0.log", timeout=300)]
+        try:
+            trainer, batches = split_trainer(servers[0].address, tmp_path / "cache", "restart",
+                                             retry=RetryPolicy(retries=12, backoff=0.2, max_backoff=2.0))
+            real_loss = trainer.loss
+
+            def loss_that_kills(hidden, batch):
+                if trainer.step_id == kill_at and len(servers) == 1:
+                    servers[0].proc.kill()
+                    servers[0].proc.wait()
+                    threading.Timer(1.0, lambda: servers.append(
+                        launch.start(args, tmp_path / f"{state}-1.log", timeout=300))).start()
+                return real_loss(hidden, batch)
+
+            trainer.loss = loss_that_kills
+            for b in batches:
+                trainer.train_step(b)
+            assert trainer.session.reconnects == (0 if kill_at is None else 1)
+            state_now = split_state(trainer)
+            trainer.session.close()
+            return state_now
+        finally:
+            time.sleep(0.1 if len(servers) > 1 or kill_at is None else 5)  # a restart in flight: let it land
+            for s in servers:
+                s.stop()
+
+    want = run("ref", None)
+    assert want["updates"].item() == 6
+    check_same_state(run("killed", 4), want)
+    assert not list((tmp_path / "killed").glob("federation-*.pt"))  # the last member left: the state is gone
