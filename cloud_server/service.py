@@ -594,7 +594,9 @@ class DLoRAService(pb_grpc.DLoRAServicer):
                 if item is _DONE:
                     return
                 if isinstance(item, BaseException):
-                    context.abort(*_status(item))
+                    code, detail = _status(item)
+                    yield pb.CloudMessage(failed=pb.StepFailed(code=code.value[0], detail=detail))
+                    context.abort(code, detail)
                 yield item
         finally:
             finished.set()

@@ -17,6 +17,7 @@ import torch
 
 from common import tensor_codec as codec
 from common.lora import LoRAAdapter
+from common.routing import AFFINITY_HEADER, affinity
 from common.wire import dlora_pb2 as pb
 from common.wire_format import WireFormat
 from common.settings import setting
@@ -32,9 +33,6 @@ log = logging.getLogger(__name__)
 _BOOTSTRAP_MESSAGE_BYTES = 16 << 20
 _SERVICE = pb.DESCRIPTOR.services_by_name["DLoRA"].full_name
 _STEP_METHODS = ("TrainStep", "Forward", "Generate")
-# gRPC metadata that load balancers hash on, so every call of one session (and of one
-# SplitLoRA federation) reaches the same replica (README: Scaling out).
-AFFINITY_HEADER = "x-dlora-affinity"
 
 
 def _serialised(raw: bytes) -> bytes:
@@ -113,7 +111,8 @@ class CloudSession:
 
     def __init__(self, target: str, *, wire: WireFormat | None = None, targets: list[str] | None = None,
                  client_name: str = "edge", timeout: float = 600.0, credentials: Credentials | None = None,
-                 retry: RetryPolicy | None = None, split: SplitOptions | None = None, edge_layers: int = 0) -> None:
+                 retry: RetryPolicy | None = None, split: SplitOptions | None = None, edge_layers: int = 0,
+                 client_key: str | None = None) -> None:
         self.target = target
         self.split = split
         # DLoRA: blocks [0, edge_layers) run here; steps send their output and get its gradient back.
@@ -124,8 +123,9 @@ class CloudSession:
         self.client_name = client_name
         self.credentials = credentials or Credentials()
         self.retry = retry or RetryPolicy()
-        # Kept across re-opened sessions: a federation knows a returning member by it.
-        self.client_key = secrets.token_hex(16)
+        # Kept across re-opened sessions: a federation knows a returning member by it, and a load
+        # balancer keeps a DLoRA client's calls on one replica by it. Random unless given.
+        self.client_key = client_key or secrets.token_hex(16)
         self.channel: grpc.Channel | None = None
         self.closed = False
         self.reconnects = 0
@@ -138,8 +138,8 @@ class CloudSession:
     def metadata(self) -> tuple[tuple[str, str], ...]:
         """Sent with every call: the credentials, and the key a load balancer routes by
         (the federation's name, so its members meet on one replica; else this client's key)."""
-        affinity = self.split.federation if self.split is not None else self.client_key
-        return self.credentials.metadata() + ((AFFINITY_HEADER, affinity),)
+        key = affinity(self.client_key, self.split.federation if self.split is not None else None)
+        return self.credentials.metadata() + ((AFFINITY_HEADER, key),)
 
     @property
     def parked(self) -> set[str]:

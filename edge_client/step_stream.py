@@ -33,6 +33,12 @@ class CloudError(RuntimeError):
         self.code = code
 
 
+def _failed(msg: pb.StepFailed) -> CloudError:
+    """The status the cloud sent in the stream (a proxy may have reset the stream and lost its trailers)."""
+    code = next((c for c in grpc.StatusCode if c.value[0] == msg.code), grpc.StatusCode.UNKNOWN)
+    return CloudError(f"cloud refused the call ({code.name}): {msg.detail[:1000]}", code)
+
+
 def rpc_error(exc: grpc.RpcError) -> CloudError:
     code = exc.code() if hasattr(exc, "code") else None
     detail = exc.details() if hasattr(exc, "details") else str(exc)
@@ -185,6 +191,8 @@ class StepStream:
                     self.exchange.backward(msg.site_grad_outputs)
                 elif kind == "cut_grad":
                     self.exchange.on_cut_grad(msg.cut_grad)
+                elif kind == "failed":
+                    raise _failed(msg.failed)
                 elif kind == "end":
                     self.stats.cloud_seconds = msg.end.cloud_seconds
                     self.stats.batch_sessions = msg.end.batch_sessions or 1

@@ -148,14 +148,15 @@ def test_limits(model_dirs, tmp_path):
         channel.close()
 
 
-def _trainer(address: str, tmp_path: Path, policy: str = "kr") -> tuple[EdgeTrainer, list]:
+def _trainer(address: str, tmp_path: Path, policy: str = "kr", client_key: str | None = None
+             ) -> tuple[EdgeTrainer, list]:
     """An edge trainer on a tiny task; KR with short periods so parking is exercised."""
     rows = [datasets.Example(f"item {i} is {'red' if i % 2 else 'blue'}", " red" if i % 2 else " blue",
                              "red" if i % 2 else "blue") for i in range(32)]
     cfg = TrainConfig(server=address, r=2, lr=1e-2, batch_size=4, cache=tmp_path / "cache", progress=False,
                       kr=KRConfig(policy=policy, budget=0.34, revive=0.5, period=2, warmup_steps=2),
                       retry=RetryPolicy(retries=12, backoff=0.2, max_backoff=2.0))
-    session = CloudSession(address, credentials=cfg.credentials, retry=cfg.retry)
+    session = CloudSession(address, credentials=cfg.credentials, retry=cfg.retry, client_key=client_key)
     trainer = EdgeTrainer(cfg, session)
     trainer.set_objective(datasets.Dataset(rows, ["blue", "red"]))
     it = batches(rows, 4, seed=0)
