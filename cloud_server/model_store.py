@@ -81,10 +81,17 @@ def resolve_model_path(spec: str) -> Path:
     return path
 
 
-def load_frozen(path: Path, device: str, dtype: torch.dtype) -> nn.Module:
-    """Load a causal LM, freeze it and put it in eval mode on `device`."""
+def load_frozen(path: Path, device: str, dtype: torch.dtype,
+                device_map: str | dict[str, int | str] | None = None) -> nn.Module:
+    """Load a causal LM, freeze it and put it in eval mode on `device`, or where
+    `device_map` ('auto', a JSON file, a map; see device_map.py) places it."""
     from transformers import AutoModelForCausalLM
 
+    if device_map is not None:
+        from cloud_server.device_map import load
+
+        # accelerate placed it (and forbids moving a model with offloaded weights).
+        return load(path, dtype, device_map).requires_grad_(False).eval()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     model.requires_grad_(False)
     model.eval()

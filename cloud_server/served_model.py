@@ -17,6 +17,7 @@ from common.lora import ALL_LINEAR
 from common.model_parts import (DEFAULT_TARGETS, UnsupportedModel, backbone, blocks_name, check_layout,
                                 final_norm_name, num_layers)
 from cloud_server import assets as edge_assets
+from cloud_server.device_map import execution_device, state_dict
 from cloud_server.model_store import load_frozen, resolve_model_path
 from cloud_server.sites import SiteSpec, linear_leaf_names, linear_shapes, probe_input_groups, select_sites
 from cloud_server.step_runner import StepRunner, active, install_taps
@@ -56,12 +57,18 @@ class ServedModel:
     """Loads a causal LM, keeps its blocks on the cloud and hands the rest to edges."""
 
     def __init__(self, spec: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 default_targets: list[str] | None = None) -> None:
+                 default_targets: list[str] | None = None,
+                 device_map: str | dict[str, int | str] | None = None) -> None:
+        """`device_map` ('auto', a JSON file's path or a map; see device_map.py) spreads the
+        blocks over several devices instead of putting the model on `device`."""
         path = resolve_model_path(spec)
-        self.device = torch.device(device)
         self.dtype = dtype
-        model = load_frozen(path, device, dtype)
+        model = load_frozen(path, device, dtype, device_map)
         cfg = model.config
+        # Where inputs enter and outputs leave, whatever devices the blocks between sit on.
+        inner = backbone(model)
+        self.device = (torch.device(device) if device_map is None else
+                       execution_device(getattr(inner, blocks_name(inner, num_layers(cfg)))[0]))
         self.meta = ModelMeta(
             name=spec if spec != str(path) else path.name,
             model_type=getattr(cfg, "model_type", "unknown"),
@@ -148,7 +155,8 @@ class ServedModel:
         runner.batch_shape = tuple(hidden.shape[:2])
         with active(runner), torch.set_grad_enabled(runner.train):
             out = self.view(cut)(inputs_embeds=hidden, attention_mask=mask, use_cache=False)
-        return out.last_hidden_state
+        # Under a device map the last block may sit elsewhere; callers expect self.device.
+        return out.last_hidden_state.to(self.device)
 
     def view(self, cut: int) -> nn.Module:
         """The backbone without its first `cut` blocks, sharing every weight.
@@ -177,6 +185,9 @@ class ServedModel:
         if not 0 < cut < self.meta.num_layers:
             raise ValueError(f"cut layer must be in 1..{self.meta.num_layers - 1}, got {cut}")
         view = copy.copy(self.inner)
+        # An accelerate hook on the backbone (a device map entry for it) wraps the original's
+        # forward in an instance attribute; the copy must run its own.
+        view.__dict__.pop("forward", None)
         view._modules = dict(self.inner._modules)
         view._modules[self.blocks_attr] = nn.ModuleList(list(getattr(self.inner, self.blocks_attr))[cut:])
         view.config = copy.deepcopy(self.inner.config)
@@ -209,7 +220,8 @@ class ServedModel:
             full = self.inner(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
         finally:
             hook.remove()
-        out = view(inputs_embeds=seen[0], attention_mask=mask, use_cache=False).last_hidden_state
+        # Edges send block cut - 1's output to self.device, wherever that block ran.
+        out = view(inputs_embeds=seen[0].to(self.device), attention_mask=mask, use_cache=False).last_hidden_state
         edge_probe.check(f"cloud's output of blocks {cut}..{self.meta.num_layers - 1} (SplitLoRA at cut {cut})",
                          out.float().cpu(), full.float().cpu(), edge_probe.tolerance(self.dtype),
                          self.meta.model_type)
@@ -236,10 +248,10 @@ class ServedModel:
         for name, child in self.inner.named_children():
             if name in skip or child is self.model.get_input_embeddings():
                 continue
-            for key, t in child.state_dict().items():
+            for key, t in state_dict(child).items():  # offloaded weights too
                 tensors[f"{base}.{name}.{key}"] = t.detach().float().cpu().contiguous()
         for i, block in enumerate(list(getattr(self.inner, self.blocks_attr))[:cut]):
-            for key, t in block.state_dict().items():
+            for key, t in state_dict(block).items():
                 # Taps wrap the target linears: their weights sit one level down.
                 tensors[f"{prefix}.{i}.{key.replace('.base.', '.')}"] = t.detach().float().cpu().contiguous()
         return edge_assets.make_asset(f"edge_blocks_0-{cut}.safetensors", save_safetensors(tensors))
@@ -261,4 +273,4 @@ class ServedModel:
         with active(runner):
             out = self.inner(inputs_embeds=hidden, attention_mask=mask, position_ids=positions,
                              past_key_values=cache, use_cache=True)
-        return out.last_hidden_state[:, -1:]
+        return out.last_hidden_state[:, -1:].to(self.device)

@@ -60,7 +60,8 @@ class SiteTap(nn.Module):
         if runner is None:
             return y
         delta = runner.adapter_output(self.name, x)
-        return y if delta is None else y + delta
+        # Under a device map the base linear's hook may compute y on another device than x's.
+        return y if delta is None else y + delta.to(y.device)
 
 
 def install_taps(model: nn.Module, names: list[str]) -> None:
@@ -328,8 +329,10 @@ class StepRunner:
             piece = cache.remote.get(i, {}).get(name)
             parked = link.parked.get(name)
             if piece is None and parked is not None and link.error is None:
-                # Frozen, but still part of the graph: dL/dx flows through it.
-                piece = parked(cache.xs[i])
+                # Frozen, but still part of the graph: dL/dx flows through it. It sits on the
+                # served model's first device; under a device map, this block may be elsewhere.
+                at = next(parked.parameters()).device
+                piece = parked(cache.xs[i].to(at)).to(x.device)
             if piece is not None:
                 width = piece.shape[-1]
             pieces.append(piece)

@@ -54,7 +54,9 @@ def capture(model: nn.Module) -> dict[str, torch.Tensor]:
     param = next(model.parameters())
     vocab = int(model.get_input_embeddings().weight.shape[0])
     shape = (_ROWS, probe_length(model.config))
-    ids = torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(0)).to(param.device)
+    # An embedding accelerate offloaded has its weight on the meta device; its hook moves the ids.
+    device = param.device if param.device.type != "meta" else torch.device("cpu")
+    ids = torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(0)).to(device)
     norm = backbone(model).get_submodule(final_norm_name(model))
     seen: list[torch.Tensor] = []
     handle = norm.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
