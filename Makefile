@@ -6,7 +6,7 @@ PIP     := $(VPY) -m pip
 PORT    ?= 0
 WIRE    := common/wire
 
-.PHONY: help install proto test demo simulate docker-test bench bench-step bench-kr bench-modes bench-wire bench-latency bench-edges bench-privacy bench-gpu clean
+.PHONY: help install proto test demo simulate docker-test bench bench-step bench-kr bench-modes bench-wire bench-latency bench-edges bench-scale bench-privacy bench-gpu clean
 .PHONY: scale-local lb deploy-configs compose-up compose-down
 
 help:
@@ -26,6 +26,7 @@ help:
 	@echo "make bench-wire  every wire dtype x factorised or not x KR: MB/step, accuracy (4 seeds; hours), s/step on loopback and WAN"
 	@echo "make bench-latency step time on simulated WAN links (RTT, bandwidth), from loopback measurements"
 	@echo "make bench-edges aggregate tokens/s of 1-16 concurrent edges on one cloud, batching on and off"
+	@echo "make bench-scale 8 edges on 1 replica and on 2 behind HAProxy (tokens/s), failover time, SplitLoRA state cost"
 	@echo "make bench-privacy what a curious cloud recovers (tokens, labels) from its own recording of the wire"
 	@echo "make bench-gpu   on a GPU host: step time vs in-process (fp32, bf16, int8) and 1-16 edges, to bench/results/gpu"
 	@echo "make proto       regenerate the gRPC stubs from proto/dlora.proto"
@@ -92,7 +93,7 @@ compose-up:
 compose-down:
 	bash deploy/compose.sh down
 
-bench: bench-step bench-kr bench-modes bench-wire bench-latency bench-edges bench-privacy
+bench: bench-step bench-kr bench-modes bench-wire bench-latency bench-edges bench-scale bench-privacy
 
 bench-step: proto
 	$(VPY) -m bench.step_time
@@ -108,6 +109,9 @@ bench-wire: proto
 
 bench-latency: proto
 	$(VPY) -m bench.latency
+
+bench-scale: proto
+	$(VPY) -m bench.scale_out
 
 bench-edges: proto
 	$(VPY) -m bench.many_edges

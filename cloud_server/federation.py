@@ -103,7 +103,7 @@ class Federation:
     def hold(self, timeout: float | None = None) -> Iterator[None]:
         """Exclusive use for one operation, across threads and (with a state directory) replicas;
         a state another replica wrote meanwhile is loaded first."""
-        if not self.lock.acquire(timeout=-1 if timeout is None else timeout):
+        if not self.lock.acquire(timeout=-1 if timeout is None else timeout):  # 0: only if free now
             raise TimeoutError(f"another client of federation {self.name!r} held the server-side adapters for "
                                f"{timeout:.0f} s")
         try:
@@ -171,11 +171,21 @@ class Federation:
                     for n, a in self.adapters.items()}
 
     # -- membership ----------------------------------------------------------------
-    def join(self, member: str, session_id: str) -> None:
-        with self.hold():
+    def join(self, member: str, session_id: str, restore: bool = False) -> None:
+        """Add a session; `restore`: a federation new to this replica, whose saved state is loaded first.
+
+        Otherwise it never waits for the step lock: sessions open under the server's session lock, and
+        a step may hold the federation for seconds; that step's own save then records the member.
+        """
+        with self._cond:
             self.members[member] = session_id
             self.local.add(session_id)
-            self.save()
+        try:
+            with self.hold(None if restore else 0):
+                self.members[member] = session_id   # again: holding it may have loaded another replica's state
+                self.save()
+        except TimeoutError:
+            pass
 
     def leave(self, member: str, session_id: str) -> bool:
         """A session closed; True once this replica holds none of the federation's sessions."""
@@ -265,7 +275,7 @@ class Federation:
             "pending": None if self.pending is None else list(self.pending),
             "grads": [None if p.grad is None else p.grad.detach().cpu() for p in self.params],
             "answers": {m: [a.step_id, a.cut_grad] for m, a in self.answers.items()},
-            "members": dict(self.members),
+            "members": self.members.copy(),   # atomic under the GIL: joins do not take the step lock
             "round": self._done,
             "round_result": None if last is None or last.result is None else
             {n: list(ab) for n, ab in last.result.items()},
@@ -385,7 +395,7 @@ class Federations:
                         f"this server holds no state of federation {name!r} (it restarted without --state-dir, or "
                         "its replicas do not share one): the SplitLoRA run cannot resume; start it again")
                 fed = make(store)
-                fed.join(member, session_id)   # holding it loads a saved state, or refuses one that does not fit
+                fed.join(member, session_id, restore=True)
                 self._by_name[(owner, name)] = fed
                 log.info("federation %r %s: cut layer %d, %d clients per round, server-side LoRA rank %d on %d "
                          "modules", name, f"resumed at update {fed.updates}, round {fed._done}"

@@ -42,6 +42,7 @@ _CHUNK = 1 << 20
 MAX_PARKED_RANK = 256
 FIRST_MESSAGE_SECONDS = 10.0
 GENERATION_TOKEN_SECONDS = 60.0   # the edge picks a token in milliseconds; an idle stream is abandoned
+CLOSE_GRACE_SECONDS = 5.0        # how long a finished step waits for the edge to close its side of the stream
 MAX_GRPC_MESSAGE = (1 << 31) - 1  # gRPC's size options are int32
 SERVICE = pb.DESCRIPTOR.services_by_name["DLoRA"]
 SERVICE_NAME = SERVICE.full_name  # "dlora.v1.DLoRA"
@@ -488,6 +489,7 @@ class DLoRAService(pb_grpc.DLoRAServicer):
         # control instead of filling the server's memory.
         inbox: queue.Queue = queue.Queue(maxsize=2)
         finished = threading.Event()
+        request_closed = threading.Event()   # the edge closed its side of the stream (or it broke)
         gone = threading.Event()
         context.add_callback(gone.set)  # the RPC ended: cancelled by the edge, timed out, or done
         deadline = [time.monotonic() + self.limits.step_timeout]
@@ -513,6 +515,7 @@ class DLoRAService(pb_grpc.DLoRAServicer):
                         return
             except Exception:  # noqa: BLE001 - a cancelled stream ends like a closed one
                 pass
+            request_closed.set()
             offer(_EOF)
 
         first = [True]
@@ -591,10 +594,15 @@ class DLoRAService(pb_grpc.DLoRAServicer):
             threading.Thread(target=work, name="dlora-step", daemon=True).start()
             while True:
                 item = out.get()
+                # The status goes once the edge has closed its side. gRPC resets a stream the client
+                # still sends on after its trailers, and HAProxy 2.6 turns that reset into CANCELLED
+                # towards the edge, at times before the last messages reach it.
                 if item is _DONE:
+                    request_closed.wait(CLOSE_GRACE_SECONDS)
                     return
                 if isinstance(item, BaseException):
                     code, detail = _status(item)
+                    # (A failed step's status does not wait: StepFailed already carries it.)
                     yield pb.CloudMessage(failed=pb.StepFailed(code=code.value[0], detail=detail))
                     context.abort(code, detail)
                 yield item
