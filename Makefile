@@ -6,7 +6,7 @@ PIP     := $(VPY) -m pip
 PORT    ?= 0
 WIRE    := common/wire
 
-.PHONY: help install proto test demo simulate docker-test bench bench-step bench-kr bench-modes bench-wire bench-latency bench-edges bench-scale bench-privacy bench-gpu clean
+.PHONY: help install proto lint test demo simulate docker-test bench bench-step bench-kr bench-modes bench-wire bench-latency bench-edges bench-scale bench-privacy bench-gpu clean
 .PHONY: scale-local lb deploy-configs compose-up compose-down
 
 help:
@@ -19,6 +19,7 @@ help:
 	@echo "make compose-up  2 cloud_server replicas + HAProxy with docker compose (deploy/compose.yml; needs an engine)"
 	@echo "make compose-down stop deploy/compose.yml (its state volume is kept)"
 	@echo "make deploy-configs re-render deploy/haproxy-compose.cfg and deploy/k8s/haproxy.cfg"
+	@echo "make lint        ruff and mypy, as configured in pyproject.toml (CI runs it before the tests)"
 	@echo "make test        run the test suite (the command CI runs)"
 	@echo "make bench-step  distributed vs in-process step time (tiny Llama, tiny GPT-2, SmolLM2)"
 	@echo "make bench-kr    every Kill-and-Revive policy on SmolLM2 + BBC News: accuracy, bytes, FLOPs, plots"
@@ -52,6 +53,11 @@ $(WIRE)/dlora_pb2.py: proto/dlora.proto
 	# -Icommon/wire=proto makes the stubs import each other as common.wire.*
 	$(VPY) -m grpc_tools.protoc -Icommon/wire=proto --python_out=. --pyi_out=. --grpc_python_out=. proto/dlora.proto
 	touch $(WIRE)/__init__.py
+
+# ruff (style, imports, likely bugs) and mypy (types), both configured in pyproject.toml.
+lint: proto
+	$(VPY) -m ruff check .
+	$(VPY) -m mypy
 
 # pytest exits 5 when it collects no test: treat that as a failure, never a pass.
 test: proto

@@ -15,7 +15,6 @@ work before a GPU is lent.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -24,12 +23,11 @@ from types import SimpleNamespace
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from bench.many_edges import measure  # noqa: E402
-from bench.step_time import bench_model  # noqa: E402
-from cloud_server import launch  # noqa: E402
-from cloud_server.model_store import ensure_default_model  # noqa: E402
+from bench import report
+from bench.many_edges import measure
+from bench.step_time import bench_model
+from cloud_server import launch
+from cloud_server.model_store import ensure_default_model
 
 
 def edge_rows(model_dir: Path, device: str, counts: list[int], edge: SimpleNamespace, tmp: Path) -> list[dict]:
@@ -51,17 +49,18 @@ def edge_rows(model_dir: Path, device: str, counts: list[int], edge: SimpleNames
 
 
 def tables(device_name: str, steps: list[dict], edges: list[dict]) -> str:
-    lines = [f"Device: {device_name}. Step: batch 8 x up to 128 tokens, median of {steps[0]['reps']} steps; the "
-             "edge is this process, on the CPU, over 127.0.0.1.", "",
-             "| model | wire | in-process s | distributed s | ratio | MB/step |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['wire']} | {r['in_process_s']:.4f} | {r['distributed_s']:.4f} | "
-              f"{r['ratio']:.2f}x | {r['bytes_per_step'] / 1e6:.1f} |" for r in steps]
-    lines += ["", "| concurrent edges | aggregate tokens/s | vs 1 edge | sessions per batch | s/step per edge |",
-              "|---|---|---|---|---|"]
+    intro = (f"Device: {device_name}. Step: batch 8 x up to 128 tokens, median of {steps[0]['reps']} steps; the "
+             "edge is this process, on the CPU, over 127.0.0.1.")
+    step_table = report.table(
+        ["model", "wire", "in-process s", "distributed s", "ratio", "MB/step"],
+        [[r["model"], r["wire"], f"{r['in_process_s']:.4f}", f"{r['distributed_s']:.4f}", f"{r['ratio']:.2f}x",
+          f"{r['bytes_per_step'] / 1e6:.1f}"] for r in steps])
     one = edges[0]["tokens_per_s"] if edges else 1.0
-    lines += [f"| {r['clients']} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / one:.2f}x | "
-              f"{r['mean_batch_sessions']:.1f} | {r['s_per_step']:.2f} |" for r in edges]
-    return "\n".join(lines) + "\n"
+    edge_table = report.table(
+        ["concurrent edges", "aggregate tokens/s", "vs 1 edge", "sessions per batch", "s/step per edge"],
+        [[r["clients"], f"{r['tokens_per_s']:.0f}", f"{r['tokens_per_s'] / one:.2f}x",
+          f"{r['mean_batch_sessions']:.1f}", f"{r['s_per_step']:.2f}"] for r in edges])
+    return "\n".join([intro, "", step_table, "", edge_table]) + "\n"
 
 
 def main() -> int:
@@ -88,7 +87,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         if smoke:
-            from tiny_models import save_tiny
+            from bench.tiny_models import save_tiny
             label, model_dir = "tiny-llama (2 layers, h=32)", save_tiny("llama", tmp / "tiny")
         else:
             label, model_dir = "SmolLM2-135M (30 layers, h=576)", ensure_default_model()
@@ -101,7 +100,7 @@ def main() -> int:
     name = "CPU (smoke)" if smoke else torch.cuda.get_device_name(0)
     text = tables(name, steps, edges)
     doc = {"device": name, "smoke": smoke, "seconds": time.monotonic() - started, "steps": steps, "edges": edges}
-    (args.out / "results.json").write_text(json.dumps(doc, indent=2))
+    report.write_json(args.out / "results.json", doc)
     (args.out / "table.md").write_text(text)
     print("\n" + text + f"\nwritten to {args.out} in {doc['seconds']:.0f} s")
     return 0

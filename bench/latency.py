@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from bench import report
 from bench.netem import DelayProxy, Link
 from cloud_server import launch
 from edge_client.kill_revive import KRConfig
@@ -82,19 +83,21 @@ def from_run(path: Path) -> dict:
 
 def print_table(title: str, results: dict) -> None:
     print(title)
-    head = " | ".join(f"{link.rtt_ms:g} ms, {link.mbit:g} Mbit/s" for link in LINKS)
-    print(f"| variant | MB/step | round trips/step | loopback s | {head} |")
-    print("|---|---|---|---|" + "---|" * len(LINKS))
+    headers = ["variant", "MB/step", "round trips/step", "loopback s",
+               *(f"{link.rtt_ms:g} ms, {link.mbit:g} Mbit/s" for link in LINKS)]
+    rows = []
     for name, r in results.items():
         b = r["loopback"]
-        cells = " | ".join(f"{c['predicted']:.1f}" + (f" ({c['measured']:.1f})" if c["measured"] is not None else "")
-                           for c in r["links"])
-        print(f"| {name} | {b['bytes'] / 1e6:.1f} | {b['round_trips']:.0f} | {b['seconds']:.2f} | {cells} |")
+        cells = [f"{c['predicted']:.1f}" + (f" ({c['measured']:.1f})" if c["measured"] is not None else "")
+                 for c in r["links"]]
+        rows.append([name, f"{b['bytes'] / 1e6:.1f}", f"{b['round_trips']:.0f}", f"{b['seconds']:.2f}", *cells])
+    print(report.table(headers, rows))
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=3, help="measured steps per cell, after one warm step (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=3,
+                   help="measured steps per cell, after one warm step (default: %(default)s)")
     p.add_argument("--measure-below", type=float, default=20.0,
                    help="run a link through the delay proxy when its predicted step time is at most this many "
                         "seconds; longer cells are predicted only (default: %(default)s)")
@@ -139,7 +142,7 @@ def main() -> int:
     print_table(f"{args.model}, BBC News, batch 8, fp32 wire unless named, factorised; seconds per training step, "
                 f"predicted (measured "
                 f"through the delay proxy where predicted <= {args.measure_below:g} s)", results)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    report.write_json(args.out / "results.json", results)
     print(f"\nwritten to {args.out}/results.json")
     return 0
 

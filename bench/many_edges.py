@@ -11,7 +11,6 @@ bench/out/edges/results.json.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import statistics
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from bench import report
 from cloud_server import launch
 from cloud_server.model_store import cache_root
 
@@ -84,6 +84,19 @@ def measure(address: str, assets: Path, clients: int, args) -> dict:
             "s_per_step": statistics.fmean((r["end"] - r["start"]) / len(r["rows"]) for r in results)}
 
 
+def edges_table(rows: list[dict], first: int) -> str:
+    """The Markdown table of every row, each against `first` edges with the same batching window."""
+    headers = ["edges", "batching", "aggregate tokens/s", "vs 1 edge", "sessions per batch", "s/step per edge"]
+    cells = []
+    for row in rows:
+        one = next(r for r in rows if r["clients"] == first and r["window_ms"] == row["window_ms"])
+        label = f"window {row['window_ms']:g} ms" if row["window_ms"] else "off"
+        cells.append([row["clients"], label, f"{row['tokens_per_s']:.0f}",
+                      f"{row['tokens_per_s'] / one['tokens_per_s']:.2f}x", f"{row['mean_batch_sessions']:.1f}",
+                      f"{row['s_per_step']:.2f}"])
+    return report.table(headers, cells)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m", help="model the cloud serves (default: %(default)s)")
@@ -116,17 +129,10 @@ def main() -> int:
                       f"{row['s_per_step']:.2f} s/step", flush=True)
     print()
     print(f"{args.model} on {args.device}, {torch.get_num_threads()} CPU threads here; each edge: batch "
-          f"{args.batch_size} x up to {args.max_length} tokens, {args.steps} measured steps after {args.warmup} warm-up")
-    print("| edges | batching | aggregate tokens/s | vs 1 edge | sessions per batch | s/step per edge |")
-    print("|---|---|---|---|---|---|")
-    for row in rows:
-        one = next(r for r in rows if r["clients"] == counts[0] and r["window_ms"] == row["window_ms"])
-        label = f"window {row['window_ms']:g} ms" if row["window_ms"] else "off"
-        print(f"| {row['clients']} | {label} | {row['tokens_per_s']:.0f} | "
-              f"{row['tokens_per_s'] / one['tokens_per_s']:.2f}x | {row['mean_batch_sessions']:.1f} | "
-              f"{row['s_per_step']:.2f} |")
-    (args.out / "results.json").write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "rows": rows},
-                                                      indent=2))
+          f"{args.batch_size} x up to {args.max_length} tokens, {args.steps} measured steps after "
+          f"{args.warmup} warm-up")
+    print(edges_table(rows, counts[0]))
+    report.write_json(args.out / "results.json", {"args": vars(args) | {"out": str(args.out)}, "rows": rows})
     print(f"\nwritten to {args.out}/results.json")
     return 0
 

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from bench import report
 from cloud_server import launch
 
 VARIANTS = {
@@ -30,6 +31,16 @@ VARIANTS = {
     "dlora-kr-site-int8": ["--policy", "kr", "--unit", "site", "--wire-dtype", "int8"],
 }
 DEFAULT = "dlora,dlora-kr-site,splitlora-k2,splitlora-k4"
+
+
+def modes_table(rows: list[dict]) -> str:
+    """The Markdown table of the variants' rows."""
+    headers = ["variant", "held-out acc", "MB/step", "site round trips/step", "edge GFLOP/step", "edge weights MB",
+               "edge peak RSS MB", "s/step"]
+    return report.table(headers, [
+        [r["variant"], f"{r['accuracy']:.1%}", f"{r['mb_step']:.1f}", f"{r['site_exchanges_per_step']:.1f}",
+         f"{r['gflop_step']:.2f}", f"{r['edge_param_mb']:.1f}", f"{r['edge_peak_rss_mb']:.0f}",
+         f"{r['seconds_per_step']:.2f}"] for r in rows])
 
 
 def main() -> int:
@@ -79,16 +90,11 @@ def main() -> int:
         })
     print()
     print(f"{args.model}, BBC News, {args.steps} steps, batch 8, seed {args.seed}, fp32 wire unless the variant "
-          f"says otherwise; accuracy before training {before['accuracy']:.1%} on {before['examples']} held-out articles")
-    print("| variant | held-out acc | MB/step | site round trips/step | edge GFLOP/step | edge weights MB "
-          "| edge peak RSS MB | s/step |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['variant']} | {r['accuracy']:.1%} | {r['mb_step']:.1f} | {r['site_exchanges_per_step']:.1f} | "
-              f"{r['gflop_step']:.2f} | {r['edge_param_mb']:.1f} | {r['edge_peak_rss_mb']:.0f} | "
-              f"{r['seconds_per_step']:.2f} |")
-    (args.out / "results.json").write_text(json.dumps({"args": vars(args) | {"out": str(args.out)},
-                                                       "before": before, "rows": rows}, indent=2))
+          f"says otherwise; accuracy before training {before['accuracy']:.1%} on {before['examples']} "
+          "held-out articles")
+    print(modes_table(rows))
+    report.write_json(args.out / "results.json",
+                      {"args": vars(args) | {"out": str(args.out)}, "before": before, "rows": rows})
     print(f"\nwritten to {args.out}/results.json")
     return 0
 

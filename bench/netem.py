@@ -104,7 +104,7 @@ class DelayProxy:
         self.loop.call_soon_threadsafe(self._stop.set)
         self.thread.join(5)
 
-    def __enter__(self) -> "DelayProxy":
+    def __enter__(self) -> DelayProxy:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from bench import inverters
+from bench import inverters, report
 from cloud_server import launch, recorder
 from cloud_server.model_store import ensure_default_model
 from common import tensor_codec as codec
@@ -102,7 +102,7 @@ class Public:
     inverters: dict[int, dict[str, inverters.Inverter]] = field(default_factory=dict)
 
     @classmethod
-    def load(cls) -> "Public":
+    def load(cls) -> Public:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         path = ensure_default_model()
@@ -323,23 +323,26 @@ def table(rows: list[dict], args) -> str:
              f"{args.public_tokens} tokens of {inverters.PUBLIC_SOURCE}. Chance for labels: {chance:.0%}. "
              f"Accuracy: {args.accuracy_steps} training steps, {args.eval_limit} held-out articles, mean of seeds "
              f"{','.join(map(str, args.accuracy_seeds))}.",
-             "",
-             "| variant | cloud sees | tokens: NN (L2 / cos) | tokens: learned (ridge / MLP) | label in the input | "
-             "label from the gradient (known set / full vocab) | guarantee: at most | adapters fitted (median error) | "
-             "held-out accuracy | MB/step | edge GFLOP/step | edge weights MB | edge peak RSS MB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             ""]
+    headers = ["variant", "cloud sees", "tokens: NN (L2 / cos)", "tokens: learned (ridge / MLP)", "label in the input",
+               "label from the gradient (known set / full vocab)", "guarantee: at most",
+               "adapters fitted (median error)", "held-out accuracy", "MB/step", "edge GFLOP/step", "edge weights MB",
+               "edge peak RSS MB"]
+    cells = []
     for r in rows:
         x, acc = r["rates"], r.get("accuracy") or {}
         sees = "embedding" if r["depth"] == 0 else f"block {r['depth'] - 1} output"
         bound = "—" if r["label_bound"] is None else f"{r['label_bound']:.1%}"
-        cost = (f"{acc['accuracy']:.1%} | {r['mb_per_step']:.1f} | {acc['edge_gflop_per_step']:.1f} | "
-                f"{acc['edge_param_mb']:.0f} | {acc['edge_peak_rss_mb']:.0f}") if acc else \
-            f"— | {r['mb_per_step']:.1f} | — | — | —"
+        if acc:
+            cost = [f"{acc['accuracy']:.1%}", f"{r['mb_per_step']:.1f}", f"{acc['edge_gflop_per_step']:.1f}",
+                    f"{acc['edge_param_mb']:.0f}", f"{acc['edge_peak_rss_mb']:.0f}"]
+        else:  # accuracy runs skipped (--accuracy-steps 0)
+            cost = ["—", f"{r['mb_per_step']:.1f}", "—", "—", "—"]
         fitted = "— (sent in FedAvg)" if r["adapter_error_median"] is None else f"{r['adapter_error_median']:.1e}"
-        lines.append(f"| {r['variant']} | {sees} | {x['tokens_nn_l2']:.1%} / {x['tokens_nn_cosine']:.1%} | "
-                     f"{x['tokens_ridge']:.1%} / {x['tokens_mlp']:.1%} | {x['label_in_input']:.1%} | "
-                     f"{x['label_grad_known_set']:.1%} / {x['label_grad_full_vocab']:.1%} | {bound} | {fitted} | "
-                     f"{cost} |")
+        cells.append([r["variant"], sees, f"{x['tokens_nn_l2']:.1%} / {x['tokens_nn_cosine']:.1%}",
+                      f"{x['tokens_ridge']:.1%} / {x['tokens_mlp']:.1%}", f"{x['label_in_input']:.1%}",
+                      f"{x['label_grad_known_set']:.1%} / {x['label_grad_full_vocab']:.1%}", bound, fitted, *cost])
+    lines.append(report.table(headers, cells))
     return "\n".join(lines) + "\n"
 
 
@@ -393,7 +396,8 @@ def main() -> int:
                    help="public-text tokens each learned inverter trains on (default: %(default)s)")
     p.add_argument("--inverter-seconds", type=float, default=60.0,
                    help="CPU seconds the MLP inverter trains per depth (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the recorded runs and the inverters (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the recorded runs and the inverters (default: %(default)s)")
     p.add_argument("--resume", action="store_true",
                    help="reuse what an interrupted run in --out already measured: recorded variants (rows/) and "
                         "finished accuracy runs with the same settings")
@@ -429,16 +433,14 @@ def main() -> int:
                     continue
             print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
             rows.append(run_variant(name, VARIANTS[name], args, public, server))
-            saved.parent.mkdir(parents=True, exist_ok=True)
-            saved.write_text(json.dumps(rows[-1], indent=2))  # an interrupted run keeps what it measured
+            report.write_json(saved, rows[-1])  # an interrupted run keeps what it measured
     accs = accuracy(names, args) if args.accuracy_steps else {}
     for r in rows:
         r["accuracy"] = accs.get(r["variant"])
     text = table(rows, args)
     print("\n" + text)
     (args.out / "table.md").write_text(text)
-    (args.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                       "rows": rows}, indent=2))
+    report.write_json(args.out / "results.json", {"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows})
     figure = plot(rows, args.out / "leakage.png")
     print(f"written to {args.out}/results.json, table.md" + (f" and {figure.name}" if figure else ""))
     return 0

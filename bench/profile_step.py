@@ -27,14 +27,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from cloud_server import launch  # noqa: E402
-from cloud_server.model_store import ensure_default_model  # noqa: E402
-from common import tensor_codec as codec  # noqa: E402
-from edge_client import data as datasets  # noqa: E402
-
-from bench.step_time import edge_side, in_process_step, remote_step, timed  # noqa: E402
+from bench.step_time import edge_side, in_process_step, remote_step, timed
+from cloud_server import launch
+from cloud_server.model_store import ensure_default_model
+from common import tensor_codec as codec
+from edge_client import data as datasets
 
 # Edge parts: (label, how to find the profiled functions, own time or cumulative).
 # Cumulative entries must not nest in each other, or time would count twice.
@@ -135,7 +132,7 @@ def main() -> int:
         if args.model == "smollm2":
             model_dir = ensure_default_model()
         else:
-            from tiny_models import save_tiny
+            from bench.tiny_models import save_tiny
             model_dir = save_tiny("llama", tmp / "tl")
         run(model_dir, args.batch_size, args.max_length, args.warmup, args.reps, args.wire, args.threads, tmp)
     return 0

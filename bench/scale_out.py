@@ -1,4 +1,4 @@
-"""`make bench-scale`: cloud replicas behind HAProxy: throughput of 8 edges, failover time, and what durable SplitLoRA state costs.
+"""`make bench-scale`: replicas behind HAProxy: throughput of 8 edges, failover time, the cost of durable state.
 
 - throughput: 8 DLoRA edge processes (bench.many_edges' workers, one torch thread each) train on BBC News
   against 1 replica directly, 1 replica behind HAProxy, and 2 replicas behind HAProxy; aggregate tokens/s
@@ -17,7 +17,6 @@ Writes bench/out/scale/results.json; the README's Scaling out section quotes it.
 from __future__ import annotations
 
 import argparse
-import json
 import secrets
 import statistics
 import sys
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from bench import report
 from bench.many_edges import measure
 from bench.step_time import remote_step
 from cloud_server import launch
@@ -105,7 +105,7 @@ def failover(args, server_args: list[str], out: Path, assets: Path) -> dict:
                 killer.start()
             threads = []
             for name, (model, opt) in edges.items():
-                def step(name=name, model=model, opt=opt) -> None:
+                def step(name=name, model=model, opt=opt, batch=batch) -> None:
                     t0 = time.monotonic()
                     remote_step(model, batch, opt)
                     times[name].append(time.monotonic() - t0)
@@ -150,7 +150,8 @@ def durability(args, server_args: list[str], out: Path, assets: Path) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m", help="model the replicas serve (default: %(default)s)")
-    p.add_argument("--edges", type=int, default=8, help="concurrent edges for the throughput part (default: %(default)s)")
+    p.add_argument("--edges", type=int, default=8,
+                   help="concurrent edges for the throughput part (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=4, help="examples per edge step (default: %(default)s)")
     p.add_argument("--max-length", type=int, default=64, help="tokens per example (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured steps per edge (default: %(default)s)")
@@ -158,7 +159,8 @@ def main() -> int:
     p.add_argument("--cut-layer", type=int, default=4, help="SplitLoRA cut layer (default: %(default)s)")
     p.add_argument("--failover-steps", type=int, default=6, help="steps of the failover run (default: %(default)s)")
     p.add_argument("--durability-steps", type=int, default=5, help="measured steps per setting (default: %(default)s)")
-    p.add_argument("--parts", default="throughput,failover,durability", help="which parts to run (default: %(default)s)")
+    p.add_argument("--parts", default="throughput,failover,durability",
+                   help="which parts to run (default: %(default)s)")
     p.add_argument("--out", type=Path, default=Path("bench/out/scale"), help="results directory (default: %(default)s)")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -174,7 +176,7 @@ def main() -> int:
     if "durability" in parts:
         with tempfile.TemporaryDirectory() as tmp:
             results["durability"] = durability(args, server_args, Path(tmp), assets)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    report.write_json(args.out / "results.json", results)
     print(f"\nwritten to {args.out}/results.json")
     return 0
 

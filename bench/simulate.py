@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from bench import report
 from cloud_server import launch
 from edge_client import data
 from edge_client.shards import make_shards
@@ -27,11 +28,14 @@ _STEP = re.compile(r"step (\d+)/(\d+)")
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clients", type=int, default=3, help="edge clients, one process each (default: %(default)s)")
-    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet label skew; small = more skew (default: %(default)s)")
+    p.add_argument("--alpha", type=float, default=0.5,
+                   help="Dirichlet label skew; small = more skew (default: %(default)s)")
     p.add_argument("--steps", type=int, default=30, help="training steps per client (default: %(default)s)")
-    p.add_argument("--eval-limit", type=int, default=100, help="held-out examples per client, 0 for all (default: %(default)s)")
+    p.add_argument("--eval-limit", type=int, default=100,
+                   help="held-out examples per client, 0 for all (default: %(default)s)")
     p.add_argument("--model", default="smollm2-135m", help="model the cloud serves (default: %(default)s)")
-    p.add_argument("--out", type=Path, default=Path("runs/simulate"), help="shards, logs and runs (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=Path("runs/simulate"),
+                   help="shards, logs and runs (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the shards and of the clients (default: %(default)s)")
     p.add_argument("--train-args", default="", help="extra arguments for every client, e.g. '--policy kr'")
     return p.parse_args()
@@ -90,22 +94,24 @@ def main() -> int:
     print()
     print(f"{args.model}, BBC News in {args.clients} non-IID shards (Dirichlet alpha {args.alpha}), "
           f"{args.steps} steps each, all clients at once; {time.time() - t0:.0f} s in all")
-    print("| client | train examples (top labels) | held-out acc before -> after | MB/step | steps | s/step |")
-    print("|---|---|---|---|---|---|")
-    failed = 0
-    for s, code in zip(shards, codes):
-        c = s["client"]
-        run = args.out / f"client{c}" / "run.json"
-        top = ", ".join(f"{k} {v}" for k, v in sorted(s["labels"].items(), key=lambda kv: -kv[1])[:2])
-        if code != 0 or not run.exists():
-            failed += 1
-            print(f"| client{c} | {s['train']} ({top}) | FAILED (exit {code}; see {args.out}/client{c}.log) | | | |")
-            continue
-        sm = json.loads(run.read_text())["summary"]
-        mb = (sm["bytes_sent_per_step"] + sm["bytes_received_per_step"]) / 1e6
-        print(f"| client{c} | {s['train']} ({top}) | {sm['before']['accuracy']:.1%} -> {sm['after']['accuracy']:.1%} "
-              f"({sm['after']['examples']}) | {mb:.1f} | {sm['steps']} | {sm['seconds_per_step']:.2f} |")
-    return 1 if failed else 0
+    rows = [client_row(s, code, args.out) for s, code in zip(shards, codes)]
+    print(report.table(["client", "train examples (top labels)", "held-out acc before -> after", "MB/step", "steps",
+                        "s/step"], rows))
+    return 1 if any(row[2].startswith("FAILED") for row in rows) else 0
+
+
+def client_row(shard: dict, code: int, out: Path) -> list[str]:
+    """One client's table row: its shard, and its run's accuracy and costs, or where its log says why it failed."""
+    c = shard["client"]
+    run = out / f"client{c}" / "run.json"
+    top = ", ".join(f"{k} {v}" for k, v in sorted(shard["labels"].items(), key=lambda kv: -kv[1])[:2])
+    if code != 0 or not run.exists():
+        return [f"client{c}", f"{shard['train']} ({top})", f"FAILED (exit {code}; see {out}/client{c}.log)", "", "", ""]
+    sm = json.loads(run.read_text())["summary"]
+    mb = (sm["bytes_sent_per_step"] + sm["bytes_received_per_step"]) / 1e6
+    return [f"client{c}", f"{shard['train']} ({top})",
+            f"{sm['before']['accuracy']:.1%} -> {sm['after']['accuracy']:.1%} ({sm['after']['examples']})",
+            f"{mb:.1f}", str(sm["steps"]), f"{sm['seconds_per_step']:.2f}"]
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ limit (1.0x); the distributed one adds serialisation, copies and gRPC on
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -17,16 +16,15 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from cloud_server import launch  # noqa: E402
-from cloud_server.model_store import ensure_default_model  # noqa: E402
-from common import tensor_codec as codec  # noqa: E402
-from common.lora import LoRAAdapter, LoRAConfig, adapters_state, inject, load_adapters_state  # noqa: E402
-from edge_client import data as datasets  # noqa: E402
-from edge_client.objective import completion_loss, make_batch  # noqa: E402
-from edge_client.remote_model import DLoRAModelForCausalLM  # noqa: E402
-from edge_client.session import StepStats  # noqa: E402
+from bench import report
+from cloud_server import launch
+from cloud_server.model_store import ensure_default_model
+from common import tensor_codec as codec
+from common.lora import LoRAAdapter, LoRAConfig, adapters_state, inject, load_adapters_state
+from edge_client import data as datasets
+from edge_client.objective import completion_loss, make_batch
+from edge_client.remote_model import DLoRAModelForCausalLM
+from edge_client.session import StepStats
 
 
 def timed(fn, warmup: int, reps: int) -> list[float]:
@@ -134,8 +132,8 @@ def main() -> int:
     p.add_argument("--wire", default="fp32", choices=[f"{w}{f}" for w in codec.WIRE_DTYPES for f in ("", "+full")],
                    help="wire dtype, factorised; '+full': adapter outputs at full width (default: fp32)")
     args = p.parse_args()
+    from bench.tiny_models import save_tiny
     from common.malloc_tuning import tune_malloc
-    from tiny_models import save_tiny
 
     tune_malloc()  # as edge_client's CLI does: this process is the edge
     if args.threads:
@@ -155,13 +153,10 @@ def main() -> int:
     print()
     print(f"step time, CPU ({torch.get_num_threads()} torch threads per process), 127.0.0.1, {args.wire} wire, "
           f"median of {args.reps}")
-    print("| model | batch | in-process s | distributed s | ratio | MB on wire per step |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['model']} | {r['batch']} | {r['in_process_s']:.4f} | {r['distributed_s']:.4f} | "
-              f"{r['ratio']:.2f}x | {r['bytes_per_step'] / 1e6:.2f} |")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(rows, indent=2))
+    print(report.table(["model", "batch", "in-process s", "distributed s", "ratio", "MB on wire per step"],
+                       [[r["model"], r["batch"], f"{r['in_process_s']:.4f}", f"{r['distributed_s']:.4f}",
+                         f"{r['ratio']:.2f}x", f"{r['bytes_per_step'] / 1e6:.2f}"] for r in rows]))
+    report.write_json(args.out, rows)
     print(f"\nwritten to {args.out}")
     return 0
 

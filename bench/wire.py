@@ -23,6 +23,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from bench import report
 from bench.latency import measure, predict
 from bench.netem import Link
 from bench.runs import collect
@@ -80,7 +81,7 @@ def cost(args, names: list[str]) -> dict[str, dict]:
                 base = measure(server.address, name, args.cost_steps, args.cache, settings(name, kr_steady=True))
                 done[name] = base | {"steps": args.cost_steps}
                 print(f"    {base['bytes'] / 1e6:.2f} MB/step, {base['seconds']:.2f} s/step", flush=True)
-                path.write_text(json.dumps(done, indent=2))
+                report.write_json(path, done)
     for name in names:
         out[name] = done[name]
     return out
@@ -118,18 +119,19 @@ def table(costs: dict[str, dict], runs: dict[str, dict[int, dict]], baseline: st
 
 
 def print_table(rows: list[dict], args) -> None:
-    links = " | ".join(f"s/step at {link.rtt_ms:g} ms, {link.mbit:g} Mbit/s (predicted)" for link in LINKS)
-    print(f"| wire | factorised | KR | MB/step | cut vs {args.baseline} | held-out acc, mean (per seed) "
-          f"| s/step, loopback | {links} |")
-    print("|---|---|---|---|---|---|---|" + "---|" * len(LINKS))
+    headers = ["wire", "factorised", "KR", "MB/step", f"cut vs {args.baseline}", "held-out acc, mean (per seed)",
+               "s/step, loopback",
+               *(f"s/step at {link.rtt_ms:g} ms, {link.mbit:g} Mbit/s (predicted)" for link in LINKS)]
+    cells = []
     for r in rows:
         wire, *flags = r["combination"].split("+")
         acc = (f"{r['accuracy']:.1%} ({', '.join(f'{a:.1%}' for a in r['accuracy_per_seed'])})"
                if r["accuracy"] is not None else "not run")
         cut = f"{r['bytes_cut']:.1%}" if r["bytes_cut"] is not None else "-"
-        cells = " | ".join(f"{v:.2f}" for v in r["predicted"].values())
-        print(f"| {wire} | {'yes' if 'fact' in flags else 'no'} | {'site' if 'kr' in flags else 'all-live'} | "
-              f"{r['mb_step']:.2f} | {cut} | {acc} | {r['seconds_loopback']:.2f} | {cells} |")
+        cells.append([wire, "yes" if "fact" in flags else "no", "site" if "kr" in flags else "all-live",
+                      f"{r['mb_step']:.2f}", cut, acc, f"{r['seconds_loopback']:.2f}",
+                      *(f"{v:.2f}" for v in r["predicted"].values())])
+    print(report.table(headers, cells))
 
 
 def main() -> int:
@@ -164,12 +166,12 @@ def main() -> int:
                           if (f := args.out / f"seed{s}" / name / "run.json").exists()
                           and json.loads(f.read_text())["config"].get("steps") == args.steps}
     rows = table(costs, runs, args.baseline)
-    print(f"\nSmolLM2-135M, BBC News, batch 8 x 128, r 8 on q/k/v_proj (90 modules at 30 sites); accuracy after {args.steps} steps "
+    print("\nSmolLM2-135M, BBC News, batch 8 x 128, r 8 on q/k/v_proj (90 modules at 30 sites); "
+          f"accuracy after {args.steps} steps "
           f"(KR: site units, 20-step warm-up); cost at KR's steady state over {args.cost_steps} steps on loopback")
     print_table(rows, args)
-    (args.out / "results.json").write_text(json.dumps({"args": vars(args) | {"out": str(args.out),
-                                                                             "cache": str(args.cache)},
-                                                       "rows": rows}, indent=2))
+    report.write_json(args.out / "results.json",
+                      {"args": vars(args) | {"out": str(args.out), "cache": str(args.cache)}, "rows": rows})
     print(f"\nwritten to {args.out}/results.json")
     return 0
 

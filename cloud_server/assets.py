@@ -9,24 +9,20 @@ values for them (Gemma's embedding scale is such a buffer).
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from cloud_server.device_map import readable
-from common import edge_probe
+from common import edge_assets, edge_probe
 from common.model_parts import backbone, final_norm_name
 
-MANIFEST = "edge_manifest.json"
-WEIGHTS = "edge_weights.safetensors"
-_TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-    "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
-)
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 @dataclass
@@ -43,7 +39,7 @@ def _module_path(model: nn.Module, module: nn.Module) -> str:
     raise ValueError("module not found in model")
 
 
-def build(model: nn.Module, model_dir: Path, probe: dict[str, torch.Tensor], dtype: torch.dtype) -> list[Asset]:
+def build(model: PreTrainedModel, model_dir: Path, probe: dict[str, torch.Tensor], dtype: torch.dtype) -> list[Asset]:
     """Pack the edge's share of `model` (call before the cloud strips it).
 
     `probe` is `edge_probe.capture(model)`; `dtype` the cloud's, which sets how
@@ -62,20 +58,15 @@ def build(model: nn.Module, model_dir: Path, probe: dict[str, torch.Tensor], dty
     # readable: under a device map these parts may be offloaded.
     tensors = {f"{prefix}.{key}": _portable(t) for prefix, mod in parts.items()
                for key, t in readable(mod, module_tensors(mod))}
-    manifest = {
-        "embedding": emb_path,
-        "final_norm": norm_path,
-        "lm_head": head_path,
-        "tied_lm_head": tied,
-    }
+    manifest = edge_assets.Manifest(embedding=emb_path, final_norm=norm_path, lm_head=head_path, tied_lm_head=tied)
     files: dict[str, bytes] = {
-        "config.json": model.config.to_json_string().encode(),
-        MANIFEST: json.dumps(manifest, indent=2).encode(),
-        WEIGHTS: save_safetensors(tensors),
-        edge_probe.ASSET: save_safetensors(edge_probe.for_edge(probe),
-                                           metadata={"cloud_dtype": str(dtype).removeprefix("torch.")}),
+        edge_assets.CONFIG: model.config.to_json_string().encode(),
+        edge_assets.MANIFEST: manifest.to_json(),
+        edge_assets.WEIGHTS: save_safetensors(tensors),
+        edge_assets.PROBE: save_safetensors(edge_probe.for_edge(probe), metadata={
+            edge_assets.PROBE_DTYPE_KEY: str(dtype).removeprefix("torch.")}),
     }
-    for name in _TOKENIZER_FILES:
+    for name in edge_assets.TOKENIZER_FILES:
         p = model_dir / name
         if p.exists():
             files[name] = p.read_bytes()
@@ -110,6 +101,6 @@ def digest(assets: list[Asset]) -> str:
     """
     h = hashlib.sha256(_FORMAT + b"\0")
     for a in assets:
-        if a.name != edge_probe.ASSET:
+        if a.name != edge_assets.PROBE:
             h.update(a.name.encode() + b"\0" + a.sha256.encode())
     return h.hexdigest()

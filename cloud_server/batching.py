@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from cloud_server.served_model import ServedModel
+from cloud_server.step_runner import EdgeLink, StepRunner
 from common import tensor_codec as codec
 from common.settings import setting
 from common.wire import dlora_pb2 as pb
 from common.wire_format import WireFormat
-from cloud_server.served_model import ServedModel
-from cloud_server.step_runner import EdgeLink, StepRunner
 
 
 @dataclass
@@ -178,20 +178,21 @@ def run_cohort(served: ServedModel, jobs: list[StepJob], groups: dict[str, tuple
     hidden, mask = _stack(jobs)
     runner = StepRunner([j.link for j in jobs], train, groups,
                         [j.hidden.shape[0] for j in jobs], [j.hidden.shape[1] for j in jobs], lag_timeout)
+    final: torch.Tensor | None = None
     try:
         final = served.run(runner, hidden, mask, cut=cut)
         for i, job in enumerate(jobs):
             part = runner.part(i, final)
-            runner.guard(i, lambda: job.link.send(final_message(part, job.link.wire)))
+            runner.guard(i, lambda job=job, part=part: job.link.send(final_message(part, job.link.wire)))
         if train:
-            grads = runner.collect(list(range(len(jobs))),
-                                   lambda i: _final_grad(jobs[i].link, runner.part(i, final)))
+            parts = [runner.part(i, final) for i in range(len(jobs))]
+            grads = runner.collect(list(range(len(jobs))), lambda i: _final_grad(jobs[i].link, parts[i]))
             runner.raise_if_all_failed()
             if final.requires_grad:
                 final.backward(runner.joint(grads, final, final.shape[-1]))
             if cut:
                 for i, job in enumerate(jobs):
-                    runner.guard(i, lambda: job.link.send(_cut_grad(job.hidden, job.link.wire)))
+                    runner.guard(i, lambda job=job: job.link.send(_cut_grad(job.hidden, job.link.wire)))
         runner.raise_if_all_failed()
     finally:
         runner.release()

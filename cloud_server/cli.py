@@ -13,11 +13,12 @@ from pathlib import Path
 import torch
 
 from cloud_server.batching import BatchingConfig
-from cloud_server.service import ServerLimits
+from cloud_server.limits import ServerLimits
+from common import ready_line
 from common.settings import add_arguments, build, setting
 from common.tensor_codec import dtype_from_name
 
-EPILOG = """\
+EPILOG = f"""\
 examples:
   cloud_server                              # embedded SmolLM2-135M on 127.0.0.1:50551
   cloud_server --model ./my-llama --device cuda --port 50051
@@ -28,7 +29,7 @@ Edges send hidden states, adapter outputs and gradients, never text, token ids
 or labels as such; a server holding the model can still recover the text and
 labels from them (README: Privacy; audit with --record-dir).
 
-It prints 'DLoRA cloud server listening on HOST:PORT' once it accepts connections.
+It prints '{ready_line.PREFIX}HOST:PORT' once it accepts connections.
 """
 
 
@@ -146,12 +147,13 @@ def main(argv: list[str] | None = None) -> int:
     # Imported here so `--help` answers at once.
     from cloud_server.auth import Authenticator, is_loopback, load_tokens
     from cloud_server.served_model import ServedModel
-    from cloud_server.service import DLoRAService, TLSFiles, make_server
+    from cloud_server.server import TLSFiles, make_server
+    from cloud_server.service import DLoRAService
 
     try:
         tokens = load_tokens(cfg.tokens) if cfg.tokens else {}
         tls = None
-        if cfg.tls_cert:
+        if cfg.tls_cert and cfg.tls_key:   # __post_init__ made sure they come together
             tls = TLSFiles(cfg.tls_cert.read_bytes(), cfg.tls_key.read_bytes(),
                            cfg.tls_client_ca.read_bytes() if cfg.tls_client_ca else None)
         if cfg.state_dir:
@@ -190,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
              f"{bat.max_tokens} tokens" if bat.window_ms else "batching off",
              "TLS" if tls else "plaintext",
              (" + client certificates" if cfg.tls_client_ca else "") + (f", {len(tokens)} tokens" if tokens else ""))
-    print(f"DLoRA cloud server listening on {cfg.host}:{running.port}", flush=True)
+    print(ready_line.line(cfg.host, running.port), flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -9,6 +9,7 @@ import tempfile
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -58,7 +59,7 @@ def resolve(spec: str | DeviceMap, path: Path, dtype: torch.dtype) -> DeviceMap:
         from accelerate.utils import get_balanced_memory, get_max_memory
 
         budget = {d: int(m * (_CPU_SHARE if d == "cpu" else _GPU_SHARE)) for d, m in get_max_memory().items()}
-        no_split = list(skeleton._no_split_modules or [])
+        no_split: list[str] = list(getattr(skeleton, "_no_split_modules", None) or [])
         # Balanced: every GPU gets a share of the blocks, and so room for activations.
         budget = get_balanced_memory(skeleton, max_memory=budget, no_split_module_classes=no_split, dtype=dtype)
         return dict(infer_auto_device_map(skeleton, max_memory=budget, no_split_module_classes=no_split, dtype=dtype))
@@ -103,7 +104,7 @@ def _device(name: str, value: object, where: str) -> int | str:
     except RuntimeError:
         raise ValueError(bad) from None
     backend = getattr(torch, dev.type, None)
-    count = backend.device_count() if hasattr(backend, "device_count") else 0
+    count = int(backend.device_count()) if backend is not None and hasattr(backend, "device_count") else 0
     if (dev.index or 0) >= count:
         raise ValueError(f"{bad} ({count} {dev.type} devices here)")
     return (dev.index or 0) if dev.type == "cuda" else str(dev)
@@ -133,7 +134,8 @@ def readable(module: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]]) -> 
     for key, t in tensors:
         if t.device.type == "meta":
             owner, _, leaf = key.rpartition(".")
-            t = module.get_submodule(owner)._hf_hook.weights_map[leaf]
+            hook: Any = module.get_submodule(owner)._hf_hook  # accelerate's offload hook
+            t = hook.weights_map[leaf]
         yield key, t
 
 

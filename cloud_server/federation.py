@@ -24,14 +24,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
 
-from common.lora import LoRAAdapter
 from cloud_server.federation_state import StateError, StateFile
-from cloud_server.sites import SiteSpec
+from common.lora import LoRAAdapter, seeded_adapters
+from common.site_types import SiteSpec
 
 log = logging.getLogger(__name__)
+
+
 class FederationMismatch(ValueError):
     """A client asked to join a federation with different settings, or is out of step with it."""
 
@@ -70,16 +73,11 @@ class Federation:
         self.settings = settings
         self.server_sites = server_sites
         self.store = store
-        gen = torch.Generator().manual_seed(settings.seed)
-        self.adapters: dict[str, LoRAAdapter] = {}
-        for site in server_sites:
-            for m in site.modules:
-                ad = LoRAAdapter(m.in_features, m.out_features, settings.rank, settings.alpha / settings.rank)
-                with torch.no_grad():  # PEFT's init (Kaiming-uniform A, B = 0), from the federation's seed
-                    bound = 1.0 / m.in_features ** 0.5
-                    ad.lora_A.copy_(torch.rand(ad.lora_A.shape, generator=gen) * 2 * bound - bound)
-                # fp32 whatever the served dtype: AdamW's eps underflows in fp16.
-                self.adapters[m.name] = ad.to(device=device)
+        # PEFT's init (Kaiming-uniform A, B = 0) from the federation's seed, as the edge draws its own.
+        shapes = {m.name: (m.in_features, m.out_features) for site in server_sites for m in site.modules}
+        fresh = seeded_adapters(shapes, settings.rank, settings.alpha / settings.rank, settings.seed)
+        # fp32 whatever the served dtype: AdamW's eps underflows in fp16.
+        self.adapters: dict[str, LoRAAdapter] = {n: ad.to(device=device) for n, ad in fresh.items()}
         self.applied = {n: _Fp32(a) for n, a in self.adapters.items()}
         self.params = [p for a in self.adapters.values() for p in a.parameters()]
         self.optimizer = torch.optim.AdamW(self.params, lr=settings.lr, weight_decay=0.0)
@@ -239,6 +237,7 @@ class Federation:
                     self._finish(rnd)
                     break
                 self._cond.wait(min(left, 1.0))
+            assert rnd.result is not None  # the loop only ends once the round is averaged
             return rnd.result, rnd.averaged
 
     def cancel(self) -> None:
@@ -287,7 +286,8 @@ class Federation:
         try:
             saved = SplitSettings(**{**state["settings"], "targets": tuple(state["settings"]["targets"])})
             if saved != self.settings:
-                raise FederationMismatch(f"federation {self.name!r} was saved with {_differences(saved, self.settings)}")
+                raise FederationMismatch(f"federation {self.name!r} was saved with "
+                                         f"{_differences(saved, self.settings)}")
             if state["adapters"].keys() != self.adapters.keys():
                 raise StateError("its adapters name other modules")
             for n, (a, b) in state["adapters"].items():
@@ -347,10 +347,11 @@ def fedavg(submissions: list[tuple[int, dict[str, tuple[torch.Tensor, torch.Tens
            ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Example-weighted average of every client's A and B, in float64, returned as float32."""
     total = float(sum(n for n, _ in submissions))
-    out = {}
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name in submissions[0][1]:
-        a = sum(n * ads[name][0].double() for n, ads in submissions) / total
-        b = sum(n * ads[name][1].double() for n, ads in submissions) / total
+        # sum() starts from int 0, so its static type admits int; with at least one submission it is a tensor.
+        a = cast(torch.Tensor, sum(n * ads[name][0].double() for n, ads in submissions)) / total
+        b = cast(torch.Tensor, sum(n * ads[name][1].double() for n, ads in submissions)) / total
         out[name] = (a.float(), b.float())
     return out
 
@@ -362,7 +363,8 @@ def _check_same_shapes(ref: dict[str, tuple[torch.Tensor, torch.Tensor]],
     for n, (a, b) in got.items():
         if a.shape != ref[n][0].shape or b.shape != ref[n][1].shape:
             raise FederationMismatch(f"{n}: shapes {list(a.shape)}/{list(b.shape)} differ from the round's "
-                                     f"{list(ref[n][0].shape)}/{list(ref[n][1].shape)} (every client needs the same rank)")
+                                     f"{list(ref[n][0].shape)}/{list(ref[n][1].shape)} "
+                                     "(every client needs the same rank)")
 
 
 def _differences(a: SplitSettings, b: SplitSettings) -> str:
@@ -403,7 +405,8 @@ class Federations:
                          settings.rank, len(fed.adapters))
                 return fed
             if fed.settings != settings:
-                raise FederationMismatch(f"federation {name!r} already runs with {_differences(fed.settings, settings)}")
+                raise FederationMismatch(f"federation {name!r} already runs with "
+                                         f"{_differences(fed.settings, settings)}")
             fed.join(member, session_id)
             return fed
 

@@ -1,9 +1,10 @@
 """A SplitLoRA federation's durable state: one file per federation in a state directory that replicas share.
 
 Each write goes to a temporary file that is fsynced and then renamed over the
-old one, so a reader (or a replica taking over after a crash) sees the last
-complete state or the one before it, never half of one. Files are read with
-`torch.load(weights_only=True)`: tensors and plain containers only, no code.
+old one (common/atomic_write.py), so a reader (or a replica taking over after
+a crash) sees the last complete state or the one before it, never half of one.
+Files are read with `torch.load(weights_only=True)`: tensors and plain
+containers only, no code.
 A replica notices that another one wrote the file since it last did (the
 federation moved to it and back) by the file's identity, and reloads.
 """
@@ -18,6 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+from common.atomic_write import replacing
 
 log = logging.getLogger(__name__)
 
@@ -76,15 +79,8 @@ class StateFile:
         return state
 
     def write(self, state: dict) -> None:
-        state = {"version": VERSION, **state}
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as fh:
-            torch.save(state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
-        _fsync_dir(self.path.parent)  # the rename itself survives a power cut
+        with replacing(self.path) as tmp:
+            torch.save({"version": VERSION, **state}, tmp)
         self._ours = self._identity()
 
     def remove(self) -> None:
@@ -92,12 +88,3 @@ class StateFile:
         self.path.unlink(missing_ok=True)
         self._ours = None
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems refuse fsync on a directory; the rename is still atomic
-        pass
-    finally:
-        os.close(fd)

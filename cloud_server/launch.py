@@ -9,7 +9,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-READY = "DLoRA cloud server listening on "
+from common import ready_line
 
 
 def _die_with_parent() -> None:
@@ -38,7 +38,7 @@ class ServerProcess:
                 self.proc.wait()
         return self.proc.returncode
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self) -> ServerProcess:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -69,8 +69,9 @@ def start(args: list[str], log_path: Path | None = None, timeout: float = 900.0,
             if line is None:
                 raise RuntimeError(f"cloud_server exited with {proc.wait()} before it was ready"
                                    + (f"; see {log_path}" if log_path else ""))
-            if line.startswith(READY):
-                return ServerProcess(proc, line[len(READY):].strip())
+            address = ready_line.parse(line)
+            if address is not None:
+                return ServerProcess(proc, address)
     except queue.Empty:
         proc.kill()
         raise RuntimeError(f"cloud_server was not ready within {timeout:.0f} s") from None

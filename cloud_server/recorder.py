@@ -26,7 +26,7 @@ _LENGTH = struct.Struct("<I")
 class CallRecord:
     """The messages of one call, appended as they arrive."""
 
-    def __init__(self, recorder: "MessageRecorder", path: Path) -> None:
+    def __init__(self, recorder: MessageRecorder, path: Path) -> None:
         self._recorder = recorder
         self._path = path
 

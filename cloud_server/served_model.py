@@ -1,26 +1,36 @@
 """The model the cloud serves: frozen blocks with taps, its sites and edge assets."""
 from __future__ import annotations
 
+import copy
 import logging
+import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import torch
+from safetensors.torch import save as save_safetensors
 from torch import nn
 
-import copy
-import threading
-
-from safetensors.torch import save as save_safetensors
-
-from common import edge_probe
-from common.lora import ALL_LINEAR
-from common.model_parts import (DEFAULT_TARGETS, UnsupportedModel, backbone, blocks_name, check_layout,
-                                final_norm_name, num_layers)
-from cloud_server import assets as edge_assets
+from cloud_server import assets
 from cloud_server.device_map import execution_device, state_dict
 from cloud_server.model_store import load_frozen, resolve_model_path
-from cloud_server.sites import SiteSpec, linear_leaf_names, linear_shapes, probe_input_groups, select_sites
+from cloud_server.sites import linear_leaf_names, linear_shapes, probe_input_groups, select_sites
 from cloud_server.step_runner import StepRunner, active, install_taps
+from common import edge_assets, edge_probe
+from common.lora import ALL_LINEAR
+from common.model_parts import (
+    DEFAULT_TARGETS,
+    UnsupportedModel,
+    backbone,
+    blocks_name,
+    check_layout,
+    final_norm_name,
+    num_layers,
+)
+from common.site_types import SiteSpec
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +91,7 @@ class ServedModel:
         check_layout(model)
         # What the edge needs is packed before the final norm leaves the cloud's copy.
         probe = edge_probe.capture(model)
-        self.assets = edge_assets.build(model, path, probe, dtype)
+        self.assets = assets.build(model, path, probe, dtype)
         self.inner = backbone(model)
         # The edge applies the final norm; the cloud returns the last block's output.
         self._norm_attr = final_norm_name(model)
@@ -100,7 +110,7 @@ class ServedModel:
         self._views: dict[int, nn.Module] = {0: self.inner}
         # Blocks [0, cut) for SplitLoRA edges, built on demand; only the most recent
         # cuts are kept, so clients asking for many cuts cannot pile up copies.
-        self._block_assets: dict[int, edge_assets.Asset] = {}
+        self._block_assets: dict[int, assets.Asset] = {}
         self._views_lock = threading.Lock()
         self.default_targets = default_targets or [t for t in DEFAULT_TARGETS if t in self.linear_names]
         if not self.default_targets:
@@ -112,8 +122,9 @@ class ServedModel:
                  self.meta.name, self.meta.model_type, self.meta.num_layers, self.meta.hidden_size,
                  self.device, ",".join(self.default_targets))
 
-    def _drop_edge_modules(self, model: nn.Module) -> None:
-        emb = model.get_input_embeddings()
+    def _drop_edge_modules(self, model: PreTrainedModel) -> None:
+        # Input embeddings are nn.Embedding or a subclass (Gemma's scaled one); transformers types them nn.Module.
+        emb = cast(nn.Embedding, model.get_input_embeddings())
         # A 1-row stand-in keeps HF's bookkeeping (dtype/device queries) working.
         stub = nn.Embedding(1, emb.embedding_dim, device=self.device, dtype=self.dtype).requires_grad_(False)
         model.set_input_embeddings(stub)
@@ -152,7 +163,7 @@ class ServedModel:
         cut = 0 (DLoRA): `hidden` is the embedding output. cut > 0 (SplitLoRA):
         `hidden` is the output of block cut - 1, which ran on the edge.
         """
-        runner.batch_shape = tuple(hidden.shape[:2])
+        runner.batch_shape = (hidden.shape[0], hidden.shape[1])
         with active(runner), torch.set_grad_enabled(runner.train):
             out = self.view(cut)(inputs_embeds=hidden, attention_mask=mask, use_cache=False)
         # Under a device map the last block may sit elsewhere; callers expect self.device.
@@ -184,17 +195,20 @@ class ServedModel:
         """The view for `cut`, unchecked."""
         if not 0 < cut < self.meta.num_layers:
             raise ValueError(f"cut layer must be in 1..{self.meta.num_layers - 1}, got {cut}")
-        view = copy.copy(self.inner)
+        # The backbone is a transformers model (LlamaModel, OPT's decoder, ...), config and all.
+        view = cast("PreTrainedModel", copy.copy(self.inner))
         # An accelerate hook on the backbone (a device map entry for it) wraps the original's
         # forward in an instance attribute; the copy must run its own.
         view.__dict__.pop("forward", None)
         view._modules = dict(self.inner._modules)
         view._modules[self.blocks_attr] = nn.ModuleList(list(getattr(self.inner, self.blocks_attr))[cut:])
-        view.config = copy.deepcopy(self.inner.config)
-        view.config.num_hidden_layers = self.meta.num_layers - cut
-        if isinstance(getattr(view.config, "layer_types", None), list):
+        config = copy.deepcopy(view.config)  # the shallow copy still shares the backbone's config
+        view.config = config
+        config.num_hidden_layers = self.meta.num_layers - cut
+        layer_types = getattr(config, "layer_types", None)
+        if isinstance(layer_types, list):
             # Per-block attention kinds (Gemma2's sliding/full), indexed by position in the view.
-            view.config.layer_types = view.config.layer_types[cut:]
+            config.layer_types = layer_types[cut:]
         for table in _POSITION_TABLES:
             if table in view._modules:
                 # Learned positions (GPT-2, OPT) were added on the edge, before block 0.
@@ -226,7 +240,7 @@ class ServedModel:
                          out.float().cpu(), full.float().cpu(), edge_probe.tolerance(self.dtype),
                          self.meta.model_type)
 
-    def block_asset(self, cut: int) -> edge_assets.Asset:
+    def block_asset(self, cut: int) -> assets.Asset:
         """Weights of blocks [0, cut) for a SplitLoRA edge, under their full-model names."""
         with self._views_lock:
             if cut in self._block_assets:
@@ -238,7 +252,7 @@ class ServedModel:
                 self._block_assets.pop(next(iter(self._block_assets)))
             return asset
 
-    def _build_block_asset(self, cut: int) -> edge_assets.Asset:
+    def _build_block_asset(self, cut: int) -> assets.Asset:
         """Blocks [0, cut) and the weights the edge needs before block 0 besides the embedding."""
         base = next(n for n, m in self.model.named_modules() if m is self.inner)
         prefix = f"{base}.{self.blocks_attr}"
@@ -254,7 +268,7 @@ class ServedModel:
             for key, t in state_dict(block).items():
                 # Taps wrap the target linears: their weights sit one level down.
                 tensors[f"{prefix}.{i}.{key.replace('.base.', '.')}"] = t.detach().float().cpu().contiguous()
-        return edge_assets.make_asset(f"edge_blocks_0-{cut}.safetensors", save_safetensors(tensors))
+        return assets.make_asset(edge_assets.blocks_file(cut), save_safetensors(tensors))
 
     def new_cache(self):
         from transformers import DynamicCache
@@ -269,7 +283,7 @@ class ServedModel:
         new = hidden.shape[1]
         # Positions count real tokens only, so left-padded prompts line up.
         positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, -new:]
-        runner.batch_shape = tuple(hidden.shape[:2])
+        runner.batch_shape = (hidden.shape[0], hidden.shape[1])
         with active(runner):
             out = self.inner(inputs_embeds=hidden, attention_mask=mask, position_ids=positions,
                              past_key_values=cache, use_cache=True)

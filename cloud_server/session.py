@@ -5,15 +5,16 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from torch import nn
 
+from cloud_server.federation import Federation
 from common.malloc_tuning import release_memory
+from common.site_types import SiteSpec
 from common.wire_format import WireFormat
-from cloud_server.sites import SiteSpec
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +24,7 @@ RECENT_SECONDS = 10.0
 
 
 class SessionError(Exception):
-    """Base of the errors that map to a gRPC status (see service.py)."""
+    """Base of the session errors; errors.py maps each to its gRPC status."""
 
 
 class SessionNotFound(SessionError):
@@ -62,10 +63,10 @@ class Session:
     # Blocks [0, cut) run on the edge: SplitLoRA's cut layer (the federation
     # holds the server-side adapters), or DLoRA's edge_layers (0: none).
     cut: int = 0
-    federation: object | None = None
+    federation: Federation | None = None   # SplitLoRA: the federation the session joined
     # The key the edge keeps across re-opened sessions (a federation knows its members by it).
     client_key: str = ""
-    on_close: list = field(default_factory=list)
+    on_close: list[Callable[[], None]] = field(default_factory=list)   # run once it is closed
     solo: bool = False                # lagged behind a joint batch once: its steps run alone
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -93,7 +94,8 @@ class Session:
     def step(self, step_id: int, train: bool) -> Iterator[None]:
         """Runs one step at a time; a training step id must be new."""
         if not self._lock.acquire(blocking=False):
-            raise SessionBusy(f"session {self.id[:8]} is already running a step; steps of one session run one at a time")
+            raise SessionBusy(f"session {self.id[:8]} is already running a step; "
+                              "steps of one session run one at a time")
         try:
             if self.closed:
                 raise SessionNotFound(f"session {self.id[:8]} was closed")
@@ -127,7 +129,7 @@ class SessionManager:
         self._lock = threading.Lock()
 
     def open(self, owner: str, client_name: str, sites: list[SiteSpec], wire: WireFormat,
-             prepare=None, client_key: str = "") -> Session:
+             prepare: Callable[[Session], None] | None = None, client_key: str = "") -> Session:
         """A new session; `prepare(session)` runs before it becomes visible (and may refuse it)."""
         with self._lock:
             if len(self._sessions) >= self.max_sessions:

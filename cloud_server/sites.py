@@ -8,30 +8,15 @@ input to the edge once per site.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from common.model_parts import backbone, is_linear, layer_index, linear_features
+from common.site_types import ModuleSpec, SiteSpec
 
-
-@dataclass(frozen=True)
-class ModuleSpec:
-    name: str
-    in_features: int
-    out_features: int
-
-
-@dataclass(frozen=True)
-class SiteSpec:
-    index: int
-    layer: int
-    modules: tuple[ModuleSpec, ...]
-
-    @property
-    def names(self) -> list[str]:
-        return [m.name for m in self.modules]
+# The site types live in common/ (the edge holds the same ones); still importable from here.
+__all__ = ["ModuleSpec", "SiteSpec", "linear_leaf_names", "linear_shapes", "probe_input_groups", "select_sites"]
 
 
 def probe_input_groups(model: nn.Module, hidden_size: int) -> list[list[str]]:

@@ -21,29 +21,28 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from common import tensor_codec as codec
-from common.tensor_codec import WireError
 from common.model_parts import UnsupportedModel
+from common.site_types import SiteSpec
+from common.tensor_codec import WireError
 from common.wire import dlora_pb2 as pb
 from common.wire_format import WireFormat, factor_grads, factor_output
-from cloud_server.sites import SiteSpec
 
 _active = threading.local()
 
 
-class StepAborted(Exception):
-    """The edge closed the stream or broke the protocol; the message says how."""
+class Receive(Protocol):
+    """How a link waits for its edge's next message (edge_stream.EdgeStream.receive)."""
 
-
-class StepAbandoned(Exception):
-    """The edge said it gives up on this step (StepAbandon); its session stays open."""
+    def __call__(self, within: float | None = None) -> pb.EdgeMessage: ...
 
 
 class SiteTap(nn.Module):
@@ -75,7 +74,7 @@ def install_taps(model: nn.Module, names: list[str]) -> None:
 
 
 @contextmanager
-def active(runner: "StepRunner") -> Iterator[None]:
+def active(runner: StepRunner) -> Iterator[None]:
     _active.runner = runner
     try:
         yield
@@ -88,11 +87,11 @@ class EdgeLink:
     """One edge's side of a step: its sites, its parked adapters and its message stream."""
 
     sites: list[SiteSpec]
-    receive: Callable[[], pb.EdgeMessage]
+    receive: Receive
     send: Callable[[pb.CloudMessage], None]
     wire: WireFormat
     # Killed modules' adapters, applied here, frozen, with no traffic.
-    parked: dict[str, nn.Module] = field(default_factory=dict)
+    parked: Mapping[str, nn.Module] = field(default_factory=dict)
     live: dict[int, list[int]] = field(default_factory=dict)  # site -> slots the edge computes
     # Pushes this edge's step deadline back (time a joint batch spent on other edges).
     credit: Callable[[float], None] | None = None
@@ -236,7 +235,7 @@ class _RemoteSites(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, anchor: torch.Tensor, runner: "StepRunner", remote: list[tuple[int, int]],  # type: ignore[override]
+    def forward(ctx, anchor: torch.Tensor, runner: StepRunner, remote: list[tuple[int, int]],
                 *xs: torch.Tensor):
         ctx.runner, ctx.remote = runner, remote
         ctx.shapes = [x.shape for x in xs]
@@ -245,7 +244,7 @@ class _RemoteSites(torch.autograd.Function):
         return tuple(t for o in outs for t in o)
 
     @staticmethod
-    def backward(ctx, *grads: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, *grads: torch.Tensor):
         per_edge, at = [], 0
         for n in ctx.counts:
             per_edge.append(list(grads[at:at + n]))
@@ -377,7 +376,7 @@ class StepRunner:
     def exchange_forward(self, remote: list[tuple[int, int]], xs: list[torch.Tensor]) -> list[list[torch.Tensor]]:
         """Send every edge its site input, then collect the replies."""
         for (i, site), x in zip(remote, xs):
-            self.guard(i, lambda: self.links[i].send_site_input(site, x))
+            self.guard(i, self.links[i].send_site_input, site, x)
         got = self.collect([i for i, _ in remote],
                            lambda k: self.links[remote[k][0]].receive_site_outputs(remote[k][1], xs[k]))
         outs = [g if g is not None else self.links[i].zero_outputs(site, x)
@@ -389,7 +388,7 @@ class StepRunner:
     def exchange_backward(self, remote: list[tuple[int, int]], grads: list[list[torch.Tensor]],
                           want: list[bool], shapes: list[torch.Size]) -> list[torch.Tensor | None]:
         for (i, site), g, w in zip(remote, grads, want):
-            self.guard(i, lambda: self.links[i].send_site_grads(site, g, w))
+            self.guard(i, self.links[i].send_site_grads, site, g, w)
         got = self.collect([i for i, _ in remote],
                            lambda k: self.links[remote[k][0]].receive_site_grad_input(remote[k][1], shapes[k], want[k]))
         dxs: list[torch.Tensor | None] = []
@@ -407,29 +406,31 @@ class StepRunner:
         results = []
         for k, i in enumerate(members):
             t0 = time.perf_counter()
-            results.append(self.guard(i, lambda: fn(k)))
+            results.append(self.guard(i, fn, k))
             if not self.alone:
                 waited = time.perf_counter() - t0
                 for j in members[k + 1:]:
-                    if self.links[j].credit is not None:
-                        self.links[j].credit(waited)
+                    credit = self.links[j].credit
+                    if credit is not None:
+                        credit(waited)
         return results
 
     # -- failures ----------------------------------------------------------
-    def guard(self, i: int, fn: Callable[[], object]):
-        """Run one edge's part; a failure drops that edge from the step, not the others."""
+    def guard(self, i: int, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn(*args) as edge i's part; a failure drops that edge from the step, not the others."""
         link = self.links[i]
         if link.error is not None:
             return None
         try:
-            return fn()
+            return fn(*args)
         except Exception as exc:  # noqa: BLE001 - reported to that edge at the end of the step
             link.error = exc
             return None
 
     def raise_if_all_failed(self) -> None:
-        if all(link.error is not None for link in self.links):
-            raise self.links[0].error  # type: ignore[misc]
+        first = self.links[0].error
+        if first is not None and all(link.error is not None for link in self.links):
+            raise first
 
     def release(self) -> None:
         """Drop the step's tensors. The cache holds outputs whose autograd node

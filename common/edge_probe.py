@@ -2,7 +2,8 @@
 
 Before the cloud splits its model, it runs the whole model once on a fixed
 probe input and records the embedding output, the last block's output (the
-input of the final norm) and the logits. The probe ships with the edge assets.
+input of the final norm) and the logits. The probe ships with the edge
+assets (common/edge_assets.py names its file).
 
 - The cloud checks that its own split path (blocks run from the embedding
   output, final norm removed) reproduces the last block's output.
@@ -15,12 +16,14 @@ architecture nobody tested is refused instead of trained silently wrong.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import cast
+
 import torch
 from torch import nn
 
 from common.model_parts import UnsupportedModel, backbone, family, final_norm_name
 
-ASSET = "edge_probe.safetensors"
 _ROWS, _POSITIONS = 2, 32
 _LONGEST_WINDOW = 1024  # sliding windows up to this long are exceeded by the probe, so they take effect
 _SHIPPED = 4            # positions of the last hidden state and logits the edge gets (logits are [.., vocab])
@@ -44,6 +47,12 @@ def probe_length(config) -> int:
     return min(length, int(limit)) if limit else length
 
 
+def _input_embeddings(model: nn.Module) -> nn.Module:
+    """`model.get_input_embeddings()` of a Hugging Face model (nn.Module's stubs type any
+    attribute as a Tensor or a Module, so the method is named here with its real type)."""
+    return cast(Callable[[], nn.Module], model.get_input_embeddings)()
+
+
 @torch.no_grad()
 def capture(model: nn.Module) -> dict[str, torch.Tensor]:
     """Run the whole (unsplit) model on the probe input; tensors as fp32 on the CPU.
@@ -52,7 +61,7 @@ def capture(model: nn.Module) -> dict[str, torch.Tensor]:
     takes what ships.
     """
     param = next(model.parameters())
-    vocab = int(model.get_input_embeddings().weight.shape[0])
+    vocab = int(cast(torch.Tensor, _input_embeddings(model).weight).shape[0])
     shape = (_ROWS, probe_length(model.config))
     # An embedding accelerate offloaded has its weight on the meta device; its hook moves the ids.
     device = param.device if param.device.type != "meta" else torch.device("cpu")
@@ -67,7 +76,7 @@ def capture(model: nn.Module) -> dict[str, torch.Tensor]:
     if len(seen) != 1:
         raise UnsupportedModel(f"{family(model)}: the final norm ran {len(seen)} times in one forward; DLoRA "
                                "needs it once, after the last block")
-    probe = {"input_ids": ids, "embeds": model.get_input_embeddings()(ids), "final_hidden": seen[0],
+    probe = {"input_ids": ids, "embeds": _input_embeddings(model)(ids), "final_hidden": seen[0],
              "logits": logits}
     return {k: (v.float() if v.is_floating_point() else v).cpu().contiguous() for k, v in probe.items()}
 
@@ -99,5 +108,5 @@ def check_edge(embed, logits, probe: dict[str, torch.Tensor], cloud_dtype: torch
     tol = tolerance(cloud_dtype)
     with torch.no_grad():
         check("edge's embedding output", embed(probe["input_ids"]), probe["embeds"], tol, model_type)
-        check("edge's output of the final norm + LM head (the logits)", logits(probe["final_hidden"]), probe["logits"], tol,
-              model_type)
+        check("edge's output of the final norm + LM head (the logits)", logits(probe["final_hidden"]),
+              probe["logits"], tol, model_type)

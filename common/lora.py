@@ -14,9 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.model_parts import linear_features
 from common.settings import setting
-
 
 # The target that asks for every linear of the blocks (PEFT's spelling); both sides read it.
 ALL_LINEAR = "all-linear"
@@ -60,7 +58,7 @@ class LoRAAdapter(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     @classmethod
-    def from_weights(cls, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> "LoRAAdapter":
+    def from_weights(cls, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> LoRAAdapter:
         """An adapter holding copies of A [r, in] and B [out, r]."""
         ad = cls(lora_a.shape[1], lora_b.shape[0], lora_a.shape[0], scale)
         with torch.no_grad():
@@ -116,29 +114,11 @@ class LoRALinear(nn.Module):
         return self.base(x) + self.adapter(self.dropout(x))
 
 
-def make_adapters(
-    model: nn.Module, names: list[str], config: LoRAConfig, seed: int | None = None
-) -> dict[str, LoRAAdapter]:
-    """Fresh adapters for the named linears of `model` (shapes read from it)."""
-    gen_state = torch.random.get_rng_state()
-    if seed is not None:
-        torch.manual_seed(seed)
-    try:
-        modules = dict(model.named_modules())
-        out: dict[str, LoRAAdapter] = {}
-        for name in names:
-            fin, fout = linear_features(modules[name])
-            out[name] = LoRAAdapter(fin, fout, config.r, config.scale)
-        return out
-    finally:
-        if seed is not None:
-            torch.random.set_rng_state(gen_state)
-
-
 def seeded_adapters(shapes: dict[str, tuple[int, int]], rank: int, scale: float, seed: int) -> dict[str, LoRAAdapter]:
     """Fresh adapters for {name: (in, out)}, A drawn as PEFT draws it (uniform in +-1/sqrt(in),
     which is Kaiming-uniform with a = sqrt(5)) from a generator of its own, B = 0: the same
-    seed gives the same adapters whatever torch's global RNG has done."""
+    seed gives the same adapters whatever torch's global RNG has done. The edge's adapters and
+    a SplitLoRA federation's server-side ones both start here."""
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for name, (fin, fout) in shapes.items():

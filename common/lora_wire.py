@@ -59,3 +59,13 @@ def decode(msg: pb.LoRAWeights | pb.ParkedAdapter, in_features: int | None = Non
     b = codec.decode(msg.lora_B, name=f"{msg.name[:100]} lora_B",
                      shape=None if out_features is None else (out_features, r), dtypes=[WEIGHT_DTYPE])
     return a, b
+
+
+def copy_into(adapter: LoRAAdapter, msg: pb.LoRAWeights | pb.ParkedAdapter) -> None:
+    """Overwrite `adapter`'s A and B with those in `msg`, which must have the adapter's very shapes."""
+    a, b = decode(msg, adapter.in_features, adapter.out_features, max_rank=adapter.rank)
+    if a.shape[0] != adapter.rank:
+        raise WireError(f"{msg.name[:100]}: rank {a.shape[0]} on the wire, the adapter's is {adapter.rank}")
+    with torch.no_grad():
+        adapter.lora_A.copy_(a)
+        adapter.lora_B.copy_(b)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from typing import cast
 
 import torch
 from torch import nn
@@ -105,7 +106,7 @@ def linear_features(module: nn.Module) -> tuple[int, int]:
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
     if type(module).__name__ == "Conv1D":  # transformers.pytorch_utils.Conv1D stores W as [in, out]
-        w = module.weight
+        w = cast(torch.Tensor, module.weight)
         return int(w.shape[0]), int(w.shape[1])
     raise TypeError(f"{type(module).__name__} is not a linear layer LoRA can adapt")
 

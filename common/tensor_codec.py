@@ -50,31 +50,34 @@ def shape_text(shape: Sequence[int], most: int = 8) -> str:
     return f"[{', '.join(str(d) for d in dims[:most])}, …] ({len(dims)} dimensions)"
 
 
-_TO_WIRE: dict[torch.dtype, int] = {
+# torch has int4 at runtime but its type stubs do not declare it; this is the one place it is named.
+INT4: torch.dtype = torch.int4  # type: ignore[attr-defined]  # absent from torch's stubs, present at runtime
+
+_TO_WIRE: dict[torch.dtype, pb.DType] = {
     torch.float32: pb.FLOAT32,
     torch.float16: pb.FLOAT16,
     torch.bfloat16: pb.BFLOAT16,
     torch.bool: pb.BOOL,
     torch.int8: pb.INT8,
-    torch.int4: pb.INT4,  # a marker only: int4 values travel packed two per byte
+    INT4: pb.INT4,  # a marker only: int4 values travel packed two per byte
 }
 _FROM_WIRE: dict[int, torch.dtype] = {v: k for k, v in _TO_WIRE.items()}
 _NAMES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8,
-          "int4": torch.int4}
+          "int4": INT4}
 # Quantised dtypes: the largest magnitude of a value, and the values per scale (0: a row).
-_LEVELS = {torch.int8: 127, torch.int4: 7}
-_GROUP = {torch.int8: 0, torch.int4: 32}
+_LEVELS = {torch.int8: 127, INT4: 7}
+_GROUP = {torch.int8: 0, INT4: 32}
 # The dtypes activations and gradients may take on the wire, by name (the CLIs' choices).
 WIRE_DTYPES = tuple(_NAMES)
 # How each dtype's bytes are read with numpy. numpy has no bfloat16: its bit
 # pattern travels and is checked as int16.
-_NUMPY: dict[torch.dtype, type] = {
+_NUMPY: dict[torch.dtype, type[np.generic]] = {
     torch.float32: np.float32,
     torch.float16: np.float16,
     torch.bfloat16: np.int16,
     torch.bool: np.bool_,
     torch.int8: np.int8,
-    torch.int4: np.uint8,  # two values per byte
+    INT4: np.uint8,  # two values per byte
 }
 # Exponent field of a bfloat16 bit pattern; all ones means Inf or NaN.
 _BF16_EXPONENT = 0x7F80
@@ -92,7 +95,7 @@ def dtype_name(dtype: torch.dtype) -> str:
     return {v: k for k, v in _NAMES.items()}.get(dtype, str(dtype))
 
 
-def wire_dtype(dtype: torch.dtype) -> int:
+def wire_dtype(dtype: torch.dtype) -> pb.DType:
     return _TO_WIRE[dtype]
 
 
@@ -125,7 +128,7 @@ def encode_into(out: pb.Tensor, t: torch.Tensor, dtype: torch.dtype | None = Non
     `stochastic` rounds quantised dtypes stochastically instead of to nearest.
     """
     t = t.detach()
-    if dtype in _LEVELS and t.is_floating_point():
+    if dtype is not None and dtype in _LEVELS and t.is_floating_point():
         return _quantise_into(out, t, dtype, stochastic)
     if dtype is not None and t.dtype != dtype:
         t = t.to(dtype)
@@ -164,7 +167,7 @@ def _quantise_into(out: pb.Tensor, t: torch.Tensor, dtype: torch.dtype, stochast
     q = q.clamp_(-levels, levels).to(torch.int8)
     if groups > 1:
         q = q.reshape(-1, groups * group)[:, :width]
-    if dtype == torch.int4:
+    if dtype == INT4:
         nibbles = (q.reshape(-1) + 8).to(torch.uint8)
         if nibbles.numel() % 2:
             nibbles = torch.cat([nibbles, nibbles.new_zeros(1)])
@@ -235,13 +238,13 @@ def decode(
     itemsize = np.dtype(_NUMPY[dtype]).itemsize
     # Python integers: a hostile shape cannot overflow into a small product.
     numel = math.prod(got_shape)
-    expected = (numel + 1) // 2 if dtype == torch.int4 else numel * itemsize
+    expected = (numel + 1) // 2 if dtype == INT4 else numel * itemsize
     if len(data) != expected:
         raise WireError(
             f"{name}: {len(data)} bytes for shape {shape_text(got_shape)} of "
             f"{dtype_name(dtype)} (expected {expected})"
         )
-    values = np.frombuffer(data, dtype=_NUMPY[dtype])  # a read-only view, no copy yet
+    values: np.ndarray = np.frombuffer(data, dtype=_NUMPY[dtype])  # a read-only view, no copy yet
     if dtype in _LEVELS:
         return _dequantise(msg, values, got_shape, name, dtype, finite)
     if finite and dtype.is_floating_point and not _all_finite(values, dtype):
@@ -270,7 +273,7 @@ def _dequantise(msg: pb.Tensor, values: np.ndarray, shape: tuple[int, ...], name
     scale = np.frombuffer(scales, dtype="<f4")
     if not np.isfinite(scale).all() or (scale < 0).any():
         raise WireError(f"{name}: {dtype_name(dtype)} scales must be finite and not negative")
-    if dtype == torch.int4:
+    if dtype == INT4:
         both = np.empty(values.size * 2, dtype=np.int8)
         both[0::2] = values & 0x0F
         both[1::2] = values >> 4

@@ -32,7 +32,7 @@ class WireFormat:
 
     @classmethod
     def named(cls, act: str = "fp32", grad: str | None = None, factorised: bool = False,
-              stochastic: bool = False) -> "WireFormat":
+              stochastic: bool = False) -> WireFormat:
         """From the CLI's names: grad None or '' means the same as `act`."""
         a = codec.dtype_from_name(act)
         return cls(a, codec.dtype_from_name(grad) if grad else a, factorised, stochastic)
@@ -45,7 +45,7 @@ class WireFormat:
         req.stochastic_rounding = self.stochastic
 
     @classmethod
-    def from_message(cls, msg: pb.OpenSessionRequest | pb.OpenSessionReply) -> "WireFormat":
+    def from_message(cls, msg: pb.OpenSessionRequest | pb.OpenSessionReply) -> WireFormat:
         """What a request asks for (or a reply agreed to); raises WireError for an unsupported dtype."""
         act = codec.torch_dtype(msg.wire_dtype or pb.FLOAT32)
         grad = codec.torch_dtype(msg.grad_dtype) if msg.grad_dtype else act
@@ -64,7 +64,7 @@ class WireFormat:
     def __str__(self) -> str:
         act, grad = codec.dtype_name(self.act), codec.dtype_name(self.grad)
         text = act if act == grad else f"{act} activations, {grad} gradients"
-        if self.stochastic and self.grad in (torch.int8, torch.int4):
+        if self.stochastic and self.grad in (torch.int8, codec.INT4):
             text += " (stochastic rounding)"
         return text + (", factorised" if self.factorised else "")
 

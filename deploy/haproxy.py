@@ -37,6 +37,7 @@ import struct
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from common.routing import AFFINITY_HEADER  # the edge sets it; the contract lives once, in common/
 
@@ -133,7 +134,7 @@ def health_check_rules(service: str = HEALTH_SERVICE, authority: str = "localhos
 
 
 # -- the config ------------------------------------------------------------------------------------------
-DEFAULTS = {
+DEFAULTS: dict[str, Any] = {
     "bind": "127.0.0.1:50550",
     "affinity_header": AFFINITY_HEADER,
     "hash_type": "consistent sdbm avalanche",

@@ -48,12 +48,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from common import ready_line
 from deploy import haproxy as lb
 
 if TYPE_CHECKING:
-    from typing import Self
+    from typing_extensions import Self  # typing.Self is Python 3.11+
 
-READY = "DLoRA cloud server listening on "   # cloud_server's ready line (cloud_server/launch.py)
 LB_READY = "DLoRA load balancer listening on "
 
 
@@ -255,33 +255,34 @@ class Cluster:
         log = open(r.log_path, "a")  # noqa: SIM115 - owned by the pump thread
         log.write(f"--- {time.strftime('%H:%M:%S')} starting {r.name}: cloud_server {shlex.join(args)}\n")
         log.flush()
-        r.proc = _popen([sys.executable, "-m", "cloud_server", *args], stdout=subprocess.PIPE, stderr=log,
+        proc = r.proc = _popen([sys.executable, "-m", "cloud_server", *args], stdout=subprocess.PIPE, stderr=log,
                         text=True, cwd=Path(__file__).resolve().parent.parent)
-        lines: queue.Queue = queue.Queue()
+        addresses: queue.Queue[str | None] = queue.Queue()   # the ready line's HOST:PORT; None: it exited
 
-        def pump(proc: subprocess.Popen = r.proc) -> None:
+        def pump() -> None:
             ready = False
             for line in proc.stdout:  # type: ignore[union-attr]
-                if not ready and line.startswith(READY):
+                address = None if ready else ready_line.parse(line)
+                if address is not None:
                     ready = True
-                    lines.put(line)
+                    addresses.put(address)
                 log.write(line)
                 log.flush()
-            lines.put(None)
+            addresses.put(None)
             log.close()
 
         threading.Thread(target=pump, name=f"{r.name}-stdout", daemon=True).start()
 
         def wait() -> None:
             try:
-                line = lines.get(timeout=self.ready_timeout)
+                address = addresses.get(timeout=self.ready_timeout)
             except queue.Empty:
-                r.proc.kill()
+                proc.kill()
                 raise RuntimeError(f"{r.name} was not ready within {self.ready_timeout:.0f} s; see {r.log_path}") \
                     from None
-            if line is None:
-                raise RuntimeError(f"{r.name} exited with {r.proc.wait()} before it was ready; see {r.log_path}")
-            r.port = int(line[len(READY):].strip().rpartition(":")[2])
+            if address is None:
+                raise RuntimeError(f"{r.name} exited with {proc.wait()} before it was ready; see {r.log_path}")
+            r.port = int(address.rpartition(":")[2])
 
         return wait
 
@@ -404,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
                     if last.get(name) != state:
                         r = next(r for r in cluster.replicas if r.name == name)
                         print(f"{time.strftime('%H:%M:%S')} {name} ({r.address}) is {state}"
-                              + ("" if r.alive else f" (exited with {r.proc.returncode})"), flush=True)
+                              + ("" if r.alive or r.proc is None else f" (exited with {r.proc.returncode})"),
+                              flush=True)
                 last = now
         print("stopping: HAProxy, then the replicas", flush=True)
         return 0

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import grpc
 
+from common.atomic_write import write_bytes, write_text
 from common.wire import dlora_pb2 as pb
 from edge_client.step_stream import CloudError, rpc_error
 
@@ -13,7 +14,7 @@ from edge_client.step_stream import CloudError, rpc_error
 def fetch(stub, session_id: str, digest: str, cache_dir: Path, timeout: float,
           metadata: tuple[tuple[str, str], ...]) -> Path:
     """The assets of the model whose asset digest is `digest`, in cache_dir/<digest[:16]>: downloaded
-    and verified file by file the first time (each written whole, then renamed), reused after."""
+    and verified file by file the first time (each written whole: common/atomic_write.py), reused after."""
     dest = cache_dir / digest[:16]
     if (dest / ".complete").exists():
         return dest
@@ -33,8 +34,6 @@ def fetch(stub, session_id: str, digest: str, cache_dir: Path, timeout: float,
             raise CloudError(f"asset name {name!r} is not a plain file name")
         if len(buf) != size or hashlib.sha256(buf).hexdigest() != sha:
             raise CloudError(f"asset {name} failed its SHA-256 check; refusing to use it")
-        tmp = dest / (name + ".part")
-        tmp.write_bytes(bytes(buf))
-        tmp.replace(dest / name)
-    (dest / ".complete").write_text(digest)
+        write_bytes(dest / name, bytes(buf))
+    write_text(dest / ".complete", digest)
     return dest

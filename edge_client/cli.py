@@ -28,7 +28,8 @@ def _connection_args(p: argparse.ArgumentParser, title: str = "connection", serv
     """The credentials (and --server), shared by every command that talks to a cloud_server."""
     g = p.add_argument_group(title)
     if server:
-        g.add_argument("--server", default="127.0.0.1:50551", help="cloud_server address HOST:PORT (default: %(default)s)")
+        g.add_argument("--server", default="127.0.0.1:50551",
+                       help="cloud_server address HOST:PORT (default: %(default)s)")
     _credential_args(g)
     return g
 
@@ -95,7 +96,8 @@ def _generate_parser(sub) -> None:
                         "base model (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default: %(default)s)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding (default: %(default)s)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling (default: %(default)s)")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus sampling mass when sampling (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--park", action="store_true",

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
+
+from common.atomic_write import write_text
 
 DEFAULT_TEMPLATE = "Classify the text as one of: {labels}.\n\nText: {text}\nAnswer:"
 BBC_TEMPLATE = "Classify the BBC news article as one of: {labels}.\n\nArticle: {text}\nTopic:"
@@ -136,9 +137,5 @@ def bbc_news(cache: Path, max_words: int = 60, test_fraction: float = 0.2, seed:
     train, test = split(rows, test_fraction, seed)
     out.mkdir(parents=True, exist_ok=True)
     for path, part in ((train_p, train), (test_p, test)):
-        tmp = path.with_suffix(".part")
-        with tmp.open("w", encoding="utf-8") as f:
-            for ex in part:
-                f.write(json.dumps({"text": ex.prompt, "label": ex.label}) + "\n")
-        os.replace(tmp, path)
+        write_text(path, "".join(json.dumps({"text": ex.prompt, "label": ex.label}) + "\n" for ex in part))
     return train_p, test_p

@@ -137,10 +137,11 @@ def generate_cli(server: str, credentials, adapter_dir, prompts: list[str], cfg:
                 if len(ids) >= limit:
                     raise ValueError(f"the prompt has {len(ids)} tokens; the model takes at most {limit}")
                 run_cfg = GenerateConfig(limit - len(ids), cfg.temperature, cfg.top_p, cfg.seed, cfg.stop_at_eos)
-                log.warning("capping --max-new-tokens at %d: the model takes %d positions", run_cfg.max_new_tokens, limit)
+                log.warning("capping --max-new-tokens at %d: the model takes %d positions", run_cfg.max_new_tokens,
+                            limit)
             shown = [""]
 
-            def stream(out: list[int]) -> None:
+            def stream(out: list[int], shown: list[str] = shown) -> None:
                 now = tokenizer.decode(out, skip_special_tokens=True)
                 if now.startswith(shown[0]):  # a partial UTF-8 sequence decodes differently until complete
                     sys.stdout.write(now[len(shown[0]):])

@@ -16,14 +16,14 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from common.settings import setting
-
 from common.lora import LoRAAdapter
+from common.settings import setting
 
 POLICIES = ("all", "random", "static", "kr")
 
 
-KR_GROUP = "Kill and Revive: which adapters stay live (trained here, with traffic); killed ones are parked frozen on the cloud"
+KR_GROUP = ("Kill and Revive: which adapters stay live (trained here, with traffic); killed ones are parked frozen "
+            "on the cloud")
 
 
 @dataclass

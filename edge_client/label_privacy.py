@@ -74,5 +74,6 @@ def privatise(train: Dataset, epsilon: float, seed: int) -> Dataset:
     """The training set with every label released by randomised response (completions follow)."""
     if not train.is_classification or any(ex.label is None for ex in train.examples):
         raise ValueError("--label-epsilon needs text/label data: prompt/completion records have no label to protect")
-    noisy = randomise([ex.label for ex in train.examples], train.labels, epsilon, seed)
+    labels = [ex.label for ex in train.examples if ex.label is not None]  # all of them: checked above
+    noisy = randomise(labels, train.labels, epsilon, seed)
     return Dataset([Example(ex.prompt, " " + y, y) for ex, y in zip(train.examples, noisy)], train.labels)

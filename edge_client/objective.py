@@ -30,7 +30,7 @@ class Batch:
     def tokens(self) -> int:
         return int(self.attention_mask.sum())
 
-    def to(self, device) -> "Batch":
+    def to(self, device) -> Batch:
         """The same batch on `device` (an in-process reference on an accelerator)."""
         return Batch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.rows, self.positions,
                                               self.targets)))

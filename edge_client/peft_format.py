@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from common.atomic_write import replacing, write_text
 from common.lora import LoRAAdapter, adapters_state
 
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -29,17 +30,15 @@ class AdapterFormatError(ValueError):
 
 def save(out: Path, adapters: dict[str, LoRAAdapter], rank: int, alpha: float, base_model: str = "",
          model_type: str = "", use_rslora: bool = False) -> Path:
-    """Write adapter_model.safetensors (then rename: never torn) and adapter_config.json."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Write adapter_model.safetensors and adapter_config.json, each whole (common/atomic_write.py)."""
     path = out / ADAPTER_FILE
-    tmp = out / f".{ADAPTER_FILE}.part"
-    save_file(adapters_state(adapters), tmp, metadata={"format": "pt"})
-    tmp.replace(path)
+    with replacing(path) as tmp:
+        save_file(adapters_state(adapters), tmp, metadata={"format": "pt"})
     cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0,
            "bias": "none", "fan_in_fan_out": model_type in _CONV1D_MODELS, "use_rslora": use_rslora,
            "target_modules": sorted({n.rsplit(".", 1)[-1] for n in adapters}),
            "base_model_name_or_path": base_model, "inference_mode": True}
-    (out / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
+    write_text(out / CONFIG_FILE, json.dumps(cfg, indent=2) + "\n")
     return path
 
 

@@ -38,7 +38,8 @@ def loss_curves(runs: dict[str, list[dict]], path: Path, smooth: int = 5) -> Pat
     for label, hist in runs.items():
         steps = [h["step"] for h in hist]
         loss = [h["loss"] for h in hist]
-        avg = [sum(loss[max(0, i - smooth + 1):i + 1]) / len(loss[max(0, i - smooth + 1):i + 1]) for i in range(len(loss))]
+        windows = [loss[max(0, i - smooth + 1):i + 1] for i in range(len(loss))]
+        avg = [sum(w) / len(w) for w in windows]
         line, = ax.plot(steps, avg, label=label, linewidth=1.8)
         ax.plot(steps, loss, color=line.get_color(), alpha=0.2, linewidth=0.8)
     ax.set_yscale("log")

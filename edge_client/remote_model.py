@@ -20,12 +20,13 @@ import logging
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar, cast
 
 import torch
 from torch import nn
 
-from common.lora import ALL_LINEAR, LoRAAdapter, LoRAConfig, LoRALinear, seeded_adapters
 from common import tensor_codec as codec
+from common.lora import ALL_LINEAR, LoRAAdapter, LoRAConfig, LoRALinear, seeded_adapters
 from common.settings import setting
 from common.wire_format import WireFormat
 from edge_client import label_privacy, peft_format, token_privacy
@@ -34,6 +35,7 @@ from edge_client.session import CloudError, CloudSession, Credentials, RetryPoli
 from edge_client.split_model import FrontModel
 
 log = logging.getLogger(__name__)
+_Model = TypeVar("_Model", bound="DLoRAModelForCausalLM")
 
 
 @dataclass
@@ -60,7 +62,8 @@ class RemoteConfig:
                                       "maximum / 127), int4 half a byte plus a scale per 32 values",
                               choices=list(codec.WIRE_DTYPES), group="wire: how activations and gradients travel")
     grad_dtype: str | None = setting(None, "dtype of gradients on the wire; off: --wire-dtype's",
-                                     choices=list(codec.WIRE_DTYPES), group="wire: how activations and gradients travel")
+                                     choices=list(codec.WIRE_DTYPES),
+                                     group="wire: how activations and gradients travel")
     factorised: bool = setting(True, "send each adapter's whole output (and receive its gradient) instead of its "
                                      "rank-r factors, scale*A x and B, which the cloud multiplies out: factors "
                                      "carry r numbers per token instead of the output width, and are the same "
@@ -173,9 +176,9 @@ class DLoRAModelForCausalLM(nn.Module):
 
     # -- construction --------------------------------------------------------
     @classmethod
-    def connect(cls, server: str, lora_config=None, *, credentials: Credentials | None = None,
+    def connect(cls: type[_Model], server: str, lora_config=None, *, credentials: Credentials | None = None,
                 retry: RetryPolicy | None = None, split: SplitOptions | None = None,
-                **settings) -> "DLoRAModelForCausalLM":
+                **settings) -> _Model:
         """Open a session on `server` with fresh adapters for `lora_config` (a peft.LoraConfig).
 
         `settings` are RemoteConfig's fields: edge_layers, token_epsilon, label_epsilon, label_token_ids,
@@ -198,7 +201,7 @@ class DLoRAModelForCausalLM(nn.Module):
             raise
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, server: str, **kwargs) -> "DLoRAModelForCausalLM":
+    def from_pretrained(cls, path: str | Path, server: str, **kwargs) -> DLoRAModelForCausalLM:
         """Connect with the LoRA settings of a PEFT adapter directory and load its adapters."""
         from peft import LoraConfig
 
@@ -252,7 +255,7 @@ class DLoRAModelForCausalLM(nn.Module):
         """With edge_layers: the first blocks, run here."""
         return self._parts.front
 
-    def train(self, mode: bool = True) -> "DLoRAModelForCausalLM":
+    def train(self, mode: bool = True) -> DLoRAModelForCausalLM:
         """Train mode turns LoRA dropout on; the frozen parts stay in eval mode, as the cloud's blocks do."""
         super().train(mode)
         if self.front is not None:
@@ -319,7 +322,9 @@ class DLoRAModelForCausalLM(nn.Module):
         with token_epsilon, of the released tokens (noise drawn for `step`, so a replay draws the same)."""
         cfg = self.remote_config
         if cfg.token_epsilon is not None:
-            input_ids = token_privacy.perturb(input_ids, mask, self.edge.embedding.weight, cfg.token_epsilon,
+            # nn.Module's __getattr__ is typed Tensor | Module; the embedding's weight is a tensor.
+            weight = cast(torch.Tensor, self.edge.embedding.weight)
+            input_ids = token_privacy.perturb(input_ids, mask, weight, cfg.token_epsilon,
                                               token_privacy.generator_for(cfg.seed, step))
         return self.edge.embed(input_ids) if self.front is None else self.front(input_ids, mask)
 
@@ -366,7 +371,7 @@ class DLoRAModelForCausalLM(nn.Module):
         self.settle()
         self.session.close()
 
-    def __enter__(self) -> "DLoRAModelForCausalLM":
+    def __enter__(self) -> DLoRAModelForCausalLM:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -448,7 +453,7 @@ class SplitLoRAModelForCausalLM(DLoRAModelForCausalLM):
 
     @classmethod
     def connect(cls, server: str, lora_config=None, *, cut_layer: int = 4, federation: str = "default",
-                clients: int = 1, server_lr: float = 2e-3, **kwargs) -> "SplitLoRAModelForCausalLM":
+                clients: int = 1, server_lr: float = 2e-3, **kwargs) -> SplitLoRAModelForCausalLM:
         """`server_lr`: the learning rate of the cloud's optimizer for the server-side adapters."""
         seed = kwargs.get("seed", 0)
         split = SplitOptions(cut_layer, federation, clients, lr=server_lr, seed=seed)

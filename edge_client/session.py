@@ -8,25 +8,26 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import torch
 
+from common import lora_wire
 from common import tensor_codec as codec
 from common.lora import LoRAAdapter
 from common.routing import AFFINITY_HEADER, affinity
-from common.wire import dlora_pb2 as pb
-from common.wire_format import WireFormat
 from common.settings import setting
+from common.site_types import ModuleSpec, SiteSpec
+from common.wire import dlora_pb2 as pb
 from common.wire import dlora_pb2_grpc as pb_grpc
+from common.wire_format import WireFormat
 from edge_client import asset_download
-from edge_client.step_stream import CloudError, SiteInfo, SiteModule, StepStats, StepStream, rpc_error
+from edge_client.step_stream import CloudError, StepStats, StepStream, rpc_error
 
-__all__ = ["CloudError", "CloudSession", "Credentials", "RetryPolicy", "SiteInfo", "SiteModule", "SplitOptions",
-           "StepStats"]
+__all__ = ["CloudError", "CloudSession", "Credentials", "RetryPolicy", "SplitOptions", "StepStats"]
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ class Credentials:
 
     @classmethod
     def from_files(cls, token: str | None = None, ca: Path | None = None, cert: Path | None = None,
-                   key: Path | None = None, server_name: str | None = None) -> "Credentials":
+                   key: Path | None = None, server_name: str | None = None) -> Credentials:
         if bool(cert) != bool(key):
             raise ValueError("a client certificate and its key go together")
         if cert and not ca:
@@ -108,6 +109,11 @@ class SplitOptions:
 
 class CloudSession:
     """A session with a cloud_server; owns the gRPC channel."""
+
+    # Set by _open (called from __init__), from the server's OpenSession reply.
+    session_id: str
+    model: pb.ModelInfo
+    sites: list[SiteSpec]
 
     def __init__(self, target: str, *, wire: WireFormat | None = None, targets: list[str] | None = None,
                  client_name: str = "edge", timeout: float = 600.0, credentials: Credentials | None = None,
@@ -185,7 +191,7 @@ class CloudSession:
         if WireFormat.from_message(reply) != self.wire:
             raise CloudError(f"the server at {self.target} agreed to a {WireFormat.from_message(reply)} wire, not the "
                              f"{self.wire} asked for (an older cloud_server?)")
-        sites = [SiteInfo(s.index, s.layer, tuple(SiteModule(m.name, m.in_features, m.out_features)
+        sites = [SiteSpec(s.index, s.layer, tuple(ModuleSpec(m.name, m.in_features, m.out_features)
                                                   for m in s.modules)) for s in reply.sites]
         if self.channel is not None and (sites != self.sites or reply.model.assets_sha256 != self.model.assets_sha256):
             raise CloudError(f"the server at {self.target} now serves a different model; cannot resume this session")
@@ -227,7 +233,7 @@ class CloudSession:
             log.warning("parked %d killed adapters again on session %s", len(self.parked_adapters),
                         self.session_id[:8])
 
-    def with_retries(self, what: str, attempt_fn, params: list[torch.Tensor] = ()):
+    def with_retries(self, what: str, attempt_fn, params: Sequence[torch.Tensor] = ()):
         """Run attempt_fn, retrying retryable failures with exponential backoff.
 
         Gradients in `params` are restored before each retry, so a step that
@@ -274,7 +280,7 @@ class CloudSession:
         return True
 
     @staticmethod
-    def _options(size: int) -> list[tuple[str, int]]:
+    def _options(size: int) -> list[tuple[str, int | str]]:
         return [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)]
 
     @property
@@ -303,10 +309,7 @@ class CloudSession:
         return sizes
 
     def _park_rpc(self, kill: dict[str, LoRAAdapter], revive: list[str]) -> tuple[int, int]:
-        req = pb.ParkRequest(session_id=self.session_id, unpark=revive, park=[
-            pb.ParkedAdapter(name=name, lora_A=codec.encode(ad.lora_A, torch.float32),
-                             lora_B=codec.encode(ad.lora_B, torch.float32), scale=ad.scale)
-            for name, ad in kill.items()])
+        req = pb.ParkRequest(session_id=self.session_id, unpark=revive, park=lora_wire.parked(kill))
         try:
             reply = self.stub.ParkAdapters(req, timeout=self.timeout, metadata=self.metadata())
         except grpc.RpcError as exc:
@@ -359,9 +362,7 @@ class CloudSession:
 
         Returns (clients averaged, bytes sent, bytes received).
         """
-        req = pb.AggregateRequest(round=round_, examples=examples, adapters=[
-            pb.LoRAWeights(name=n, lora_A=codec.encode(a.lora_A, torch.float32),
-                           lora_B=codec.encode(a.lora_B, torch.float32)) for n, a in adapters.items()])
+        req = pb.AggregateRequest(round=round_, examples=examples, adapters=lora_wire.adapter_weights(adapters))
 
         def attempt():
             req.session_id = self.session_id  # a retry may run on a re-opened session
@@ -374,10 +375,7 @@ class CloudSession:
         if {w.name for w in reply.adapters} != set(adapters):
             raise CloudError("the aggregation reply does not name this client's adapters")
         for w in reply.adapters:
-            ad = adapters[w.name]
-            with torch.no_grad():
-                ad.lora_A.copy_(codec.decode(w.lora_A, name=f"{w.name} lora_A", shape=tuple(ad.lora_A.shape)))
-                ad.lora_B.copy_(codec.decode(w.lora_B, name=f"{w.name} lora_B", shape=tuple(ad.lora_B.shape)))
+            lora_wire.copy_into(adapters[w.name], w)
         return reply.clients, req.ByteSize(), reply.ByteSize()
 
     def server_adapters(self) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float, int]:
@@ -390,8 +388,7 @@ class CloudSession:
                 raise rpc_error(exc) from None
 
         reply = self.with_retries("reading the server-side adapters", attempt)
-        out = {w.name: (codec.decode(w.lora_A, name=f"{w.name} lora_A"), codec.decode(w.lora_B, name=f"{w.name} lora_B"))
-               for w in reply.adapters}
+        out = {w.name: lora_wire.decode(w) for w in reply.adapters}
         return out, reply.scale, reply.updates
 
     def decode_cut_grad(self, msg: pb.CutGrad, shape) -> torch.Tensor:
@@ -418,9 +415,10 @@ class CloudSession:
         except grpc.RpcError as exc:
             log.warning("closing the session failed: %s", rpc_error(exc))
         finally:
+            assert self.channel is not None  # set by _open in __init__
             self.channel.close()
 
-    def __enter__(self) -> "CloudSession":
+    def __enter__(self) -> CloudSession:
         return self
 
     def __exit__(self, *exc) -> None:

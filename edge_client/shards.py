@@ -9,11 +9,11 @@ a device's own held-out data would.
 from __future__ import annotations
 
 import json
-import os
 import random
 from collections import Counter
 from pathlib import Path
 
+from common.atomic_write import write_text
 from edge_client.data import DataError, read_jsonl
 
 
@@ -71,9 +71,7 @@ def make_shards(train: Path, test: Path, out: Path, clients: int, alpha: float =
         d = out / f"client{c}"
         d.mkdir(parents=True, exist_ok=True)
         for name, part in (("train.jsonl", tp), ("test.jsonl", sp)):
-            tmp = d / (name + ".part")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in part), encoding="utf-8")
-            os.replace(tmp, d / name)
+            write_text(d / name, "".join(json.dumps(r) + "\n" for r in part))
         summary.append({"client": c, "dir": str(d), "train": len(tp), "test": len(sp),
                         "labels": dict(sorted(Counter(r["label"] for r in tp).items()))})
     (out / "labels.txt").write_text(",".join(labels) + "\n")

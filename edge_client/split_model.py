@@ -9,13 +9,13 @@ cloud's blocks.
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from common import edge_assets
 from common.lora import LoRAAdapter, inject
 from common.model_parts import backbone, final_norm_name, logit_transform
 from edge_client.edge_model import EdgeModel
@@ -29,7 +29,7 @@ class FrontModel(nn.Module):
         self.cut = cut
 
     @classmethod
-    def from_assets(cls, path: Path, cut: int) -> "FrontModel":
+    def from_assets(cls, path: Path, cut: int) -> FrontModel:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         config = AutoConfig.from_pretrained(path)
@@ -39,22 +39,22 @@ class FrontModel(nn.Module):
         config = copy.deepcopy(config)
         config.num_hidden_layers = cut
         model = AutoModelForCausalLM.from_config(config).float()
-        weights = load_file(path / "edge_weights.safetensors")
-        blocks = list(path.glob(f"edge_blocks_0-{cut}.safetensors"))
-        if not blocks:
+        weights = load_file(path / edge_assets.WEIGHTS)
+        blocks = path / edge_assets.blocks_file(cut)
+        if not blocks.exists():
             raise ValueError(f"the edge assets in {path} hold no weights for blocks 0..{cut - 1}")
-        weights.update(load_file(blocks[0]))
-        manifest = json.loads((path / "edge_manifest.json").read_text())
+        weights.update(load_file(blocks))
+        manifest = edge_assets.Manifest.read(path)
         # Non-persistent buffers travel too (for the meta-built EdgeModel); this model,
         # built on the CPU, computed its own, so the state dict does not take them.
         transient = {n for n, _ in model.named_buffers()} - model.state_dict().keys()
         missing, unexpected = model.load_state_dict({k: v for k, v in weights.items() if k not in transient},
                                                     strict=False)
         params = {n for n, _ in model.named_parameters()}
-        tied = {manifest["lm_head"] + ".weight"} if manifest["tied_lm_head"] else set()
+        tied = {manifest.lm_head + ".weight"} if manifest.tied_lm_head else set()
         if (params & set(missing)) - tied or unexpected:
-            raise ValueError(f"edge weights do not fit a {cut}-block model: missing {sorted(set(missing) & params)[:3]}, "
-                             f"unexpected {unexpected[:3]}")
+            raise ValueError(f"edge weights do not fit a {cut}-block model: missing "
+                             f"{sorted(set(missing) & params)[:3]}, unexpected {unexpected[:3]}")
         model.requires_grad_(False).eval()
         inner = backbone(model)
         norm_attr = final_norm_name(model)

@@ -13,6 +13,7 @@ import logging
 import queue
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import grpc
 import torch
@@ -21,6 +22,9 @@ from common import tensor_codec as codec
 from common.lora import LoRAAdapter
 from common.tensor_codec import WireError
 from common.wire import dlora_pb2 as pb
+
+if TYPE_CHECKING:  # session.py imports this module
+    from edge_client.session import CloudSession
 
 log = logging.getLogger(__name__)
 
@@ -44,20 +48,6 @@ def rpc_error(exc: grpc.RpcError) -> CloudError:
     detail = exc.details() if hasattr(exc, "details") else str(exc)
     name = code.name if code is not None else "UNKNOWN"
     return CloudError(f"cloud refused the call ({name}): {detail}", code)
-
-
-@dataclass(frozen=True)
-class SiteModule:
-    name: str
-    in_features: int
-    out_features: int
-
-
-@dataclass(frozen=True)
-class SiteInfo:
-    index: int
-    layer: int
-    modules: tuple[SiteModule, ...]
 
 
 @dataclass
@@ -124,7 +114,7 @@ class StepStream:
             yield raw
 
     # -- the reply side ------------------------------------------------------
-    def run(self, on_final: Callable[["_EdgeExchange", pb.FinalHidden], object]):
+    def run(self, on_final: Callable[[_EdgeExchange, pb.FinalHidden], object]):
         """The whole call: `on_final` handles the final hidden state; its result is returned."""
         result = self._pump(on_final)
         if result is _NO_FINAL:
@@ -225,7 +215,7 @@ def _unexpected_cut_grad(_msg) -> None:
 class _EdgeExchange:
     """Per-step state: what the edge computed at each site, kept for backward."""
 
-    session: object
+    session: CloudSession
     adapters: dict[str, LoRAAdapter]
     send: Callable[[pb.EdgeMessage], None]
     stats: StepStats
@@ -321,6 +311,7 @@ class _EdgeExchange:
         reply.site_grad_input.SetInParent()  # the kind is set even for site 0 without dL/dx
         reply.site_grad_input.site = msg.site
         if msg.want_grad_input:
+            assert grad_x is not None  # x was among the inputs differentiated, and the outputs depend on it
             self.session.wire.put_grad(reply.site_grad_input.grad_input, grad_x)
         self.send(reply)
 

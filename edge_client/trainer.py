@@ -7,10 +7,12 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
+from common.atomic_write import replacing
 from common.lora import LoRAConfig, adapters_state, load_adapters_state
 from common.settings import setting
 from edge_client import data as datasets
@@ -86,11 +88,11 @@ class TrainConfig(LoRAConfig, RemoteConfig):
     credentials: Credentials = setting(Credentials, "the token and TLS files (see the connection flags)", cli=False)
 
     @classmethod
-    def for_network(cls, network: str, **settings) -> "TrainConfig":
+    def for_network(cls, network: str, **settings) -> TrainConfig:
         """A TrainConfig with `network`'s presets (NETWORKS) under `settings`, as `--network` gives."""
         if network not in NETWORKS:
             raise ValueError(f"unknown network {network!r}; choose one of {', '.join(NETWORKS)}")
-        preset = dict(NETWORKS[network])
+        preset: dict[str, Any] = dict(NETWORKS[network])   # TrainConfig field values, checked by its __init__
         policy = preset.pop("policy", None)
         if policy is not None and "kr" not in settings:
             settings["kr"] = KRConfig(policy=str(policy))
@@ -196,6 +198,7 @@ class EdgeTrainer:
         loss = self.loss(self.model.final_hidden(batch.input_ids, batch.attention_mask), batch)
         loss.backward()
         stats = self.model.last_stats
+        assert stats is not None  # set by the training step's backward, which loss.backward() just ran
         b, t = batch.input_ids.shape
         if self.front is not None:
             stats.block_flops = self.front.flops(b, t, train=True)
@@ -279,6 +282,7 @@ class EdgeTrainer:
         load_adapters_state(self.adapters, state["adapters"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.model.steps = state["step_id"]
+        assert self.kr is not None  # --resume is refused in SplitLoRA mode, the only one without Kill and Revive
         self.kr.load_state_dict({"steps": state["step_id"], "selector": state["selector"]})
 
     def save(self, out: Path, meta: dict) -> Path:
@@ -314,7 +318,8 @@ def run(cfg: TrainConfig) -> dict:
                  cfg.label_epsilon, 100 * label_privacy.keep_probability(cfg.label_epsilon, len(train.labels)),
                  len(train.labels))
     if len(train.examples) < cfg.batch_size:
-        raise datasets.DataError(f"{len(train.examples)} training examples are fewer than --batch-size {cfg.batch_size}")
+        raise datasets.DataError(f"{len(train.examples)} training examples are fewer than --batch-size "
+                                 f"{cfg.batch_size}")
     t_start = time.time()
     ckpt_path = cfg.out / "checkpoint.pt"
     resumed = None
@@ -453,11 +458,9 @@ def peak_rss_mb() -> float:
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Write then rename: a crash mid-write never leaves a torn checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    """Written whole (common/atomic_write.py): a crash mid-write never leaves a torn checkpoint."""
+    with replacing(path) as tmp:
+        torch.save(state, tmp)
 
 
 def _fmt(metrics: dict) -> str:

@@ -1,17 +1,31 @@
-"""Test helpers: an edge set up against a server, and the in-process reference model."""
+"""What several test files share: edges on a server, the in-process reference, raw wire steps, the CLI, the checks."""
 from __future__ import annotations
 
+import os
+import queue
+import subprocess
+import sys
+import threading
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
+import pytest
 import torch
 
+from common import tensor_codec as codec
 from common.lora import LoRAAdapter, LoRAConfig, adapters_state, inject, load_adapters_state
+from common.wire import dlora_pb2 as pb
+from deploy import haproxy as lb
+from edge_client import data as datasets
 from edge_client.data import Example
+from edge_client.kill_revive import KRConfig
 from edge_client.objective import Batch, completion_loss, make_batch
 from edge_client.remote_model import DLoRAModelForCausalLM, RemoteConfig
-from edge_client.session import CloudSession, StepStats
+from edge_client.session import CloudSession, RetryPolicy, SplitOptions, StepStats
+from edge_client.trainer import EdgeTrainer, TrainConfig, batches
 
 EXAMPLES = [
     Example("the match ended two nil", " sport"),
@@ -118,7 +132,8 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def check_step_exact(edge: Edge, model_dir: Path, batch: Batch, step_id: int = 1, tol: float = 1e-5) -> dict[str, float]:
+def check_step_exact(edge: Edge, model_dir: Path, batch: Batch, step_id: int = 1,
+                     tol: float = 1e-5) -> dict[str, float]:
     """One distributed training step against the same step in one process (the master test):
     the loss and every A/B gradient within `tol`, relative. Returns the worst errors."""
     loss = edge.step(step_id, batch)
@@ -164,9 +179,6 @@ def split_trainer(address: str, cache: Path, federation: str, clients: int = 1, 
                   steps: int = 6, aggregate_every: int = 2, retry=None):
     """A SplitLoRA edge trainer (cut 1, rank 4) of `federation` on the tiny task, and its `steps` batches:
     seed s trains on its own examples, so members of one federation differ."""
-    from edge_client.session import SplitOptions
-    from edge_client.trainer import EdgeTrainer, TrainConfig
-
     cfg = TrainConfig(server=address, mode="splitlora", cut_layer=1, aggregate_every=aggregate_every,
                       clients=clients, federation=federation, r=4, lora_alpha=8.0, lr=1e-2, steps=steps, seed=0,
                       cache=cache, progress=False)
@@ -179,7 +191,8 @@ def split_trainer(address: str, cache: Path, federation: str, clients: int = 1, 
 
 def split_state(trainer) -> dict[str, torch.Tensor]:
     """Everything a SplitLoRA run trained: client-side and server-side A and B, by name."""
-    out = {f"{n}.{w}": getattr(a, w).detach().clone() for n, a in trainer.adapters.items() for w in ("lora_A", "lora_B")}
+    out = {f"{n}.{w}": getattr(a, w).detach().clone()
+           for n, a in trainer.adapters.items() for w in ("lora_A", "lora_B")}
     server, _, updates = trainer.session.server_adapters()
     out |= {f"{n}.{w}": t for n, ab in server.items() for w, t in zip(("lora_A", "lora_B"), ab)}
     out["updates"] = torch.tensor(float(updates))
@@ -190,3 +203,241 @@ def check_same_state(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]
     assert got.keys() == want.keys()
     for k in want:
         assert rel_err(got[k], want[k]) <= tol, f"{k}: relative error {rel_err(got[k], want[k]):.2e}"
+
+
+def reference_greedy(model, prompt_ids: list[int], n: int) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy decoding without any cache: the whole sequence is re-run for every token."""
+    ids = torch.tensor([prompt_ids])
+    out, logits = [], []
+    with torch.no_grad():
+        for _ in range(n):
+            last = model(input_ids=ids).logits[:, -1]
+            logits.append(last[0])
+            tok = int(last.argmax(-1))
+            out.append(tok)
+            ids = torch.cat([ids, torch.tensor([[tok]])], dim=1)
+    return out, logits
+
+
+NEW_TOKENS = 12  # what check_generation_matches_full_recompute generates
+
+
+def check_generation_matches_full_recompute(address: str, model_dir, cache) -> None:
+    """Greedy tokens and every logit the edge saw equal re-running the whole model per token."""
+    from edge_client.generation import GenerateConfig, generate
+
+    edge = connect(address, cache)
+    try:
+        prompt = edge.tokenizer("the match ended")["input_ids"]
+        seen: list[torch.Tensor] = []
+        logits_fn = edge.edge.logits
+        edge.edge.logits = lambda h: seen.append(logits_fn(h)[0]) or logits_fn(h)  # record what the edge saw
+        result = generate(edge.session, edge.edge, edge.tokenizer, edge.adapters, prompt,
+                          GenerateConfig(max_new_tokens=NEW_TOKENS, stop_at_eos=False))
+        model, _ = reference_model(model_dir, edge.adapters)
+        want, want_logits = reference_greedy(model, prompt, NEW_TOKENS)
+        assert result.token_ids == want
+        for got, ref in zip(seen, want_logits):
+            assert rel_err(got, ref) <= 1e-5
+        # The KV cache: one pass per token, each site exchanging one position
+        # after the prompt, so the bytes grow with prompt + new tokens, not with
+        # their square.
+        sites = len(edge.session.sites)
+        assert result.stats.sites == NEW_TOKENS * sites
+        width = edge.session.sites[0].modules[0].in_features
+        positions = len(prompt) + NEW_TOKENS - 1
+        assert result.stats.bytes_received <= 4 * width * positions * sites * 1.05 + 100 * result.stats.messages
+    finally:
+        edge.session.close()
+
+
+def check_split_equals_centralized(address: str, model_dir, tmp_path, tol: float = 1e-5) -> None:
+    """4 SplitLoRA steps at cut 1 (one client, FedAvg every step) against one process:
+    losses, then client- and server-side adapters, within `tol`."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = TrainConfig(server=address, mode="splitlora", cut_layer=1, aggregate_every=1, clients=1,
+                      federation=f"eq-{uuid.uuid4().hex}", r=4, lora_alpha=8.0, lr=1e-2, steps=4, seed=3,
+                      cache=tmp_path / "cache", progress=False)
+    split = SplitOptions(cfg.cut_layer, cfg.federation, 1, cfg.r, cfg.lora_alpha, cfg.lr)
+    with CloudSession(cfg.server, split=split) as session:
+        trainer = EdgeTrainer(cfg, session)
+        trainer.train_examples = 7
+        trainer.label_ids = None  # the language-model loss, as Hugging Face computes it
+        assert trainer.adapters and all(".0." in n for n in trainer.adapters)  # client side: block 0 only
+        server, scale, updates = session.server_adapters()
+        assert server and all(".1." in n for n in server) and updates == 0
+
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        model.requires_grad_(False)
+        ref = {n: LoRAAdapter.from_weights(a.lora_A, a.lora_B, a.scale) for n, a in trainer.adapters.items()}
+        ref |= {n: LoRAAdapter.from_weights(a, b, scale) for n, (a, b) in server.items()}
+        inject(model, ref)
+        opt = torch.optim.AdamW([p for a in ref.values() for p in a.parameters()], lr=cfg.lr, weight_decay=0.0)
+
+        for stats in train_alongside(trainer, model, opt, tol):
+            assert stats.sites == 0 and stats.block_flops > 0
+
+        server, _, updates = session.server_adapters()
+        assert updates == 4 and trainer.rounds == 4
+        for name, ad in trainer.adapters.items():
+            for w in ("lora_A", "lora_B"):
+                got, want = getattr(ad, w).detach(), getattr(ref[name], w).detach()
+                assert rel_err(got, want) <= tol, f"client-side {name}.{w}: {rel_err(got, want):.2e}"
+        for name, (a, b) in server.items():
+            assert rel_err(a, ref[name].lora_A.detach()) <= tol, f"server-side {name}.lora_A"
+            assert rel_err(b, ref[name].lora_B.detach()) <= tol, f"server-side {name}.lora_B"
+            assert b.abs().sum() > 0  # trained: B starts at zero
+
+
+def edge_loss(edge: Edge, h: torch.Tensor, batch: Batch) -> torch.Tensor:
+    return completion_loss(h, batch, edge.edge.logits)
+
+
+def check_parked_modules_exact(address: str, model_dir: Path, cache: Path) -> None:
+    """Parked modules (all of site 0's, and one of site 1's where it has more) cost no round trip and
+    fewer bytes and FLOPs, the step stays exact with them frozen, and reviving brings them back."""
+    edge = connect(address, cache, seed=3)
+    try:
+        batch = edge.batch()
+        _, all_live = edge.train(1, batch, lambda h: edge_loss(edge, h, batch))
+        for a in edge.adapters.values():
+            a.zero_grad()
+        names = edge.session.module_names
+        sites = edge.session.sites
+        # Park every module of the first site and, on Llama, one module of the second.
+        killed = [m.name for m in sites[0].modules] + ([sites[1].modules[1].name] if len(sites[1].modules) > 1 else [])
+        sent, received = edge.session.park({n: edge.adapters[n] for n in killed}, [])
+        assert sent > 0 and received > 0
+        loss, stats = edge.train(2, batch, lambda h: edge_loss(edge, h, batch))
+        assert stats.sites == len(sites) - 1        # the all-parked site needs no round trip
+        assert stats.bytes_sent + stats.bytes_received < all_live.bytes_sent + all_live.bytes_received
+        assert stats.edge_flops < all_live.edge_flops
+        model, ref = reference_model(model_dir, edge.adapters)
+        for n in killed:
+            ref[n].requires_grad_(False)            # parked: frozen in the reference
+        ref_loss = reference_loss(model, batch)
+        ref_loss.backward()
+        assert abs(loss - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
+        for n in names:
+            for w in ("lora_A", "lora_B"):
+                got, want = getattr(edge.adapters[n], w).grad, getattr(ref[n], w).grad
+                if n in killed:
+                    assert got is None and want is None, n
+                else:
+                    assert rel_err(got, want) <= 1e-5, f"{n}.{w}"
+        # Reviving brings the module back onto the edge.
+        edge.session.park({}, killed)
+        _, back = edge.train(3, batch, lambda h: edge_loss(edge, h, batch))
+        assert back.sites == len(sites) and back.bytes_sent == all_live.bytes_sent
+    finally:
+        edge.session.close()
+
+
+def kr_trainer(address: str, tmp_path: Path, policy: str = "kr", client_key: str | None = None
+               ) -> tuple[EdgeTrainer, list]:
+    """An edge trainer on a tiny task; KR with short periods so parking is exercised."""
+    rows = [datasets.Example(f"item {i} is {'red' if i % 2 else 'blue'}", " red" if i % 2 else " blue",
+                             "red" if i % 2 else "blue") for i in range(32)]
+    cfg = TrainConfig(server=address, r=2, lr=1e-2, batch_size=4, cache=tmp_path / "cache", progress=False,
+                      kr=KRConfig(policy=policy, budget=0.34, revive=0.5, period=2, warmup_steps=2),
+                      retry=RetryPolicy(retries=12, backoff=0.2, max_backoff=2.0))
+    session = CloudSession(address, credentials=cfg.credentials, retry=cfg.retry, client_key=client_key)
+    trainer = EdgeTrainer(cfg, session)
+    trainer.set_objective(datasets.Dataset(rows, ["blue", "red"]))
+    it = batches(rows, 4, seed=0)
+    return trainer, [make_batch(trainer.tokenizer, next(it), 64) for _ in range(10)]
+
+
+def concurrently(fns) -> list:
+    """Run the callables at once (a barrier lines them up); return their results or raise the first error."""
+    barrier = threading.Barrier(len(fns))
+    results: list = [None] * len(fns)
+
+    def go(i, fn):
+        barrier.wait()
+        try:
+            results[i] = fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test thread
+            results[i] = exc
+
+    threads = [threading.Thread(target=go, args=(i, fn)) for i, fn in enumerate(fns)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return results
+
+
+# -- raw wire: TrainStep driven message by message -----------------------------------------------------------
+HIDDEN = 32  # tiny models' hidden size
+
+
+def start_msg(sid: str, step_id: int = 1, b: int = 2, t: int = 5, h: int = HIDDEN, **kw) -> pb.EdgeMessage:
+    hidden = kw.pop("hidden", codec.encode(torch.randn(b, t, h)))
+    mask = kw.pop("mask", codec.encode(torch.ones(b, t, dtype=torch.bool)))
+    return pb.EdgeMessage(start=pb.StepStart(session_id=sid, step_id=step_id, hidden=hidden, attention_mask=mask))
+
+
+class RawStep:
+    """Drive TrainStep by hand: send what a test wants, see what the cloud answers."""
+
+    def __init__(self, stub, rpc: str = "TrainStep", metadata=()) -> None:
+        self.q: queue.SimpleQueue = queue.SimpleQueue()
+        self.responses = getattr(stub, rpc)(iter(self.q.get, None), timeout=30, metadata=metadata)
+
+    def send(self, msg: pb.EdgeMessage) -> None:
+        self.q.put(msg)
+
+    def recv(self) -> pb.CloudMessage:
+        msg = next(self.responses)
+        if msg.WhichOneof("kind") != "failed":
+            return msg
+        # A failed step says so in the stream, then ends with the same status (see pb.StepFailed).
+        try:
+            next(self.responses)
+        except grpc.RpcError as exc:
+            assert exc.code().value[0] == msg.failed.code and exc.details() == msg.failed.detail, \
+                f"StepFailed {msg.failed} and the status {exc.code()} disagree"
+            raise
+        raise AssertionError(f"the stream went on after StepFailed {msg.failed}")
+
+    def close(self) -> None:
+        self.q.put(None)
+
+
+def expect_error(fn, code: grpc.StatusCode, *words: str) -> str:
+    with pytest.raises(grpc.RpcError) as info:
+        fn()
+    assert info.value.code() == code, info.value.details()
+    for w in words:
+        assert w in info.value.details(), info.value.details()
+    return info.value.details()
+
+
+def run_raw(stub, first: pb.EdgeMessage, reply=None):
+    """Send `first`; answer the first site input with reply(site_input) if given; read to the end."""
+    raw = RawStep(stub)
+    raw.send(first)
+    try:
+        msg = raw.recv()
+        if reply is not None and msg.WhichOneof("kind") == "site_input":
+            raw.send(reply(msg.site_input))
+        while True:
+            raw.recv()
+    finally:
+        raw.close()
+
+
+# -- the command lines and HAProxy -----------------------------------------------------------------------------
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+try:
+    HAPROXY: str | None = lb.find_haproxy()
+except FileNotFoundError:
+    HAPROXY = None

@@ -4,14 +4,22 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bench.tiny_models import FAMILIES, save_tiny
 from cloud_server import launch
 from cloud_server.served_model import ServedModel
 from common.model_parts import UnsupportedModel, is_linear, layer_index
 from edge_client.edge_model import EdgeModel
-from helpers import EXAMPLES, check_grads, connect, reference_loss, reference_model, rel_err
-from test_generation import check_generation_matches_full_recompute
-from test_splitlora import check_split_equals_centralized
-from tiny_models import FAMILIES, save_tiny
+
+from helpers import (
+    EXAMPLES,
+    check_generation_matches_full_recompute,
+    check_grads,
+    check_split_equals_centralized,
+    connect,
+    reference_loss,
+    reference_model,
+    rel_err,
+)
 
 TOL = 1e-5
 # Families DLoRA refuses, with words the refusal must contain: the family and what is missing.
@@ -123,7 +131,8 @@ def test_probe_refuses_an_edge_without_logit_softcapping(probe_assets):
     """Gemma2 soft-caps the final logits after the LM head: an edge that skips it must refuse."""
     edge = EdgeModel.from_assets(probe_assets["gemma2"])
     edge.transform = None
-    with pytest.raises(UnsupportedModel, match=r"gemma2: the edge's output of the final norm \+ LM head \(the logits\) differs"):
+    with pytest.raises(UnsupportedModel,
+                       match=r"gemma2: the edge's output of the final norm \+ LM head \(the logits\) differs"):
         edge.verify(probe_assets["gemma2"], "gemma2")
 
 

@@ -14,8 +14,8 @@ from common import tensor_codec as codec
 from common.wire import dlora_pb2 as pb
 from common.wire import dlora_pb2_grpc as pb_grpc
 from edge_client.data import Example
-from helpers import EXAMPLES, connect, reference_loss, reference_model, rel_err
-from test_wire_errors import RawStep, start_msg
+
+from helpers import EXAMPLES, RawStep, concurrently, connect, reference_loss, reference_model, rel_err, start_msg
 
 TOL = 1e-5
 LONG = [Example("the striker scored twice in the second half and the home crowd " * 3, " sport"),
@@ -42,26 +42,6 @@ def batching_server(batching_servers):
     return batching_servers["llama"]
 
 
-def _concurrently(fns) -> list:
-    """Run the callables at once (a barrier lines them up); return their results or raise the first error."""
-    barrier = threading.Barrier(len(fns))
-    results: list = [None] * len(fns)
-
-    def go(i, fn):
-        barrier.wait()
-        try:
-            results[i] = fn()
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the test thread
-            results[i] = exc
-
-    threads = [threading.Thread(target=go, args=(i, fn)) for i, fn in enumerate(fns)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    return results
-
-
 def _train(edge, batch):
     def run():
         return edge.train(1, batch)
@@ -83,7 +63,7 @@ def test_concurrent_edges_share_a_batch_and_each_is_exact(kind, batching_servers
     parked = [m.name for m in first_site.modules]
     edges[2].session.park({n: edges[2].adapters[n] for n in parked}, [])
     try:
-        results = _concurrently([_train(e, b) for e, b in zip(edges, batches)])
+        results = concurrently([_train(e, b) for e, b in zip(edges, batches)])
         for r in results:
             if isinstance(r, BaseException):
                 raise r
@@ -117,7 +97,7 @@ def test_forwards_batch_too_and_a_lone_edge_never_waits(batching_server, tmp_pat
         return lambda: edge.session.forward(edge.edge.embed(batch.input_ids), batch.attention_mask, edge.adapters)
 
     try:
-        results = _concurrently([fwd(e, b) for e, b in zip(edges, batches)])
+        results = concurrently([fwd(e, b) for e, b in zip(edges, batches)])
         for r in results:
             assert not isinstance(r, BaseException), r
             assert r[1].batch_sessions == 2
@@ -157,7 +137,7 @@ def test_a_failing_edge_does_not_fail_its_batch(batching_server, model_dirs, tmp
             step.close()
 
     try:
-        (loss, stats), (code, details) = _concurrently([_train(good, batch), bad_edge])
+        (loss, stats), (code, details) = concurrently([_train(good, batch), bad_edge])
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "shape" in details
         assert stats.batch_sessions == 2
         model, ref = reference_model(model_dirs["llama"], good.adapters)
@@ -178,7 +158,7 @@ def test_long_sequences_do_not_make_short_ones_pay_for_padding(batching_server, 
     lengths = [b.input_ids.shape[1] for b in batches]
     assert 2 * max(lengths) > 1.5 * sum(lengths), lengths
     try:
-        results = _concurrently([_train(e, b) for e, b in zip(edges, batches)])
+        results = concurrently([_train(e, b) for e, b in zip(edges, batches)])
         for r in results:
             assert not isinstance(r, BaseException), r
             assert r[1].batch_sessions == 1
@@ -213,7 +193,7 @@ def test_a_lagging_edge_is_dropped_and_then_runs_alone(model_dirs, tmp_path):
         sid = stub.OpenSession(pb.OpenSessionRequest(client_name="laggard")).session_id
         try:
             t0 = time.perf_counter()
-            (loss, stats), (code, details) = _concurrently([_train(good, batch), lambda: _stalling_edge(stub, sid)])
+            (loss, stats), (code, details) = concurrently([_train(good, batch), lambda: _stalling_edge(stub, sid)])
             assert time.perf_counter() - t0 < 15, "the batch waited for the laggard's whole step deadline"
             assert code == grpc.StatusCode.DEADLINE_EXCEEDED and "batched" in details, details
             assert stats.batch_sessions == 2

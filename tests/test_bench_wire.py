@@ -12,7 +12,8 @@ from edge_client.trainer import TrainConfig
 
 def test_combination_names_map_to_settings():
     s = wire.settings("int4-int8grad+fact+kr")
-    assert (s["wire_dtype"], s["grad_dtype"], s["factorised"], s["stochastic_rounding"]) == ("int4", "int8", True, False)
+    assert (s["wire_dtype"], s["grad_dtype"], s["factorised"], s["stochastic_rounding"]) == \
+        ("int4", "int8", True, False)
     assert (s["kr"].policy, s["kr"].unit, s["kr"].warmup_steps) == ("kr", "site", 20)   # KR's defaults
     steady = wire.settings("int8-sr+kr", kr_steady=True)
     assert steady["stochastic_rounding"] and not steady["factorised"] and steady["kr"].warmup_steps == 1

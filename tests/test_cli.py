@@ -2,31 +2,11 @@
 from __future__ import annotations
 
 import json
-import os
-import random
-import subprocess
-import sys
 
 import pytest
 from safetensors.torch import load_file
 
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
-
-
-def cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout, env=ENV)
-
-
-@pytest.fixture
-def jsonl(tmp_path):
-    rng = random.Random(0)
-    words = {"sport": ["goal", "match", "team"], "tech": ["phone", "chip", "code"]}
-    path = tmp_path / "train.jsonl"
-    with path.open("w") as f:
-        for i in range(40):
-            label = "sport" if i % 2 else "tech"
-            f.write(json.dumps({"text": " ".join(rng.choice(words[label]) for _ in range(6)), "label": label}) + "\n")
-    return path
+from helpers import cli
 
 
 def test_train_end_to_end(servers, jsonl, tmp_path):

@@ -28,12 +28,12 @@ import pytest
 import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # deploy/ is not an installed package: also under a bare `pytest`
-
 from deploy import haproxy as lb
 from deploy.local import Cluster, free_port, haproxy_stats
 
+from helpers import HAPROXY
+
+ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 COMPOSE_FILE = DEPLOY / "compose.yml"
@@ -41,10 +41,6 @@ COMPOSE_FILE = DEPLOY / "compose.yml"
 # are GA since 1.27.
 K8S_VERSION = "1.33.0"
 
-try:
-    HAPROXY: str | None = lb.find_haproxy()
-except FileNotFoundError:
-    HAPROXY = None
 needs_haproxy = pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed (apt-get install haproxy; "
                                                              ".ci/run installs it for CI)")
 
@@ -210,8 +206,8 @@ def test_cli_prints_the_config():
                          check=False, capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert res.returncode == 0, res.stderr
     assert res.stdout == lb.render(["127.0.0.1:6001", "127.0.0.1:6002"], "127.0.0.1:6000", names=["a", "b"], fall=3)
-    res = subprocess.run([sys.executable, "-m", "deploy.haproxy", "--print"], check=False, capture_output=True, text=True,
-                         cwd=ROOT, timeout=60)
+    res = subprocess.run([sys.executable, "-m", "deploy.haproxy", "--print"], check=False, capture_output=True,
+                         text=True, cwd=ROOT, timeout=60)
     assert res.returncode == 2 and "--backend" in res.stderr
 
 

@@ -17,15 +17,19 @@ import json
 from pathlib import Path
 
 import pytest
-import test_kill_revive
 import torch
-from helpers import check_step_exact, connect
-from test_cli import cli
-from test_generation import check_generation_matches_full_recompute
-from test_splitlora import check_split_equals_centralized
 
 from cloud_server import launch
 from cloud_server.device_map import resolve
+
+from helpers import (
+    check_generation_matches_full_recompute,
+    check_parked_modules_exact,
+    check_split_equals_centralized,
+    check_step_exact,
+    cli,
+    connect,
+)
 
 BLOCKS = {"llama": "model.layers", "gpt2": "transformer.h"}
 
@@ -72,7 +76,7 @@ def test_a_step_with_offloaded_blocks_matches_in_process(kind, offloaded, model_
 def test_parked_adapters_and_generation_under_the_map(offloaded, model_dirs, cache):
     """Kill and Revive parks block 0's site, the offloaded one; generation's KV cache runs through it."""
     address, _ = offloaded("llama")
-    test_kill_revive.test_parked_modules_are_exact_and_cost_nothing("llama", {"llama": address}, model_dirs, cache)
+    check_parked_modules_exact(address, model_dirs["llama"], cache)
     check_generation_matches_full_recompute(address, model_dirs["llama"], cache)
 
 

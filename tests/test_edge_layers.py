@@ -6,6 +6,7 @@ import grpc
 import pytest
 import torch
 
+from bench.tiny_models import save_tiny
 from cloud_server import launch, recorder
 from common import tensor_codec as codec
 from common.lora import LoRAAdapter, inject
@@ -14,9 +15,8 @@ from common.wire import dlora_pb2_grpc as pb_grpc
 from edge_client.objective import make_batch
 from edge_client.session import CloudError, CloudSession
 from edge_client.trainer import EdgeTrainer, TrainConfig
-from helpers import EXAMPLES, reference_loss, rel_err, train_alongside
-from test_batching import _concurrently
-from tiny_models import save_tiny
+
+from helpers import EXAMPLES, concurrently, reference_loss, rel_err, train_alongside
 
 TOL = 1e-5
 LAYERS = {"llama": 4, "gpt2": 3}
@@ -121,7 +121,7 @@ def test_concurrent_edges_with_the_same_edge_layers_share_a_batch(deep, tmp_path
     try:
         batches = [make_batch(t.tokenizer, [EXAMPLES[i], EXAMPLES[(i + 1) % 4]], 64) for i, t in enumerate(trainers)]
         refs = [_reference(model_dir, t) for t in trainers]  # before the step changes the adapters
-        results = _concurrently([lambda t=t, b=b: t.train_step(b) for t, b in zip(trainers, batches)])
+        results = concurrently([lambda t=t, b=b: t.train_step(b) for t, b in zip(trainers, batches)])
         for trainer, batch, (model, ref, _), (loss, _, _) in zip(trainers, batches, refs, results):
             want = reference_loss(model, batch)
             want.backward()

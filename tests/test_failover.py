@@ -9,9 +9,9 @@ import time
 import pytest
 
 from deploy.local import Cluster
-from helpers import check_same_state, split_state, split_trainer
-from test_deploy import HAPROXY
-from test_reliability import _trainer
+
+from helpers import HAPROXY, check_same_state, split_state, split_trainer
+from helpers import kr_trainer as _trainer
 
 log = logging.getLogger(__name__)
 

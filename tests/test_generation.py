@@ -12,54 +12,12 @@ from common import tensor_codec as codec
 from common.wire import dlora_pb2 as pb
 from common.wire import dlora_pb2_grpc as pb_grpc
 from edge_client.generation import GenerateConfig, choose, generate
-from helpers import connect, reference_model, rel_err
 
-NEW = 12
-
-
-def reference_greedy(model, prompt_ids: list[int], n: int) -> tuple[list[int], list[torch.Tensor]]:
-    """Greedy decoding without any cache: the whole sequence is re-run for every token."""
-    ids = torch.tensor([prompt_ids])
-    out, logits = [], []
-    with torch.no_grad():
-        for _ in range(n):
-            last = model(input_ids=ids).logits[:, -1]
-            logits.append(last[0])
-            tok = int(last.argmax(-1))
-            out.append(tok)
-            ids = torch.cat([ids, torch.tensor([[tok]])], dim=1)
-    return out, logits
+from helpers import check_generation_matches_full_recompute, connect, reference_greedy, reference_model
 
 
 def test_generation_matches_full_recompute(kind, servers, model_dirs, cache):
     check_generation_matches_full_recompute(servers[kind], model_dirs[kind], cache)
-
-
-def check_generation_matches_full_recompute(address: str, model_dir, cache) -> None:
-    """Greedy tokens and every logit the edge saw equal re-running the whole model per token."""
-    edge = connect(address, cache)
-    try:
-        prompt = edge.tokenizer("the match ended")["input_ids"]
-        seen: list[torch.Tensor] = []
-        logits_fn = edge.edge.logits
-        edge.edge.logits = lambda h: seen.append(logits_fn(h)[0]) or logits_fn(h)  # record what the edge saw
-        result = generate(edge.session, edge.edge, edge.tokenizer, edge.adapters, prompt,
-                          GenerateConfig(max_new_tokens=NEW, stop_at_eos=False))
-        model, _ = reference_model(model_dir, edge.adapters)
-        want, want_logits = reference_greedy(model, prompt, NEW)
-        assert result.token_ids == want
-        for got, ref in zip(seen, want_logits):
-            assert rel_err(got, ref) <= 1e-5
-        # The KV cache: one pass per token, each site exchanging one position
-        # after the prompt, so the bytes grow with prompt + new tokens, not with
-        # their square.
-        sites = len(edge.session.sites)
-        assert result.stats.sites == NEW * sites
-        width = edge.session.sites[0].modules[0].in_features
-        positions = len(prompt) + NEW - 1
-        assert result.stats.bytes_received <= 4 * width * positions * sites * 1.05 + 100 * result.stats.messages
-    finally:
-        edge.session.close()
 
 
 def test_generation_with_parked_adapters(servers, model_dirs, cache):

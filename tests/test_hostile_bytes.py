@@ -16,6 +16,7 @@ from cloud_server import launch
 from common import tensor_codec as codec
 from common.wire import dlora_pb2 as pb
 from common.wire import dlora_pb2_grpc as pb_grpc
+
 from helpers import check_step_exact, connect
 
 SERVICE = pb.DESCRIPTOR.services_by_name["DLoRA"]

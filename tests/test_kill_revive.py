@@ -12,8 +12,8 @@ from common.lora import LoRAAdapter
 from common.wire import dlora_pb2 as pb
 from common.wire import dlora_pb2_grpc as pb_grpc
 from edge_client.kill_revive import KRConfig, Selector
-from helpers import connect, reference_loss, reference_model, rel_err
-from test_cli import cli, jsonl  # noqa: F401 - fixture
+
+from helpers import check_parked_modules_exact, cli
 
 
 def fake_adapters(n: int) -> dict[str, LoRAAdapter]:
@@ -87,46 +87,7 @@ def test_bad_kr_config():
 
 
 def test_parked_modules_are_exact_and_cost_nothing(kind, servers, model_dirs, cache):
-    edge = connect(servers[kind], cache, seed=3)
-    try:
-        batch = edge.batch()
-        _, all_live = edge.train(1, batch, lambda h: edge_loss(edge, h, batch))
-        for a in edge.adapters.values():
-            a.zero_grad()
-        names = edge.session.module_names
-        sites = edge.session.sites
-        # Park every module of the first site and, on Llama, one module of the second.
-        killed = [m.name for m in sites[0].modules] + ([sites[1].modules[1].name] if len(sites[1].modules) > 1 else [])
-        sent, received = edge.session.park({n: edge.adapters[n] for n in killed}, [])
-        assert sent > 0 and received > 0
-        loss, stats = edge.train(2, batch, lambda h: edge_loss(edge, h, batch))
-        assert stats.sites == len(sites) - 1        # the all-parked site needs no round trip
-        assert stats.bytes_sent + stats.bytes_received < all_live.bytes_sent + all_live.bytes_received
-        assert stats.edge_flops < all_live.edge_flops
-        model, ref = reference_model(model_dirs[kind], edge.adapters)
-        for n in killed:
-            ref[n].requires_grad_(False)            # parked: frozen in the reference
-        ref_loss = reference_loss(model, batch)
-        ref_loss.backward()
-        assert abs(loss - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
-        for n in names:
-            for w in ("lora_A", "lora_B"):
-                got, want = getattr(edge.adapters[n], w).grad, getattr(ref[n], w).grad
-                if n in killed:
-                    assert got is None and want is None, n
-                else:
-                    assert rel_err(got, want) <= 1e-5, f"{n}.{w}"
-        # Reviving brings the module back onto the edge.
-        edge.session.park({}, killed)
-        _, back = edge.train(3, batch, lambda h: edge_loss(edge, h, batch))
-        assert back.sites == len(sites) and back.bytes_sent == all_live.bytes_sent
-    finally:
-        edge.session.close()
-
-
-def edge_loss(edge, h, batch):
-    from edge_client.objective import completion_loss
-    return completion_loss(h, batch, edge.edge.logits)
+    check_parked_modules_exact(servers[kind], model_dirs[kind], cache)
 
 
 def test_bad_park_requests(servers):

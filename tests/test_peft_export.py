@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from edge_client import peft_format
+
 from helpers import connect, rel_err
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}

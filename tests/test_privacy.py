@@ -9,6 +9,7 @@ from common import tensor_codec as codec
 from common.wire import dlora_pb2 as pb
 from edge_client.data import Example
 from edge_client.objective import encode
+
 from helpers import EXAMPLES, connect
 
 
@@ -36,7 +37,8 @@ def test_every_call_is_recorded(recorded_step):
     wire, _, _ = recorded_step
     for method in ("OpenSession", "GetEdgeAssets", "TrainStep", "CloseSession"):
         assert recorder.calls(wire, method), method
-    kinds = [pb.EdgeMessage.FromString(m).WhichOneof("kind") for m in recorder.read(recorder.calls(wire, "TrainStep")[0])]
+    kinds = [pb.EdgeMessage.FromString(m).WhichOneof("kind")
+             for m in recorder.read(recorder.calls(wire, "TrainStep")[0])]
     assert kinds[0] == "start" and {"site_outputs", "final_grad", "site_grad_input"} <= set(kinds)
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -15,25 +14,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from certs import make_pki
 from cloud_server import launch
 from common.wire import dlora_pb2 as pb
 from common.wire import dlora_pb2_grpc as pb_grpc
-from edge_client import data as datasets
-from edge_client.kill_revive import KRConfig
+from deploy.local import free_port
 from edge_client.session import CloudError, CloudSession, Credentials, RetryPolicy
-from edge_client.trainer import EdgeTrainer, TrainConfig, batches
-from edge_client.objective import make_batch
-from helpers import check_step_exact, connect
-from test_wire_errors import RawStep, expect_error, start_msg
+
+from certs import make_pki
+from helpers import RawStep, check_step_exact, cli, connect, expect_error, kr_trainer, run_raw, start_msg
 
 ALICE, BOB = "a" * 24, "b" * 24
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +121,6 @@ def test_limits(model_dirs, tmp_path):
         channel = grpc.insecure_channel(server.address, options=[("grpc.max_send_message_length", 1 << 24)])
         stub = pb_grpc.DLoRAStub(channel)
         sid = stub.OpenSession(pb.OpenSessionRequest()).session_id
-        from test_wire_errors import run_raw
         # Over the message size: refused by gRPC before our code runs.
         expect_error(lambda: run_raw(stub, start_msg(sid, b=8, t=60)), grpc.StatusCode.RESOURCE_EXHAUSTED)
         # Over the batch-token limit.
@@ -148,32 +137,17 @@ def test_limits(model_dirs, tmp_path):
         channel.close()
 
 
-def _trainer(address: str, tmp_path: Path, policy: str = "kr", client_key: str | None = None
-             ) -> tuple[EdgeTrainer, list]:
-    """An edge trainer on a tiny task; KR with short periods so parking is exercised."""
-    rows = [datasets.Example(f"item {i} is {'red' if i % 2 else 'blue'}", " red" if i % 2 else " blue",
-                             "red" if i % 2 else "blue") for i in range(32)]
-    cfg = TrainConfig(server=address, r=2, lr=1e-2, batch_size=4, cache=tmp_path / "cache", progress=False,
-                      kr=KRConfig(policy=policy, budget=0.34, revive=0.5, period=2, warmup_steps=2),
-                      retry=RetryPolicy(retries=12, backoff=0.2, max_backoff=2.0))
-    session = CloudSession(address, credentials=cfg.credentials, retry=cfg.retry, client_key=client_key)
-    trainer = EdgeTrainer(cfg, session)
-    trainer.set_objective(datasets.Dataset(rows, ["blue", "red"]))
-    it = batches(rows, 4, seed=0)
-    return trainer, [make_batch(trainer.tokenizer, next(it), 64) for _ in range(10)]
-
-
 def test_server_killed_mid_step_then_restarted(model_dirs, tmp_path):
     port = free_port()
     args = ["--model", str(model_dirs["llama"]), "--port", str(port)]
     # Reference: the same ten steps, uninterrupted.
     with launch.start(args, tmp_path / "ref.log", timeout=300):
-        ref, ref_batches = _trainer(f"127.0.0.1:{port}", tmp_path)
+        ref, ref_batches = kr_trainer(f"127.0.0.1:{port}", tmp_path)
         for b in ref_batches:
             ref.train_step(b)
         ref.session.close()
     server = launch.start(args, tmp_path / "a.log", timeout=300)
-    trainer, batches_ = _trainer(f"127.0.0.1:{port}", tmp_path)
+    trainer, batches_ = kr_trainer(f"127.0.0.1:{port}", tmp_path)
     restarted: dict[str, launch.ServerProcess] = {}
     real_loss = trainer.loss
 
@@ -235,7 +209,6 @@ def test_lost_session_is_reopened_without_backoff(model_dirs, tmp_path, caplog):
 
 
 def test_checkpoint_resume_equals_uninterrupted(servers, tmp_path):
-    from test_cli import cli
     data = tmp_path / "d.jsonl"
     data.write_text("\n".join(f'{{"text": "item {i}", "label": "{"red" if i % 2 else "blue"}"}}' for i in range(40)))
     common = ["edge_client", "train", "--server", servers["llama"], "--data", str(data), "--batch-size", "4",
@@ -262,7 +235,7 @@ def test_checkpoint_resume_equals_uninterrupted(servers, tmp_path):
 
 EDGE_THAT_HANGS = textwrap.dedent("""
     import sys, time
-    sys.path.insert(0, {tests!r})
+    sys.path[:0] = [{tests!r}, {root!r}]  # helpers, and deploy/ it imports (not an installed package)
     from helpers import check_step_exact, connect
     edge = connect({address!r}, __import__("pathlib").Path({cache!r}))
     batch = edge.batch()
@@ -276,8 +249,8 @@ EDGE_THAT_HANGS = textwrap.dedent("""
 def test_edge_killed_mid_step_frees_its_session(model_dirs, tmp_path):
     with launch.start(["--model", str(model_dirs["llama"]), "--max-sessions", "1"], tmp_path / "s.log",
                       timeout=300) as server:
-        script = EDGE_THAT_HANGS.format(tests=str(Path(__file__).parent), address=server.address,
-                                        cache=str(tmp_path / "c"))
+        script = EDGE_THAT_HANGS.format(tests=str(Path(__file__).parent), root=str(Path(__file__).parent.parent),
+                                        address=server.address, cache=str(tmp_path / "c"))
         edge = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
         assert edge.stdout.readline().strip() == "mid-step"
         with pytest.raises(CloudError, match="RESOURCE_EXHAUSTED"):

@@ -12,8 +12,8 @@ from peft import LoraConfig, get_peft_model
 
 from edge_client.kill_revive import KillRevive, KRConfig
 from edge_client.remote_model import DLoRAModelForCausalLM, lora_settings
-from helpers import random_adapters, reference_model, rel_err
-from test_generation import reference_greedy
+
+from helpers import random_adapters, reference_greedy, reference_model, rel_err
 
 TOL = 1e-5
 
@@ -165,7 +165,8 @@ def test_no_grad_uses_the_forward_path(servers, model_dirs, cache):
     with DLoRAModelForCausalLM.connect(servers["gpt2"], LoraConfig(r=4, lora_alpha=8), cache=cache) as model:
         model.load_adapters(random_adapters(model.session.module_shapes()))
         ref, _ = reference_model(model_dirs["gpt2"], model.adapters)
-        kw = {k: torch.stack([r[k] for r in dataset(model.config.vocab_size)[:2]]) for k in ("input_ids", "attention_mask")}
+        kw = {k: torch.stack([r[k] for r in dataset(model.config.vocab_size)[:2]])
+              for k in ("input_ids", "attention_mask")}
         steps = model.steps
         with torch.no_grad():
             got = model(**kw).logits
@@ -198,7 +199,8 @@ def test_save_and_load_pretrained(servers, model_dirs, cache, tmp_path):
         ids = torch.stack([r["input_ids"] for r in dataset(model.config.vocab_size)[:2]])
         with torch.no_grad():
             logits = model(ids).logits
-    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dirs["gpt2"]), tmp_path / "adapters")
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dirs["gpt2"]),
+                                           tmp_path / "adapters")
     with torch.no_grad():
         assert rel_err(logits, peft_model(input_ids=ids).logits) <= TOL
     with DLoRAModelForCausalLM.from_pretrained(tmp_path / "adapters", servers["gpt2"], cache=cache) as again:

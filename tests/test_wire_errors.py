@@ -1,7 +1,6 @@
 """Bad input on the wire gets a clear gRPC error, and the server keeps serving."""
 from __future__ import annotations
 
-import queue
 import threading
 import time
 
@@ -13,9 +12,8 @@ from cloud_server import launch
 from common import tensor_codec as codec
 from common.wire import dlora_pb2 as pb
 from common.wire import dlora_pb2_grpc as pb_grpc
-from helpers import connect, reference_loss, reference_model
 
-HIDDEN = 32  # tiny models' hidden size
+from helpers import HIDDEN, RawStep, connect, expect_error, reference_loss, reference_model, run_raw, start_msg
 
 
 @pytest.fixture
@@ -33,52 +31,6 @@ def session_id(stub):
         stub.CloseSession(pb.CloseSessionRequest(session_id=sid))
     except grpc.RpcError:
         pass
-
-
-def start_msg(sid: str, step_id: int = 1, b: int = 2, t: int = 5, h: int = HIDDEN, **kw) -> pb.EdgeMessage:
-    hidden = kw.pop("hidden", codec.encode(torch.randn(b, t, h)))
-    mask = kw.pop("mask", codec.encode(torch.ones(b, t, dtype=torch.bool)))
-    return pb.EdgeMessage(start=pb.StepStart(session_id=sid, step_id=step_id, hidden=hidden, attention_mask=mask))
-
-
-class RawStep:
-    """Drive TrainStep by hand: send what a test wants, see what the cloud answers."""
-
-    def __init__(self, stub, rpc: str = "TrainStep", metadata=()) -> None:
-        self.q: queue.SimpleQueue = queue.SimpleQueue()
-        self.responses = getattr(stub, rpc)(iter(self.q.get, None), timeout=30, metadata=metadata)
-
-    def send(self, msg: pb.EdgeMessage) -> None:
-        self.q.put(msg)
-
-    def recv(self) -> pb.CloudMessage:
-        return next(self.responses)
-
-    def close(self) -> None:
-        self.q.put(None)
-
-
-def expect_error(fn, code: grpc.StatusCode, *words: str) -> str:
-    with pytest.raises(grpc.RpcError) as info:
-        fn()
-    assert info.value.code() == code, info.value.details()
-    for w in words:
-        assert w in info.value.details(), info.value.details()
-    return info.value.details()
-
-
-def run_raw(stub, first: pb.EdgeMessage, reply=None):
-    """Send `first`; answer the first site input with reply(site_input) if given; read to the end."""
-    raw = RawStep(stub)
-    raw.send(first)
-    try:
-        msg = raw.recv()
-        if reply is not None and msg.WhichOneof("kind") == "site_input":
-            raw.send(reply(msg.site_input))
-        while True:
-            raw.recv()
-    finally:
-        raw.close()
 
 
 def test_unknown_session_is_not_found(stub):
@@ -105,7 +57,7 @@ def test_bad_start_messages(stub, session_id):
         "huge shape": start_msg(session_id, hidden=pb.Tensor(dtype=pb.FLOAT32, shape=[1] * 10**5)),
     }
     for what, msg in bad.items():
-        detail = expect_error(lambda: run_raw(stub, msg), grpc.StatusCode.INVALID_ARGUMENT)
+        detail = expect_error(lambda msg=msg: run_raw(stub, msg), grpc.StatusCode.INVALID_ARGUMENT)
         assert detail and len(detail) <= 400, what
     # A tensor left out is named as missing (its all-default message reads as dtype code 0).
     expect_error(lambda: run_raw(stub, start_msg(session_id, hidden=pb.Tensor())), grpc.StatusCode.INVALID_ARGUMENT,
@@ -143,11 +95,13 @@ def test_bad_site_outputs(stub, session_id):
 
     def too_few(site_input):
         return pb.EdgeMessage(site_outputs=pb.SiteOutputs(site=site_input.site, outputs=[]))
-    expect_error(lambda: run_raw(stub, start_msg(session_id), too_few), grpc.StatusCode.INVALID_ARGUMENT, "outputs for 3 live")
+    expect_error(lambda: run_raw(stub, start_msg(session_id), too_few), grpc.StatusCode.INVALID_ARGUMENT,
+                 "outputs for 3 live")
 
     def wrong_site(site_input):
         return pb.EdgeMessage(site_outputs=pb.SiteOutputs(site=site_input.site + 1))
-    expect_error(lambda: run_raw(stub, start_msg(session_id), wrong_site), grpc.StatusCode.INVALID_ARGUMENT, "expected site 0")
+    expect_error(lambda: run_raw(stub, start_msg(session_id), wrong_site), grpc.StatusCode.INVALID_ARGUMENT,
+                 "expected site 0")
 
     def wrong_kind(site_input):
         return pb.EdgeMessage(final_grad=pb.FinalGrad())

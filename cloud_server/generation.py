@@ -1,0 +1,81 @@
+"""Generation on the cloud: passes over one KV cache, the prompt first, then one position per token the edge picks."""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from cloud_server.batching import final_message
+from cloud_server.edge_stream import EdgeStream
+from cloud_server.errors import StepAborted, WrongMode
+from cloud_server.inputs import InputDecoder
+from cloud_server.served_model import ServedModel
+from cloud_server.session import Session
+from cloud_server.step_runner import EdgeLink, StepRunner
+from cloud_server.throughput import Throughput
+from common.wire import dlora_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+
+class Generation:
+    """Serves Generate calls: every block on the cloud, the edge's adapters live, sampling on the edge."""
+
+    def __init__(self, served: ServedModel, inputs: InputDecoder, groups: dict[str, tuple[str, ...]],
+                 throughput: Throughput) -> None:
+        self.served = served
+        self.inputs = inputs
+        self.groups = groups          # linear name -> the names sharing its input (StepRunner)
+        self.throughput = throughput
+
+    def run(self, stream: EdgeStream) -> None:
+        """Generation passes over one KV cache, until the edge half-closes the stream."""
+        session, start = stream.start()
+        if session.federation is not None:
+            raise WrongMode("generation runs in DLoRA mode: export the run's adapters (client and server side "
+                            "together) and generate with them in a DLoRA session")
+        if session.cut:
+            raise WrongMode(f"generation runs every block on the cloud; this session keeps blocks "
+                            f"0..{session.cut - 1} on the edge (edge_layers {session.cut}): open one without")
+        hidden, mask = self.inputs.step_start(session, start)
+        t0 = time.perf_counter()
+        with session.step(start.step_id, train=False):
+            mask, passes, wait = self._passes(stream, session, hidden, mask)
+        cloud = time.perf_counter() - t0 - wait
+        session.cloud_seconds += cloud
+        self.throughput.add(generations=1, tokens=int(mask.sum()), cloud_seconds=cloud)
+        log.info("session %s: generation of %d passes (a %d-position prompt, then one position per token) "
+                 "in %.2f s of cloud compute", session.id[:8], passes, int(start.hidden.shape[1]), cloud)
+        stream.send(pb.CloudMessage(end=pb.StepEnd(step_id=start.step_id, cloud_seconds=cloud)))
+
+    def _passes(self, stream: EdgeStream, session: Session, hidden: torch.Tensor,
+                mask: torch.Tensor) -> tuple[torch.Tensor, int, float]:
+        """Run pass after pass; the final mask, the number of passes and the seconds spent waiting on the edge."""
+        cache = self.served.new_cache()
+        parked = dict(session.parked)
+        wait = 0.0
+        passes = 0
+        try:
+            while True:
+                link = EdgeLink(session.sites, stream.receive, stream.send, session.wire, parked=parked)
+                runner = StepRunner([link], False, self.groups)
+                try:
+                    last = self.served.extend(runner, hidden, mask, cache)
+                finally:
+                    runner.release()
+                    link.error = None  # the error holds frames that hold the graph
+                wait += link.wait_seconds
+                passes += 1
+                session.tokens += int(mask[:, -hidden.shape[1]:].sum())
+                stream.send(final_message(last, session.wire))
+                stream.extend_deadline()
+                t_wait = time.perf_counter()
+                try:
+                    msg = stream.receive()
+                except StepAborted:  # the edge half-closed: generation is over
+                    return mask, passes, wait
+                wait += time.perf_counter() - t_wait
+                hidden, mask = self.inputs.next_embedding(session, msg, mask)
+        finally:
+            del cache

@@ -1,0 +1,43 @@
+"""Work done since the last report, for the server's periodic log line."""
+from __future__ import annotations
+
+import logging
+import threading
+
+log = logging.getLogger(__name__)
+
+
+class Throughput:
+    """Counts of steps, forwards, generations, tokens and cloud seconds, taken and reset by each report."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts = {"steps": 0, "forwards": 0, "generations": 0, "tokens": 0, "cloud_seconds": 0.0,
+                        "batched": 0, "cohort_members": 0, "batchable": 0}
+
+    def add(self, **counts: float) -> None:
+        with self._lock:
+            for k, v in counts.items():
+                self._counts[k] += v
+
+    def take(self) -> dict[str, float]:
+        with self._lock:
+            counts = dict(self._counts)
+            for k in self._counts:
+                self._counts[k] = 0
+        return counts
+
+    def report(self, seconds: float, open_sessions: int) -> None:
+        """Log the work of the last `seconds` (and reset the counts); an idle server stays quiet."""
+        c = self.take()
+        if not (c["steps"] or c["forwards"] or c["generations"]):
+            return
+        batched = ""
+        if c["batched"]:
+            # cohort_members counts, per step, how many sessions shared its batch.
+            batched = (f"; {c['batched']:.0f} steps batched with other sessions' "
+                       f"(mean {c['cohort_members'] / max(c['batchable'], 1):.1f} sessions per batch)")
+        log.info("last %.0f s: %d training steps, %d forwards, %d generations, %d tokens (%.0f tokens/s), "
+                 "cloud compute %.1f s (%.0f%% busy)%s; %d sessions open",
+                 seconds, c["steps"], c["forwards"], c["generations"], c["tokens"], c["tokens"] / seconds,
+                 c["cloud_seconds"], 100 * c["cloud_seconds"] / seconds, batched, open_sessions)
