@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+
+from common import atomic_write
 
 
 def table(headers: Sequence[object], rows: Iterable[Sequence[object]]) -> str:
@@ -26,7 +27,5 @@ def write_json(path: Path, obj: object) -> Path:
     leaves the previous file whole, and benches reuse what they find there on their next run.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write.write_text(path, json.dumps(obj, indent=2) + "\n")
     return path

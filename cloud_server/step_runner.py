@@ -29,6 +29,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from common import lora_wire
 from common import tensor_codec as codec
 from common.model_parts import UnsupportedModel
 from common.site_types import SiteSpec
@@ -166,7 +167,7 @@ class EdgeLink:
                 raise WireError(f"up factor of {mod.name}: shape {codec.shape_text(f.up.shape)}; expected "
                                 f"[{mod.out_features}, r] with 1 <= r < {mod.out_features}")
             up = codec.decode(f.up, name=f"up factor of {mod.name}", shape=(mod.out_features, rank),
-                              dtypes=[torch.float32])
+                              dtypes=[lora_wire.WEIGHT_DTYPE])
             down = codec.decode(f.down, name=f"down factor of {mod.name}", shape=lead + (rank,),
                                 dtypes=[self.wire.act]).float()
             up, down = up.to(x.device), down.to(x.device)
@@ -193,7 +194,7 @@ class EdgeLink:
                 d_down, d_up = factor_grads(g, down, up)
                 out = msg.site_grad_outputs.factor_grads.add()
                 self.wire.put_grad(out.down, d_down)
-                codec.encode_into(out.up, d_up, torch.float32)
+                codec.encode_into(out.up, d_up, lora_wire.WEIGHT_DTYPE)
         self.send(msg)
 
     def receive_site_grad_input(self, site: int, x_shape: torch.Size, want_dx: bool) -> torch.Tensor | None:

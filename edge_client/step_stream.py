@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import grpc
 import torch
 
+from common import lora_wire
 from common import tensor_codec as codec
 from common.lora import LoRAAdapter
 from common.tensor_codec import WireError
@@ -271,7 +272,7 @@ class _EdgeExchange:
             if factorised:
                 pair = reply.site_outputs.factors.add()
                 wire.put_act(pair.down, y)
-                codec.encode_into(pair.up, m.lora_B, torch.float32)
+                codec.encode_into(pair.up, m.lora_B, lora_wire.WEIGHT_DTYPE)
             else:
                 wire.put_act(reply.site_outputs.outputs.add(), y)
         self.send(reply)
@@ -331,5 +332,5 @@ class _EdgeExchange:
         downs = [codec.decode(g.down, name=f"down-factor gradient at site {site}", shape=tuple(y.shape),
                               dtypes=[wire.grad]).float() for g, y in zip(sent, ys)]
         ups = [codec.decode(g.up, name=f"up-factor gradient at site {site}", shape=tuple(m.lora_B.shape),
-                            dtypes=[torch.float32]) for g, m in zip(sent, mods)]
+                            dtypes=[lora_wire.WEIGHT_DTYPE]) for g, m in zip(sent, mods)]
         return downs, ups
