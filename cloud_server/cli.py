@@ -7,14 +7,16 @@ import os
 import signal
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from cloud_server.attestation import DEFAULT_TSM_DIR
 from cloud_server.batching import BatchingConfig
 from cloud_server.limits import ServerLimits
 from common import ready_line
+from common.attestation import TeeKind, TlsKeyOrigin
 from common.settings import add_arguments, build, setting
 from common.tensor_codec import dtype_from_name
 
@@ -35,6 +37,8 @@ It prints '{ready_line.PREFIX}HOST:PORT' once it accepts connections.
 
 SECURITY = "security: plaintext is for localhost only; give a certificate to serve a network"
 AUDIT = "privacy audit: see for yourself what this cloud learns from edges"
+ATTEST = ("confidential computing: prove to edges, with TEE evidence, what runs here (README: A cloud you can "
+          "verify)")
 
 
 @dataclass
@@ -80,6 +84,21 @@ class ServerConfig:
                                             "private data: for audits and `make bench-privacy`, not for production",
                                       metavar="DIR", group=AUDIT)
     record_limit_mb: float = setting(1024.0, "stop recording once this many MiB are written", group=AUDIT)
+    attestation: str = setting("none", "the CPU TEE this server runs in, whose evidence edges check before they "
+                                       "send anything: 'tdx' or 'sev-snp' (a confidential VM; evidence through the "
+                                       "kernel's configfs-tsm), or 'none'. Attested mode refuses every setting that "
+                                       "exposes data (--record-dir, --state-dir, --allow-insecure-remote, DEBUG "
+                                       "logs) and, without --tls-cert, makes its TLS key in memory at start",
+                               choices=[k.value for k in TeeKind], group=ATTEST)
+    tsm_dir: Path = setting(DEFAULT_TSM_DIR, "the configfs-tsm report directory the evidence comes from",
+                            metavar="DIR", group=ATTEST)
+    attestation_collateral: Path | None = setting(None, "TDX: the quote's collateral (Intel-signed TCB info, QE "
+                                                        "identity and CRLs, as JSON) handed to edges with the "
+                                                        "quote; fetch it from Intel PCS or your PCCS",
+                                                  metavar="FILE", group=ATTEST)
+    gpu_attestation: str = setting("auto", "GPU evidence in attested mode: 'auto' (from every NVIDIA GPU when "
+                                           "--device is CUDA; they must be in confidential-computing mode), "
+                                           "'off' (a CPU-only server)", choices=["auto", "off"], group=ATTEST)
     threads: int = setting(0, "torch CPU threads; 0 keeps torch's default")
     stats_every: float = setting(60.0, "seconds between throughput log lines (steps, tokens/s, busy share); quiet "
                                        "when idle")
@@ -92,7 +111,7 @@ class ServerConfig:
             raise ValueError(f"--port must be 0..65535, got {self.port}")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("--tls-cert and --tls-key go together")
-        if self.tls_client_ca and not self.tls_cert:
+        if self.tls_client_ca and not self.tls_cert and not self.attested:
             raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
         if self.device_map and self.device != "auto":
             raise ValueError(f"--device {self.device} and --device-map {self.device_map}: the map places the "
@@ -101,9 +120,39 @@ class ServerConfig:
             raise ValueError("--shutdown-grace and --threads must not be negative")
         if self.stats_every <= 0 or self.record_limit_mb <= 0:
             raise ValueError("--stats-every and --record-limit-mb must be positive")
-        if not self.tls_cert and not is_loopback(self.host) and not self.allow_insecure_remote:
+        if self.attested:
+            self._check_attestable()
+        if not self.tls_cert and not self.attested and not is_loopback(self.host) and not self.allow_insecure_remote:
             raise ValueError(f"refusing plaintext on non-loopback address {self.host}: give --tls-cert/--tls-key, "
                              "or --allow-insecure-remote if you really mean it")
+
+
+    @property
+    def attested(self) -> bool:
+        return TeeKind.parse(self.attestation) is not TeeKind.NONE
+
+    def _check_attestable(self) -> None:
+        """Attested mode refuses what would let data out of the TEE (the settings digest shows the rest)."""
+        exposing = {"--record-dir": self.record_dir is not None,
+                    "--state-dir (it writes cut gradients and adapters outside the TEE's memory)":
+                        self.state_dir is not None,
+                    "--allow-insecure-remote": self.allow_insecure_remote,
+                    "--log-level DEBUG": self.log_level.upper() == "DEBUG"}
+        named = [flag for flag, on in exposing.items() if on]
+        if named:
+            raise ValueError(f"--attestation {self.attestation} refuses {', '.join(named)}: each would expose "
+                             "edge data; drop it")
+        if TeeKind.parse(self.attestation) is TeeKind.TDX and self.attestation_collateral is None:
+            raise ValueError("--attestation tdx needs --attestation-collateral FILE (the quote's Intel-signed "
+                             "collateral; edges cannot check the quote without it)")
+
+    def effective_settings(self, tls_key_origin: TlsKeyOrigin, model_sha256: str) -> dict[str, object]:
+        """What the settings digest covers: every field as it is in force, the TLS key's origin and the model."""
+        out: dict[str, object] = {"dlora_protocol": 1, "tls_key_origin": tls_key_origin.value,
+                                  "model_assets_sha256": model_sha256}
+        for name, value in asdict(self).items():
+            out[name] = str(value) if isinstance(value, Path) else value
+        return out
 
 
 def parse_args(argv: list[str] | None = None) -> ServerConfig:
@@ -135,6 +184,25 @@ def pick_device(name: str) -> str:
     return name
 
 
+def _attester(cfg: ServerConfig, served, tls, origin: TlsKeyOrigin, device: str):
+    """The evidence source of an attested server; fails at start, naming what is missing."""
+    from cloud_server.assets import digest
+    from cloud_server.attestation import Attester, TsmReports
+    from cloud_server.tls_identity import spki_der
+    from common.attestation import spki_digest
+
+    tsm = TsmReports(cfg.tsm_dir)
+    tsm.check()
+    gpus = None
+    if cfg.gpu_attestation == "auto" and device.startswith("cuda"):
+        from cloud_server import gpu_evidence
+        gpu_evidence.require_cc()
+        gpus = gpu_evidence.collect_messages
+    collateral = cfg.attestation_collateral.read_bytes() if cfg.attestation_collateral else b""
+    settings = cfg.effective_settings(origin, digest(served.assets))
+    return Attester(TeeKind.parse(cfg.attestation), tsm, settings, spki_digest(spki_der(tls.cert)), collateral, gpus)
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -158,10 +226,18 @@ def main(argv: list[str] | None = None) -> int:
                            cfg.tls_client_ca.read_bytes() if cfg.tls_client_ca else None)
         if cfg.state_dir:
             _check_writable(cfg.state_dir)
+        origin = TlsKeyOrigin.FILE
+        if cfg.attested and tls is None:
+            from cloud_server import tls_identity
+            ident = tls_identity.generate()
+            tls = TLSFiles(ident.cert_pem, ident.key_pem,
+                           cfg.tls_client_ca.read_bytes() if cfg.tls_client_ca else None)
+            origin = TlsKeyOrigin.GENERATED
         device = pick_device(cfg.device)
         served = ServedModel(cfg.model, device=device, dtype=dtype_from_name(cfg.dtype),
                              default_targets=cfg.targets or None, device_map=cfg.device_map)
-    except (FileNotFoundError, ValueError, OSError) as exc:
+        attester = _attester(cfg, served, tls, origin, device) if cfg.attested else None
+    except (FileNotFoundError, ValueError, OSError, RuntimeError) as exc:
         print(f"cloud_server: {exc}", file=sys.stderr)
         return 2
     if not tls and not is_loopback(cfg.host):
@@ -178,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("recording every edge message under %s: it holds activations computed from the edges' "
                     "private data; protect it, and delete it after the audit", cfg.record_dir)
     service = DLoRAService(served, cfg.limits, Authenticator(tokens, mtls=bool(cfg.tls_client_ca)), modes=modes,
-                           batching=cfg.batching, recorder=recorder, state_dir=cfg.state_dir)
+                           batching=cfg.batching, recorder=recorder, state_dir=cfg.state_dir, attester=attester)
     try:
         running = make_server(service, cfg.host, cfg.port, tls, stats_every=cfg.stats_every)
     except OSError as exc:
@@ -190,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
              limits.idle_timeout, limits.step_timeout,
              f"batching window {bat.window_ms:g} ms, up to {bat.max_members} sessions and "
              f"{bat.max_tokens} tokens" if bat.window_ms else "batching off",
-             "TLS" if tls else "plaintext",
+             ("TLS" if tls else "plaintext") + (f", attested ({cfg.attestation}, TLS key {origin.value})"
+                                                if attester else ""),
              (" + client certificates" if cfg.tls_client_ca else "") + (f", {len(tokens)} tokens" if tokens else ""))
     print(ready_line.line(cfg.host, running.port), flush=True)
     stop = threading.Event()

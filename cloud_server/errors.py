@@ -12,6 +12,7 @@ from typing import Any
 
 import grpc
 
+from cloud_server.attestation import EvidenceError
 from cloud_server.auth import Unauthenticated
 from cloud_server.federation import FederationClosed, FederationMismatch
 from cloud_server.federation_state import StateError
@@ -39,6 +40,10 @@ class WrongMode(Exception):
     """The call does not fit the session's mode (or the server's)."""
 
 
+class NotAttested(Exception):
+    """Attest was called on a server that runs without attestation."""
+
+
 class StepAborted(Exception):
     """The edge closed the stream or broke the protocol; the message says how."""
 
@@ -60,6 +65,8 @@ STATUSES: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (Draining, grpc.StatusCode.UNAVAILABLE),
     (FederationClosed, grpc.StatusCode.UNAVAILABLE),
     (WrongMode, grpc.StatusCode.FAILED_PRECONDITION),
+    (NotAttested, grpc.StatusCode.FAILED_PRECONDITION),
+    (EvidenceError, grpc.StatusCode.UNAVAILABLE),
     (FederationMismatch, grpc.StatusCode.FAILED_PRECONDITION),
     (StateError, grpc.StatusCode.FAILED_PRECONDITION),
     (WireError, grpc.StatusCode.INVALID_ARGUMENT),

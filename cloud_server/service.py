@@ -17,10 +17,11 @@ from pathlib import Path
 import grpc
 
 from cloud_server.assets import Asset, digest
+from cloud_server.attestation import Attester
 from cloud_server.auth import Authenticator
 from cloud_server.batching import BatchingConfig, StepBatcher, StepJob
 from cloud_server.edge_stream import EdgeStream, InFlight
-from cloud_server.errors import Draining, LaggedBehind, WrongMode
+from cloud_server.errors import Draining, LaggedBehind, NotAttested, WrongMode
 from cloud_server.federation import Federations
 from cloud_server.generation import Generation
 from cloud_server.inputs import InputDecoder
@@ -53,8 +54,10 @@ class DLoRAService(pb_grpc.DLoRAServicer):
 
     def __init__(self, served: ServedModel, limits: ServerLimits, auth: Authenticator | None = None,
                  modes: tuple[str, ...] = ("dlora", "splitlora"), batching: BatchingConfig | None = None,
-                 recorder: MessageRecorder | None = None, state_dir: Path | None = None) -> None:
+                 recorder: MessageRecorder | None = None, state_dir: Path | None = None,
+                 attester: Attester | None = None) -> None:
         self.served = served
+        self.attester = attester  # None: --attestation none, and Attest is refused
         self.recorder = recorder  # writes every edge message to disk: privacy audits only
         self.modes = modes
         self.federations = Federations(state_dir)
@@ -75,6 +78,16 @@ class DLoRAService(pb_grpc.DLoRAServicer):
         if self.draining.is_set():
             raise Draining("the server is shutting down; retry against its replacement")
         return self.auth.identify(context)
+
+    # -- attestation ---------------------------------------------------------
+    def Attest(self, request: pb.AttestRequest, context: grpc.ServicerContext) -> pb.AttestReply:
+        # No identity check: the evidence is public, and an attesting edge sends no token before it checks out.
+        if self.attester is None:
+            raise NotAttested("this cloud_server runs without attestation (--attestation none): it has no TEE "
+                              "evidence to give; drop --attestation-policy to use it anyway")
+        if self.draining.is_set():
+            raise Draining("the server is shutting down; retry against its replacement")
+        return self.attester.attest(request.nonce)
 
     # -- sessions ------------------------------------------------------------
     def OpenSession(self, request: pb.OpenSessionRequest, context: grpc.ServicerContext) -> pb.OpenSessionReply:

@@ -27,6 +27,13 @@ What the config does, and why:
   replica that is marked DOWN are not shut down (no `on-marked-down shutdown-sessions`): a flapping
   check must not kill steps that still work.
 * Each reply carries `x-dlora-replica: <server name>` (--replica-header), for debugging affinity.
+
+`--passthrough` is the layout for attested replicas (cloud_server --attestation): TLS must end inside
+the replica whose evidence names its key, so HAProxy forwards TCP (`mode tcp`) without reading it.
+It then cannot see x-dlora-affinity: `balance source` hashes the client's address instead (consistent,
+so a replica that goes takes only its own clients along). The health check is the same gRPC call
+inside TLS (`tcp-check connect ssl alpn h2`, `verify none`: what the replica proves is checked by
+the edge, not here). There is no x-dlora-replica header: HAProxy cannot write into the stream.
 """
 from __future__ import annotations
 
@@ -117,15 +124,15 @@ TRAILERS_HEADER = bytes([HEADERS, END_STREAM | END_HEADERS]) + struct.pack(">I",
 SERVING_DATA_FRAME = _frame(DATA, 0, 1, b"\x00" + struct.pack(">I", 2) + b"\x08\x01")
 
 
-def health_check_rules(service: str = HEALTH_SERVICE, authority: str = "localhost") -> list[str]:
+def health_check_rules(service: str = HEALTH_SERVICE, authority: str = "localhost", tls: bool = False) -> list[str]:
     """The tcp-check rules: send the call, wait for the reply's trailers, then require SERVING in what
     came before them. `min-recv 0` makes the second expect conclusive at once (no waiting for more
     bytes), so NOT_SERVING, an unknown service or an error status fail the check as soon as the
-    reply is complete, not after `timeout check`."""
+    reply is complete, not after `timeout check`. `tls`: the same bytes inside TLS (passthrough)."""
     label = service or "the server"
     return [
         "option tcp-check",
-        "tcp-check connect",
+        "tcp-check connect ssl alpn h2" if tls else "tcp-check connect",
         (f"tcp-check send-binary {health_check_bytes(service, authority).hex()} "
          f"comment \"grpc.health.v1.Health/Check {label}\""),
         f"tcp-check expect binary {TRAILERS_HEADER.hex()} comment \"reply complete (trailers on stream 1)\"",
@@ -169,7 +176,7 @@ def render(backends: Sequence[str], bind: str = DEFAULTS["bind"], *, names: Sequ
            maxconn: int = DEFAULTS["maxconn"], weight: int = DEFAULTS["weight"],
            replica_header: str = DEFAULTS["replica_header"],
            stats_socket: str | None = None, stats_bind: str | None = None, resolvers: bool = False,
-           tls_pem: str | None = None, log: bool = True) -> str:
+           tls_pem: str | None = None, log: bool = True, passthrough: bool = False) -> str:
     """The HAProxy config for `backends` (HOST:PORT each; HOST may be a DNS name) behind `bind`.
 
     names: the servers' names (default cloud0, cloud1, ...). They also place the servers on the
@@ -181,7 +188,11 @@ def render(backends: Sequence[str], bind: str = DEFAULTS["bind"], *, names: Sequ
       comes back with a new address is found again); a name that does not resolve yet leaves its
       server without an address (down) instead of failing the start.
     tls_pem: certificate + key (one PEM file) for TLS on the frontend (ALPN h2); plaintext h2c without.
+    passthrough: forward TCP to replicas that serve TLS themselves (attested ones), with affinity by the
+      client's address; affinity_header, replica_header and tls_pem do not apply.
     """
+    if passthrough and tls_pem:
+        raise ValueError("passthrough forwards the replicas' own TLS; it cannot also end TLS at HAProxy (tls_pem)")
     backends = list(backends)
     if not backends:
         raise ValueError("at least one backend (HOST:PORT) is needed")
@@ -213,8 +224,9 @@ def render(backends: Sequence[str], bind: str = DEFAULTS["bind"], *, names: Sequ
     out += [
         "",
         "defaults",
-        "    mode http",
-        *(["    log global", "    option httplog", "    option dontlognull"] if log else []),
+        f"    mode {'tcp' if passthrough else 'http'}",
+        *(["    log global", f"    option {'tcplog' if passthrough else 'httplog'}", "    option dontlognull"]
+          if log else []),
         f"    timeout connect {timeout_connect}",
         "    # A step's stream can be silent for long while the other side computes: client and server",
         "    # timeouts are long ('timeout server' is the one that would kill a silent stream).",
@@ -231,7 +243,7 @@ def render(backends: Sequence[str], bind: str = DEFAULTS["bind"], *, names: Sequ
             "    parse-resolv-conf",
             "    hold valid 10s",
         ]
-    tls = f" ssl crt {tls_pem} alpn h2" if tls_pem else " proto h2"
+    tls = "" if passthrough else f" ssl crt {tls_pem} alpn h2" if tls_pem else " proto h2"
     out += [
         "",
         f"frontend {FRONTEND}",
@@ -239,16 +251,19 @@ def render(backends: Sequence[str], bind: str = DEFAULTS["bind"], *, names: Sequ
         f"    default_backend {BACKEND}",
         "",
         f"backend {BACKEND}",
-        f"    balance hdr({affinity_header})",
+        # Passthrough cannot read the header: the client's address is the affinity key instead.
+        "    balance source" if passthrough else f"    balance hdr({affinity_header})",
         f"    hash-type {hash_type}",
     ]
-    out += [f"    {rule}" for rule in health_check_rules(health_service, health_authority)]
-    if replica_header:
+    out += [f"    {rule}" for rule in health_check_rules(health_service, health_authority, tls=passthrough)]
+    if replica_header and not passthrough:
         out.append(f"    http-response set-header {replica_header} %s")
     # All replicas weigh the same; a larger weight only gives each more points on the hash ring, so
     # keys spread more evenly (measured over 600 keys: 45/55 at weight 1, 50/50 at 100). No
     # hash-balance-factor: bounded loads would move keys off their replica while it is busy.
-    server_opts = f"check inter {check_inter} fall {fall} rise {rise} weight {weight} proto h2"
+    server_opts = f"check inter {check_inter} fall {fall} rise {rise} weight {weight}"
+    # Passthrough: HAProxy opens TLS for its checks only, and trusts nothing of it (the edge attests).
+    server_opts += " check-ssl verify none" if passthrough else " proto h2"
     if resolvers:
         server_opts += " resolvers dns resolve-prefer ipv4 init-addr last,libc,none"
     out.append(f"    default-server {server_opts}")
@@ -355,6 +370,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resolvers", action="store_true",
                    help="re-resolve backend names at run time from /etc/resolv.conf (containers)")
     p.add_argument("--tls-pem", metavar="PEM", help="certificate and key (one PEM) for TLS on the frontend")
+    p.add_argument("--passthrough", action="store_true",
+                   help="forward TCP to replicas that serve TLS themselves (attested cloud_servers): affinity by "
+                        "client address, health checks inside TLS; no header affinity, no --tls-pem")
     p.add_argument("--no-log", dest="log", action="store_false", help="no request log on stdout")
     p.add_argument("--preset", choices=sorted(PRESETS),
                    help="print or write the committed config of deploy/compose.yml or deploy/k8s/ (with "
@@ -390,7 +408,8 @@ def main(argv: list[str] | None = None) -> int:
                         rise=args.rise, retries=args.retries, health_service=args.health_service,
                         health_authority=args.health_authority, h2_window=args.h2_window, maxconn=args.maxconn,
                         weight=args.weight, replica_header=args.replica_header, stats_socket=args.stats_socket,
-                        stats_bind=args.stats_bind, resolvers=args.resolvers, tls_pem=args.tls_pem, log=args.log)
+                        stats_bind=args.stats_bind, resolvers=args.resolvers, tls_pem=args.tls_pem, log=args.log,
+                        passthrough=args.passthrough)
     except ValueError as exc:
         print(f"deploy.haproxy: {exc}", file=sys.stderr)
         return 2

@@ -41,6 +41,17 @@ def _credential_args(g) -> None:
     g.add_argument("--tls-cert", type=Path, help="this client's certificate (PEM), for mutual TLS")
     g.add_argument("--tls-key", type=Path, help="this client's private key (PEM), for mutual TLS")
     g.add_argument("--tls-server-name", help="name to expect in the server certificate, if not the host")
+    g.add_argument("--attestation-policy", type=Path, metavar="FILE",
+                   help="TOML policy the cloud's TEE evidence must satisfy before anything (the token included) "
+                        "is sent; its TLS certificate is then pinned, not checked against --tls-ca (README: A "
+                        "cloud you can verify; example: examples/attestation-policy.toml)")
+
+
+def _credentials(args: argparse.Namespace):
+    from edge_client.session import Credentials
+
+    return Credentials.from_files(args.token, args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name,
+                                  args.attestation_policy)
 
 
 def _train_parser(sub) -> argparse.ArgumentParser:
@@ -124,6 +135,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     rep.add_argument("run_dir", type=Path, help="a --out directory of edge_client train")
     _export_parser(sub)
     _generate_parser(sub)
+    _attest_parser(sub)
     sh = sub.add_parser("shard", help="split labelled data into non-IID shards, one per simulated device",
                         description="Split text/label JSONL into CLIENTS shards with label skew: each label's "
                                     "examples go to the clients in Dirichlet(alpha) proportions. Writes "
@@ -176,20 +188,26 @@ def main(argv: list[str] | None = None) -> int:
         return _shard(args)
     if args.command == "generate":
         return _generate(args)
+    if args.command == "attest":
+        return _attest(args)
     from dataclasses import replace
 
+    from edge_client.attestation.errors import AttestationFailed
     from edge_client.data import DataError
-    from edge_client.session import CloudError, Credentials
+    from edge_client.session import CloudError
     from edge_client.trainer import run
 
     try:
-        creds = Credentials.from_files(args.token, args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
+        creds = _credentials(args)
     except (ValueError, OSError) as exc:
         print(f"edge_client: {exc}", file=sys.stderr)
         return 2
     cfg = replace(args.config, credentials=creds)
     try:
         summary = run(cfg)
+    except AttestationFailed as exc:
+        print(f"edge_client: nothing was sent: {exc}", file=sys.stderr)
+        return 1
     except (DataError, CloudError, ValueError) as exc:
         print(f"edge_client: {exc}", file=sys.stderr)
         return 2
@@ -229,20 +247,65 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from edge_client.attestation.errors import AttestationFailed
     from edge_client.generation import GenerateConfig, generate_cli
     from edge_client.peft_format import AdapterFormatError
-    from edge_client.session import CloudError, Credentials
+    from edge_client.session import CloudError
 
     try:
-        creds = Credentials.from_files(args.token, args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
+        creds = _credentials(args)
         cfg = GenerateConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed)
         prompts = [sys.stdin.read() if p == "-" else p for p in args.prompt]
         return generate_cli(args.server, creds, None if args.adapters == "none" else Path(args.adapters),
                             prompts, cfg, chat=args.chat, park=args.park, wire_dtype=args.wire_dtype,
                             cache=args.cache)
+    except AttestationFailed as exc:
+        print(f"edge_client: nothing was sent: {exc}", file=sys.stderr)
+        return 1
     except (AdapterFormatError, CloudError, ValueError, OSError) as exc:
         print(f"edge_client: {exc}", file=sys.stderr)
         return 2
+
+
+def _attest_parser(sub) -> None:
+    p = sub.add_parser("attest", help="check what a cloud_server proves with its TEE evidence, and nothing else",
+                       description="Ask the cloud_server for TEE evidence bound to a fresh nonce and to the TLS key "
+                                   "this connection reaches, check it against POLICY, and print what it proves "
+                                   "as JSON. Sends nothing but the handshake and the nonce. Exits 0 if every "
+                                   "check passes, 1 if one fails (the message names it), 2 on a usage error.",
+                       epilog="example:\n  edge_client attest --server gpu-host:50551 "
+                              "--policy examples/attestation-policy.toml",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--server", default="127.0.0.1:50551", help="cloud_server address HOST:PORT (default: %(default)s)")
+    p.add_argument("--policy", type=Path, required=True, metavar="FILE", help="the attestation policy (TOML)")
+    p.add_argument("--tls-cert", type=Path, help="this client's certificate (PEM), if the server needs mutual TLS")
+    p.add_argument("--tls-key", type=Path, help="this client's private key (PEM), for mutual TLS")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds the check may take (default: %(default)s)")
+
+
+def _attest(args: argparse.Namespace) -> int:
+    import json
+
+    from edge_client.attestation import policy
+    from edge_client.attestation.client import attest
+    from edge_client.attestation.errors import AttestationFailed
+
+    try:
+        rules = policy.load(args.policy)
+        read = lambda p: p.read_bytes() if p else None  # noqa: E731
+        cloud = attest(args.server, rules, timeout=args.timeout, cert=read(args.tls_cert), key=read(args.tls_key))
+    except ConnectionError as exc:
+        print(f"edge_client attest: FAILED: {exc}", file=sys.stderr)
+        return 1
+    except (policy.PolicyError, OSError) as exc:
+        print(f"edge_client: {exc}", file=sys.stderr)
+        return 2
+    except AttestationFailed as exc:
+        print(f"edge_client attest: FAILED: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(cloud.claims, indent=2, sort_keys=True))
+    print(f"edge_client attest: OK: {args.server} satisfies {args.policy}", file=sys.stderr)
+    return 0
 
 
 def _report(run_dir: Path) -> int:

@@ -30,6 +30,8 @@ from common.lora import ALL_LINEAR, LoRAAdapter, LoRAConfig, LoRALinear, seeded_
 from common.settings import setting
 from common.wire_format import WireFormat
 from edge_client import label_privacy, peft_format, token_privacy
+from edge_client.attestation import policy as attestation
+from edge_client.attestation.policy import Policy
 from edge_client.edge_model import EdgeModel, load_tokenizer
 from edge_client.session import CloudError, CloudSession, Credentials, RetryPolicy, SplitOptions, StepStats
 from edge_client.split_model import FrontModel
@@ -178,8 +180,11 @@ class DLoRAModelForCausalLM(nn.Module):
     @classmethod
     def connect(cls: type[_Model], server: str, lora_config=None, *, credentials: Credentials | None = None,
                 retry: RetryPolicy | None = None, split: SplitOptions | None = None,
-                **settings) -> _Model:
+                attestation_policy: str | Path | Policy | None = None, **settings) -> _Model:
         """Open a session on `server` with fresh adapters for `lora_config` (a peft.LoraConfig).
+
+        `attestation_policy` (a TOML file or a loaded Policy): the cloud must prove with TEE evidence that
+        it satisfies it before anything is sent (README: A cloud you can verify).
 
         `settings` are RemoteConfig's fields: edge_layers, token_epsilon, label_epsilon, label_token_ids,
         wire_dtype, grad_dtype, factorised, stochastic_rounding, client_name, cache, seed, timeout. `split`
@@ -189,6 +194,10 @@ class DLoRAModelForCausalLM(nn.Module):
             raise ValueError("label_epsilon protects the class tokens in forward(labels=...): give label_token_ids, "
                              "the token id of each class label (each label one token)")
         lora = lora_settings(lora_config)
+        if attestation_policy is not None:
+            rules = attestation_policy if isinstance(attestation_policy, Policy) else \
+                attestation.load(Path(attestation_policy))
+            credentials = dataclasses.replace(credentials or Credentials(), attestation=rules)
         if split is not None:
             split = dataclasses.replace(split, rank=lora.r, alpha=lora.lora_alpha)
         session = CloudSession(server, wire=remote.wire_format(), targets=list(lora.target_modules) or None,

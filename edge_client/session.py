@@ -25,6 +25,9 @@ from common.wire import dlora_pb2 as pb
 from common.wire import dlora_pb2_grpc as pb_grpc
 from common.wire_format import WireFormat
 from edge_client import asset_download
+from edge_client.attestation import policy as attestation
+from edge_client.attestation.client import AttestedCloud, attest
+from edge_client.attestation.policy import Policy
 from edge_client.step_stream import CloudError, StepStats, StepStream, rpc_error
 
 __all__ = ["CloudError", "CloudSession", "Credentials", "RetryPolicy", "SplitOptions", "StepStats"]
@@ -62,16 +65,22 @@ class Credentials:
     cert: bytes | None = None         # client certificate chain, for mutual TLS
     key: bytes | None = None          # client private key, for mutual TLS
     server_name: str | None = None    # name to check in the server certificate, if not the host
+    # Set: the cloud must prove with TEE evidence that it runs what this policy allows before anything
+    # else is sent (token included); its TLS certificate is then pinned, not checked against `ca`.
+    attestation: Policy | None = None
 
     @classmethod
     def from_files(cls, token: str | None = None, ca: Path | None = None, cert: Path | None = None,
-                   key: Path | None = None, server_name: str | None = None) -> Credentials:
+                   key: Path | None = None, server_name: str | None = None,
+                   attestation_policy: Path | None = None) -> Credentials:
         if bool(cert) != bool(key):
             raise ValueError("a client certificate and its key go together")
-        if cert and not ca:
-            raise ValueError("mutual TLS needs the server's CA too")
+        if cert and not (ca or attestation_policy):
+            raise ValueError("mutual TLS needs the server's CA too (or an attestation policy, which pins the "
+                             "server's certificate)")
         read = lambda p: p.read_bytes() if p else None  # noqa: E731
-        return cls(token or None, read(ca), read(cert), read(key), server_name)
+        policy = attestation.load(attestation_policy) if attestation_policy else None
+        return cls(token or None, read(ca), read(cert), read(key), server_name, policy)
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {self.token}"),) if self.token else ()
@@ -139,6 +148,10 @@ class CloudSession:
         # the master copies so it can park them again on a new session.
         self.parked_adapters: dict[str, LoRAAdapter] = {}
         self._needs_repark = False
+        # Attested mode: the replica this session's channels pin, and the claims of every attestation so far
+        # (one per session opened: the first, then each reconnect or failover).
+        self.attested: AttestedCloud | None = None
+        self.attestations: list[dict] = []
         self._open()
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
@@ -154,6 +167,9 @@ class CloudSession:
     def _channel(self, size: int) -> grpc.Channel:
         opts = self._options(size)
         c = self.credentials
+        if self.attested is not None:
+            opts.append(("grpc.ssl_target_name_override", self.attested.server_name))
+            return grpc.secure_channel(self.target, self.attested.channel_credentials(c.key, c.cert), options=opts)
         if c.ca is None:
             return grpc.insecure_channel(self.target, options=opts)
         if c.server_name:
@@ -161,7 +177,20 @@ class CloudSession:
         creds = grpc.ssl_channel_credentials(root_certificates=c.ca, private_key=c.key, certificate_chain=c.cert)
         return grpc.secure_channel(self.target, creds, options=opts)
 
+    def _attest(self) -> None:
+        """Attest whichever replica `target` reaches now, before anything else is sent to it."""
+        policy = self.credentials.attestation
+        assert policy is not None
+        try:
+            self.attested = attest(self.target, policy, timeout=min(self.timeout, 60.0), cert=self.credentials.cert,
+                                   key=self.credentials.key)
+        except ConnectionError as exc:
+            raise CloudError(str(exc), grpc.StatusCode.UNAVAILABLE) from None
+        self.attestations.append(self.attested.claims)
+
     def _open(self) -> None:
+        if self.credentials.attestation is not None:
+            self._attest()
         boot = self._channel(_BOOTSTRAP_MESSAGE_BYTES)
         try:
             grpc.channel_ready_future(boot).result(timeout=min(self.timeout, 30.0))
@@ -249,7 +278,10 @@ class CloudSession:
             except CloudError as exc:
                 if exc.code not in RETRYABLE or attempt == self.retry.retries:
                     raise
-                lost = exc.code == grpc.StatusCode.NOT_FOUND
+                # Attested: a replica that cannot be reached may be gone for good (a failover lands on
+                # another, with another key), so the session is opened again, attesting whatever answers.
+                lost = exc.code == grpc.StatusCode.NOT_FOUND or (
+                    self.credentials.attestation is not None and exc.code == grpc.StatusCode.UNAVAILABLE)
                 for p, g in zip(params, saved):
                     p.grad = None if g is None else g.clone()
                 # A server that answers NOT_FOUND is up but lost the session (it

@@ -421,12 +421,15 @@ def run(cfg: TrainConfig) -> dict:
             "total_seconds": time.time() - t_start, "reconnects": session.reconnects,
             "mode": cfg.mode, "cut_layer": cfg.cut_layer if split else 0, "edge_layers": cfg.edge_layers,
             "edge_param_mb": trainer.edge_param_bytes() / 1e6, "edge_peak_rss_mb": peak_rss_mb(),
+            "attested": bool(session.attestations),
         }
+        attestations = list(session.attestations)
         adapter_path = trainer.save(cfg.out, summary)
         summary["adapters"] = str(adapter_path)
     cfg.out.mkdir(parents=True, exist_ok=True)
-    log_doc = {"config": public_config(cfg),
-               "summary": summary, "history": history, "live_sets": live_history, "evals": evals}
+    # The verified claims of every attestation (the first, then one per reconnect or failover).
+    log_doc = {"config": public_config(cfg), "summary": summary, "history": history, "live_sets": live_history,
+               "evals": evals, "attestations": attestations}
     (cfg.out / "run.json").write_text(json.dumps(log_doc, indent=2))
     return summary
 
@@ -446,7 +449,8 @@ def public_config(cfg: TrainConfig) -> dict:
     doc = json.loads(json.dumps(asdict(cfg), default=str))
     creds = cfg.credentials
     doc["credentials"] = {"token": "<set>" if creds.token else None, "tls": creds.ca is not None,
-                          "client_certificate": creds.cert is not None, "server_name": creds.server_name}
+                          "client_certificate": creds.cert is not None, "server_name": creds.server_name,
+                          "attestation_policy": creds.attestation.source if creds.attestation else None}
     return doc
 
 
