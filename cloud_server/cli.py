@@ -195,9 +195,9 @@ def _attester(cfg: ServerConfig, served, tls, origin: TlsKeyOrigin, device: str)
     tsm.check()
     gpus = None
     if cfg.gpu_attestation == "auto" and device.startswith("cuda"):
-        from cloud_server import gpu_evidence
-        gpu_evidence.require_cc()
-        gpus = gpu_evidence.collect_messages
+        # Fails closed: edges that require GPUs then see none and send nothing.
+        raise RuntimeError("--attestation with a CUDA device: GPU evidence collection is not built yet; run with "
+                           "--gpu-attestation off (edges whose policy requires GPUs will refuse this server)")
     collateral = cfg.attestation_collateral.read_bytes() if cfg.attestation_collateral else b""
     settings = cfg.effective_settings(origin, digest(served.assets))
     return Attester(TeeKind.parse(cfg.attestation), tsm, settings, spki_digest(spki_der(tls.cert)), collateral, gpus)

@@ -105,9 +105,13 @@ def _sev_snp(t: Mapping[str, Any], base: Path, where: _Where) -> SevSnpRules:
     where.only(t, {"measurements", "roots", "min-tcb", "allow-debug", "vmpl"}, "[sev-snp]")
     tcb = dict(t.get("min-tcb", {}))
     where.only(tcb, {"bootloader", "tee", "snp", "microcode"}, "[sev-snp] min-tcb")
-    roots = t.get("roots") or sorted(str(p) for p in ROOTS.glob("amd_ark_*.pem"))
+    measurements = _hexes(t.get("measurements"), 48, "[sev-snp] measurements", where)
+    roots = t.get("roots") or sorted(str(p) for p in ROOTS.glob("amd_*.pem"))
+    if not roots:
+        where.fail("[sev-snp] roots", "no AMD root certificates are shipped with this edge_client yet: list your "
+                                      "ARK PEM files (AMD KDS: /vcek/v1/{Milan,Genoa,Turin}/cert_chain)")
     vmpl = t.get("vmpl")
-    return SevSnpRules(measurements=_hexes(t.get("measurements"), 48, "[sev-snp] measurements", where),
+    return SevSnpRules(measurements=measurements,
                        trusted_roots=tuple(_read(base, r, where) for r in roots),
                        min_tcb=MinTcb(**{k: int(v) for k, v in tcb.items()}),
                        allow_debug=bool(t.get("allow-debug", False)), vmpl=None if vmpl is None else int(vmpl))
