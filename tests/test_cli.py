@@ -93,7 +93,7 @@ def test_run_log_never_holds_secrets():
     text = json.dumps(public_config(cfg))
     assert secret not in text and "PRIVATE KEY" not in text
     assert public_config(cfg)["credentials"] == {"token": "<set>", "tls": True, "client_certificate": True,
-                                                 "server_name": None}
+                                                 "server_name": None, "attestation_policy": None}
 
 
 def test_network_presets_are_defaults_that_flags_override():

@@ -81,6 +81,8 @@ def valid_requests(h: Hostile) -> dict[str, bytes]:
     """A well-formed request per RPC, aimed at the fixture's sessions: the seed of truncations and varints."""
     park = weights(h.dlora)[0]
     return {k: v.SerializeToString() for k, v in {
+        # This server runs without attestation: a well-formed Attest is FAILED_PRECONDITION.
+        "Attest": pb.AttestRequest(nonce=bytes(32)),
         "OpenSession": pb.OpenSessionRequest(
             client_name="h", wire_dtype=pb.FLOAT16, target_modules=["q_proj", "v_proj"], mode=pb.SPLITLORA,
             split=pb.SplitConfig(cut_layer=1, federation="h", clients=1, rank=2, alpha=4, lr=0.01)),
