@@ -195,9 +195,13 @@ def _attester(cfg: ServerConfig, served, tls, origin: TlsKeyOrigin, device: str)
     tsm.check()
     gpus = None
     if cfg.gpu_attestation == "auto" and device.startswith("cuda"):
-        # Fails closed: edges that require GPUs then see none and send nothing.
-        raise RuntimeError("--attestation with a CUDA device: GPU evidence collection is not built yet; run with "
-                           "--gpu-attestation off (edges whose policy requires GPUs will refuse this server)")
+        from cloud_server.gpu_evidence import NvidiaGpus
+
+        # Every GPU in confidential-computing mode, checked now: a server that cannot prove its GPUs does not
+        # start (EvidenceError is a RuntimeError: main prints it and exits 2).
+        collector = NvidiaGpus()
+        collector.check()
+        gpus = collector
     collateral = cfg.attestation_collateral.read_bytes() if cfg.attestation_collateral else b""
     settings = cfg.effective_settings(origin, digest(served.assets))
     return Attester(TeeKind.parse(cfg.attestation), tsm, settings, spki_digest(spki_der(tls.cert)), collateral, gpus)

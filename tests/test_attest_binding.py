@@ -158,3 +158,33 @@ def test_bad_policies_are_named(doc, words):
 def test_settings_json_is_canonical():
     assert canonical_settings({"b": 1, "a": None}) == b'{"a":null,"b":1}'
     assert json.loads(canonical_settings(SETTINGS)) == SETTINGS
+
+
+def test_gpu_policy_keys(tmp_path):
+    base = {"tee": "sev-snp", "sev-snp": {"measurements": [bytes(48).hex()]}}
+    gpu = from_dict({**base, "gpu": {"required": True, "rim-dir": "rims", "ocsp": False,
+                                     "rim-service": "https://rims.example/v1/", "measurements": False}}, tmp_path).gpu
+    assert (gpu.required, gpu.rim_dir, gpu.ocsp_service, gpu.rim_service, gpu.check_measurements) == \
+        (True, tmp_path / "rims", None, "https://rims.example/v1/", False)
+    plain = from_dict({**base, "gpu": {}}).gpu
+    assert plain.ocsp_service.startswith("https://ocsp.ndis.nvidia.com")
+    assert plain.rim_service and plain.check_measurements
+    with pytest.raises(PolicyError, match=r"\[gpu\] ocsp"):
+        from_dict({**base, "gpu": {"ocsp": "http://plain"}})
+
+
+def test_gpu_evidence_is_checked_in_the_reply(chain):
+    """NVIDIA's real sample GPU evidence in an otherwise good reply: verified, and refused for its nonce,
+    which was made for another attestation (the edge's GPU nonce binds its nonce, TLS key and settings)."""
+    from pathlib import Path
+
+    data = Path(__file__).parent / "data" / "gpu"
+    good = reply(chain, NONCE, KEY, SETTINGS)
+    good.gpus.add(certificate_chain=(data / "hopperCertChain.txt").read_bytes(),
+                  attestation_report=bytes.fromhex((data / "hopperAttestationReport.txt").read_text().strip()),
+                  arch="HOPPER")
+    rules = policy(chain)
+    rules = dataclasses.replace(rules, gpu=dataclasses.replace(rules.gpu, ocsp_service=None, check_measurements=False))
+    with pytest.raises(AttestationFailed) as failed:
+        evidence.check(good, NONCE, KEY, rules)
+    assert failed.value.check == "gpu.nonce", failed.value

@@ -133,5 +133,7 @@ def _gpus(reply: pb.AttestReply, nonce: bytes, policy: Policy) -> list[dict[str,
         return []
     gpu = _verifier("gpu", "gpu")
     evidence = [gpu.GpuEvidence(g.certificate_chain, g.attestation_report, g.arch or "HOPPER") for g in reply.gpus]
-    return gpu.verify_gpus(evidence, nonce, gpu.GpuRules(allowed_drivers=policy.gpu.drivers,
-                                                         allowed_vbios=policy.gpu.vbios))
+    rules = gpu.GpuRules(allowed_drivers=policy.gpu.drivers, allowed_vbios=policy.gpu.vbios,
+                         rim_dir=policy.gpu.rim_dir, rim_service=policy.gpu.rim_service,
+                         ocsp_service=policy.gpu.ocsp_service, check_measurements=policy.gpu.check_measurements)
+    return gpu.verify_gpus(evidence, nonce, rules)

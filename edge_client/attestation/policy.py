@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from common.attestation import TeeKind, TlsKeyOrigin
+from edge_client.attestation.gpu import OCSP_SERVICE, RIM_SERVICE  # NVIDIA's, asked by default
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -56,6 +57,10 @@ class GpuPolicy:
     required: bool = False                     # true: the cloud must show at least one attested GPU
     drivers: tuple[str, ...] = ()              # allowed driver versions; empty: any NVIDIA's verifier accepts
     vbios: tuple[str, ...] = ()
+    rim_dir: Path | None = None                # local RIM files (by NVIDIA's file id), tried before the service
+    rim_service: str | None = RIM_SERVICE   # None: never fetch a RIM (then rim_dir must hold them)
+    ocsp_service: str | None = OCSP_SERVICE  # None: no revocation check (the claims say so)
+    check_measurements: bool = True            # False: no RIM comparison at all (the claims say so)
 
 
 @dataclass(frozen=True)
@@ -97,7 +102,7 @@ def from_dict(doc: Mapping[str, Any], base: Path = Path("."), source: str = "<po
     else:
         tdx = _tdx(doc.get("tdx") or where.fail("tdx", "add a [tdx] table with mrtd"), base, where)
     settings = {str(k).replace("-", "_"): v for k, v in dict(doc.get("settings", {})).items()}
-    return Policy(tee=tee, source=source, sev_snp=sev, tdx=tdx, gpu=_gpu(doc.get("gpu", {}), where),
+    return Policy(tee=tee, source=source, sev_snp=sev, tdx=tdx, gpu=_gpu(doc.get("gpu", {}), base, where),
                   settings=settings)
 
 
@@ -127,10 +132,27 @@ def _tdx(t: Mapping[str, Any], base: Path, where: _Where) -> TdxRules:
                     tcb_statuses=statuses, allow_debug=bool(t.get("allow-debug", False)))
 
 
-def _gpu(t: Mapping[str, Any], where: _Where) -> GpuPolicy:
-    where.only(t, {"required", "drivers", "vbios"}, "[gpu]")
+def _gpu(t: Mapping[str, Any], base: Path, where: _Where) -> GpuPolicy:
+    where.only(t, {"required", "drivers", "vbios", "rim-dir", "rim-service", "ocsp", "measurements"}, "[gpu]")
+    rim_dir = t.get("rim-dir")
     return GpuPolicy(required=bool(t.get("required", False)), drivers=tuple(str(d) for d in t.get("drivers", [])),
-                     vbios=tuple(str(v) for v in t.get("vbios", [])))
+                     vbios=tuple(str(v) for v in t.get("vbios", [])),
+                     rim_dir=None if rim_dir is None else (base / str(rim_dir) if not Path(str(rim_dir)).is_absolute()
+                                                           else Path(str(rim_dir))),
+                     rim_service=_service(t.get("rim-service", True), RIM_SERVICE, "[gpu] rim-service", where),
+                     ocsp_service=_service(t.get("ocsp", True), OCSP_SERVICE, "[gpu] ocsp", where),
+                     check_measurements=bool(t.get("measurements", True)))
+
+
+def _service(value: Any, default: str, key: str, where: _Where) -> str | None:
+    """true: NVIDIA's service; false: none; a string: that https URL (a mirror or a PCCS-like cache)."""
+    if value is True:
+        return default
+    if value is False:
+        return None
+    if isinstance(value, str) and value.startswith("https://"):
+        return value
+    where.fail(key, f"{str(value)[:40]!r}: give true (NVIDIA's service), false (none) or an https:// URL")
 
 
 def _hexes(values: Any, size: int, key: str, where: _Where) -> tuple[bytes, ...]:
