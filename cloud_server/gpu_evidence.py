@@ -13,17 +13,15 @@ check; here the operator does it, e.g. `nvidia-smi conf-compute -srs 1`).
 from __future__ import annotations
 
 import base64
-import importlib
 import logging
-import os
 import secrets
-import tempfile
 import threading
 from types import ModuleType
 from typing import Any
 
 from cloud_server.attestation import EvidenceError
 from common.attestation import NONCE_BYTES
+from common.nvidia_verifier import quiet_import
 from common.wire import dlora_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -124,34 +122,13 @@ class NvidiaGpus:
 
 def _load(module: str, dist: str) -> ModuleType:
     try:
-        with _QuietImport():
-            return importlib.import_module(module)
+        return quiet_import(module)
     except ModuleNotFoundError:
         raise EvidenceError(f"GPU attestation needs {dist}, which is not installed: {_INSTALL}; or run with "
                             "--gpu-attestation off") from None
     except Exception as exc:   # its pinned dependencies missing or replaced
         raise EvidenceError(f"GPU attestation: {dist} does not load ({type(exc).__name__}: {exc}); {_INSTALL}") \
             from None
-
-
-class _QuietImport:
-    """NVIDIA's `verifier.config` deletes and recreates ./verifier.log when imported and logs its progress to
-    stdout: import it from a private directory, then hand both loggers to this process's logging."""
-
-    def __enter__(self) -> None:
-        self._cwd = os.getcwd()
-        self._tmp = tempfile.TemporaryDirectory(prefix="dlora-nv-verifier-")
-        os.chdir(self._tmp.name)
-
-    def __exit__(self, *exc: object) -> None:
-        os.chdir(self._cwd)
-        for name in ("gpu-verifier-info", "gpu-verifier-event"):
-            logger = logging.getLogger(name)
-            for handler in list(logger.handlers):
-                logger.removeHandler(handler)
-                handler.close()
-            logger.setLevel(logging.WARNING)
-        self._tmp.cleanup()
 
 
 def _nvml_error(exc: BaseException) -> str:

@@ -7,7 +7,8 @@ import subprocess
 import sys
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -441,3 +442,18 @@ try:
     HAPROXY: str | None = lb.find_haproxy()
 except FileNotFoundError:
     HAPROXY = None
+
+
+@contextmanager
+def tsm_double(root: Path, kind: str, measurement_hex: str) -> Iterator[tuple[Path, Path]]:
+    """tests/tsm_double.py running for a real cloud_server --tsm-dir: (its report directory, the directory it
+    writes its chain's root.pem, and for TDX collateral.json, to)."""
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "tsm_double.py"), "--dir",
+                             str(root / "report"), "--kind", kind, "--measurement", measurement_hex, "--out",
+                             str(root / "chain"), "--lifetime", "1800"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "tsm-double ready"
+        yield root / "report", root / "chain"
+    finally:
+        proc.terminate()
+        proc.wait(10)

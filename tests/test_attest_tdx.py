@@ -6,8 +6,6 @@ import datetime as dt
 import hashlib
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,7 +20,7 @@ from edge_client.attestation import tdx
 from edge_client.attestation.errors import AttestationFailed
 from edge_client.session import Credentials
 
-from helpers import EXAMPLES, check_step_exact, connect
+from helpers import EXAMPLES, check_step_exact, connect, tsm_double
 
 try:
     import dcap_qvl
@@ -401,16 +399,8 @@ def test_malformed_collateral_is_refused(chain):
 @pytest.fixture(scope="module")
 def tsm(tmp_path_factory):
     """The configfs-tsm stand-in signing TDX quotes: (its report directory, the directory with root and collateral)."""
-    root = tmp_path_factory.mktemp("tsm-tdx")
-    proc = subprocess.Popen([sys.executable, str(HERE / "tsm_double.py"), "--dir", str(root / "report"),
-                             "--kind", "tdx", "--measurement", MRTD.hex(), "--out", str(root / "chain"),
-                             "--lifetime", "1800"], stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "tsm-double ready"
-        yield root / "report", root / "chain"
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    with tsm_double(tmp_path_factory.mktemp("tsm-tdx"), "tdx", MRTD.hex()) as dirs:
+        yield dirs
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from edge_client.attestation.client import attest
 from edge_client.attestation.errors import AttestationFailed
 from edge_client.session import Credentials
 
-from helpers import EXAMPLES, HAPROXY, check_step_exact, cli, connect
+from helpers import EXAMPLES, HAPROXY, check_step_exact, cli, connect, tsm_double
 
 MEASUREMENT = bytes(range(48)).hex()
 OTHER = bytes(48).hex()
@@ -30,16 +30,8 @@ HERE = Path(__file__).parent
 @pytest.fixture(scope="module")
 def tsm(tmp_path_factory):
     """The configfs-tsm stand-in: (its report directory, the directory with its chain's root)."""
-    root = tmp_path_factory.mktemp("tsm")
-    proc = subprocess.Popen([sys.executable, str(HERE / "tsm_double.py"), "--dir", str(root / "report"),
-                             "--kind", "sev-snp", "--measurement", MEASUREMENT, "--out", str(root / "chain"),
-                             "--lifetime", "1800"], stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "tsm-double ready"
-        yield root / "report", root / "chain"
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    with tsm_double(tmp_path_factory.mktemp("tsm"), "sev-snp", MEASUREMENT) as dirs:
+        yield dirs
 
 
 def attested_args(model_dir: Path, tsm_dir: Path) -> list[str]:

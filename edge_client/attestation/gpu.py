@@ -23,8 +23,6 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import logging
-import os
-import tempfile
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,6 +30,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from common.nvidia_verifier import quiet_import
 from edge_client.attestation.errors import AttestationFailed
 
 log = logging.getLogger(__name__)
@@ -109,14 +108,14 @@ def _import() -> SimpleNamespace:
                                                 f"this edge cannot check GPU evidence and sends nothing: "
                                                 f"{_INSTALL}") from None
     try:
-        with _QuietImport():
-            names = {"config": "verifier.config", "attestation": "verifier.attestation",
-                     "utils": "verifier.utils", "exceptions": "verifier.exceptions",
-                     "cc_admin_utils": "verifier.cc_admin_utils", "rim": "verifier.rim",
-                     "verifier": "verifier.verifier", "cert_chains": "verifier.nvml.gpu_cert_chains",
-                     "test_handle": "verifier.nvml.test_handle"}
-            mods = {key: importlib.import_module(name) for key, name in names.items()}
-            crypto = importlib.import_module("OpenSSL.crypto")
+        quiet_import("verifier.config")   # first: importing it is what has the side effects
+        names = {"config": "verifier.config", "attestation": "verifier.attestation",
+                 "utils": "verifier.utils", "exceptions": "verifier.exceptions",
+                 "cc_admin_utils": "verifier.cc_admin_utils", "rim": "verifier.rim",
+                 "verifier": "verifier.verifier", "cert_chains": "verifier.nvml.gpu_cert_chains",
+                 "test_handle": "verifier.nvml.test_handle"}
+        mods = {key: importlib.import_module(name) for key, name in names.items()}
+        crypto = importlib.import_module("OpenSSL.crypto")
     except Exception as exc:   # e.g. signxml 3.2 under a cryptography without binary curves
         raise AttestationFailed("gpu.verifier", f"NVIDIA's GPU verifier {version} does not load "
                                                 f"({type(exc).__name__}: {exc}); it needs its own pinned "
@@ -124,27 +123,6 @@ def _import() -> SimpleNamespace:
     if version != VERIFIER_TESTED:
         log.warning("%s %s: this edge_client was tested with %s", VERIFIER_DIST, version, VERIFIER_TESTED)
     return SimpleNamespace(version=version, crypto=crypto, **mods)
-
-
-class _QuietImport:
-    """Import NVIDIA's verifier without its side effects: on import `verifier.config` deletes and recreates
-    ./verifier.log in the working directory and prints its progress to stdout. The import runs in a private
-    directory (once, under the lock), then both loggers go to this process's logging, warnings and up."""
-
-    def __enter__(self) -> None:
-        self._cwd = os.getcwd()
-        self._tmp = tempfile.TemporaryDirectory(prefix="dlora-nv-verifier-")
-        os.chdir(self._tmp.name)
-
-    def __exit__(self, *exc: object) -> None:
-        os.chdir(self._cwd)
-        for name in ("gpu-verifier-info", "gpu-verifier-event"):
-            logger = logging.getLogger(name)
-            for handler in list(logger.handlers):
-                logger.removeHandler(handler)
-                handler.close()
-            logger.setLevel(logging.WARNING)
-        self._tmp.cleanup()
 
 
 def _configure(nv: SimpleNamespace, rules: GpuRules) -> None:
