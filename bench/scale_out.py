@@ -12,7 +12,7 @@
 - durability: one server, the same SplitLoRA edge with and without --state-dir (every step writes the
   federation's state and fsyncs it): the median step time of each.
 
-Writes bench/out/scale/results.json; the README's Scaling out section quotes it.
+Writes bench/out/scale/results.json; docs/results/scale.md shows it.
 """
 from __future__ import annotations
 

@@ -29,7 +29,7 @@ examples:
 
 Edges send hidden states, adapter outputs and gradients, never text, token ids
 or labels as such; a server holding the model can still recover the text and
-labels from them (README: Privacy; audit with --record-dir).
+labels from them (docs/privacy.md; audit with --record-dir).
 
 It prints '{ready_line.PREFIX}HOST:PORT' once it accepts connections.
 """
@@ -37,8 +37,7 @@ It prints '{ready_line.PREFIX}HOST:PORT' once it accepts connections.
 
 SECURITY = "security: plaintext is for localhost only; give a certificate to serve a network"
 AUDIT = "privacy audit: see for yourself what this cloud learns from edges"
-ATTEST = ("confidential computing: prove to edges, with TEE evidence, what runs here (README: A cloud you can "
-          "verify)")
+ATTEST = ("confidential computing: prove to edges, with TEE evidence, what runs here (docs/attestation.md)")
 
 
 @dataclass

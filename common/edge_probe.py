@@ -100,7 +100,7 @@ def check(what: str, got: torch.Tensor, want: torch.Tensor, tol: float, model_ty
         raise UnsupportedModel(
             f"{model_type}: the {what} differs from the cloud's full model by {err:.1e} (relative; at most "
             f"{tol:.0e} allowed). DLoRA would train this model silently wrong, so it refuses it: the family "
-            "does something its split does not reproduce. See the README's supported-architecture table.")
+            "does something its split does not reproduce. See docs/architectures.md.")
 
 
 def check_edge(embed, logits, probe: dict[str, torch.Tensor], cloud_dtype: torch.dtype, model_type: str) -> None:

@@ -18,7 +18,7 @@ _FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "nor
 # Default LoRA targets, by what a family calls its attention input projections.
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "c_attn", "query_key_value", "Wqkv", "qkv_proj")
 
-_SUPPORTED_HELP = "see the README's supported-architecture table"
+_SUPPORTED_HELP = "see docs/architectures.md"
 
 
 class UnsupportedModel(ValueError):

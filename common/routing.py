@@ -1,4 +1,4 @@
-"""How a call finds its replica: the gRPC metadata header load balancers hash on (README: Scaling out)."""
+"""How a call finds its replica: the gRPC metadata header load balancers hash on (docs/scaling.md)."""
 from __future__ import annotations
 
 # Every edge call carries it; HAProxy (deploy/haproxy.py) routes by a consistent hash of its value.

@@ -1,6 +1,6 @@
 """DLoRA edge client: private data, tokenizer, embedding, LM head and the live LoRA adapters.
 
-The Python API (README: Python API):
+The Python API (docs/python-api.md):
 
     from edge_client import DLoRAModelForCausalLM, KillRevive, KRConfig, SplitLoRAModelForCausalLM
 """

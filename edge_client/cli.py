@@ -19,7 +19,7 @@ data format (JSONL, one object per line, all lines of one kind):
 
 Only hidden states, adapter activations and their gradients leave the device,
 never text, token ids or labels as such; but the cloud that serves the model can
-recover the text and the labels from them (README: Privacy). --label-epsilon
+recover the text and the labels from them (docs/privacy.md). --label-epsilon
 bounds what it learns of the labels.
 """
 
@@ -43,8 +43,8 @@ def _credential_args(g) -> None:
     g.add_argument("--tls-server-name", help="name to expect in the server certificate, if not the host")
     g.add_argument("--attestation-policy", type=Path, metavar="FILE",
                    help="TOML policy the cloud's TEE evidence must satisfy before anything (the token included) "
-                        "is sent; its TLS certificate is then pinned, not checked against --tls-ca (README: A "
-                        "cloud you can verify; example: examples/attestation-policy.toml)")
+                        "is sent; its TLS certificate is then pinned, not checked against --tls-ca "
+                        "(docs/attestation.md; example: examples/attestation-policy.toml)")
 
 
 def _credentials(args: argparse.Namespace):

@@ -61,4 +61,4 @@ def notice(mode: str, edge_layers: int, cut_layer: int, label_epsilon: float | N
         hardening.append("--label-epsilon bounds the labels")
     advice = f"; {' and '.join(hardening)}" if hardening else ""
     return (f"privacy: the cloud serving the model can read back {tokens}, and {labels} ({SOURCE}){advice} "
-            "(README: Privacy)")
+            "(docs/privacy.md)")

@@ -42,16 +42,16 @@ _Model = TypeVar("_Model", bound="DLoRAModelForCausalLM")
 
 @dataclass
 class RemoteConfig:
-    """Where the cloud is and what this device keeps to itself (see README: Privacy)."""
+    """Where the cloud is and what this device keeps to itself (see docs/privacy.md)."""
 
     server: str = setting("127.0.0.1:50551", "cloud_server address HOST:PORT", group="connection and recovery")
     edge_layers: int = setting(0, "DLoRA: run the first K frozen blocks on this device, with their adapters, so "
                                   "the cloud receives their output instead of the embedding; exact, costs this "
-                                  "device K blocks of memory and compute (README: Privacy)", metavar="K")
+                                  "device K blocks of memory and compute (docs/privacy.md)", metavar="K")
     token_epsilon: float | None = setting(
         None, "token privacy (metric differential privacy): before anything is sent, each token, in training and "
               "evaluation, is swapped for the token nearest its embedding plus noise of density ~ exp(-EPS * |z|); "
-              "epsilon is per unit of embedding distance (README: Privacy)", metavar="EPS")
+              "epsilon is per unit of embedding distance (docs/privacy.md)", metavar="EPS")
     label_epsilon: float | None = setting(
         None, "label differential privacy: release each training label once by randomised response with this "
               "epsilon (kept with probability e^EPS/(e^EPS+C-1), else another label at random); the cloud, which "
@@ -184,7 +184,7 @@ class DLoRAModelForCausalLM(nn.Module):
         """Open a session on `server` with fresh adapters for `lora_config` (a peft.LoraConfig).
 
         `attestation_policy` (a TOML file or a loaded Policy): the cloud must prove with TEE evidence that
-        it satisfies it before anything is sent (README: A cloud you can verify).
+        it satisfies it before anything is sent (docs/attestation.md).
 
         `settings` are RemoteConfig's fields: edge_layers, token_epsilon, label_epsilon, label_token_ids,
         wire_dtype, grad_dtype, factorised, stochastic_rounding, client_name, cache, seed, timeout. `split`

@@ -33,7 +33,7 @@ from edge_client.session import CloudSession, Credentials, RetryPolicy, SplitOpt
 log = logging.getLogger(__name__)
 
 # `--network` presets: defaults for the settings that decide what a step costs on the link
-# (flags given explicitly still win). 'wan' is bench-wire's recommendation (README: Results).
+# (flags given explicitly still win). 'wan' is bench-wire's recommendation (docs/results).
 NETWORKS: dict[str, dict[str, object]] = {
     "lan": {},
     "wan": {"wire_dtype": "int8", "policy": "kr"},
@@ -75,11 +75,11 @@ class TrainConfig(LoRAConfig, RemoteConfig):
                              choices=["auto", "lm", "labels"])
     secret_labels: bool = setting(False, "train each label as a secret random vocabulary token (kept in "
                                          "OUT/secret_labels.json, never sent), so the cloud cannot name labels from "
-                                         "the gradient or its own head; it can still group them (README: Privacy). "
+                                         "the gradient or its own head; it can still group them (docs/privacy.md). "
                                          "Needs --objective labels or auto with one-token labels")
     network: str = setting("lan", "the link to the cloud: 'wan' presets " + " and ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in NETWORKS["wan"].items()) + " (flags given still win), what "
-        "bench-wire found cheapest on slow links at no accuracy cost (README: Results); 'lan' presets nothing",
+        "bench-wire found cheapest on slow links at no accuracy cost (docs/results); 'lan' presets nothing",
         choices=list(NETWORKS), group="wire")
     kr: KRConfig = setting(KRConfig, "Kill and Revive")
     # "dlora": the cloud runs every block, this device the adapters. "splitlora":

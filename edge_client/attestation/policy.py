@@ -157,7 +157,7 @@ def _service(value: Any, default: str, key: str, where: _Where) -> str | None:
 
 def _hexes(values: Any, size: int, key: str, where: _Where) -> tuple[bytes, ...]:
     if not values or not isinstance(values, list):
-        where.fail(key, f"list the allowed values as hex strings of {size} bytes (README: A cloud you can verify "
+        where.fail(key, f"list the allowed values as hex strings of {size} bytes (docs/attestation.md "
                         "says how to compute them)")
     out = []
     for v in values:
