@@ -35,6 +35,7 @@ from edge_client.attestation.policy import Policy
 from edge_client.edge_model import EdgeModel, load_tokenizer
 from edge_client.session import CloudError, CloudSession, Credentials, RetryPolicy, SplitOptions, StepStats
 from edge_client.split_model import FrontModel
+from edge_client.step_stream import StepState
 
 log = logging.getLogger(__name__)
 _Model = TypeVar("_Model", bound="DLoRAModelForCausalLM")
@@ -340,9 +341,9 @@ class DLoRAModelForCausalLM(nn.Module):
     def settle(self) -> None:
         """End the last training step if its backward never came: the cloud frees it, the session stays."""
         stream, self._pending = self._pending, None
-        if stream is None or stream.state in ("done", "failed"):
+        if stream is None or stream.state in (StepState.DONE, StepState.FAILED):
             return
-        if stream.state != "abandoned":
+        if stream.state is not StepState.ABANDONED:
             log.warning("step %d: its backward never came before the next call; abandoning it (the cloud "
                         "frees it). Call loss.backward() before the next forward.", stream.step_id)
             stream.abandon("a new call began before its backward")
@@ -414,13 +415,14 @@ class _StepHandle:
 
     def backward(self, grad: torch.Tensor) -> tuple[list[torch.Tensor | None], torch.Tensor | None]:
         """Finish the step with dL/d(final hidden): the adapters' gradients and dL/d(first hidden)."""
-        if self.stream.state == "abandoned":
+        if self.stream.state is StepState.ABANDONED:
             raise RuntimeError(f"step {self.step} was abandoned because another call reached the cloud before "
                                "its backward; call loss.backward() before the next forward")
         got: dict[str, torch.Tensor] = {}
 
         def attempt() -> None:
-            if self.stream.state != "paused":   # the stream failed: replay the forward (same inputs and noise)
+            # Not paused: the stream failed, so replay the forward (same inputs and noise).
+            if self.stream.state is not StepState.PAUSED:
                 self._open()
             if self.model.front is not None:
                 self.stream.exchange.on_cut_grad = lambda g: got.__setitem__(

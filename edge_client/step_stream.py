@@ -9,6 +9,7 @@ be abandoned, which frees the step on the cloud and keeps the session.
 """
 from __future__ import annotations
 
+import enum
 import logging
 import queue
 from collections.abc import Callable, Iterator
@@ -28,6 +29,20 @@ if TYPE_CHECKING:  # session.py imports this module
     from edge_client.session import CloudSession
 
 log = logging.getLogger(__name__)
+
+
+class StepState(enum.Enum):
+    """Where a step's stream is: OPEN -> (PAUSED, between forward and backward) -> DONE | FAILED | ABANDONED."""
+
+    OPEN = "open"             # in the forward pass, or answering the backward
+    PAUSED = "paused"         # a training step after its final hidden state, waiting for `finish`
+    DONE = "done"             # the cloud's end message arrived
+    FAILED = "failed"         # the call broke, or the cloud failed the step
+    ABANDONED = "abandoned"   # given up by the edge; the cloud frees it
+
+    @property
+    def ended(self) -> bool:
+        return self in (StepState.DONE, StepState.FAILED, StepState.ABANDONED)
 
 
 class CloudError(RuntimeError):
@@ -88,7 +103,7 @@ class StepStream:
         self.exchange = _EdgeExchange(session, adapters, self.send, self.stats, train, self.lead,
                                       close_stream=self.close_requests, accumulate=accumulate, dropout=dropout,
                                       seed=seed * 1_000_003 + step_id)
-        self.state = "open"               # open -> (paused) -> done | failed | abandoned
+        self.state = StepState.OPEN
         first = pb.EdgeMessage()
         first.start.session_id, first.start.step_id = session.session_id, step_id
         session.wire.put_act(first.start.hidden, hidden.detach())
@@ -137,9 +152,10 @@ class StepStream:
 
     def finish(self, grad: torch.Tensor) -> None:
         """Send dL/d(final hidden) and answer the cloud's backward until the step ends."""
-        if self.state != "paused":
-            raise RuntimeError(f"step {self.step_id} is {self.state}; only an opened training step can finish")
-        self.state = "open"
+        if self.state is not StepState.PAUSED:
+            raise RuntimeError(f"step {self.step_id} is {self.state.value}; only an opened training step can "
+                               "finish")
+        self.state = StepState.OPEN
         reply = pb.EdgeMessage()
         self.session.wire.put_grad(reply.final_grad.grad, grad.detach())
         self.send(reply)
@@ -147,9 +163,9 @@ class StepStream:
 
     def abandon(self, reason: str) -> None:
         """Give the step up: the cloud frees it and keeps the session. Safe from any thread."""
-        if self.state not in ("open", "paused"):
+        if self.state.ended:
             return
-        self.state = "abandoned"
+        self.state = StepState.ABANDONED
         msg = pb.EdgeMessage()
         msg.abandon.reason = reason[:200]
         self._outbox.put(msg.SerializeToString())
@@ -175,7 +191,7 @@ class StepStream:
                     self.exchange.forward(msg.site_input)
                 elif kind == "final_hidden":
                     if stop_at_final:
-                        self.state = "paused" if self.exchange.train else "open"
+                        self.state = StepState.PAUSED if self.exchange.train else StepState.OPEN
                         return msg.final_hidden
                     result = on_final(self.exchange, msg.final_hidden)
                 elif kind == "site_grad_outputs":
@@ -187,21 +203,21 @@ class StepStream:
                 elif kind == "end":
                     self.stats.cloud_seconds = msg.end.cloud_seconds
                     self.stats.batch_sessions = msg.end.batch_sessions or 1
-                    self.state = "done"
+                    self.state = StepState.DONE
                     return result
                 else:
                     raise WireError(f"unexpected message {kind!r} from the cloud")
         except grpc.RpcError as exc:
-            self.state = "failed"
+            self.state = StepState.FAILED
             raise rpc_error(exc) from None
         except BaseException:
-            self.state = "failed"
+            self.state = StepState.FAILED
             self._responses.cancel()
             raise
         finally:
-            if self.state != "paused":
+            if self.state is not StepState.PAUSED:
                 self.close_requests()
-        self.state = "failed"
+        self.state = StepState.FAILED
         raise CloudError(f"the cloud ended step {self.step_id} before its end message")
 
 
