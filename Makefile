@@ -9,7 +9,7 @@ WIRE    := common/wire
 # `make install` first: the first `make demo` or `make test` installs once, later ones reuse it.
 STAMP   := $(VENV)/.installed
 
-.PHONY: help install proto lint test docs docs-results demo simulate docker-test bench bench-step bench-kr bench-modes bench-wire bench-latency bench-edges bench-scale bench-privacy bench-gpu clean distclean
+.PHONY: help install proto lint test test-unit docs docs-results demo simulate docker-test bench bench-step bench-kr bench-modes bench-wire bench-latency bench-edges bench-scale bench-privacy bench-gpu clean distclean
 .PHONY: scale-local lb deploy-configs compose-up compose-down
 
 help:
@@ -24,6 +24,7 @@ help:
 	@echo "make deploy-configs re-render deploy/haproxy-compose.cfg and deploy/k8s/haproxy.cfg"
 	@echo "make lint        ruff, mypy and the strict docs build (CI runs it before the tests)"
 	@echo "make test        run the test suite (the command CI runs)"
+	@echo "make test-unit   only tests/unit: what needs no server (under a minute)"
 	@echo "make docs        generate the CLI reference and results pages, then mkdocs build --strict into site/"
 	@echo "make docs-results regenerate docs/results/*.md from bench/results/* (command, commit, stale marks)"
 	@echo "make bench-step  distributed vs in-process step time (tiny Llama, tiny GPT-2, SmolLM2)"
@@ -83,6 +84,11 @@ docs-results: $(STAMP)
 test: proto
 	@$(VPY) -m pytest -q tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+# The fast tier: no server, no subprocess; `make test` runs it too (tests/ includes tests/unit/).
+test-unit: proto
+	@$(VPY) -m pytest -q tests/unit; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test-unit: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 demo: proto
 	$(VPY) -m bench.demo --port $(PORT)

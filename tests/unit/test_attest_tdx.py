@@ -1,11 +1,10 @@
 """TDX quote verification: real Intel-signed quotes, each tampering refused by name, a throw-away DCAP chain,
-agreement with dcap-qvl (an independent verifier), and an attested cloud_server on a configfs-tsm stand-in."""
+and agreement with dcap-qvl (an independent verifier). End to end: tests/test_attestation_tdx.py."""
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
 import json
-import re
 from pathlib import Path
 
 import pytest
@@ -14,21 +13,15 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from tdx_chain import TdxTestChain
 
-from cloud_server import launch
-from edge_client.attestation import policy as attestation
 from edge_client.attestation import tdx
 from edge_client.attestation.errors import AttestationFailed
-from edge_client.session import Credentials
-
-from helpers import EXAMPLES, check_step_exact, connect, tsm_double
 
 try:
     import dcap_qvl
 except ImportError:   # pragma: no cover - the test extras install it
     dcap_qvl = None
 
-HERE = Path(__file__).parent
-DATA = HERE / "data" / "tdx"
+DATA = Path(__file__).parents[1] / "data" / "tdx"
 ROOTS = Path(tdx.__file__).parent / "roots"
 INTEL_ROOT = (ROOTS / "intel_sgx_root_ca.pem").read_bytes()
 INTEL_ROOT_SHA256 = "44a0196b2b99f889b8e149e95b807a350e7424964399e885a7cbb8ccfab674d3"   # of its DER
@@ -392,46 +385,3 @@ def test_malformed_collateral_is_refused(chain):
     assert "pck_crl" in refused("tdx.collateral", quote, json.dumps(doc).encode(), chain.root_pem).detail
     refused("tdx.collateral", quote, edit_collateral(chain.collateral(), root_ca_crl="zz"), chain.root_pem)
     refused("tdx.root-pinned", quote, chain.collateral(), b"not a certificate")
-
-
-# --- end to end: an attested cloud_server on the configfs-tsm stand-in ------------------------------------------
-
-@pytest.fixture(scope="module")
-def tsm(tmp_path_factory):
-    """The configfs-tsm stand-in signing TDX quotes: (its report directory, the directory with root and collateral)."""
-    with tsm_double(tmp_path_factory.mktemp("tsm-tdx"), "tdx", MRTD.hex()) as dirs:
-        yield dirs
-
-
-@pytest.fixture(scope="module")
-def attested(model_dirs, tsm, tmp_path_factory):
-    """A TDX-attested cloud_server on the tiny Llama: its address and log."""
-    log = tmp_path_factory.mktemp("attested-tdx-logs") / "server.log"
-    args = ["--model", str(model_dirs["llama"]), "--device", "cpu", "--attestation", "tdx", "--tsm-dir",
-            str(tsm[0]), "--attestation-collateral", str(tsm[1] / "collateral.json"), "--gpu-attestation", "off"]
-    with launch.start(args, log, timeout=300) as server:
-        yield server.address, log
-
-
-def write_policy(path: Path, chain: Path, mrtd: str = MRTD.hex()) -> Path:
-    path.write_text(f'tee = "tdx"\n[tdx]\nmrtd = ["{mrtd}"]\nroot = "{chain / "root.pem"}"\n')
-    return path
-
-
-def test_tdx_attested_edge_trains_and_a_wrong_mrtd_sends_nothing(attested, tsm, tmp_path, model_dirs, cache):
-    address, log = attested
-    creds = Credentials(attestation=attestation.load(write_policy(tmp_path / "policy.toml", tsm[1])))
-    edge = connect(address, cache, credentials=creds)
-    try:
-        claims = edge.session.attestations[0]
-        assert claims["tee"] == "tdx" and claims["cpu"]["mrtd"] == MRTD.hex()
-        assert claims["cpu"]["tcb_status"] == "UpToDate" and claims["cpu"]["debug"] is False
-        check_step_exact(edge, model_dirs["llama"], edge.batch(EXAMPLES[:2]))
-    finally:
-        edge.session.close()
-    before = log.read_text().count("opened by")
-    wrong = Credentials(attestation=attestation.load(write_policy(tmp_path / "wrong.toml", tsm[1], "ab" * 48)))
-    with pytest.raises(AttestationFailed) as failed:
-        connect(address, cache, credentials=wrong)
-    assert failed.value.check == "tdx.mrtd" and re.search("abab", failed.value.detail)
-    assert log.read_text().count("opened by") == before

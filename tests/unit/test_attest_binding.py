@@ -178,7 +178,7 @@ def test_gpu_evidence_is_checked_in_the_reply(chain):
     which was made for another attestation (the edge's GPU nonce binds its nonce, TLS key and settings)."""
     from pathlib import Path
 
-    data = Path(__file__).parent / "data" / "gpu"
+    data = Path(__file__).parents[1] / "data" / "gpu"
     good = reply(chain, NONCE, KEY, SETTINGS)
     good.gpus.add(certificate_chain=(data / "hopperCertChain.txt").read_bytes(),
                   attestation_report=bytes.fromhex((data / "hopperAttestationReport.txt").read_text().strip()),

@@ -21,7 +21,7 @@ from edge_client.attestation.errors import AttestationFailed
 from edge_client.attestation.sev_snp import TcbVersion
 
 ROOTS = Path(sev_snp.__file__).parent / "roots"
-DATA = Path(__file__).parent / "data" / "sev_snp"
+DATA = Path(__file__).parents[1] / "data" / "sev_snp"
 MEASUREMENT = bytes(range(48))
 REPORT_DATA = bytes(range(100, 164))
 PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA384()), salt_length=48)

@@ -23,7 +23,7 @@ from common.wire import dlora_pb2 as pb
 from edge_client.attestation import gpu
 from edge_client.attestation.errors import AttestationFailed
 
-DATA = Path(__file__).parent / "data" / "gpu"
+DATA = Path(__file__).parents[1] / "data" / "gpu"
 # The nonce the sample report was made for: bytes 4..36 of the report (its SPDM GET_MEASUREMENTS request).
 SAMPLE_NONCE = bytes.fromhex("931d8dd0add203ac3d8b4fbde75e115278eefcdceac5b87671a748f32364dfcb")
 SAMPLE_DRIVER, SAMPLE_VBIOS = "550.90.07", "96.00.9f.00.01"
