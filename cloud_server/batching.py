@@ -24,7 +24,6 @@ import torch
 
 from cloud_server.served_model import ServedModel
 from cloud_server.step_runner import EdgeLink, StepRunner
-from common import tensor_codec as codec
 from common.settings import setting
 from common.wire import dlora_pb2 as pb
 from common.wire_format import WireFormat
@@ -186,7 +185,7 @@ def run_cohort(served: ServedModel, jobs: list[StepJob], groups: dict[str, tuple
             runner.guard(i, lambda job=job, part=part: job.link.send(final_message(part, job.link.wire)))
         if train:
             parts = [runner.part(i, final) for i in range(len(jobs))]
-            grads = runner.collect(list(range(len(jobs))), lambda i: _final_grad(jobs[i].link, parts[i]))
+            grads = runner.collect(list(range(len(jobs))), lambda i: jobs[i].link.final_grad(parts[i]))
             runner.raise_if_all_failed()
             if final.requires_grad:
                 final.backward(runner.joint(grads, final, final.shape[-1]))
@@ -216,10 +215,3 @@ def _cut_grad(hidden: torch.Tensor, wire: WireFormat) -> pb.CloudMessage:
     grad = hidden.grad if hidden.grad is not None else torch.zeros_like(hidden)
     wire.put_grad(msg.cut_grad.grad, grad)
     return msg
-
-
-def _final_grad(link: EdgeLink, final: torch.Tensor) -> torch.Tensor:
-    msg = link.expect("final_grad")
-    grad = codec.decode(msg.final_grad.grad, name="final hidden gradient", shape=tuple(final.shape),
-                        dtypes=[link.wire.grad])
-    return grad.to(device=final.device, dtype=final.dtype)

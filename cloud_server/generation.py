@@ -13,8 +13,8 @@ from cloud_server.inputs import InputDecoder
 from cloud_server.served_model import ServedModel
 from cloud_server.session import Session
 from cloud_server.step_runner import EdgeLink, StepRunner
+from cloud_server.step_scope import StepKind, step_scope
 from cloud_server.throughput import Throughput
-from common.wire import dlora_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -39,15 +39,12 @@ class Generation:
             raise WrongMode(f"generation runs every block on the cloud; this session keeps blocks "
                             f"0..{session.cut - 1} on the edge (edge_layers {session.cut}): open one without")
         hidden, mask = self.inputs.step_start(session, start)
-        t0 = time.perf_counter()
-        with session.step(start.step_id, train=False):
-            mask, passes, wait = self._passes(stream, session, hidden, mask)
-        cloud = time.perf_counter() - t0 - wait
-        session.cloud_seconds += cloud
-        self.throughput.add(generations=1, tokens=int(mask.sum()), cloud_seconds=cloud)
+        with step_scope(stream, session, start.step_id, StepKind.GENERATION, self.throughput) as scope:
+            mask, passes, scope.waited = self._passes(stream, session, hidden, mask)
+            scope.tokens = int(mask.sum())   # the prompt and every token generated after it
         log.info("session %s: generation of %d passes (a %d-position prompt, then one position per token) "
-                 "in %.2f s of cloud compute", session.id[:8], passes, int(start.hidden.shape[1]), cloud)
-        stream.send(pb.CloudMessage(end=pb.StepEnd(step_id=start.step_id, cloud_seconds=cloud)))
+                 "in %.2f s of cloud compute", session.id[:8], passes, int(start.hidden.shape[1]),
+                 scope.cloud_seconds)
 
     def _passes(self, stream: EdgeStream, session: Session, hidden: torch.Tensor,
                 mask: torch.Tensor) -> tuple[torch.Tensor, int, float]:
@@ -67,7 +64,6 @@ class Generation:
                     link.error = None  # the error holds frames that hold the graph
                 wait += link.wait_seconds
                 passes += 1
-                session.tokens += int(mask[:, -hidden.shape[1]:].sum())
                 stream.send(final_message(last, session.wire))
                 stream.extend_deadline()
                 t_wait = time.perf_counter()

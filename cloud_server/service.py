@@ -32,6 +32,7 @@ from cloud_server.served_model import ServedModel
 from cloud_server.session import Session, SessionManager
 from cloud_server.splitlora import SplitLoRA
 from cloud_server.step_runner import EdgeLink
+from cloud_server.step_scope import StepKind, step_scope
 from cloud_server.throughput import Throughput
 from common.site_types import SiteSpec
 from common.tensor_codec import WireError
@@ -217,7 +218,8 @@ class DLoRAService(pb_grpc.DLoRAServicer):
             self.splitlora.run_step(stream, session, start, train)
             return
         hidden, mask = self.inputs.step_start(session, start)
-        with session.step(start.step_id, train):
+        kind = StepKind.TRAIN if train else StepKind.FORWARD
+        with step_scope(stream, session, start.step_id, kind, self.throughput) as scope:
             link = EdgeLink(session.sites, stream.receive, stream.send, session.wire, parked=dict(session.parked),
                             credit=stream.credit)
             # Alone, or batched with other sessions' steps that arrive together; an edge
@@ -228,14 +230,8 @@ class DLoRAService(pb_grpc.DLoRAServicer):
             except LaggedBehind:
                 session.solo = True
                 raise
-            session.tokens += int(mask.sum())
-            session.cloud_seconds += job.cloud_seconds
-            self.throughput.add(**{"steps" if train else "forwards": 1}, tokens=int(mask.sum()),
-                                cloud_seconds=job.cloud_seconds, batched=int(job.cohort_size > 1),
-                                cohort_members=job.cohort_size, batchable=1)
-        # Sent once the session is free again, so the edge's next call never finds it busy.
-        stream.send(pb.CloudMessage(end=pb.StepEnd(step_id=start.step_id, cloud_seconds=job.cloud_seconds,
-                                                   batch_sessions=job.cohort_size)))
+            scope.tokens, scope.cloud_seconds, scope.batch_sessions = int(mask.sum()), job.cloud_seconds, \
+                job.cohort_size
 
     # -- lifecycle -----------------------------------------------------------
     def reap_forever(self, stop: threading.Event, report_every: float = 60.0) -> None:

@@ -22,9 +22,9 @@ from cloud_server.limits import ServerLimits
 from cloud_server.served_model import ServedModel
 from cloud_server.session import Session
 from cloud_server.step_runner import EdgeLink, StepRunner
+from cloud_server.step_scope import StepKind, step_scope
 from cloud_server.throughput import Throughput
 from common import lora_wire
-from common import tensor_codec as codec
 from common.site_types import SiteSpec
 from common.tensor_codec import WireError
 from common.wire import dlora_pb2 as pb
@@ -88,8 +88,8 @@ class SplitLoRA:
         """Blocks [cut, L) with the federation's trainable adapters, then dL/d(cut) back to the edge."""
         fed = federation_of(session)
         hidden, mask = self.inputs.step_start(session, start)
-        t0 = time.perf_counter()
-        with session.step(start.step_id, train), self._held(fed):
+        kind = StepKind.TRAIN if train else StepKind.FORWARD
+        with step_scope(stream, session, start.step_id, kind, self.throughput) as scope, self._held(fed):
             # A replayed step already applied (and stepped past by others) gets the answer it had.
             answered: torch.Tensor | None = None
             if train:
@@ -107,11 +107,9 @@ class SplitLoRA:
                 final = self.served.run(runner, hidden, mask, cut=session.cut)
                 stream.send(final_message(final, session.wire))
                 if train:
-                    msg = link.expect("final_grad")
-                    grad = codec.decode(msg.final_grad.grad, name="final hidden gradient",
-                                        shape=tuple(final.shape), dtypes=[session.wire.grad])
+                    grad = link.final_grad(final)
                     if fresh:
-                        final.backward(grad.to(device=final.device, dtype=final.dtype))
+                        final.backward(grad)
                         answered = hidden.grad
             except BaseException:
                 if train:
@@ -130,11 +128,7 @@ class SplitLoRA:
                 reply = pb.CloudMessage()
                 session.wire.put_grad(reply.cut_grad.grad, answered)
                 stream.send(reply)
-            cloud = time.perf_counter() - t0 - link.wait_seconds
-            session.tokens += int(mask.sum())
-            session.cloud_seconds += cloud
-            self.throughput.add(**{"steps" if train else "forwards": 1}, tokens=int(mask.sum()), cloud_seconds=cloud)
-        stream.send(pb.CloudMessage(end=pb.StepEnd(step_id=start.step_id, cloud_seconds=cloud)))
+            scope.tokens, scope.waited = int(mask.sum()), link.wait_seconds
 
     @contextmanager
     def _held(self, fed: Federation) -> Iterator[None]:

@@ -206,6 +206,13 @@ class EdgeLink:
         return codec.decode(reply.grad_input, name=f"grad input of site {site}", shape=tuple(x_shape),
                             dtypes=[self.wire.grad])
 
+    def final_grad(self, final: torch.Tensor) -> torch.Tensor:
+        """The edge's dL/d(final hidden state) for `final` (this edge's rows), on its device and dtype."""
+        msg = self.expect("final_grad")
+        grad = codec.decode(msg.final_grad.grad, name="final hidden gradient", shape=tuple(final.shape),
+                            dtypes=[self.wire.grad])
+        return grad.to(device=final.device, dtype=final.dtype)
+
     def forget_factors(self) -> None:
         """Drop the factors kept for a backward that will not come (the step ended or failed)."""
         self._factors.clear()
