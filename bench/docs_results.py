@@ -31,7 +31,8 @@ IMAGES = PAGES / "img"
 
 # What a step costs and carries: the wire format, both ends of a step, the codec.
 WIRE_PATH = ["proto/dlora.proto", "common/tensor_codec.py", "common/wire_format.py", "common/lora_wire.py",
-             "edge_client/step_stream.py", "edge_client/remote_model.py", "cloud_server/step_runner.py"]
+             "edge_client/step_stream.py", "edge_client/remote_model.py", "cloud_server/step_runner.py",
+             "cloud_server/edge_link.py", "cloud_server/taps.py"]
 # What decides a training run's accuracy, on top of the wire path.
 TRAINING = ["edge_client/trainer.py", "edge_client/objective.py", "edge_client/kill_revive.py", "common/lora.py"]
 SPLIT = ["cloud_server/splitlora.py", "cloud_server/federation.py", "edge_client/split_model.py"]

@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from cloud_server.edge_link import EdgeLink
 from cloud_server.served_model import ServedModel
-from cloud_server.step_runner import EdgeLink, StepRunner
+from cloud_server.step_runner import StepRunner
 from common.settings import setting
 from common.wire import dlora_pb2 as pb
 from common.wire_format import WireFormat

@@ -7,12 +7,13 @@ import time
 import torch
 
 from cloud_server.batching import final_message
+from cloud_server.edge_link import EdgeLink
 from cloud_server.edge_stream import EdgeStream
 from cloud_server.errors import StepAborted, WrongMode
 from cloud_server.inputs import InputDecoder
 from cloud_server.served_model import ServedModel
 from cloud_server.session import Session
-from cloud_server.step_runner import EdgeLink, StepRunner
+from cloud_server.step_runner import StepRunner
 from cloud_server.step_scope import StepKind, step_scope
 from cloud_server.throughput import Throughput
 

@@ -15,7 +15,8 @@ from cloud_server import assets
 from cloud_server.device_map import execution_device, state_dict
 from cloud_server.model_store import load_frozen, resolve_model_path
 from cloud_server.sites import linear_leaf_names, linear_shapes, probe_input_groups, select_sites
-from cloud_server.step_runner import StepRunner, active, install_taps
+from cloud_server.step_runner import StepRunner
+from cloud_server.taps import active, install_taps
 from common import edge_assets, edge_probe
 from common.lora import ALL_LINEAR
 from common.model_parts import (

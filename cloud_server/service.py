@@ -20,6 +20,7 @@ from cloud_server.assets import Asset, digest
 from cloud_server.attestation import Attester
 from cloud_server.auth import Authenticator
 from cloud_server.batching import BatchingConfig, StepBatcher, StepJob
+from cloud_server.edge_link import EdgeLink
 from cloud_server.edge_stream import EdgeStream, InFlight
 from cloud_server.errors import Draining, LaggedBehind, NotAttested, WrongMode
 from cloud_server.federation import Federations
@@ -31,7 +32,6 @@ from cloud_server.recorder import MessageRecorder
 from cloud_server.served_model import ServedModel
 from cloud_server.session import Session, SessionManager
 from cloud_server.splitlora import SplitLoRA
-from cloud_server.step_runner import EdgeLink
 from cloud_server.step_scope import StepKind, step_scope
 from cloud_server.throughput import Throughput
 from common.site_types import SiteSpec

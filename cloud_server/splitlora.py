@@ -14,6 +14,7 @@ from contextlib import contextmanager
 import torch
 
 from cloud_server.batching import final_message
+from cloud_server.edge_link import EdgeLink
 from cloud_server.edge_stream import EdgeStream
 from cloud_server.errors import StepTimeout, WrongMode
 from cloud_server.federation import Federation, Federations, SplitSettings
@@ -21,7 +22,7 @@ from cloud_server.inputs import MAX_PARKED_RANK, InputDecoder
 from cloud_server.limits import ServerLimits
 from cloud_server.served_model import ServedModel
 from cloud_server.session import Session
-from cloud_server.step_runner import EdgeLink, StepRunner
+from cloud_server.step_runner import StepRunner
 from cloud_server.step_scope import StepKind, step_scope
 from cloud_server.throughput import Throughput
 from common import lora_wire

@@ -8,7 +8,7 @@ import grpc
 
 from common.atomic_write import write_bytes, write_text
 from common.wire import dlora_pb2 as pb
-from edge_client.step_stream import CloudError, rpc_error
+from edge_client.errors import CloudError, rpc_error
 
 
 def fetch(stub, session_id: str, digest: str, cache_dir: Path, timeout: float,

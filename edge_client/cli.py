@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from edge_client.attestation.errors import AttestationFailed
     from edge_client.data import DataError
-    from edge_client.session import CloudError
+    from edge_client.errors import CloudError
     from edge_client.trainer import run
 
     try:
@@ -248,9 +248,9 @@ def _export(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     from edge_client.attestation.errors import AttestationFailed
+    from edge_client.errors import CloudError
     from edge_client.generation import GenerateConfig, generate_cli
     from edge_client.peft_format import AdapterFormatError
-    from edge_client.session import CloudError
 
     try:
         creds = _credentials(args)

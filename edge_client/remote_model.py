@@ -33,7 +33,8 @@ from edge_client import label_privacy, peft_format, token_privacy
 from edge_client.attestation import policy as attestation
 from edge_client.attestation.policy import Policy
 from edge_client.edge_model import EdgeModel, load_tokenizer
-from edge_client.session import CloudError, CloudSession, Credentials, RetryPolicy, SplitOptions, StepStats
+from edge_client.errors import CloudError
+from edge_client.session import CloudSession, Credentials, RetryPolicy, SplitOptions, StepStats
 from edge_client.split_model import FrontModel
 from edge_client.step_stream import StepState
 

@@ -28,9 +28,10 @@ from edge_client import asset_download
 from edge_client.attestation import policy as attestation
 from edge_client.attestation.client import AttestedCloud, attest
 from edge_client.attestation.policy import Policy
-from edge_client.step_stream import CloudError, StepStats, StepStream, rpc_error
+from edge_client.errors import CloudError, rpc_error
+from edge_client.step_stream import StepStats, StepStream
 
-__all__ = ["CloudError", "CloudSession", "Credentials", "RetryPolicy", "SplitOptions", "StepStats"]
+__all__ = ["CloudSession", "Credentials", "RetryPolicy", "SplitOptions", "StepStats"]
 
 log = logging.getLogger(__name__)
 

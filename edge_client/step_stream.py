@@ -24,6 +24,7 @@ from common import tensor_codec as codec
 from common.lora import LoRAAdapter
 from common.tensor_codec import WireError
 from common.wire import dlora_pb2 as pb
+from edge_client.errors import CloudError, rpc_error, step_failed
 
 if TYPE_CHECKING:  # session.py imports this module
     from edge_client.session import CloudSession
@@ -43,27 +44,6 @@ class StepState(enum.Enum):
     @property
     def ended(self) -> bool:
         return self in (StepState.DONE, StepState.FAILED, StepState.ABANDONED)
-
-
-class CloudError(RuntimeError):
-    """The cloud refused a call; the text carries its status and reason."""
-
-    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def _failed(msg: pb.StepFailed) -> CloudError:
-    """The status the cloud sent in the stream (a proxy may have reset the stream and lost its trailers)."""
-    code = next((c for c in grpc.StatusCode if c.value[0] == msg.code), grpc.StatusCode.UNKNOWN)
-    return CloudError(f"cloud refused the call ({code.name}): {msg.detail[:1000]}", code)
-
-
-def rpc_error(exc: grpc.RpcError) -> CloudError:
-    code = exc.code() if hasattr(exc, "code") else None
-    detail = exc.details() if hasattr(exc, "details") else str(exc)
-    name = code.name if code is not None else "UNKNOWN"
-    return CloudError(f"cloud refused the call ({name}): {detail}", code)
 
 
 @dataclass
@@ -199,7 +179,7 @@ class StepStream:
                 elif kind == "cut_grad":
                     self.exchange.on_cut_grad(msg.cut_grad)
                 elif kind == "failed":
-                    raise _failed(msg.failed)
+                    raise step_failed(msg.failed)
                 elif kind == "end":
                     self.stats.cloud_seconds = msg.end.cloud_seconds
                     self.stats.batch_sessions = msg.end.batch_sessions or 1

@@ -12,8 +12,9 @@ from common import tensor_codec as codec
 from common.lora import LoRAAdapter, inject
 from common.wire import dlora_pb2 as pb
 from common.wire import dlora_pb2_grpc as pb_grpc
+from edge_client.errors import CloudError
 from edge_client.objective import make_batch
-from edge_client.session import CloudError, CloudSession
+from edge_client.session import CloudSession
 from edge_client.trainer import EdgeTrainer, TrainConfig
 
 from helpers import EXAMPLES, concurrently, reference_loss, rel_err, train_alongside

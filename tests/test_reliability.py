@@ -18,7 +18,8 @@ from cloud_server import launch
 from common.wire import dlora_pb2 as pb
 from common.wire import dlora_pb2_grpc as pb_grpc
 from deploy.local import free_port
-from edge_client.session import CloudError, CloudSession, Credentials, RetryPolicy
+from edge_client.errors import CloudError
+from edge_client.session import CloudSession, Credentials, RetryPolicy
 
 from certs import make_pki
 from helpers import RawStep, check_step_exact, cli, connect, expect_error, kr_trainer, run_raw, start_msg

@@ -17,8 +17,9 @@ from safetensors.torch import load_file
 from common import tensor_codec as codec
 from common.wire import dlora_pb2 as pb
 from common.wire import dlora_pb2_grpc as pb_grpc
+from edge_client.errors import CloudError
 from edge_client.objective import make_batch
-from edge_client.session import CloudError, CloudSession, RetryPolicy, SplitOptions
+from edge_client.session import CloudSession, RetryPolicy, SplitOptions
 from edge_client.trainer import EdgeTrainer, TrainConfig
 
 from helpers import EXAMPLES, check_same_state, check_split_equals_centralized, split_state, split_trainer

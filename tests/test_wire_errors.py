@@ -239,7 +239,8 @@ def test_session_limit_and_concurrent_sessions(model_dirs, tmp_path):
                       timeout=300) as server:
         edges = [connect(server.address, tmp_path / "c", seed=i) for i in range(3)]
         try:
-            from edge_client.session import CloudError, CloudSession
+            from edge_client.errors import CloudError
+            from edge_client.session import CloudSession
             with pytest.raises(CloudError, match="RESOURCE_EXHAUSTED.*maximum of 3 sessions"):
                 CloudSession(server.address)
             # Three edges step at the same time; each gets its own exact answer.
