@@ -1,4 +1,4 @@
-"""One edge's side of a step on the cloud: its sites, its parked adapters and its message stream.
+"""One edge's side of a step on the cloud: its sites, the adapters applied here for it, and its message stream.
 
 The link sends the edge each site's input, reads back its adapter outputs (or
 their rank-r factors, which it multiplies out and keeps for the backward),
@@ -32,14 +32,15 @@ class Receive(Protocol):
 
 @dataclass
 class EdgeLink:
-    """One edge's side of a step: its sites, its parked adapters and its message stream."""
+    """One edge's side of a step: its sites, the adapters applied here for it, and its message stream."""
 
     sites: list[SiteSpec]
     receive: Receive
     send: Callable[[pb.CloudMessage], None]
     wire: WireFormat
-    # Killed modules' adapters, applied here, frozen, with no traffic.
-    parked: Mapping[str, nn.Module] = field(default_factory=dict)
+    # Adapters the cloud applies itself, with no traffic: DLoRA's parked (killed) ones, frozen, or
+    # SplitLoRA's server-side ones, trained here.
+    applied_here: Mapping[str, nn.Module] = field(default_factory=dict)
     live: dict[int, list[int]] = field(default_factory=dict)  # site -> slots the edge computes
     # Pushes this edge's step deadline back (time a joint batch spent on other edges).
     credit: Callable[[float], None] | None = None
@@ -55,7 +56,7 @@ class EdgeLink:
             for m in site.modules:
                 self._site_of[m.name] = site.index
         if not self.live:
-            self.live = {s.index: [i for i, m in enumerate(s.modules) if m.name not in self.parked]
+            self.live = {s.index: [i for i, m in enumerate(s.modules) if m.name not in self.applied_here]
                          for s in self.sites}
 
     def live_site(self, group: tuple[str, ...]) -> int | None:

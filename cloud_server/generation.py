@@ -36,9 +36,10 @@ class Generation:
         if session.federation is not None:
             raise WrongMode("generation runs in DLoRA mode: export the run's adapters (client and server side "
                             "together) and generate with them in a DLoRA session")
-        if session.cut:
+        if session.edge_layers:
             raise WrongMode(f"generation runs every block on the cloud; this session keeps blocks "
-                            f"0..{session.cut - 1} on the edge (edge_layers {session.cut}): open one without")
+                            f"0..{session.edge_layers - 1} on the edge (edge_layers {session.edge_layers}): open one "
+                            "without")
         hidden, mask = self.inputs.step_start(session, start)
         with step_scope(stream, session, start.step_id, StepKind.GENERATION, self.throughput) as scope:
             mask, passes, scope.waited = self._passes(stream, session, hidden, mask)
@@ -56,7 +57,7 @@ class Generation:
         passes = 0
         try:
             while True:
-                link = EdgeLink(session.sites, stream.receive, stream.send, session.wire, parked=parked)
+                link = EdgeLink(session.sites, stream.receive, stream.send, session.wire, applied_here=parked)
                 runner = StepRunner([link], False, self.groups)
                 try:
                     last = self.served.extend(runner, hidden, mask, cache)

@@ -84,10 +84,11 @@ class InputDecoder:
         unknown = sorted(unpark - session.module_names)
         if unknown:
             raise WireError(f"cannot unpark {names(unknown)}: not modules of this session")
-        on_edge = sorted(n for n in park.keys() | unpark if _layer_of(session, n) < session.cut)
+        on_edge = sorted(n for n in park.keys() | unpark if _layer_of(session, n) < session.edge_layers)
         if on_edge:
             raise WireError(f"cannot park or unpark {names(on_edge)}: they sit in blocks "
-                            f"0..{session.cut - 1}, which run on the edge (edge_layers {session.cut})")
+                            f"0..{session.edge_layers - 1}, which run on the edge (edge_layers "
+                            f"{session.edge_layers})")
         return park, unpark
 
     def _parked(self, session: Session, p: pb.ParkedAdapter) -> LoRAAdapter:

@@ -133,7 +133,7 @@ class DLoRAService(pb_grpc.DLoRAServicer):
                              max_batch_tokens=self.limits.max_batch_tokens,
                              max_sessions=self.limits.max_sessions),
             device=str(self.served.device),
-            edge_layers=session.cut if session.federation is None else 0,
+            edge_layers=session.edge_layers,
         )
         wire.fill_reply(reply)
         return reply
@@ -147,14 +147,14 @@ class DLoRAService(pb_grpc.DLoRAServicer):
         self.served.view(layers)
 
         def prepare(session: Session) -> None:
-            session.cut = layers
+            session.edge_layers = layers
 
         return prepare
 
     def _assets(self, session: Session) -> list[Asset]:
-        if not session.cut:
+        if not session.blocks_on_edge:
             return self.served.assets
-        return self.served.assets + [self.served.block_asset(session.cut)]
+        return self.served.assets + [self.served.block_asset(session.blocks_on_edge)]
 
     def CloseSession(self, request: pb.CloseSessionRequest, context: grpc.ServicerContext) -> pb.CloseSessionReply:
         # Identified even while draining: closing must still work then.
@@ -220,11 +220,12 @@ class DLoRAService(pb_grpc.DLoRAServicer):
         hidden, mask = self.inputs.step_start(session, start)
         kind = StepKind.TRAIN if train else StepKind.FORWARD
         with step_scope(stream, session, start.step_id, kind, self.throughput) as scope:
-            link = EdgeLink(session.sites, stream.receive, stream.send, session.wire, parked=dict(session.parked),
+            link = EdgeLink(session.sites, stream.receive, stream.send, session.wire,
+                            applied_here=dict(session.parked),
                             credit=stream.credit)
             # Alone, or batched with other sessions' steps that arrive together; an edge
             # that once lagged behind its batch runs alone from then on.
-            job = StepJob(link, hidden, mask, train, solo=session.solo, cut=session.cut)
+            job = StepJob(link, hidden, mask, train, solo=session.solo, cut=session.edge_layers)
             try:
                 self.batcher.run(job)
             except LaggedBehind:

@@ -60,9 +60,10 @@ class Session:
     # Killed ("parked") adapters the cloud applies frozen, by module name.
     parked: dict[str, nn.Module] = field(default_factory=dict)
     closed: bool = False
-    # Blocks [0, cut) run on the edge: SplitLoRA's cut layer (the federation
-    # holds the server-side adapters), or DLoRA's edge_layers (0: none).
-    cut: int = 0
+    # DLoRA: blocks [0, edge_layers) and their adapters run on the edge (0: none).
+    edge_layers: int = 0
+    # SplitLoRA: blocks [0, cut_layer) run on the edge; the federation holds the server-side adapters.
+    cut_layer: int = 0
     federation: Federation | None = None   # SplitLoRA: the federation the session joined
     # The key the edge keeps across re-opened sessions (a federation knows its members by it).
     client_key: str = ""
@@ -71,12 +72,18 @@ class Session:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
+    def blocks_on_edge(self) -> int:
+        """The first block this cloud runs for the session: its SplitLoRA cut layer or its DLoRA edge layers."""
+        return self.cut_layer if self.federation is not None else self.edge_layers
+
+    @property
     def module_names(self) -> set[str]:
         return {m.name for s in self.sites for m in s.modules}
 
     def live_sites(self) -> int:
         """Sites that cost a round trip: those of the cloud's blocks with a module still live."""
-        return sum(any(m.name not in self.parked for m in s.modules) for s in self.sites if s.layer >= self.cut)
+        return sum(any(m.name not in self.parked for m in s.modules) for s in self.sites
+                   if s.layer >= self.blocks_on_edge)
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:

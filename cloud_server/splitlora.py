@@ -78,7 +78,7 @@ class SplitLoRA:
                                         lambda store: Federation(name, settings, server_sites, self.served.device,
                                                                  self.served.dtype, store),
                                         resume)
-            session.cut, session.federation = split.cut_layer, fed
+            session.cut_layer, session.federation = split.cut_layer, fed
             session.on_close.append(lambda: self.federations.leave(session.owner, name, session.client_key,
                                                                    session.id))
 
@@ -99,13 +99,14 @@ class SplitLoRA:
                 fed.settle()   # a forward sees every step before it
             fresh = train and answered is None
             # Every site after the cut is served here, by the federation's adapters: no site exchange.
-            link = EdgeLink(fed.server_sites, stream.receive, stream.send, session.wire, parked=fed.applied)
+            link = EdgeLink(fed.server_sites, stream.receive, stream.send, session.wire,
+                            applied_here=fed.applied)
             runner = StepRunner([link], fresh, self.groups)
             final: torch.Tensor | None = None
             try:
                 if fresh:
                     hidden.requires_grad_(True)
-                final = self.served.run(runner, hidden, mask, cut=session.cut)
+                final = self.served.run(runner, hidden, mask, cut=session.cut_layer)
                 stream.send(final_message(final, session.wire))
                 if train:
                     grad = link.final_grad(final)

@@ -129,12 +129,12 @@ class StepRunner:
         width = 0
         for i, link in enumerate(self.links):
             piece = cache.remote.get(i, {}).get(name)
-            parked = link.parked.get(name)
-            if piece is None and parked is not None and link.error is None:
+            here = link.applied_here.get(name)
+            if piece is None and here is not None and link.error is None:
                 # Frozen, but still part of the graph: dL/dx flows through it. It sits on the
                 # served model's first device; under a device map, this block may be elsewhere.
-                at = next(parked.parameters()).device
-                piece = parked(cache.xs[i].to(at)).to(x.device)
+                at = next(here.parameters()).device
+                piece = here(cache.xs[i].to(at)).to(x.device)
             if piece is not None:
                 width = piece.shape[-1]
             pieces.append(piece)
