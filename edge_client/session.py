@@ -354,7 +354,8 @@ class CloudSession:
                 adapters: dict[str, LoRAAdapter]) -> tuple[torch.Tensor, StepStats]:
         """Forward only: the final hidden state [B, T, H] (before the final norm), and the call's stats."""
         def attempt():
-            stream = StepStream(self, self.step_rpcs["Forward"], 0, hidden, mask, adapters, False, self.timeout)
+            stream = StepStream(self, self.step_rpcs["Forward"], 0, hidden, mask, adapters, False,
+                                self.timeout).start()
             return stream.open(), stream.stats
 
         return self.with_retries("forward", attempt)
@@ -385,7 +386,7 @@ class CloudSession:
             return True
 
         # No overall deadline: the cloud bounds each token's wait instead.
-        stream = StepStream(self, self.step_rpcs["Generate"], 0, hidden, mask, adapters, False, None)
+        stream = StepStream(self, self.step_rpcs["Generate"], 0, hidden, mask, adapters, False, None).start()
         stream.run(on_final)
         return stream.stats
 
@@ -436,7 +437,7 @@ class CloudSession:
         self._ensure_parked()
         rpc = self.step_rpcs["TrainStep" if train else "Forward"]
         return StepStream(self, rpc, step_id, hidden, mask, adapters, train, self.timeout, accumulate=False,
-                          dropout=dropout, seed=seed)
+                          dropout=dropout, seed=seed).start()
 
     def close(self) -> None:
         if self.closed:

@@ -14,7 +14,7 @@ import logging
 import queue
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import torch
@@ -84,12 +84,21 @@ class StepStream:
                                       close_stream=self.close_requests, accumulate=accumulate, dropout=dropout,
                                       seed=seed * 1_000_003 + step_id)
         self.state = StepState.OPEN
-        first = pb.EdgeMessage()
-        first.start.session_id, first.start.step_id = session.session_id, step_id
-        session.wire.put_act(first.start.hidden, hidden.detach())
-        codec.encode_into(first.start.attention_mask, mask.bool())
-        self.send(first)
-        self._responses = rpc(self._requests(), timeout=timeout, metadata=session.metadata())
+        self._first = pb.EdgeMessage()
+        self._first.start.session_id, self._first.start.step_id = session.session_id, step_id
+        session.wire.put_act(self._first.start.hidden, hidden.detach())
+        codec.encode_into(self._first.start.attention_mask, mask.bool())
+        self._call = (rpc, timeout)
+        self._responses: Any = None
+
+    def start(self) -> StepStream:
+        """Send the step's start and open the call: the stream's first I/O, kept out of the constructor."""
+        if self._responses is not None:
+            raise RuntimeError(f"step {self.step_id}'s stream is already started")
+        rpc, timeout = self._call
+        self.send(self._first)
+        self._responses = rpc(self._requests(), timeout=timeout, metadata=self.session.metadata())
+        return self
 
     # -- the request side ----------------------------------------------------
     def send(self, msg: pb.EdgeMessage) -> None:
@@ -153,6 +162,8 @@ class StepStream:
 
     def drain(self) -> None:
         """After `abandon`: read the call to its end, so the cloud has freed the step when this returns."""
+        if self._responses is None:   # never started: the cloud never heard of it
+            return
         try:
             for _ in self._responses:
                 pass
@@ -161,6 +172,8 @@ class StepStream:
                 log.warning("abandoning step %d: %s", self.step_id, rpc_error(exc))
 
     def _pump(self, on_final, stop_at_final: bool = False):
+        if self._responses is None:
+            raise RuntimeError(f"step {self.step_id}'s stream was never started (StepStream.start)")
         result = _NO_FINAL
         try:
             for size, msg in self._responses:

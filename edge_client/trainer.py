@@ -393,7 +393,7 @@ def run(cfg: TrainConfig) -> dict:
                  f"{cfg.kr.policy} (budget {cfg.kr.budget}, revive {cfg.kr.revive}, period {cfg.kr.period}, "
                  f"warm-up {cfg.kr.warmup_steps})")
         log.warning(leakage.notice(cfg.mode, cfg.edge_layers, cfg.cut_layer, cfg.label_epsilon, cfg.token_epsilon,
-                                   len(train.labels)))
+                                   len(train.labels), cfg.secret_labels))
         if resumed is not None:
             trainer.restore(resumed)
             before, history, live_history = resumed["before"], resumed["history"], resumed["live_history"]

@@ -94,5 +94,8 @@ def test_server_logs_sessions_and_throughput(model_dirs, tmp_path, cache):
     text = log.read_text()
     assert "opened by 'edge'" in text
     assert "generation of 3 passes (a 3-position prompt" in text
-    assert re.search(r"last \d+ s: 1 training steps, 0 forwards, 1 generations, \d+ tokens \(\d+ tokens/s\)", text)
+    # The work may straddle two report windows on a loaded machine: add the windows up.
+    windows = re.findall(r"last \d+ s: (\d+) training steps, (\d+) forwards, (\d+) generations, \d+ tokens "
+                         r"\(\d+ tokens/s\)", text)
+    assert windows and [sum(int(w[i]) for w in windows) for i in range(3)] == [1, 0, 1], windows
     assert re.search(r"of 'edge' closed by the edge: 1 steps, 1 forwards, \d+ tokens", text)

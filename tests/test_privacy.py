@@ -187,6 +187,9 @@ def test_the_start_of_run_notice_quotes_the_measured_figures():
     split = leakage.notice("splitlora", 0, 2, 2.0, None, 5)
     assert "the output of block 1" in split and "at most 65% of your labels" in split
     assert "an unmeasured share" in leakage.notice("dlora", 3, 4, None, None, 5)  # 3 edge layers: not benched
+    secret = leakage.notice("dlora", 0, 4, None, None, 5, secret_labels=True)
+    assert f"{leakage.SECRET_LABELS_NAMED_BY_TEXT:.0%} of your labels (--secret-labels" in secret
+    assert "--label-epsilon bounds the labels" in secret   # the only bound on labels
     hardened = leakage.notice("dlora", 0, 4, 1.0, leakage.SUGGESTED_TOKEN_EPSILON, 5)
     assert "bounds the labels" not in hardened and "cuts the tokens" not in hardened
 
