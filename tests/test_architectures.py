@@ -106,10 +106,11 @@ def test_family_is_refused_at_load(kind, tmp_path):
 
 @pytest.fixture(scope="module")
 def probe_assets(tmp_path_factory):
-    """Edge assets of Gemma and Gemma2, the two families an unchecked edge once trained silently wrong."""
+    """Edge assets of Gemma and Gemma2, the two families an unchecked edge once trained silently wrong,
+    and of Gemma 3, which scales its embedding the same way."""
     root = tmp_path_factory.mktemp("probe")
     out = {}
-    for kind in ("gemma", "gemma2"):
+    for kind in ("gemma", "gemma2", "gemma3"):
         served = ServedModel(str(save_tiny(kind, root / kind)), device="cpu")
         out[kind] = root / f"{kind}-assets"
         out[kind].mkdir()
@@ -118,13 +119,15 @@ def probe_assets(tmp_path_factory):
     return out
 
 
-def test_probe_refuses_an_edge_without_the_embedding_scale(probe_assets):
-    """Gemma's sqrt(hidden) embedding scale lives in a non-persistent buffer, which a
+@pytest.mark.parametrize("kind", ["gemma", "gemma3"])
+def test_probe_refuses_an_edge_without_the_embedding_scale(probe_assets, kind):
+    """Gemma's and Gemma 3's sqrt(hidden) embedding scale lives in a non-persistent buffer, which a
     checkpoint does not carry: an edge that lost it must refuse to train."""
-    edge = EdgeModel.from_assets(probe_assets["gemma"])  # the real edge passes its own check
+    edge = EdgeModel.from_assets(probe_assets[kind])  # the real edge passes its own check
+    assert edge.embedding.embed_scale.item() == pytest.approx(32 ** 0.5)
     edge.embedding.embed_scale.fill_(1.0)
-    with pytest.raises(UnsupportedModel, match="gemma: the edge's embedding output differs"):
-        edge.verify(probe_assets["gemma"], "gemma")
+    with pytest.raises(UnsupportedModel, match=f"{kind}: the edge's embedding output differs"):
+        edge.verify(probe_assets[kind], kind)
 
 
 def test_probe_refuses_an_edge_without_logit_softcapping(probe_assets):
