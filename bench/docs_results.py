@@ -264,6 +264,11 @@ BENCHES = [
           ["bench/privacy.py", "bench/inverters.py", "bench/label_attacks.py", "cloud_server/recorder.py",
            "edge_client/label_privacy.py", "edge_client/token_privacy.py", "edge_client/objective.py",
            "edge_client/split_model.py", *WIRE_PATH], render_privacy, ["leakage.png"]),
+    Bench("privacy-labels", "Privacy: label attacks and secret labels", "privacy-labels",
+          "python -m bench.privacy --variants default,secret-labels --accuracy-seeds 0,1,2,3 "
+          "--out bench/out/privacy-labels",
+          ["bench/privacy.py", "bench/inverters.py", "bench/label_attacks.py", "cloud_server/recorder.py",
+           "edge_client/objective.py", "edge_client/trainer.py", *WIRE_PATH], render_privacy, ["leakage.png"]),
     Bench("gpu", "GPU: step time and many edges", "gpu", "make bench-gpu  (= python -m bench.gpu)",
           ["bench/gpu.py", "bench/step_time.py", "bench/many_edges.py", *WIRE_PATH], render_gpu),
     Bench("unrecorded", "Figures with no results file", None,
