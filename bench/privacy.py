@@ -89,6 +89,9 @@ VARIANTS = {
     "secret-labels-edge-layers-2": {"secret_labels": True, "edge_layers": 2},
     # Every defence at once.
     "combined": {"edge_layers": 2, "label_epsilon": 2.0, "token_epsilon": TOKEN_EPS_STRONG},
+    # --network wan's wire: int8 activations and gradients (its Kill and Revive parks nothing during the
+    # 20-step warm-up, so the recorded first steps are what --network wan sends).
+    "int8-wire": {"wire_dtype": "int8"},
     # Measured in earlier runs, not by default: neither changes what leaks.
     "lm-objective": {"objective": "lm"},
     "bf16-wire": {"wire_dtype": "bf16"},
