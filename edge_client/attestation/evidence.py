@@ -126,6 +126,10 @@ def _settings(raw: bytes, policy: Policy) -> dict[str, Any]:
 
 
 def _gpus(reply: pb.AttestReply, nonce: bytes, policy: Policy) -> list[dict[str, object]]:
+    if policy.gpu.count is not None and len(reply.gpus) != policy.gpu.count:
+        # A cloud could leave a GPU out of its evidence and still run the model on it.
+        raise AttestationFailed("gpu.count", f"the cloud proves {len(reply.gpus)} GPU(s); the policy requires "
+                                             f"exactly {policy.gpu.count}")
     if not reply.gpus:
         if policy.gpu.required:
             raise AttestationFailed("gpu.missing", "the policy requires attested GPUs and the cloud sent no GPU "

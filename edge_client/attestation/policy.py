@@ -61,6 +61,7 @@ class GpuPolicy:
     rim_service: str | None = RIM_SERVICE   # None: never fetch a RIM (then rim_dir must hold them)
     ocsp_service: str | None = OCSP_SERVICE  # None: no revocation check (the claims say so)
     check_measurements: bool = True            # False: no RIM comparison at all (the claims say so)
+    count: int | None = None                   # the number of GPUs the cloud must prove; None: any number
 
 
 @dataclass(frozen=True)
@@ -133,15 +134,19 @@ def _tdx(t: Mapping[str, Any], base: Path, where: _Where) -> TdxRules:
 
 
 def _gpu(t: Mapping[str, Any], base: Path, where: _Where) -> GpuPolicy:
-    where.only(t, {"required", "drivers", "vbios", "rim-dir", "rim-service", "ocsp", "measurements"}, "[gpu]")
+    where.only(t, {"required", "drivers", "vbios", "rim-dir", "rim-service", "ocsp", "measurements", "count"},
+               "[gpu]")
     rim_dir = t.get("rim-dir")
+    count = t.get("count")
+    if count is not None and (not isinstance(count, int) or isinstance(count, bool) or count < 1):
+        where.fail("[gpu] count", f"{count!r}: give the number of GPUs the cloud must prove (1 or more)")
     return GpuPolicy(required=bool(t.get("required", False)), drivers=tuple(str(d) for d in t.get("drivers", [])),
                      vbios=tuple(str(v) for v in t.get("vbios", [])),
                      rim_dir=None if rim_dir is None else (base / str(rim_dir) if not Path(str(rim_dir)).is_absolute()
                                                            else Path(str(rim_dir))),
                      rim_service=_service(t.get("rim-service", True), RIM_SERVICE, "[gpu] rim-service", where),
                      ocsp_service=_service(t.get("ocsp", True), OCSP_SERVICE, "[gpu] ocsp", where),
-                     check_measurements=bool(t.get("measurements", True)))
+                     check_measurements=bool(t.get("measurements", True)), count=count)
 
 
 def _service(value: Any, default: str, key: str, where: _Where) -> str | None:

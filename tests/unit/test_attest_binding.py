@@ -188,3 +188,23 @@ def test_gpu_evidence_is_checked_in_the_reply(chain):
     with pytest.raises(AttestationFailed) as failed:
         evidence.check(good, NONCE, KEY, rules)
     assert failed.value.check == "gpu.nonce", failed.value
+
+
+def test_gpu_count_is_exact(chain):
+    """A policy naming a GPU count refuses a cloud that proves fewer (or more), before verifying any of them."""
+    from pathlib import Path
+
+    data = Path(__file__).parents[1] / "data" / "gpu"
+    rules = policy(chain)
+    two = dataclasses.replace(rules, gpu=dataclasses.replace(rules.gpu, count=2, ocsp_service=None,
+                                                             check_measurements=False))
+    one_gpu = reply(chain, NONCE, KEY, SETTINGS)
+    one_gpu.gpus.add(certificate_chain=(data / "hopperCertChain.txt").read_bytes(),
+                     attestation_report=bytes.fromhex((data / "hopperAttestationReport.txt").read_text().strip()),
+                     arch="HOPPER")
+    for got in (reply(chain, NONCE, KEY, SETTINGS), one_gpu):
+        with pytest.raises(AttestationFailed) as failed:
+            evidence.check(got, NONCE, KEY, two)
+        assert failed.value.check == "gpu.count" and "exactly 2" in failed.value.detail
+    with pytest.raises(PolicyError, match=r"\[gpu\] count"):
+        from_dict({"tee": "sev-snp", "sev-snp": {"measurements": [bytes(48).hex()]}, "gpu": {"count": 0}})
