@@ -48,7 +48,7 @@ class FederationClosed(Exception):
 
 
 @dataclass(frozen=True)
-class SplitSettings:
+class FederationSettings:
     cut_layer: int
     clients: int
     rank: int
@@ -67,7 +67,7 @@ class _Round:
 
 
 class Federation:
-    def __init__(self, name: str, settings: SplitSettings, server_sites: list[SiteSpec],
+    def __init__(self, name: str, settings: FederationSettings, server_sites: list[SiteSpec],
                  device: torch.device, dtype: torch.dtype, store: StateFile | None = None) -> None:
         self.name = name
         self.settings = settings
@@ -284,7 +284,7 @@ class Federation:
     def load_state(self, state: dict) -> None:
         """Take over a saved state; refused (the federation untouched) unless it fits this federation."""
         try:
-            saved = SplitSettings(**{**state["settings"], "targets": tuple(state["settings"]["targets"])})
+            saved = FederationSettings(**{**state["settings"], "targets": tuple(state["settings"]["targets"])})
             if saved != self.settings:
                 raise FederationMismatch(f"federation {self.name!r} was saved with "
                                          f"{_differences(saved, self.settings)}")
@@ -367,7 +367,7 @@ def _check_same_shapes(ref: dict[str, tuple[torch.Tensor, torch.Tensor]],
                                      "(every client needs the same rank)")
 
 
-def _differences(a: SplitSettings, b: SplitSettings) -> str:
+def _differences(a: FederationSettings, b: FederationSettings) -> str:
     return ", ".join(f"{k} {getattr(a, k)!r} (asked {getattr(b, k)!r})"
                      for k in a.__dataclass_fields__ if getattr(a, k) != getattr(b, k))
 
@@ -380,7 +380,7 @@ class Federations:
         self._lock = threading.Lock()
         self._by_name: dict[tuple[str, str], Federation] = {}
 
-    def join(self, owner: str, name: str, member: str, session_id: str, settings: SplitSettings,
+    def join(self, owner: str, name: str, member: str, session_id: str, settings: FederationSettings,
              make, resume: bool = False) -> Federation:
         """Join (creating, or resuming from the state directory) the federation `name` of `owner`.
 

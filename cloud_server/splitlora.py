@@ -17,7 +17,7 @@ from cloud_server.batching import final_message
 from cloud_server.edge_link import EdgeLink
 from cloud_server.edge_stream import EdgeStream
 from cloud_server.errors import StepTimeout, WrongMode
-from cloud_server.federation import Federation, Federations, SplitSettings
+from cloud_server.federation import Federation, Federations, FederationSettings
 from cloud_server.inputs import MAX_PARKED_RANK, InputDecoder
 from cloud_server.limits import ServerLimits
 from cloud_server.served_model import ServedModel
@@ -69,7 +69,7 @@ class SplitLoRA:
         # Built (and checked against the probe) now, so a cut this family cannot serve fails at open.
         self.served.view(split.cut_layer)
         name = split.federation or "default"
-        settings = SplitSettings(split.cut_layer, split.clients, split.rank, split.alpha, split.lr, split.seed,
+        settings = FederationSettings(split.cut_layer, split.clients, split.rank, split.alpha, split.lr, split.seed,
                                  tuple(sorted(targets)))
         server_sites = [s for s in sites if s.layer >= split.cut_layer]
 

@@ -106,7 +106,8 @@ class RetryPolicy:
 
 @dataclass(frozen=True)
 class SplitOptions:
-    """SplitLoRA: where the model is cut and how the federation trains (see SplitConfig in the proto)."""
+    """SplitLoRA as this edge asks for it: where the model is cut and how the federation trains (sent as
+    the proto's SplitConfig; the cloud's federation keeps the agreed FederationSettings)."""
 
     cut_layer: int = 4
     federation: str = "default"

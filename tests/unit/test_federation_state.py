@@ -4,15 +4,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cloud_server.federation import Federation, FederationLost, FederationMismatch, Federations, SplitSettings
+from cloud_server.federation import Federation, FederationLost, FederationMismatch, Federations, FederationSettings
 from cloud_server.federation_state import StateError, StateFile
 from cloud_server.sites import ModuleSpec, SiteSpec
 
-SETTINGS = SplitSettings(cut_layer=1, clients=2, rank=2, alpha=4.0, lr=1e-2, seed=0, targets=("q_proj",))
+SETTINGS = FederationSettings(cut_layer=1, clients=2, rank=2, alpha=4.0, lr=1e-2, seed=0, targets=("q_proj",))
 SITES = [SiteSpec(0, 1, (ModuleSpec("layers.1.q_proj", 6, 5),)), SiteSpec(1, 2, (ModuleSpec("layers.2.q_proj", 6, 5),))]
 
 
-def federation(tmp_path, settings: SplitSettings = SETTINGS, name: str = "f") -> Federation:
+def federation(tmp_path, settings: FederationSettings = SETTINGS, name: str = "f") -> Federation:
     return Federation(name, settings, SITES, torch.device("cpu"), torch.float32, StateFile(tmp_path, "owner", name))
 
 
@@ -92,11 +92,11 @@ def test_a_stale_session_leaving_does_not_remove_a_member_that_moved(tmp_path):
 
 def test_rounds_survive_a_replica(tmp_path):
     """A member whose aggregation reply was lost asks the next replica, which answers from the file."""
-    fed = federation(tmp_path, SplitSettings(**{**SETTINGS.__dict__, "clients": 1}))
+    fed = federation(tmp_path, FederationSettings(**{**SETTINGS.__dict__, "clients": 1}))
     ad = {"layers.0.q_proj": (torch.ones(2, 6), torch.ones(5, 2))}
     fed.join("a", "s1")
     result, n = fed.aggregate("a", 1, 3, ad, timeout=5)
-    other = federation(tmp_path, SplitSettings(**{**SETTINGS.__dict__, "clients": 1}))
+    other = federation(tmp_path, FederationSettings(**{**SETTINGS.__dict__, "clients": 1}))
     again, m = other.aggregate("a", 1, 3, ad, timeout=5)
     assert m == n == 1 and all(torch.equal(again[k][i], result[k][i]) for k in result for i in (0, 1))
     with pytest.raises(FederationMismatch, match="at aggregation round 2"):
@@ -106,7 +106,7 @@ def test_rounds_survive_a_replica(tmp_path):
 def test_bad_state_is_refused_by_name(tmp_path):
     fed = federation(tmp_path)
     fake_step(fed, "a", 0, 0.5)
-    other = federation(tmp_path, SplitSettings(**{**SETTINGS.__dict__, "lr": 0.5}))
+    other = federation(tmp_path, FederationSettings(**{**SETTINGS.__dict__, "lr": 0.5}))
     with pytest.raises(FederationMismatch, match=r"saved with lr 0.01 \(asked 0.5\)"):
         other.join("b", "s")
     fed.store.path.write_bytes(b"not a torch file")
