@@ -273,6 +273,16 @@ BENCHES = [
           "python -m bench.privacy --variants int8-wire,secret-labels --accuracy-steps 0 --out bench/out/privacy-int8",
           ["bench/privacy.py", "bench/inverters.py", "bench/label_attacks.py", "cloud_server/recorder.py",
            "edge_client/objective.py", "edge_client/trainer.py", *WIRE_PATH], render_privacy),
+    Bench("privacy-front", "Privacy: a private front, against adaptive attacks", "privacy-front",
+          "python -m bench.privacy --variants default,edge-layers-2,private-front-2,private-front-2-strong "
+          "--accuracy-seeds 0 --out bench/out/privacy-front",
+          ["bench/privacy.py", "bench/inverters.py", "bench/label_attacks.py", "edge_client/private_front.py",
+           "edge_client/trainer.py", *WIRE_PATH], render_privacy, ["leakage.png"]),
+    Bench("privacy-tweets", "Privacy: the tweet sentiment task", "privacy-tweets",
+          "python -m bench.privacy --task tweets --variants default,edge-layers-2,private-front-2 --accuracy-steps 0 "
+          "--out bench/out/privacy-tweets",
+          ["bench/privacy.py", "bench/inverters.py", "bench/label_attacks.py", "edge_client/private_front.py",
+           "edge_client/data.py", *WIRE_PATH], render_privacy),
     Bench("gpu", "GPU: step time and many edges", "gpu", "make bench-gpu  (= python -m bench.gpu)",
           ["bench/gpu.py", "bench/step_time.py", "bench/many_edges.py", *WIRE_PATH], render_gpu),
     Bench("unrecorded", "Figures with no results file", None,

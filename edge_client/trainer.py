@@ -16,7 +16,7 @@ from common.atomic_write import replacing
 from common.lora import LoRAConfig, adapters_state, load_adapters_state
 from common.settings import setting
 from edge_client import data as datasets
-from edge_client import label_privacy, leakage
+from edge_client import label_privacy, leakage, private_front
 from edge_client.kill_revive import Change, KillRevive, KRConfig
 from edge_client.objective import (
     Batch,
@@ -27,7 +27,7 @@ from edge_client.objective import (
     make_batch,
     secret_label_tokens,
 )
-from edge_client.remote_model import DLoRAModelForCausalLM, RemoteConfig
+from edge_client.remote_model import DLoRAModelForCausalLM, RemoteConfig, check_front
 from edge_client.session import CloudSession, Credentials, RetryPolicy, SplitOptions, StepStats
 
 log = logging.getLogger(__name__)
@@ -129,6 +129,7 @@ class TrainConfig(LoRAConfig, RemoteConfig):
             raise ValueError(f"unknown objective {self.objective!r}; choose auto, lm or labels")
         if self.mode not in ("dlora", "splitlora"):
             raise ValueError(f"unknown mode {self.mode!r}; choose dlora or splitlora")
+        check_front(self.private_front, self.edge_layers, splitlora=self.mode == "splitlora")
         if self.mode == "splitlora":
             if self.edge_layers:
                 raise ValueError("--edge-layers is a DLoRA option; SplitLoRA runs --cut-layer blocks on this device")
@@ -234,6 +235,16 @@ class EdgeTrainer:
         heads = self.head_ids
         return label_loss(hidden, batch, self.label_ids, lambda h: self.edge.token_logits(h, heads))
 
+    def warm_up_front(self) -> list[dict[str, float]]:
+        """The private front's warm-up on public text (nothing sent), if --front-privacy asks for one."""
+        cfg = self.cfg
+        if self.model.guard is None or not cfg.private_front.front_warmup_steps:
+            return []
+        texts = private_front.public_texts(cfg.cache, cfg.private_front.front_warmup_steps * cfg.batch_size)
+        log.info("private front: %d warm-up steps on %d public tweets before the first private step",
+                 cfg.private_front.front_warmup_steps, len(texts))
+        return self.model.warm_up_front(texts, cfg.lr, cfg.max_length, cfg.batch_size)
+
     # -- one step ------------------------------------------------------------
     def train_step(self, batch: Batch) -> tuple[float, StepStats, Change | None]:
         """One step: forward through the cloud, this device's loss, backward, AdamW; then Kill and
@@ -247,6 +258,8 @@ class EdgeTrainer:
         if self.front is not None:
             stats.block_flops = self.front.flops(b, t, train=True)
             stats.edge_flops += 3 * sum(a.flops(b * t) for n, a in self.adapters.items() if n not in self.remote)
+        if self.model.guard is not None:
+            stats.block_flops += self.model.guard.last_flops
         # Head FLOPs: norm + LM head forward, and the backward to the hidden
         # state (the head is frozen, so no weight gradient): about 2x forward.
         cols = None if self.label_ids is None else len(self.label_ids)
@@ -308,7 +321,8 @@ class EdgeTrainer:
                 # Only when set, so checkpoints written before the options existed still resume.
                 **({"label_epsilon": c.label_epsilon} if c.label_epsilon is not None else {}),
                 **({"edge_layers": c.edge_layers} if c.edge_layers else {}),
-                **({"token_epsilon": c.token_epsilon} if c.token_epsilon is not None else {})}
+                **({"token_epsilon": c.token_epsilon} if c.token_epsilon is not None else {}),
+                **({"private_front": asdict(c.private_front)} if c.private_front.enabled else {})}
 
     def checkpoint_state(self, extra: dict) -> dict:
         return {"version": 1, "step_id": self.step_id, "adapters": adapters_state(self.adapters),
@@ -316,6 +330,7 @@ class EdgeTrainer:
                 "mode": self.cfg.mode,
                 "optimizer": self.optimizer.state_dict(),
                 **({"selector": self.kr.selector.state_dict()} if self.kr is not None else {}),
+                **({"guard": self.model.guard.state_dict()} if self.model.guard is not None else {}),
                 "fingerprint": self.fingerprint(), **extra}
 
     def restore(self, state: dict) -> None:
@@ -327,6 +342,8 @@ class EdgeTrainer:
         load_adapters_state(self.adapters, state["adapters"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.model.steps = state["step_id"]
+        if self.model.guard is not None:
+            self.model.guard.load_state_dict(state["guard"])
         assert self.kr is not None  # --resume is refused in SplitLoRA mode, the only one without Kill and Revive
         self.kr.load_state_dict({"steps": state["step_id"], "selector": state["selector"]})
 
@@ -393,7 +410,8 @@ def run(cfg: TrainConfig) -> dict:
                  f"{cfg.kr.policy} (budget {cfg.kr.budget}, revive {cfg.kr.revive}, period {cfg.kr.period}, "
                  f"warm-up {cfg.kr.warmup_steps})")
         log.warning(leakage.notice(cfg.mode, cfg.edge_layers, cfg.cut_layer, cfg.label_epsilon, cfg.token_epsilon,
-                                   len(train.labels), cfg.secret_labels))
+                                   len(train.labels), cfg.secret_labels, cfg.private_front.front_privacy))
+        warm_up = trainer.warm_up_front() if resumed is None else []
         if resumed is not None:
             trainer.restore(resumed)
             before, history, live_history = resumed["before"], resumed["history"], resumed["live_history"]
@@ -427,7 +445,9 @@ def run(cfg: TrainConfig) -> dict:
                             "adapter_flops": stats.edge_flops, "head_flops": stats.head_flops,
                             "block_flops": stats.block_flops,
                             "edge_flops": stats.edge_flops + stats.head_flops + stats.block_flops,
-                            "cloud_seconds": stats.cloud_seconds})
+                            "cloud_seconds": stats.cloud_seconds,
+                            **({"front_" + k: v for k, v in trainer.model.guard.last.items()}
+                               if trainer.model.guard is not None else {})})
             if change is not None:
                 live_history.append({"step": change.step, "live": sorted(trainer.live),
                                      "killed": change.kill, "revived": change.revive})
@@ -467,6 +487,7 @@ def run(cfg: TrainConfig) -> dict:
             "mode": cfg.mode, "cut_layer": cfg.cut_layer if split else 0, "edge_layers": cfg.edge_layers,
             "edge_param_mb": trainer.edge_param_bytes() / 1e6, "edge_peak_rss_mb": peak_rss_mb(),
             "attested": bool(session.attestations),
+            **_front_summary(history),
         }
         attestations = list(session.attestations)
         adapter_path = trainer.save(cfg.out, summary)
@@ -474,9 +495,20 @@ def run(cfg: TrainConfig) -> dict:
     cfg.out.mkdir(parents=True, exist_ok=True)
     # The verified claims of every attestation (the first, then one per reconnect or failover).
     log_doc = {"config": public_config(cfg), "summary": summary, "history": history, "live_sets": live_history,
-               "evals": evals, "attestations": attestations}
+               "evals": evals, "attestations": attestations, **({"front_warm_up": warm_up} if warm_up else {})}
     (cfg.out / "run.json").write_text(json.dumps(log_doc, indent=2))
     return summary
+
+
+def _front_summary(history: list[dict]) -> dict:
+    """With --front-privacy: how much of each step's tokens the device's own inverter read (trained on every
+    earlier step's activations and tokens, so a cloud that knows all the plaintext before), over all steps and
+    the last ten."""
+    read = [h["front_inverter_accuracy"] for h in history if "front_inverter_accuracy" in h]
+    if not read:
+        return {}
+    return {"front_inverter_accuracy": sum(read) / len(read),
+            "front_inverter_accuracy_last10": sum(read[-10:]) / len(read[-10:])}
 
 
 def open_session(cfg: TrainConfig) -> CloudSession:

@@ -14,6 +14,7 @@ from common.wire import dlora_pb2 as pb
 from common.wire import dlora_pb2_grpc as pb_grpc
 from edge_client.errors import CloudError
 from edge_client.objective import make_batch
+from edge_client.private_front import PrivateFrontConfig
 from edge_client.session import CloudSession
 from edge_client.trainer import EdgeTrainer, TrainConfig
 
@@ -161,3 +162,56 @@ def test_edge_layers_are_checked_and_edge_modules_cannot_be_parked(deep, tmp_pat
 def _ids(trainer: EdgeTrainer):
     batch = make_batch(trainer.tokenizer, EXAMPLES[:1], 64)
     return batch.input_ids, batch.attention_mask
+
+
+def _front_step(address, tmp_path, weight: float):
+    """One real training step with the private front's term at `weight` (no inverter update, fixed draws):
+    the loss and every adapter's gradient."""
+    front = PrivateFrontConfig(front_privacy=weight, front_inverter_steps=0, front_negatives=64)
+    session, trainer = _trainer(address, tmp_path / str(weight), 1,
+                                **({"private_front": front} if weight else {}))
+    with session:
+        batch = make_batch(trainer.tokenizer, EXAMPLES, 64)
+        loss, _, _ = trainer.train_step(batch)
+        # B starts at zero, so a first step's gradient is all on B.
+        return loss, {n: a.lora_B.grad.clone() for n, a in trainer.adapters.items()}, trainer
+
+
+def test_the_private_front_term_trains_the_front_alone_and_in_proportion(deep, tmp_path):
+    """The privacy term rides on the front's output: the task's loss and the cloud-side adapters' gradients are
+    those of the plain step, and the front adapters' gradient grows by exactly the weight times the term's."""
+    address, _, _ = deep["llama"]
+    runs = {w: _front_step(address, tmp_path, w) for w in (0.0, 0.5, 1.0)}
+    trainer = runs[1.0][2]
+    front = [n for n in trainer.adapters if n not in trainer.remote]
+    assert runs[0.5][0] == pytest.approx(runs[0.0][0], rel=TOL) == runs[1.0][0]
+    for name in trainer.remote:
+        assert rel_err(runs[1.0][1][name], runs[0.0][1][name]) <= TOL, name
+    for name in front:
+        g0, g5, g1 = (runs[w][1][name] for w in (0.0, 0.5, 1.0))
+        assert (g1 - g0).norm() > 0, f"{name}: the term did not reach the front"
+        assert rel_err(g1 - g0, 2 * (g5 - g0)) <= 1e-4, name
+
+
+def test_the_front_warm_up_sends_nothing_and_moves_only_the_front(deep, tmp_path):
+    address, _, wire = deep["llama"]
+    front = PrivateFrontConfig(front_privacy=1.0, front_warmup_steps=3)
+    session, trainer = _trainer(address, tmp_path, 1, private_front=front)
+    with session:
+        before = {n: a.lora_B.detach().clone() for n, a in trainer.adapters.items()}
+        calls = len(recorder.calls(wire, "TrainStep"))
+        history = trainer.model.warm_up_front([e.prompt for e in EXAMPLES] * 2, lr=1e-2, max_length=64,
+                                              batch_size=4)
+        assert len(history) == 3 and len(recorder.calls(wire, "TrainStep")) == calls
+        moved = {n for n, a in trainer.adapters.items() if not torch.equal(a.lora_B, before[n])}
+        assert moved == set(trainer.adapters) - set(trainer.remote)
+
+
+def test_a_private_front_is_refused_where_it_would_be_sent(deep, tmp_path):
+    from edge_client.remote_model import SplitLoRAModelForCausalLM
+
+    address, _, _ = deep["llama"]
+    front = PrivateFrontConfig(front_privacy=1.0)
+    with pytest.raises(ValueError, match="FedAvg sends the front's adapters"):
+        SplitLoRAModelForCausalLM.connect(address, cut_layer=1, federation="pf-refused", cache=tmp_path,
+                                          private_front=front)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.inverters import Inverter, activations, fit_mlp, fit_ridge, nearest
+from bench.inverters import Inverter, activations, fit_known_plaintext, fit_mlp, fit_ridge, nearest
 
 VOCAB, HIDDEN, SEQ = 256, 64, 32
 CHANCE = 1 / VOCAB
@@ -97,3 +97,54 @@ def test_mlp_is_deterministic_given_seed_and_steps(depth1):
     assert torch.equal(first.predict(Xh), second.predict(Xh))
     with pytest.raises(ValueError, match="budget"):
         fit_mlp(X, y, table, seconds=float("inf"))
+
+
+def test_known_plaintext_reads_a_front_the_public_inverter_cannot(tiny, depth1):
+    """Activations from a changed ("private") front: a random rotation of depth-1 activations. The public-trained
+    ridge reads few of them; refitted with the public pairs plus 5% known private pairs, it reads them back."""
+    (X, y), (Xh, yh), table = depth1
+    gen = torch.Generator().manual_seed(5)
+    rotation, _ = torch.linalg.qr(torch.randn(HIDDEN, HIDDEN, generator=gen))
+    private = Xh @ rotation
+    known = torch.zeros(len(yh), dtype=torch.bool)
+    known[: len(yh) // 20] = True
+    public_only = fit_ridge(X, y, table).accuracy(private[~known], yh[~known])
+    fitted = fit_known_plaintext(X, y, private[known], yh[known], table, seconds=float("inf"), seed=0,
+                                 max_steps=20)
+    assert public_only < 0.2
+    assert fitted["ridge"].accuracy(private[~known], yh[~known]) > public_only + 0.4
+
+
+def test_known_positions_are_the_template_and_the_first_sequences():
+    from bench.privacy import known_positions
+    from edge_client.objective import Batch
+
+    prefix, suffix = [5, 6, 7], [8, 9]
+    rows = [prefix + [20 + i, 30 + i, 40 + i][: 1 + i % 3] + suffix for i in range(4)]
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], dtype=torch.bool)
+    batch = Batch(ids, mask, torch.arange(4), mask.sum(1) - 1, ids[torch.arange(4), mask.sum(1) - 1])
+    known = known_positions([batch], sequences=1)[0]
+    flat_ids = ids[mask]
+    expected = torch.cat([torch.tensor([True] * len(rows[0]))] + [
+        torch.tensor([t in prefix + suffix for t in r]) for r in rows[1:]])
+    assert torch.equal(known, expected), (flat_ids[known], flat_ids[expected])
+
+
+@pytest.mark.parametrize("source", ["bbc", "tweets"])
+def test_public_sources_split_by_text_alone(source):
+    from bench.inverters import public_texts
+
+    train, held = (set(public_texts(10 ** 9, seed=s, split=part, source=source)) for s, part in
+                   ((0, "train"), (1, "heldout")))
+    assert train and held and not train & held
+    assert set(public_texts(10 ** 9, seed=5, split="train", source=source)) == train
+    with pytest.raises(ValueError, match="unknown public source"):
+        public_texts(1, source="wiki")
+
+
+def test_each_task_is_attacked_with_the_other_corpus():
+    from bench.privacy import public_source
+
+    assert public_source("bbc") == "tweets" and public_source("tweets") == "bbc"
