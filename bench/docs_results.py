@@ -278,6 +278,11 @@ BENCHES = [
           "--accuracy-seeds 0 --out bench/out/privacy-front",
           ["bench/privacy.py", "bench/inverters.py", "bench/label_attacks.py", "edge_client/private_front.py",
            "edge_client/trainer.py", *WIRE_PATH], render_privacy, ["leakage.png"]),
+    Bench("privacy-front-seeds", "Privacy: the private front's accuracy on 4 seeds", "privacy-front-seeds",
+          "python -m bench.privacy --variants private-front-2 --accuracy-seeds 0,1,2,3 --out "
+          "bench/out/privacy-front-seeds --resume (its recorded row and seed 0 copied from bench/out/privacy-front)",
+          ["bench/privacy.py", "edge_client/private_front.py", "edge_client/trainer.py", *WIRE_PATH],
+          render_privacy),
     Bench("privacy-tweets", "Privacy: the tweet sentiment task", "privacy-tweets",
           "python -m bench.privacy --task tweets --variants default,edge-layers-2,private-front-2 --accuracy-steps 0 "
           "--out bench/out/privacy-tweets",
