@@ -207,10 +207,21 @@ class Inverter:
     name: str
     fn: Callable[[Tensor], Tensor] = field(repr=False)
     notes: dict[str, float] = field(default_factory=dict)  # what the fit chose or measured (lambda, steps, accuracy)
+    # Unnormalised scores over the vocabulary ([N, V], larger is likelier), where the attack has them: the
+    # language-model prior (bench/lm_prior.py) rescores their top candidates.
+    score_fn: Callable[[Tensor], Tensor] | None = field(default=None, repr=False)
 
     def predict(self, X: Tensor) -> Tensor:
         with torch.no_grad():
             return torch.cat([self.fn(chunk) for chunk in X.float().split(_CHUNK)])
+
+    def top(self, X: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """The k best-scoring tokens of each row and their scores ([N, k] each, best first)."""
+        if self.score_fn is None:
+            raise ValueError(f"the {self.name} inverter gives no scores, only its best token")
+        with torch.no_grad():
+            tops = [self.score_fn(chunk).float().topk(k, dim=1) for chunk in X.float().split(_CHUNK)]
+        return torch.cat([t.indices for t in tops]), torch.cat([t.values for t in tops])
 
     def accuracy(self, X: Tensor, y: Tensor) -> float:
         return float((self.predict(X) == y).float().mean())
@@ -251,8 +262,12 @@ def fit_ridge(X: Tensor, y: Tensor, embedding: Tensor) -> Inverter:
         best = max(best, (acc, s))
     W, b = next(_ridge_solutions(X, Y, (best[1],)))  # refit on every row
     table = nn.functional.normalize(E, dim=-1)
-    return Inverter("ridge", lambda Z: (nn.functional.normalize(Z @ W + b, dim=-1) @ table.T).argmax(dim=1),
-                    {"lambda": best[1], "val_accuracy": best[0]})
+
+    def cosines(Z: Tensor) -> Tensor:
+        return nn.functional.normalize(Z @ W + b, dim=-1) @ table.T
+
+    return Inverter("ridge", lambda Z: cosines(Z).argmax(dim=1), {"lambda": best[1], "val_accuracy": best[0]},
+                    score_fn=cosines)
 
 
 def _features(X: Tensor) -> Tensor:
@@ -343,11 +358,12 @@ def fit_mlp(X: Tensor, y: Tensor, embedding: Tensor, seconds: float = 60.0, seed
             loss = float(out.detach())
     model.eval()
 
-    def predict(chunk: Tensor) -> Tensor:
-        return (model((_features(chunk) - mu) / sd) @ E.T + model.bias).argmax(dim=1)
+    def logits(chunk: Tensor) -> Tensor:
+        return model((_features(chunk) - mu) / sd) @ E.T + model.bias
 
-    return Inverter("mlp", predict, {"steps": step, "epochs": epochs, "seconds": time.monotonic() - start,
-                                     "final_loss": loss})
+    return Inverter("mlp", lambda chunk: logits(chunk).argmax(dim=1),
+                    {"steps": step, "epochs": epochs, "seconds": time.monotonic() - start, "final_loss": loss},
+                    score_fn=logits)
 
 
 def fit_known_plaintext(X_public: Tensor, y_public: Tensor, X_known: Tensor, y_known: Tensor, embedding: Tensor,

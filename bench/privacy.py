@@ -23,6 +23,18 @@ block K - 1):
   and true tokens, scored on each new step before it learns from it (the
   accuracy runs' mean over their steps): what a cloud that knew the text of
   every earlier batch would read.
+- **Tokens with a language-model prior** (depth > 0): each public inverter's
+  top-10 candidates per position, rescored left to right by the public model
+  (bench/lm_prior.py); its temperature and weight are picked on held-out public
+  text, so the cloud needs no private token to tune it.
+- **Tokens by unpaired alignment** (adaptive, depth > 0; bench/alignment.py):
+  knowing no private token, the cloud fits a front of the edge front's shape
+  (the same LoRA targets, rank and scale) so that public text through it
+  matches the recorded activations' distribution (MMD plus the first two
+  moments), then trains its inverters on public text through that fitted
+  front, with and without the language-model prior. A linear variant (CORAL:
+  recorded activations whitened and recoloured to the public ones' moments)
+  is reported beside it.
 - **Labels from the input.** Is the label among the recovered input tokens,
   where a sequence's completion would sit (its last real position)?
 
@@ -64,7 +76,7 @@ from pathlib import Path
 
 import torch
 
-from bench import inverters, label_attacks, report
+from bench import alignment, inverters, label_attacks, lm_prior, report
 from cloud_server import launch, recorder
 from cloud_server.model_store import ensure_default_model
 from common import tensor_codec as codec
@@ -150,6 +162,7 @@ class Public:
     norm_weight: torch.Tensor  # [H]
     inverters: dict[int, dict[str, inverters.Inverter]] = field(default_factory=dict)
     pairs: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)   # public (X, y) per depth
+    held: dict[int, tuple[torch.Tensor, torch.Tensor, list[int]]] = field(default_factory=dict)  # (X, y, lengths)
 
     @classmethod
     def load(cls) -> Public:
@@ -172,6 +185,13 @@ class Public:
                 source=source)
             self.pairs[k] = (pairs[0], pairs[1])
         return self.inverters[k]
+
+    def heldout(self, k: int, args) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Held-out public sequences at depth k, whole (the language-model prior picks its weight on them)."""
+        if k not in self.held:
+            self.held[k] = lm_prior.public_sequences(self.model, self.tokenizer, k, args.prior_texts,
+                                                     public_source(args.task), seed=args.seed)
+        return self.held[k]
 
 
 @dataclass
@@ -286,6 +306,54 @@ def known_plaintext(flats: list[torch.Tensor], wants: list[torch.Tensor], known:
     return int(kn.sum())
 
 
+def lm_prior_attack(flats: list[torch.Tensor], wants: list[torch.Tensor], lengths: list[int], public: Public, k: int,
+                    args, tally: Tally) -> dict[str, dict[str, float]]:
+    """Each public inverter's reading rescored by the public model over its top candidates (bench/lm_prior.py),
+    its temperature and weight picked on public held-out text. Returns what was picked, per inverter."""
+    X, y = torch.cat(flats), torch.cat(wants)
+    held = public.heldout(k, args)
+    out = {}
+    for name, inv in public.learned(k, args).items():
+        print(f"[{time.strftime('%H:%M:%S')}] language-model prior over the {name} inverter's candidates ...",
+              flush=True)
+        prior, notes = lm_prior.choose(public.model, inv, *held)
+        candidates, scores = inv.top(X, prior.k)
+        got = lm_prior.decode(public.model, candidates, scores, lengths, prior)
+        tally.add(f"tokens_lm_prior_{name}", int((got == y).sum()), len(y))
+        out[name] = notes
+    return out
+
+
+def unpaired_alignment(flats: list[torch.Tensor], wants: list[torch.Tensor], lengths: list[int], front: dict,
+                       public: Public, k: int, args, tally: Tally) -> dict[str, float]:
+    """The cloud, knowing no token, fits a front of the edge's shape to the recorded activations' distribution
+    and reads them through inverters trained on public text through it (bench/alignment.py); and maps them onto
+    the public activations by their first two moments (CORAL); and with the language-model prior over the
+    fitted front's inverters. Returns the fit's notes."""
+    X, y = torch.cat(flats), torch.cat(wants)
+    one = next(iter(front.values()))
+    shape = alignment.FrontShape({n: (a.in_features, a.out_features) for n, a in front.items()}, one.rank, one.scale)
+    print(f"[{time.strftime('%H:%M:%S')}] unpaired alignment: fitting a front of {len(front)} adapters "
+          f"(rank {one.rank}) to {len(X)} recorded activations ...", flush=True)
+    fitted, learned, notes = alignment.attack(public.model, public.tokenizer, shape, X, k, public_source(args.task),
+                                              args.public_tokens, args.inverter_seconds, seed=args.seed,
+                                              steps=args.alignment_steps)
+    # The language-model prior on top, its weight picked on public text through the fitted front.
+    held = lm_prior.public_sequences(fitted, public.tokenizer, k, args.prior_texts, public_source(args.task),
+                                     seed=args.seed)
+    del fitted
+    for name, inv in learned.items():
+        tally.add(f"tokens_aligned_front_{name}", int((inv.predict(X) == y).sum()), len(y))
+        prior, picked = lm_prior.choose(public.model, inv, *held)
+        candidates, scores = inv.top(X, prior.k)
+        got = lm_prior.decode(public.model, candidates, scores, lengths, prior)
+        tally.add(f"tokens_aligned_prior_{name}", int((got == y).sum()), len(y))
+        notes |= {f"prior_{name}_{key}": v for key, v in picked.items()}
+    for name, got in alignment.read_linear(X, public.pairs[k][0], public.learned(k, args)).items():
+        tally.add(f"tokens_aligned_linear_{name}", int((got == y).sum()), len(y))
+    return notes
+
+
 @torch.no_grad()
 def zero_shot_labels(public: Public, ids: torch.Tensor, mask: torch.Tensor, label_tokens: torch.Tensor) -> torch.Tensor:
     """The public model's own label (index into label_tokens) for each recovered sequence, at its last position."""
@@ -368,6 +436,14 @@ def run_variant(name: str, settings: dict, args, public: Public, server: launch.
     sequences = max(1, round(0.01 * sum(len(t.input_ids) for t in truths)))
     known = known_positions(truths, sequences)
     known_pairs = known_plaintext(flats, wants, known, public, depth(settings), args, tally)
+    # The public model's prior over the public inverters' top candidates.
+    lengths = [int(n) for t in truths for n in t.attention_mask.bool().sum(dim=1)]   # the recorded masks'
+    priors = lm_prior_attack(flats, wants, lengths, public, depth(settings), args, tally) if depth(settings) else {}
+    # Unpaired alignment: a front of the edge front's shape fitted to the recording's distribution.
+    front = {n: a for n, a in trainer.adapters.items() if n not in trainer.remote}
+    aligned = {}
+    if depth(settings) and front and args.alignment_steps:
+        aligned = unpaired_alignment(flats, wants, lengths, front, public, depth(settings), args, tally)
     # On the last step (B is 0 before the first update, so earlier steps carry no adapter).
     errors = adapter_errors(calls[-1], session.sites, deltas) if deltas and args.steps > 1 else []
     for path in wire.glob("*"):  # gigabytes of activations computed from (public, here) data: attacked, then gone
@@ -378,7 +454,12 @@ def run_variant(name: str, settings: dict, args, public: Public, server: launch.
     rates["tokens_learned"] = max(rates["tokens_ridge"], rates["tokens_mlp"])
     rates["tokens_nn"] = max(rates["tokens_nn_l2"], rates["tokens_nn_cosine"])
     rates["tokens_known_plaintext"] = max(rates["tokens_known_plaintext_ridge"], rates["tokens_known_plaintext_mlp"])
-    rates["tokens_best"] = max(rates["tokens_learned"], rates["tokens_nn"], rates["tokens_known_plaintext"])
+    if priors:
+        rates["tokens_lm_prior"] = max(rates["tokens_lm_prior_ridge"], rates["tokens_lm_prior_mlp"])
+    if aligned:
+        rates["tokens_aligned"] = max(v for k, v in rates.items() if k.startswith("tokens_aligned_"))
+    rates["tokens_best"] = max(rates["tokens_learned"], rates["tokens_nn"], rates["tokens_known_plaintext"],
+                               rates.get("tokens_aligned", 0.0), rates.get("tokens_lm_prior", 0.0))
     bound = (None if cfg.label_epsilon is None else
              label_privacy.keep_probability(cfg.label_epsilon, len(train.labels)))
     return {"variant": name, "settings": settings, "depth": depth(settings), "objective": objective,
@@ -386,7 +467,8 @@ def run_variant(name: str, settings: dict, args, public: Public, server: launch.
             "rates": rates, "trials": tally.trials, "mb_per_step": sum(megabytes) / len(megabytes),
             "adapter_error_median": sorted(errors)[len(errors) // 2] if errors else None,
             "adapter_error_max": max(errors) if errors else None, "adapters_attacked": len(errors),
-            "known_plaintext": {"sequences": sequences, "pairs": known_pairs}}
+            "known_plaintext": {"sequences": sequences, "pairs": known_pairs}, "alignment": aligned,
+            "lm_prior": priors}
 
 
 def _flags(settings: dict) -> list[str]:
@@ -461,7 +543,9 @@ def table(rows: list[dict], args) -> str:
              f"{','.join(map(str, args.accuracy_seeds))}.",
              ""]
     headers = ["variant", "cloud sees", "tokens: NN (L2 / cos)", "tokens: learned (ridge / MLP)",
-               "tokens: known plaintext (ridge / MLP)", "tokens: all earlier plaintext known (device's inverter)",
+               "tokens: known plaintext (ridge / MLP)", "tokens: LM prior (ridge / MLP)",
+               "tokens: unpaired alignment (fitted front / with LM prior / CORAL)",
+               "tokens: all earlier plaintext known (device's inverter)",
                "tokens: strongest", "label in the input",
                "label from the gradient (known set / full vocab)", "label: forward (public head)",
                "label: clusters of grad / hidden (best map)", "label: clusters named by public model (grad / hidden)",
@@ -482,6 +566,7 @@ def table(rows: list[dict], args) -> str:
         cells.append([r["variant"], sees, f"{x['tokens_nn_l2']:.1%} / {x['tokens_nn_cosine']:.1%}",
                       f"{x['tokens_ridge']:.1%} / {x['tokens_mlp']:.1%}",
                       f"{x['tokens_known_plaintext_ridge']:.1%} / {x['tokens_known_plaintext_mlp']:.1%}",
+                      pair_cell(x, "tokens_lm_prior"), aligned_cell(x),
                       "—" if "front_inverter_accuracy" not in acc else f"{acc['front_inverter_accuracy']:.1%}",
                       f"{strongest_tokens(r):.1%}",
                       f"{x['label_in_input']:.1%}",
@@ -492,6 +577,23 @@ def table(rows: list[dict], args) -> str:
                       f"{x['label_zero_shot_text']:.1%}", f"{x['label_best']:.1%}", bound, fitted, *cost])
     lines.append(report.table(headers, cells))
     return "\n".join(lines) + "\n"
+
+
+def pair_cell(rates: dict, key: str) -> str:
+    """An attack's ridge / MLP rates, or "—" where it did not run."""
+    if f"{key}_ridge" not in rates:
+        return "—"
+    return f"{rates[f'{key}_ridge']:.1%} / {rates[f'{key}_mlp']:.1%}"
+
+
+def aligned_cell(rates: dict) -> str:
+    """The unpaired-alignment attack's best reading through the fitted front and by CORAL; "—" where it did not
+    run (no front: the cloud sees the embedding)."""
+    if "tokens_aligned" not in rates:
+        return "—"
+    best = {how: max(rates.get(f"tokens_aligned_{how}_ridge", 0.0), rates.get(f"tokens_aligned_{how}_mlp", 0.0))
+            for how in ("front", "prior", "linear")}
+    return f"{best['front']:.1%} / {best['prior']:.1%} / {best['linear']:.1%}"
 
 
 def strongest_tokens(row: dict) -> float:
@@ -551,6 +653,11 @@ def main() -> int:
                    help="public-text tokens each learned inverter trains on (default: %(default)s)")
     p.add_argument("--inverter-seconds", type=float, default=60.0,
                    help="CPU seconds the MLP inverter trains per depth (default: %(default)s)")
+    p.add_argument("--alignment-steps", type=int, default=300,
+                   help="Adam steps of the unpaired-alignment attack's fitted front (edge layers, SplitLoRA); "
+                        "0: skip it (default: %(default)s)")
+    p.add_argument("--prior-texts", type=int, default=100,
+                   help="held-out public texts the language-model prior picks its weight on (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the recorded runs and the inverters (default: %(default)s)")
     p.add_argument("--resume", action="store_true",
