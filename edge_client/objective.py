@@ -156,12 +156,41 @@ def classify(tokenizer, prompts: Sequence[str], labels: Sequence[str], hidden_fn
             preds.extend(scores.argmax(dim=1).tolist())
         else:
             exs = [Example(p, c) for p in chunk for c in cands]
-            batch = make_batch(tokenizer, exs, max_length)
-            h = hidden_fn(batch.input_ids, batch.attention_mask)
-            logp = torch.log_softmax(logits_fn(h[batch.rows, batch.positions]), dim=-1)
-            tok_lp = logp[torch.arange(len(batch.targets)), batch.targets]
-            per_seq = torch.zeros(len(exs)).index_add_(0, batch.rows, tok_lp)
+            per_seq = log_likelihoods(tokenizer, exs, hidden_fn, logits_fn, max_length)
             preds.extend(per_seq.view(len(chunk), len(cands)).argmax(dim=1).tolist())
         if progress:
             progress(len(chunk))
+    return preds
+
+
+def log_likelihoods(tokenizer, examples: Sequence[Example], hidden_fn: HiddenFn, logits_fn: LogitsFn,
+                    max_length: int) -> torch.Tensor:
+    """Each example's completion log-likelihood given its prompt (the sum over its tokens), in one forward."""
+    batch = make_batch(tokenizer, examples, max_length)
+    h = hidden_fn(batch.input_ids, batch.attention_mask)
+    logp = torch.log_softmax(logits_fn(h[batch.rows, batch.positions]).float(), dim=-1)
+    tok_lp = logp[torch.arange(len(batch.targets)), batch.targets]
+    return torch.zeros(len(examples)).index_add_(0, batch.rows, tok_lp)
+
+
+def multiple_choice(tokenizer, examples: Sequence[Example], hidden_fn: HiddenFn, logits_fn: LogitsFn,
+                    max_length: int, batch_size: int = 16,
+                    progress: Callable[[int], None] | None = None) -> list[int]:
+    """Index of the most likely choice of each example, by its summed log-likelihood (BIG-bench's
+    multiple_choice_grade). Every (prompt, choice) pair is one sequence; about batch_size travel per forward."""
+    pairs = [(i, Example(ex.prompt, c)) for i, ex in enumerate(examples) for c in ex.choices]
+    scores = torch.empty(len(pairs))
+    done = 0
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        scores[start:start + len(chunk)] = log_likelihoods(tokenizer, [e for _, e in chunk], hidden_fn, logits_fn,
+                                                           max_length)
+        finished = chunk[-1][0] + 1 if start + len(chunk) == len(pairs) else chunk[-1][0]
+        if progress and finished > done:
+            progress(finished - done)
+            done = finished
+    preds, at = [], 0
+    for ex in examples:
+        preds.append(int(scores[at:at + len(ex.choices)].argmax()))
+        at += len(ex.choices)
     return preds

@@ -25,6 +25,7 @@ from edge_client.objective import (
     label_loss,
     label_token_ids,
     make_batch,
+    multiple_choice,
     secret_label_tokens,
 )
 from edge_client.remote_model import DLoRAModelForCausalLM, RemoteConfig, check_front
@@ -293,6 +294,11 @@ class EdgeTrainer:
         exs = test.examples[: self.cfg.eval_limit] if self.cfg.eval_limit else test.examples
         bar = tqdm(total=len(exs), desc=desc, unit="ex", disable=not self.cfg.progress, leave=False)
         try:
+            if test.is_multiple_choice:
+                preds = multiple_choice(self.tokenizer, exs, self.hidden, self.edge.logits, self.cfg.max_length,
+                                        self.cfg.eval_batch_size, bar.update)
+                correct = sum(ex.choices[p] == ex.completion for p, ex in zip(preds, exs))
+                return {"accuracy": correct / len(exs), "examples": len(exs)}
             if test.is_classification:
                 preds = classify(self.tokenizer, [e.prompt for e in exs], test.labels, self.hidden,
                                  self.edge.logits, self.cfg.max_length, self.cfg.eval_batch_size, bar.update,

@@ -61,6 +61,19 @@ def test_prompt_completion_data(servers, tmp_path):
     assert "held-out loss: before" in res.stdout
 
 
+def test_multiple_choice_data(servers, tmp_path):
+    path = tmp_path / "mc.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": f"Is {i} even?", "choices": ["yes", "no", "maybe"],
+                                          "answer": i % 2}) for i in range(20)))
+    out = tmp_path / "run"
+    res = cli("edge_client", "train", "--server", servers["llama"], "--data", str(path), "--steps", "2",
+              "--batch-size", "4", "--out", str(out), "--no-progress")
+    assert res.returncode == 0, res.stderr
+    assert "held-out accuracy: before" in res.stdout
+    after = json.loads((out / "run.json").read_text())["summary"]["after"]
+    assert after["examples"] == 4 and 0.0 <= after["accuracy"] <= 1.0
+
+
 def test_clear_errors(servers, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "x", "label": "a"}\n{oops\n')

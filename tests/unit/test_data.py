@@ -92,3 +92,29 @@ def test_named_tasks_and_their_errors(tmp_path):
         load_splits(TrainConfig(data=Path("tweets"), test=Path("x.jsonl"), cache=tmp_path))
     with pytest.raises(data.DataError, match="named tasks: bbc, tweets"):
         data.task("nope")
+
+
+def test_multiple_choice_records(tmp_path):
+    ds = data.load(write(tmp_path / "d.jsonl", [{"prompt": "Sky?", "choices": ["blue", "green "], "answer": 0},
+                                                 {"prompt": "Grass?", "choices": ["blue", "green"], "answer": 1}]))
+    assert ds.is_multiple_choice and not ds.is_classification
+    assert ds.examples[1].choices == (" blue", " green") and ds.examples[1].completion == " green"
+
+
+@pytest.mark.parametrize("rec,needle", [
+    ({"prompt": "p", "choices": ["a"], "answer": 0}, "at least two"),
+    ({"prompt": "p", "choices": ["a", ""], "answer": 0}, "at least two non-empty"),
+    ({"prompt": "p", "choices": ["a", "a "], "answer": 0}, "repeats"),
+    ({"prompt": "p", "choices": ["a", "b"], "answer": 2}, "0 to 1"),
+    ({"prompt": "p", "choices": ["a", "b"], "answer": True}, "index of the right choice"),
+    ({"prompt": "p", "choices": "ab", "answer": 0}, "list"),
+])
+def test_bad_multiple_choice(tmp_path, rec, needle):
+    with pytest.raises(DataError, match=needle):
+        data.load(write(tmp_path / "d.jsonl", [rec]))
+
+
+def test_mixed_formats_named(tmp_path):
+    with pytest.raises(DataError, match="mixes record formats"):
+        data.load(write(tmp_path / "d.jsonl", [{"prompt": "p", "completion": "c"},
+                                               {"prompt": "p", "choices": ["a", "b"], "answer": 0}]))
