@@ -35,12 +35,13 @@ LABELS = 1.0
 SECRET_LABELS_GROUPED = 1.0
 SECRET_LABELS_NAMED_BY_TEXT = 0.719
 SUGGESTED_TOKEN_EPSILON = 50.0  # 25 hides more but leaves accuracy at chance
-# With --front-privacy W (bench/results/privacy-front), by (edge layers, W): the strongest attack measured, a
-# cloud that knew the plaintext of every earlier batch (the device's own inverter); the public-trained
-# inverter alone read 75.2% and 45.1%.
+# With --front-privacy W, by (edge layers, W): the strongest attack measured, unpaired alignment with the
+# language-model prior (bench/results/privacy-align): a cloud that knows no plaintext fits a front of the same
+# shape to the recording. A cloud that knew every earlier batch's plaintext read 97.0% and 85.7%
+# (bench/results/privacy-front); the public-trained inverter alone 75.2% and 45.1%.
 FRONT_TOKENS: dict[tuple[int, float], float] = {
-    (2, 0.1): 0.970,
-    (2, 0.5): 0.857,   # and accuracy at chance
+    (2, 0.1): 0.971,
+    (2, 0.5): 0.971,   # and accuracy at chance
 }
 
 
@@ -50,7 +51,7 @@ def _tokens(depth: int, token_epsilon: float | None, front_privacy: float = 0.0)
         where += f" of the tokens --token-epsilon {token_epsilon:g} released"
     if front_privacy:
         where += (f" (--front-privacy {front_privacy:g} evades inverters that do not adapt, not a cloud that "
-                  "knows some of your text)")
+                  "fits a front of its shape)")
         got = FRONT_TOKENS.get((depth, front_privacy)) if token_epsilon is None else None
     else:
         got = TOKENS.get((depth, token_epsilon))

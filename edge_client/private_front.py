@@ -56,8 +56,9 @@ FRONT_GROUP = ("private front: with --edge-layers K, the device's blocks train a
 class PrivateFrontConfig:
     front_privacy: float = setting(0.0, "weight of the privacy term (how surely the device's own inverter reads "
                                         "each sent token back: the softplus of its log-odds) in the front "
-                                        "adapters' loss; 0: off. "
-                                        "Needs --edge-layers K >= 1", metavar="WEIGHT", group=FRONT_GROUP)
+                                        "adapters' loss; 0: off. Needs --edge-layers K >= 1. Not private: a "
+                                        "cloud that fits a front of its shape still reads 97% of the tokens "
+                                        "(docs/privacy.md)", metavar="WEIGHT", group=FRONT_GROUP)
     front_warmup_steps: int = setting(0, "steps of training the front on public text before the first private "
                                          "step (nothing is sent during them)", group=FRONT_GROUP)
     front_inverter_lr: float = setting(3e-3, "Adam learning rate of the device's inverter", group=FRONT_GROUP)

@@ -192,7 +192,7 @@ def test_the_start_of_run_notice_quotes_the_measured_figures():
     assert "--label-epsilon bounds the labels" in secret   # the only bound on labels
     front = leakage.notice("dlora", 2, 4, None, None, 5, front_privacy=0.1)
     assert f"{leakage.FRONT_TOKENS[(2, 0.1)]:.0%} of your training tokens from the output of block 1" in front
-    assert "not a cloud that knows some of your text" in front
+    assert "not a cloud that fits a front of its shape" in front
     assert "an unmeasured share" in leakage.notice("dlora", 2, 4, None, None, 5, front_privacy=0.3)
     hardened = leakage.notice("dlora", 0, 4, 1.0, leakage.SUGGESTED_TOKEN_EPSILON, 5)
     assert "bounds the labels" not in hardened and "cuts the tokens" not in hardened
