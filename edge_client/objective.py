@@ -194,3 +194,18 @@ def multiple_choice(tokenizer, examples: Sequence[Example], hidden_fn: HiddenFn,
         preds.append(int(scores[at:at + len(ex.choices)].argmax()))
         at += len(ex.choices)
     return preds
+
+
+def first_line(text: str) -> str:
+    """A generated completion up to its first line break (a one-sentence answer; the model may run on)."""
+    return text.strip().split("\n", 1)[0].strip()
+
+
+def rouge_l(references: Sequence[str], generated: Sequence[str]) -> float:
+    """Mean ROUGE-L F1 (Google's rouge-score, Porter stemming) of each generated completion's first line
+    against its reference."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    scores = [scorer.score(ref.strip(), first_line(gen))["rougeL"].fmeasure for ref, gen in zip(references, generated)]
+    return sum(scores) / len(scores) if scores else 0.0

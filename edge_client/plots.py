@@ -108,11 +108,11 @@ def bytes_per_step(history: list[dict], path: Path) -> Path:
 def heldout_curve(evals: list[dict], path: Path) -> Path:
     """Held-out accuracy (or loss) at each evaluation: before, every --eval-every steps, after."""
     plt = _plt()
-    key = "accuracy" if "accuracy" in evals[0] else "loss"
+    key = next(k for k in ("accuracy", "rouge_l", "loss") if k in evals[0])
     fig, ax = plt.subplots(figsize=(8, 4))
     ys = [e[key] * (100 if key == "accuracy" else 1) for e in evals]
     ax.plot([e["step"] for e in evals], ys, marker="o", label=f"held-out {key}")
-    _line_axes(ax, "held-out accuracy (%)" if key == "accuracy" else "held-out loss")
+    _line_axes(ax, {"accuracy": "held-out accuracy (%)", "rouge_l": "held-out ROUGE-L"}.get(key, "held-out loss"))
     return _save(plt, fig, path)
 
 

@@ -22,10 +22,12 @@ from edge_client.objective import (
     Batch,
     classify,
     completion_loss,
+    encode,
     label_loss,
     label_token_ids,
     make_batch,
     multiple_choice,
+    rouge_l,
     secret_label_tokens,
 )
 from edge_client.remote_model import DLoRAModelForCausalLM, RemoteConfig, check_front
@@ -68,6 +70,9 @@ class TrainConfig(LoRAConfig, RemoteConfig):
     eval_before: bool = setting(True, "skip the held-out evaluation before training")
     eval_limit: int = setting(200, "held-out examples to evaluate, 0 for all")
     eval_batch_size: int = setting(16, "held-out examples per forward")
+    eval_new_tokens: int = setting(48, "prompt/completion data: greedy tokens generated per held-out example, "
+                                       "scored by ROUGE-L against its completion (up to the first line break); "
+                                       "0: held-out loss only")
     # "auto": the label-restricted loss for classification data whose labels are
     # one token each, the language-model loss otherwise. "lm" or "labels" force one.
     objective: str = setting("auto", "loss: 'lm' = cross-entropy over the whole vocabulary; 'labels' = over the "
@@ -177,6 +182,7 @@ class EdgeTrainer:
         # Kill and Revive manages the modules of the cloud's blocks only.
         self.kr = None if self.split else KillRevive(self.model, cfg.kr)
         self.label_ids: torch.Tensor | None = None
+        self._said_no_rouge = False
         self.head_ids: torch.Tensor | None = None   # the head columns trained: label_ids, or their secret tokens
 
     # The model's parts, by the names the benches and tests use.
@@ -313,9 +319,34 @@ class EdgeTrainer:
                 total += float(completion_loss(h, batch, self.edge.logits)) * len(batch.targets)
                 n += len(batch.targets)
                 bar.update(len(batch.input_ids))
-            return {"loss": total / n, "examples": len(exs)}
+            return {"loss": total / n, "examples": len(exs), **self._rouge(exs, desc)}
         finally:
             bar.close()
+
+    def _rouge(self, exs: list[datasets.Example], desc: str) -> dict:
+        """ROUGE-L F1 of greedy completions against the held-out ones, where this model generates (every
+        block on the cloud: not with --edge-layers or SplitLoRA's cut)."""
+        if not self.cfg.eval_new_tokens:
+            return {}
+        if self.front is not None:
+            if not self._said_no_rouge:
+                log.info("held-out ROUGE-L skipped: generation runs every block on the cloud, and this run keeps "
+                         "blocks on the device; the held-out loss is reported")
+                self._said_no_rouge = True
+            return {}
+        bar = tqdm(total=len(exs), desc=f"{desc} (generating)", unit="ex", disable=not self.cfg.progress,
+                   leave=False)
+        try:
+            got = []
+            for ex in exs:
+                p, _ = encode(self.tokenizer, ex.prompt, ex.completion, self.cfg.max_length)
+                ids = torch.tensor([p])
+                out = self.model.generate(ids, max_new_tokens=self.cfg.eval_new_tokens)[0, len(p):]
+                got.append(self.tokenizer.decode(out, skip_special_tokens=True))
+                bar.update(1)
+        finally:
+            bar.close()
+        return {"rouge_l": rouge_l([ex.completion for ex in exs], got)}
 
     # -- checkpoints ---------------------------------------------------------
     def fingerprint(self) -> dict:
@@ -553,4 +584,5 @@ def save_checkpoint(path: Path, state: dict) -> None:
 def _fmt(metrics: dict) -> str:
     if "accuracy" in metrics:
         return f"accuracy {metrics['accuracy']:.1%} on {metrics['examples']} held-out examples"
-    return f"loss {metrics['loss']:.4f} on {metrics['examples']} held-out examples"
+    rouge = f", ROUGE-L {metrics['rouge_l']:.3f}" if "rouge_l" in metrics else ""
+    return f"loss {metrics['loss']:.4f}{rouge} on {metrics['examples']} held-out examples"

@@ -35,3 +35,15 @@ def test_every_variant_then_reuse(tmp_path):
     again = bench(model, out)
     assert again.returncode == 0 and again.stdout.count("reusing") == 4
     assert json.loads((out / "results.json").read_text())["rows"] == doc["rows"]
+
+
+def test_generative_task_scores_rouge_where_the_run_can_generate(tmp_path):
+    model = save_tiny("llama", tmp_path / "models" / "llama", layers=4)
+    out = tmp_path / "out"
+    done = bench(model, out, "--tasks", "aclsum", "--variants", "dlora,splitlora-k2", "--eval-limit", "2",
+                 "--max-length", "250")   # a byte tokenizer: summaries of up to 224 bytes
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = {r["variant"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    assert 0.0 <= rows["dlora"]["score"] <= 1.0 and 0.0 <= rows["zero-shot"]["score"] <= 1.0
+    assert rows["splitlora-k2"]["score"] is None     # its blocks on the device: it cannot generate
+    assert "| llama | aclsum | splitlora-k2 | — |" in (out / "table.md").read_text()

@@ -56,9 +56,11 @@ def test_prompt_completion_data(servers, tmp_path):
     path = tmp_path / "gen.jsonl"
     path.write_text("\n".join(json.dumps({"prompt": f"count {i}:", "completion": f" {i + 1}"}) for i in range(20)))
     res = cli("edge_client", "train", "--server", servers["gpt2"], "--data", str(path), "--steps", "2",
-              "--batch-size", "4", "--out", str(tmp_path / "run"), "--no-progress")
+              "--batch-size", "4", "--out", str(tmp_path / "run"), "--no-progress", "--eval-new-tokens", "6")
     assert res.returncode == 0, res.stderr
-    assert "held-out loss: before" in res.stdout
+    assert "held-out loss: before" in res.stdout and "held-out rouge_l: before" in res.stdout
+    after = json.loads((tmp_path / "run" / "run.json").read_text())["summary"]["after"]
+    assert 0.0 <= after["rouge_l"] <= 1.0 and after["examples"] == 4
 
 
 def test_multiple_choice_data(servers, tmp_path):
