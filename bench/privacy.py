@@ -23,10 +23,12 @@ block K - 1):
   and true tokens, scored on each new step before it learns from it (the
   accuracy runs' mean over their steps): what a cloud that knew the text of
   every earlier batch would read.
-- **Tokens with a language-model prior** (depth > 0): each public inverter's
-  top-10 candidates per position, rescored left to right by the public model
-  (bench/lm_prior.py); its temperature and weight are picked on held-out public
-  text, so the cloud needs no private token to tune it.
+- **Tokens with a language-model prior** (depth > 0, or --token-epsilon): each
+  public inverter's top-10 candidates per position, rescored left to right by
+  the public model (bench/lm_prior.py); its temperature and weight are picked on
+  held-out public text, so the cloud needs no private token to tune it. Under
+  --token-epsilon that text first goes through the (public) mechanism, so the
+  prior learns to denoise the released tokens by their context.
 - **Tokens by unpaired alignment** (adaptive, depth > 0; bench/alignment.py):
   knowing no private token, the cloud fits a front of the edge front's shape
   (the same LoRA targets, rank and scale) so that public text through it
@@ -81,7 +83,7 @@ from cloud_server import launch, recorder
 from cloud_server.model_store import ensure_default_model
 from common import tensor_codec as codec
 from common.wire import dlora_pb2 as pb
-from edge_client import label_privacy
+from edge_client import label_privacy, token_privacy
 from edge_client.data import TASKS
 from edge_client.objective import Batch, make_batch
 from edge_client.private_front import PrivateFrontConfig
@@ -306,12 +308,31 @@ def known_plaintext(flats: list[torch.Tensor], wants: list[torch.Tensor], known:
     return int(kn.sum())
 
 
+def released_heldout(public: Public, k: int, epsilon: float, args) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Held-out public texts as a cloud simulates --token-epsilon on them (the mechanism is public): the
+    activations entering block k of the released tokens, labelled with the original ones."""
+    texts = inverters.public_texts(args.prior_texts, seed=args.seed, split="heldout", source=public_source(args.task))
+    seqs = inverters._tokenize(public.tokenizer, texts, 128)
+    table = public.model.get_input_embeddings().weight
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    X, y = [], []
+    for seq in seqs:
+        ids = torch.tensor([seq])
+        mask = torch.ones_like(ids)
+        released = token_privacy.perturb(ids, mask, table, epsilon, gen)
+        X.append(inverters.activations(public.model, released, mask, k)[0])
+        y.append(ids[0])
+    return torch.cat(X), torch.cat(y), [len(seq) for seq in seqs]
+
+
 def lm_prior_attack(flats: list[torch.Tensor], wants: list[torch.Tensor], lengths: list[int], public: Public, k: int,
-                    args, tally: Tally) -> dict[str, dict[str, float]]:
+                    args, tally: Tally, token_epsilon: float | None = None) -> dict[str, dict[str, float]]:
     """Each public inverter's reading rescored by the public model over its top candidates (bench/lm_prior.py),
-    its temperature and weight picked on public held-out text. Returns what was picked, per inverter."""
+    its temperature and weight picked on public held-out text (put through --token-epsilon's public mechanism
+    where the edge used it: the prior then denoises the released tokens by their context). Returns what was
+    picked, per inverter."""
     X, y = torch.cat(flats), torch.cat(wants)
-    held = public.heldout(k, args)
+    held = public.heldout(k, args) if token_epsilon is None else released_heldout(public, k, token_epsilon, args)
     out = {}
     for name, inv in public.learned(k, args).items():
         print(f"[{time.strftime('%H:%M:%S')}] language-model prior over the {name} inverter's candidates ...",
@@ -438,7 +459,10 @@ def run_variant(name: str, settings: dict, args, public: Public, server: launch.
     known_pairs = known_plaintext(flats, wants, known, public, depth(settings), args, tally)
     # The public model's prior over the public inverters' top candidates.
     lengths = [int(n) for t in truths for n in t.attention_mask.bool().sum(dim=1)]   # the recorded masks'
-    priors = lm_prior_attack(flats, wants, lengths, public, depth(settings), args, tally) if depth(settings) else {}
+    # At depth 0 only where --token-epsilon released other tokens (otherwise nearest neighbour reads them all).
+    eps = settings.get("token_epsilon")
+    priors = (lm_prior_attack(flats, wants, lengths, public, depth(settings), args, tally, eps)
+              if depth(settings) or eps is not None else {})
     # Unpaired alignment: a front of the edge front's shape fitted to the recording's distribution.
     front = {n: a for n, a in trainer.adapters.items() if n not in trainer.remote}
     aligned = {}
