@@ -295,6 +295,11 @@ BENCHES = [
           "--accuracy-steps 0 --out bench/out/privacy-align",
           ["bench/privacy.py", "bench/inverters.py", "bench/alignment.py", "bench/lm_prior.py",
            "edge_client/private_front.py", "edge_client/trainer.py", *WIRE_PATH], render_privacy),
+    Bench("privacy-tokendp", "Privacy: token DP against a language-model prior", "privacy-tokendp",
+          "python -m bench.privacy --variants token-dp-eps50,token-dp-eps25 --accuracy-steps 0 "
+          "--out bench/out/privacy-tokendp",
+          ["bench/privacy.py", "bench/inverters.py", "bench/lm_prior.py", "edge_client/token_privacy.py",
+           *WIRE_PATH], render_privacy),
     Bench("tasks", "Models × tasks: every mode", "tasks", "make bench-tasks  (= python -m bench.tasks)",
           ["bench/tasks.py", "edge_client/data.py", "edge_client/bigbench.py", *WIRE_PATH, *TRAINING, *SPLIT],
           render_gpu, [f"loss-smollm2-135m-{t}.png" for t in ("bbc", "tweets", "social_iqa", "strategyqa")]),

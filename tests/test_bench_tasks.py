@@ -33,7 +33,7 @@ def test_every_variant_then_reuse(tmp_path):
     assert "| llama | bbc | dlora-kr |" in table and "bytes -" in table
     assert (out / "loss-llama-bbc.png").stat().st_size > 0
     again = bench(model, out)
-    assert again.returncode == 0 and again.stdout.count("reusing") == 4
+    assert again.returncode == 0 and again.stdout.count("    reusing ") == 4
     assert json.loads((out / "results.json").read_text())["rows"] == doc["rows"]
 
 
