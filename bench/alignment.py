@@ -181,13 +181,15 @@ def read_linear(observed: Tensor, public_X: Tensor, learned: dict[str, inverters
 
 def attack(model: nn.Module, tokenizer, shape: FrontShape, observed: Tensor, depth: int, source: str,
            public_tokens: int, seconds: float, seed: int = 0,
-           steps: int = 300) -> tuple[nn.Module, dict[str, inverters.Inverter], dict[str, float]]:
+           steps: int = 300,
+           inverter_steps: int | None = None) -> tuple[nn.Module, dict[str, inverters.Inverter], dict[str, float]]:
     """Fit a front to the recording (fit_front), then train the cloud's inverters on public text through it;
     returns the fitted model too."""
     texts = inverters.public_texts(4000, seed=seed + 1, source=source)  # others than the inverters' first ones
     data = public_batches(tokenizer, texts, batch_size=8, max_length=128, seed=seed)
     fitted, notes = fit_front(model, shape, observed, depth, data, steps=steps, seed=seed)
     learned, _, _ = inverters.train_inverters_and_data(fitted, tokenizer, depth, tokens=public_tokens,
-                                                       seconds=seconds, seed=seed, source=source)
+                                                       seconds=seconds, seed=seed, source=source,
+                                                       max_steps=inverter_steps)
     return fitted, learned, notes
 

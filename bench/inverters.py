@@ -413,10 +413,11 @@ def train_inverters(model: nn.Module, tokenizer, depth: int, tokens: int = 60000
 
 
 def train_inverters_and_data(model: nn.Module, tokenizer, depth: int, tokens: int = 60000, seconds: float = 60.0,
-                             seed: int = 0, source: str = "tweets") -> tuple[dict[str, Inverter], Tensor, Tensor]:
+                             seed: int = 0, source: str = "tweets",
+                             max_steps: int | None = None) -> tuple[dict[str, Inverter], Tensor, Tensor]:
     """train_inverters on the public corpus `source`, also giving back its training pairs (X, y), for attacks
     that refit on them."""
-    out, _, _ = _train(model, tokenizer, depth, tokens, seconds, seed, source=source)
+    out, _, _ = _train(model, tokenizer, depth, tokens, seconds, seed, max_steps, source=source)
     X, y = public_dataset(model, tokenizer, depth, tokens, seed=seed, source=source)
     return out, X, y
 

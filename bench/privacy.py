@@ -184,7 +184,7 @@ class Public:
                   f"{inverters.PUBLIC_SOURCES[source]} ...", flush=True)
             self.inverters[k], *pairs = inverters.train_inverters_and_data(
                 self.model, self.tokenizer, k, tokens=args.public_tokens, seconds=args.inverter_seconds, seed=args.seed,
-                source=source)
+                source=source, max_steps=args.inverter_steps)
             self.pairs[k] = (pairs[0], pairs[1])
         return self.inverters[k]
 
@@ -302,7 +302,8 @@ def known_plaintext(flats: list[torch.Tensor], wants: list[torch.Tensor], known:
     X, y, kn = torch.cat(flats), torch.cat(wants), torch.cat(known)
     X_pub, y_pub = public.pairs[k]
     fitted = inverters.fit_known_plaintext(X_pub, y_pub, X[kn], y[kn], public.embedding,
-                                           seconds=args.inverter_seconds, seed=args.seed)
+                                           seconds=args.inverter_seconds, seed=args.seed,
+                                           max_steps=args.inverter_steps)
     for name, inv in fitted.items():
         tally.add(f"tokens_known_plaintext_{name}", int((inv.predict(X[~kn]) == y[~kn]).sum()), int((~kn).sum()))
     return int(kn.sum())
@@ -358,7 +359,7 @@ def unpaired_alignment(flats: list[torch.Tensor], wants: list[torch.Tensor], len
           f"(rank {one.rank}) to {len(X)} recorded activations ...", flush=True)
     fitted, learned, notes = alignment.attack(public.model, public.tokenizer, shape, X, k, public_source(args.task),
                                               args.public_tokens, args.inverter_seconds, seed=args.seed,
-                                              steps=args.alignment_steps)
+                                              steps=args.alignment_steps, inverter_steps=args.inverter_steps)
     # The language-model prior on top, its weight picked on public text through the fitted front.
     held = lm_prior.public_sequences(fitted, public.tokenizer, k, args.prior_texts, public_source(args.task),
                                      seed=args.seed)
@@ -675,8 +676,12 @@ def main() -> int:
     p.add_argument("--eval-limit", type=int, default=200, help="held-out examples for accuracy (default: %(default)s)")
     p.add_argument("--public-tokens", type=int, default=60000,
                    help="public-text tokens each learned inverter trains on (default: %(default)s)")
-    p.add_argument("--inverter-seconds", type=float, default=60.0,
-                   help="CPU seconds the MLP inverter trains per depth (default: %(default)s)")
+    p.add_argument("--inverter-steps", type=int, default=300,
+                   help="Adam steps (batches of 512 positions) each MLP inverter trains: a step budget, so its "
+                        "figures do not depend on the machine's load; 0: train for --inverter-seconds alone "
+                        "(default: %(default)s)")
+    p.add_argument("--inverter-seconds", type=float, default=600.0,
+                   help="wall seconds each MLP inverter may train at most (default: %(default)s)")
     p.add_argument("--alignment-steps", type=int, default=300,
                    help="Adam steps of the unpaired-alignment attack's fitted front (edge layers, SplitLoRA); "
                         "0: skip it (default: %(default)s)")
@@ -700,6 +705,7 @@ def main() -> int:
         args.accuracy_seeds = [int(x) for x in args.accuracy_seeds.split(",") if x.strip()]
     except ValueError:
         p.error("--accuracy-seeds takes comma-separated integers, e.g. 0,1,2,3")
+    args.inverter_steps = args.inverter_steps or None
     if args.steps < 1 or args.accuracy_steps < 0 or not args.accuracy_seeds:
         p.error("--steps must be at least 1, --accuracy-steps at least 0, and --accuracy-seeds name a seed")
     args.out.mkdir(parents=True, exist_ok=True)
