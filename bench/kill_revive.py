@@ -63,7 +63,7 @@ def train_all(args, names: list[str]) -> dict[str, dict[int, dict]]:
             fields = parse_variant(name)
             kr = KRConfig(**({"budget": args.budget, "revive": args.revive, "period": args.period,
                               "warmup_steps": args.warmup_steps, "seed": seed} | fields))
-            configs.append((name, seed, TrainConfig(
+            configs.append((name, seed, TrainConfig.of(
                 steps=args.steps, eval_limit=args.eval_limit, seed=seed, kr=kr, out=args.out / f"seed{seed}" / name,
                 client_name=f"bench-{name}-s{seed}", wire_dtype=args.wire_dtype, progress=sys.stderr.isatty(),
                 eval_before=args.eval_before and name == names[0])))

@@ -42,14 +42,14 @@ def measure(address: str, name: str, steps: int, cache: Path, settings: dict | N
     """Mean step time, bytes and round trips over `steps` steps after one warm step, for
     VARIANTS[name] (or, given, `settings`: TrainConfig fields)."""
     settings = VARIANTS[name] if settings is None else settings
-    cfg = TrainConfig(server=address, cache=cache, progress=False, seed=0, client_name=f"bench-{name}"[:64],
-                      federation=f"latency-{time.time_ns()}", **settings)
+    cfg = TrainConfig.of(server=address, cache=cache, progress=False, seed=0, client_name=f"bench-{name}"[:64],
+                         federation=f"latency-{time.time_ns()}", **settings)
     train, _, _ = load_splits(cfg)
     with open_session(cfg) as session:
         trainer = EdgeTrainer(cfg, session)
         trainer.train_examples = len(train.examples)
         trainer.set_objective(train)
-        it = batches(train.examples, cfg.batch_size, cfg.seed)
+        it = batches(train.examples, cfg.batch_size, cfg.remote.seed)
         rows = []
         for i in range(steps + 1):
             batch = make_batch(trainer.tokenizer, next(it), cfg.max_length)

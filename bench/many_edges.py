@@ -37,8 +37,8 @@ def _worker(address: str, assets: str, batch_size: int, max_length: int, warmup:
 
     try:
         # The Python API's model on the assets the parent fetched once (every worker would fetch them again).
-        model = DLoRAModelForCausalLM(CloudSession(address), Path(assets), LoRAConfig(r=8, lora_alpha=16.0),
-                                      RemoteConfig(server=address, seed=seed))
+        lora, remote = LoRAConfig(r=8, lora_alpha=16.0), RemoteConfig(server=address, seed=seed)
+        model = DLoRAModelForCausalLM(CloudSession.from_config(remote, lora), Path(assets), lora, remote)
         train_path, _ = datasets.bbc_news(cache_root())
         examples = datasets.load(train_path, datasets.BBC_TEMPLATE).examples
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)

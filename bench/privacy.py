@@ -68,12 +68,11 @@ held-out accuracy, edge GFLOP/step and edge memory.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -86,7 +85,6 @@ from common.wire import dlora_pb2 as pb
 from edge_client import label_privacy, token_privacy
 from edge_client.data import TASKS
 from edge_client.objective import Batch, make_batch
-from edge_client.private_front import PrivateFrontConfig
 from edge_client.trainer import EdgeTrainer, TrainConfig, batches, load_splits, open_session
 
 # Token privacy epsilons, per unit of embedding distance. SmolLM2's nearest embedding rows sit
@@ -129,16 +127,6 @@ VARIANTS = {
     "bf16-wire": {"wire_dtype": "bf16"},
 }
 DEFAULT_VARIANTS = [v for v in VARIANTS if v not in ("lm-objective", "bf16-wire")]
-
-
-_FRONT_KEYS = {f.name for f in dataclasses.fields(PrivateFrontConfig)}
-
-
-def config_fields(settings: dict) -> dict:
-    """A variant's settings as TrainConfig fields: the front_* ones go into its PrivateFrontConfig."""
-    front = {k: v for k, v in settings.items() if k in _FRONT_KEYS}
-    rest = {k: v for k, v in settings.items() if k not in _FRONT_KEYS}
-    return rest | ({"private_front": PrivateFrontConfig(**front)} if front else {})
 
 
 def public_source(task: str) -> str:
@@ -416,19 +404,20 @@ def adapter_errors(call: Path, sites: list, truth: dict[str, torch.Tensor]) -> l
 
 def run_variant(name: str, settings: dict, args, public: Public, server: launch.ServerProcess) -> dict:
     """Train `args.steps` recorded steps with `settings` against the recording server, then attack them."""
-    cfg = replace(TrainConfig(server=server.address, cache=args.cache, progress=False, seed=args.seed,
-                              out=args.out / name, federation=f"privacy-{name}", data=Path(args.task)),
-                  **config_fields(settings))
+    cfg = TrainConfig.of(**({"server": server.address, "cache": args.cache, "progress": False, "seed": args.seed,
+                             "out": args.out / name, "federation": f"privacy-{name}", "data": Path(args.task)}
+                            | settings))
     train, _, _ = load_splits(cfg)
     # What the edge trains on: the true labels, or those released by randomised response.
-    released = train if cfg.label_epsilon is None else label_privacy.privatise(train, cfg.label_epsilon, cfg.seed)
+    eps = cfg.remote.label_epsilon
+    released = train if eps is None else label_privacy.privatise(train, eps, cfg.remote.seed)
     with open_session(cfg) as session:
         trainer = EdgeTrainer(cfg, session)
         trainer.train_examples = len(released.examples)
         objective = trainer.set_objective(released)
         trainer.warm_up_front()
         # Same seed, same order: batch i of both streams holds the same examples.
-        stream, true_stream = (batches(d.examples, cfg.batch_size, cfg.seed) for d in (released, train))
+        stream, true_stream = (batches(d.examples, cfg.batch_size, cfg.remote.seed) for d in (released, train))
         truths, megabytes = [], []
         for step in range(args.steps):
             batch = make_batch(trainer.tokenizer, next(stream), cfg.max_length)
@@ -485,8 +474,7 @@ def run_variant(name: str, settings: dict, args, public: Public, server: launch.
         rates["tokens_aligned"] = max(v for k, v in rates.items() if k.startswith("tokens_aligned_"))
     rates["tokens_best"] = max(rates["tokens_learned"], rates["tokens_nn"], rates["tokens_known_plaintext"],
                                rates.get("tokens_aligned", 0.0), rates.get("tokens_lm_prior", 0.0))
-    bound = (None if cfg.label_epsilon is None else
-             label_privacy.keep_probability(cfg.label_epsilon, len(train.labels)))
+    bound = None if eps is None else label_privacy.keep_probability(eps, len(train.labels))
     return {"variant": name, "settings": settings, "depth": depth(settings), "objective": objective,
             "steps": args.steps, "labels": train.labels, "chance": 1 / len(train.labels), "label_bound": bound,
             "rates": rates, "trials": tally.trials, "mb_per_step": sum(megabytes) / len(megabytes),

@@ -4,11 +4,11 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 from cloud_server import launch
-from edge_client.trainer import TrainConfig, run
+from edge_client.trainer import TrainConfig, public_config, run
 
 # Settings that name a run; the rest (address, paths, progress) do not change its result.
 RESULT_KEYS = ("steps", "batch_size", "lr", "r", "lora_alpha", "max_length", "eval_limit", "wire_dtype", "grad_dtype",
@@ -22,7 +22,7 @@ def same_run(run_json: Path, cfg: TrainConfig) -> bool:
     if not run_json.exists():
         return False
     old = json.loads(run_json.read_text())["config"]
-    new = json.loads(json.dumps(asdict(cfg), default=str))
+    new = public_config(cfg)
     return all(old.get(k, _ABSENT.get(k)) == new.get(k) for k in RESULT_KEYS)
 
 
@@ -49,7 +49,7 @@ def _train(todo: list[tuple[str, int, TrainConfig]], out: Path, results: dict[st
     with launch.start(["--model", "smollm2-135m"], out / "cloud_server.log") as server:
         for i, (name, seed, cfg) in enumerate(todo, 1):
             print(f"[{time.strftime('%H:%M:%S')}] ({i}/{len(todo)}) seed {seed}, {name} ...", flush=True)
-            summary = run(replace(cfg, server=server.address))
+            summary = run(replace(cfg, remote=replace(cfg.remote, server=server.address)))
             results[name][seed] = json.loads((cfg.out / "run.json").read_text())
             print(f"    accuracy {summary['after']['accuracy']:.1%}, {summary['seconds_per_step']:.2f} s/step",
                   flush=True)

@@ -42,10 +42,11 @@ from edge_client.session import CloudSession, RetryPolicy, SplitOptions
 
 def _edge(address: str, assets: Path, split: SplitOptions | None = None, key: str | None = None):
     retry = RetryPolicy(retries=20, backoff=0.2, max_backoff=2.0)
-    session = CloudSession(address, split=split, client_key=key, retry=retry)
+    lora, remote = LoRAConfig(r=8, lora_alpha=16.0), RemoteConfig(server=address)
+    session = CloudSession.from_config(remote, lora, split=split, client_key=key, retry=retry)
     if split is not None:   # a SplitLoRA edge also needs the weights of its blocks [0, cut)
         assets = session.fetch_assets(assets.parent)
-    model = DLoRAModelForCausalLM(session, assets, LoRAConfig(r=8, lora_alpha=16.0), RemoteConfig(server=address))
+    model = DLoRAModelForCausalLM(session, assets, lora, remote)
     return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
 
 

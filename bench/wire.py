@@ -94,7 +94,7 @@ def accuracy(args, names: list[str]) -> dict[str, dict[int, dict]]:
         for name in names:
             fields = settings(name)
             fields["kr"] = replace(fields["kr"], seed=seed)  # as bench-kr seeds it
-            configs.append((name, seed, TrainConfig(
+            configs.append((name, seed, TrainConfig.of(
                 steps=args.steps, eval_limit=0, seed=seed, out=args.out / f"seed{seed}" / name,
                 client_name=f"bench-wire-{name}-s{seed}"[:64], progress=sys.stderr.isatty(), eval_before=False,
                 cache=args.cache, **fields)))

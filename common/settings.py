@@ -9,7 +9,9 @@
 `build(Config, namespace)` makes the dataclass from the parsed flags, so its
 `__post_init__` checks run for the CLI as for Python callers; a failed check
 is a ValueError that the CLI prints as a usage error. Nested dataclass fields
-(a Kill and Revive config inside the training config) are flattened.
+(a Kill and Revive config inside the training config) are flattened, and
+`from_values(Config, steps=5, budget=8)` builds from the same flat names in
+Python (a nested part may also be given whole, by its field name).
 """
 from __future__ import annotations
 
@@ -65,8 +67,9 @@ def _show(value: Any) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls, *, skip: tuple[str, ...] = (),
-                  groups: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Flags for every CLI field of dataclass `cls` (and of its nested dataclasses), in field order.
+                  only: tuple[str, ...] | None = None, groups: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Flags for every CLI field of dataclass `cls` (and of its nested dataclasses), in field order;
+    `only` keeps just the fields of those names (a command that needs a few of a config's settings).
 
     A field's `group` ("title" or "title: description") puts its flag in that argument group;
     `groups` (title -> group) shares groups with the caller. Returns it."""
@@ -78,7 +81,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls, *, skip: tuple[str, ...]
             continue
         tp, optional = _base(hints[f.name])
         if dataclasses.is_dataclass(tp):
-            add_arguments(parser, tp, skip=skip, groups=groups)
+            add_arguments(parser, tp, skip=skip, only=only, groups=groups)
+            continue
+        if only is not None and f.name not in only:
             continue
         target = parser if meta.get("group") is None else group(parser, groups, meta["group"])
         default = _default(f)
@@ -136,3 +141,39 @@ def build(cls, namespace: argparse.Namespace, **extra: Any):
         elif hasattr(namespace, f.name) and f.metadata.get("cli", False):
             values[f.name] = getattr(namespace, f.name)
     return cls(**values)
+
+
+def from_values(cls, **values: Any):
+    """The dataclass `cls` from settings named as its flags are, flat: a nested part's fields by their own
+    names (`from_values(TrainConfig, steps=5, server="gpu:50551", budget=8)`), or the part whole by its field
+    name (`kr=KRConfig(...)`). Unset fields keep their defaults. An unknown name is a TypeError."""
+    left = dict(values)
+    out = _from_values(cls, left)
+    if left:
+        raise TypeError(f"{cls.__name__} has no setting named {', '.join(sorted(left)[:5])}")
+    return out
+
+
+def _names(cls) -> set[str]:
+    """Every field name of `cls` and of its nested dataclasses."""
+    hints = _hints(cls)
+    out = set()
+    for f in dataclasses.fields(cls):
+        out.add(f.name)
+        tp, _ = _base(hints[f.name])
+        if dataclasses.is_dataclass(tp):
+            out |= _names(tp)
+    return out
+
+
+def _from_values(cls, left: dict[str, Any]):
+    hints = _hints(cls)
+    kw: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name in left:
+            kw[f.name] = left.pop(f.name)
+            continue
+        tp, _ = _base(hints[f.name])
+        if dataclasses.is_dataclass(tp) and _names(tp) & left.keys():
+            kw[f.name] = _from_values(tp, left)
+    return cls(**kw)

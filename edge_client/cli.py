@@ -89,7 +89,9 @@ def _export_parser(sub) -> None:
 
 
 def _generate_parser(sub) -> None:
-    from common.tensor_codec import WIRE_DTYPES
+    from common.settings import add_arguments, group
+    from edge_client.generation import CONNECTION, GenerateConfig, GenerateJob
+    from edge_client.remote_model import RemoteConfig
 
     p = sub.add_parser("generate", help="generate text with the cloud model and this device's adapters",
                        description="Generate text with the frozen cloud model plus LoRA adapters kept on this "
@@ -100,25 +102,14 @@ def _generate_parser(sub) -> None:
                               "  edge_client generate --adapters runs/latest --prompt 'Article: ...' "
                               "--max-new-tokens 8",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    _connection_args(p)
+    # The flags come from the settings' fields (GenerateJob, GenerateConfig, RemoteConfig's connection ones),
+    # the credentials and the repeatable --prompt excepted.
+    groups = add_arguments(p, RemoteConfig, only=CONNECTION)
+    _credential_args(group(p, groups, "connection and recovery"))
     p.add_argument("--prompt", action="append", required=True,
                    help="the prompt; repeat for several, '-' reads one from stdin")
-    p.add_argument("--adapters", default="none",
-                   help="a PEFT adapter directory, e.g. the --out of a training run, or 'none' for the "
-                        "base model (default: %(default)s)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default: %(default)s)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding (default: %(default)s)")
-    p.add_argument("--top-p", type=float, default=1.0,
-                   help="nucleus sampling mass when sampling (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    p.add_argument("--park", action="store_true",
-                   help="upload the adapters to the cloud for this session: one round trip per token "
-                        "instead of one per site, but the adapters leave the device")
-    p.add_argument("--wire-dtype", default="fp32", choices=list(WIRE_DTYPES),
-                   help="dtype of activations on the wire (default: %(default)s)")
-    p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "dlora",
-                   help="where downloaded edge assets are kept (default: %(default)s)")
+    add_arguments(p, GenerateJob, groups=groups)
+    add_arguments(p, GenerateConfig, groups=groups)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -151,8 +142,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     _network_presets(train, argv)
     args = p.parse_args(argv)
     if args.command == "generate":
-        if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
-            p.error("--max-new-tokens must be >= 1, --temperature >= 0 and --top-p in (0, 1]")
+        from common.settings import build
+        from edge_client.generation import GenerateConfig, GenerateJob
+        from edge_client.remote_model import RemoteConfig
+
+        try:  # their checks run here: a bad value is a usage error
+            args.remote = build(RemoteConfig, args, client_name="edge-generate", seed=0)
+            args.sampling, args.job = build(GenerateConfig, args), build(GenerateJob, args)
+        except ValueError as exc:
+            p.error(str(exc))
     if args.command == "train":
         from common.settings import build
         from edge_client.trainer import TrainConfig
@@ -161,7 +159,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.config = build(TrainConfig, args)  # its checks run here: a bad value is a usage error
         except ValueError as exc:
             train.error(str(exc))
-        args.config.kr.seed = args.config.seed
+        args.config.kr.seed = args.config.remote.seed
     return args
 
 
@@ -250,16 +248,13 @@ def _export(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from edge_client.attestation.errors import AttestationFailed
     from edge_client.errors import CloudError
-    from edge_client.generation import GenerateConfig, generate_cli
+    from edge_client.generation import generate_cli
     from edge_client.peft_format import AdapterFormatError
 
     try:
         creds = _credentials(args)
-        cfg = GenerateConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed)
         prompts = [sys.stdin.read() if p == "-" else p for p in args.prompt]
-        return generate_cli(args.server, creds, None if args.adapters == "none" else Path(args.adapters),
-                            prompts, cfg, chat=args.chat, park=args.park, wire_dtype=args.wire_dtype,
-                            cache=args.cache)
+        return generate_cli(args.remote, creds, args.job, prompts, args.sampling)
     except AttestationFailed as exc:
         print(f"edge_client: nothing was sent: {exc}", file=sys.stderr)
         return 1

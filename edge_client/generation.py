@@ -6,31 +6,57 @@ new token (it keeps the KV cache of the stream).
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from common.lora import LoRAAdapter
-from common.wire_format import WireFormat
+from common.lora import LoRAAdapter, LoRAConfig
+from common.settings import setting
 from edge_client.edge_model import EdgeModel
-from edge_client.session import CloudSession, StepStats
+from edge_client.session import CloudSession, Credentials, StepStats
+
+if TYPE_CHECKING:  # remote_model imports this module
+    from edge_client.remote_model import RemoteConfig
+
+# The RemoteConfig fields `edge_client generate` takes as flags (the others are training's).
+CONNECTION = ("server", "wire_dtype", "cache", "timeout")
 
 
 @dataclass
 class GenerateConfig:
-    max_new_tokens: int = 64
-    temperature: float = 0.0      # 0: greedy
-    top_p: float = 1.0            # nucleus sampling when < 1 (and temperature > 0)
-    seed: int = 0
-    stop_at_eos: bool = True
+    """How tokens are chosen; each field is also an `edge_client generate` flag."""
+
+    max_new_tokens: int = setting(64, "tokens to generate at most")
+    temperature: float = setting(0.0, "0 for greedy decoding; above 0, sampling at this temperature")
+    top_p: float = setting(1.0, "nucleus sampling mass when sampling")
+    seed: int = setting(0, "sampling seed")
+    stop_at_eos: bool = setting(True, "stop at the end-of-sequence token", cli=False)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
+
+
+@dataclass
+class GenerateJob:
+    """`edge_client generate`'s own flags: what the prompts run with."""
+
+    adapters: str = setting("none", "a PEFT adapter directory, e.g. the --out of a training run, or 'none' for "
+                                    "the base model")
+    chat: bool = setting(False, "wrap the prompt in the model's chat template")
+    park: bool = setting(False, "upload the adapters to the cloud for this session: one round trip per token "
+                                "instead of one per site, but the adapters leave the device")
+
+    @property
+    def adapter_dir(self) -> Path | None:
+        return None if self.adapters == "none" else Path(self.adapters)
 
 
 @dataclass
@@ -93,8 +119,8 @@ def max_positions(config: dict) -> int:
     return int(config.get("n_positions") or config.get("max_position_embeddings") or 0)
 
 
-def generate_cli(server: str, credentials, adapter_dir, prompts: list[str], cfg: GenerateConfig, *,
-                 chat: bool = False, park: bool = False, wire_dtype: str = "fp32", cache=None) -> int:
+def generate_cli(remote: RemoteConfig, credentials: Credentials, job: GenerateJob, prompts: list[str],
+                 cfg: GenerateConfig) -> int:
     """What `edge_client generate` does: print each prompt's continuation as it is generated."""
     import json
     import logging
@@ -105,13 +131,13 @@ def generate_cli(server: str, credentials, adapter_dir, prompts: list[str], cfg:
 
     log = logging.getLogger(__name__)
     adapters: dict[str, LoRAAdapter] = {}
-    targets = None
+    targets: list[str] = []
+    adapter_dir, chat, park = job.adapter_dir, job.chat, job.park
     if adapter_dir is not None:
         adapters, acfg = peft_format.load(adapter_dir)
         targets = sorted({n.rsplit(".", 1)[-1] for n in adapters})
-    with CloudSession(server, wire=WireFormat.named(wire_dtype), targets=targets, client_name="edge-generate",
-                      credentials=credentials) as session:
-        assets = session.fetch_assets(cache / "edge-assets")
+    with CloudSession.from_config(remote, LoRAConfig(target_modules=targets), credentials=credentials) as session:
+        assets = session.fetch_assets(remote.cache / "edge-assets")
         tokenizer = load_tokenizer(assets)
         edge = EdgeModel.from_assets(assets)
         limit = max_positions(json.loads((assets / "config.json").read_text()))
@@ -136,7 +162,7 @@ def generate_cli(server: str, credentials, adapter_dir, prompts: list[str], cfg:
             if limit and len(ids) + cfg.max_new_tokens > limit:
                 if len(ids) >= limit:
                     raise ValueError(f"the prompt has {len(ids)} tokens; the model takes at most {limit}")
-                run_cfg = GenerateConfig(limit - len(ids), cfg.temperature, cfg.top_p, cfg.seed, cfg.stop_at_eos)
+                run_cfg = dataclasses.replace(cfg, max_new_tokens=limit - len(ids))
                 log.warning("capping --max-new-tokens at %d: the model takes %d positions", run_cfg.max_new_tokens,
                             limit)
             shown = [""]

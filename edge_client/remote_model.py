@@ -226,9 +226,7 @@ class DLoRAModelForCausalLM(nn.Module):
             credentials = dataclasses.replace(credentials or Credentials(), attestation=rules)
         if split is not None:
             split = dataclasses.replace(split, rank=lora.r, alpha=lora.lora_alpha)
-        session = CloudSession(server, wire=remote.wire_format(), targets=list(lora.target_modules) or None,
-                               client_name=remote.client_name, timeout=remote.timeout, credentials=credentials,
-                               retry=retry, edge_layers=remote.edge_layers, split=split)
+        session = CloudSession.from_config(remote, lora, credentials=credentials, retry=retry, split=split)
         try:
             return cls(session, session.fetch_assets(remote.cache / "edge-assets"), lora, remote)
         except BaseException:

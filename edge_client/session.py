@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import torch
@@ -30,6 +31,10 @@ from edge_client.attestation.client import AttestedCloud, attest
 from edge_client.attestation.policy import Policy
 from edge_client.errors import CloudError, rpc_error
 from edge_client.step_stream import StepStats, StepStream
+
+if TYPE_CHECKING:  # the settings import this module
+    from common.lora import LoRAConfig
+    from edge_client.remote_model import RemoteConfig
 
 __all__ = ["CloudSession", "Credentials", "RetryPolicy", "SplitOptions", "StepStats"]
 
@@ -155,6 +160,18 @@ class CloudSession:
         self.attested: AttestedCloud | None = None
         self.attestations: list[dict] = []
         self._open()
+
+    @classmethod
+    def from_config(cls, remote: RemoteConfig, lora: LoRAConfig | None = None, *,
+                    credentials: Credentials | None = None, retry: RetryPolicy | None = None,
+                    split: SplitOptions | None = None, client_key: str | None = None) -> CloudSession:
+        """The session the settings describe: `remote`'s server, wire, name, timeout and edge layers, and
+        `lora`'s target modules (none: the server's default). The one way settings become a session, for
+        the trainer, the Python API, `generate`, the benches and the tests alike."""
+        targets = list(lora.target_modules) if lora is not None else []
+        return cls(remote.server, wire=remote.wire_format(), targets=targets or None, client_name=remote.client_name,
+                   timeout=remote.timeout, credentials=credentials, retry=retry, split=split,
+                   edge_layers=remote.edge_layers, client_key=client_key)
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         """Sent with every call: the credentials, and the key a load balancer routes by

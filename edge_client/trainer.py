@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from common.atomic_write import replacing
 from common.lora import LoRAConfig, adapters_state, load_adapters_state
-from common.settings import setting
+from common.settings import from_values, setting
 from edge_client import data as datasets
 from edge_client import label_privacy, leakage, private_front
 from edge_client.kill_revive import Change, KillRevive, KRConfig
@@ -31,6 +31,7 @@ from edge_client.objective import (
     secret_label_tokens,
 )
 from edge_client.remote_model import DLoRAModelForCausalLM, RemoteConfig, check_front
+from edge_client.run_record import RunRecord
 from edge_client.session import CloudSession, Credentials, RetryPolicy, SplitOptions, StepStats
 
 log = logging.getLogger(__name__)
@@ -49,10 +50,14 @@ SPLIT_GROUP = ("SplitLoRA mode: split federated fine-tuning: this device runs th
 
 
 @dataclass
-class TrainConfig(LoRAConfig, RemoteConfig):
-    """`edge_client train`: the model's connection and LoRA settings plus the job's. Each field is
-    declared once, with its help; the command line is generated from it (common/settings.py)."""
+class TrainConfig:
+    """`edge_client train`: the job's settings, composed with the cloud's and the adapters' (`remote`,
+    `lora`: the parts the Python API takes too). Each field is declared once, with its help; the command
+    line is generated from it, flat (common/settings.py), and `TrainConfig.of(...)` takes the same flat
+    names in Python."""
 
+    remote: RemoteConfig = setting(RemoteConfig, "the cloud, the wire and what this device keeps to itself")
+    lora: LoRAConfig = setting(LoRAConfig, "the adapters")
     data: Path | None = setting(None, "training JSONL file, or a named offline task: " + ", ".join(datasets.TASKS)
                                 + "; off: bbc, the BBC News topic set")
     test: Path | None = setting(None, "held-out JSONL file; off: hold out --test-fraction of --data")
@@ -107,19 +112,22 @@ class TrainConfig(LoRAConfig, RemoteConfig):
     credentials: Credentials = setting(Credentials, "the token and TLS files (see the connection flags)", cli=False)
 
     @classmethod
-    def for_network(cls, network: str, **settings) -> TrainConfig:
+    def of(cls, **settings: Any) -> TrainConfig:
+        """A TrainConfig from settings named as the flags are: `TrainConfig.of(server=..., r=4, steps=80,
+        budget=0.25)`; a part may be given whole (`kr=KRConfig(...)`). An unknown name is a TypeError."""
+        return from_values(cls, **settings)
+
+    @classmethod
+    def for_network(cls, network: str, **settings: Any) -> TrainConfig:
         """A TrainConfig with `network`'s presets (NETWORKS) under `settings`, as `--network` gives."""
         if network not in NETWORKS:
             raise ValueError(f"unknown network {network!r}; choose one of {', '.join(NETWORKS)}")
-        preset: dict[str, Any] = dict(NETWORKS[network])   # TrainConfig field values, checked by its __init__
-        policy = preset.pop("policy", None)
-        if policy is not None and "kr" not in settings:
-            settings["kr"] = KRConfig(policy=str(policy))
-        return cls(network=network, **(preset | settings))
+        preset: dict[str, Any] = dict(NETWORKS[network])   # flag-named values, checked as any others
+        if "kr" in settings:
+            preset.pop("policy", None)
+        return cls.of(network=network, **(preset | settings))
 
     def __post_init__(self) -> None:
-        LoRAConfig.__post_init__(self)
-        RemoteConfig.__post_init__(self)
         for name in ("steps", "batch_size", "max_length", "eval_batch_size", "cut_layer", "aggregate_every",
                      "clients"):
             if getattr(self, name) < 1:
@@ -135,9 +143,9 @@ class TrainConfig(LoRAConfig, RemoteConfig):
             raise ValueError(f"unknown objective {self.objective!r}; choose auto, lm or labels")
         if self.mode not in ("dlora", "splitlora"):
             raise ValueError(f"unknown mode {self.mode!r}; choose dlora or splitlora")
-        check_front(self.private_front, self.edge_layers, splitlora=self.mode == "splitlora")
+        check_front(self.remote.private_front, self.remote.edge_layers, splitlora=self.mode == "splitlora")
         if self.mode == "splitlora":
-            if self.edge_layers:
+            if self.remote.edge_layers:
                 raise ValueError("--edge-layers is a DLoRA option; SplitLoRA runs --cut-layer blocks on this device")
             if self.kr.policy != "all":
                 raise ValueError("Kill and Revive (--policy) is a DLoRA-mode feature; SplitLoRA trains every adapter")
@@ -152,7 +160,7 @@ def load_splits(cfg: TrainConfig) -> tuple[datasets.Dataset, datasets.Dataset, s
         named = datasets.task("bbc" if cfg.data is None else str(cfg.data))
         if cfg.test is not None:
             raise datasets.DataError(f"the task {named.name} brings its own held-out split; drop --test")
-        train_p, test_p = named.files(cfg.cache)
+        train_p, test_p = named.files(cfg.remote.cache)
         train = datasets.load(train_p, cfg.template or named.template)
         test = datasets.load(test_p, cfg.template or named.template, labels=train.labels)
         return train, test, named.description
@@ -160,7 +168,7 @@ def load_splits(cfg: TrainConfig) -> tuple[datasets.Dataset, datasets.Dataset, s
     if cfg.test is not None:
         test = datasets.load(cfg.test, cfg.template, labels=full.labels or None)
         return full, test, str(cfg.data)
-    tr, te = datasets.split(full.examples, cfg.test_fraction, cfg.seed)
+    tr, te = datasets.split(full.examples, cfg.test_fraction, cfg.remote.seed)
     if not te:
         raise datasets.DataError(f"{cfg.data}: too few records to hold out a test split")
     return datasets.Dataset(tr, full.labels), datasets.Dataset(te, full.labels), str(cfg.data)
@@ -173,7 +181,8 @@ class EdgeTrainer:
         self.cfg = cfg
         self.session = session
         self.split = cfg.mode == "splitlora"
-        self.model = DLoRAModelForCausalLM(session, session.fetch_assets(cfg.cache / "edge-assets"), cfg, cfg)
+        self.model = DLoRAModelForCausalLM(session, session.fetch_assets(cfg.remote.cache / "edge-assets"),
+                                           cfg.lora, cfg.remote)
         self.train_examples = 0           # FedAvg weight (set by run())
         self.rounds = 0
         # Killed modules get no gradient, so AdamW leaves them (and their moments) alone.
@@ -245,11 +254,12 @@ class EdgeTrainer:
     def warm_up_front(self) -> list[dict[str, float]]:
         """The private front's warm-up on public text (nothing sent), if --front-privacy asks for one."""
         cfg = self.cfg
-        if self.model.guard is None or not cfg.private_front.front_warmup_steps:
+        warmup = cfg.remote.private_front.front_warmup_steps
+        if self.model.guard is None or not warmup:
             return []
-        texts = private_front.public_texts(cfg.cache, cfg.private_front.front_warmup_steps * cfg.batch_size)
+        texts = private_front.public_texts(cfg.remote.cache, warmup * cfg.batch_size)
         log.info("private front: %d warm-up steps on %d public tweets before the first private step",
-                 cfg.private_front.front_warmup_steps, len(texts))
+                 warmup, len(texts))
         return self.model.warm_up_front(texts, cfg.lr, cfg.max_length, cfg.batch_size)
 
     # -- one step ------------------------------------------------------------
@@ -352,14 +362,15 @@ class EdgeTrainer:
     def fingerprint(self) -> dict:
         """What must not change across --resume for the result to equal an uninterrupted run."""
         c = self.cfg
-        return {"rank": c.r, "alpha": c.lora_alpha, "lr": c.lr, "batch_size": c.batch_size, "seed": c.seed,
+        return {"rank": c.lora.r, "alpha": c.lora.lora_alpha, "lr": c.lr, "batch_size": c.batch_size,
+                "seed": c.remote.seed,
                 "max_length": c.max_length, "data": str(c.data), "template": c.template, "objective": c.objective,
                 "kr": json.loads(json.dumps(asdict(c.kr))), "modules": sorted(self.adapters),
                 # Only when set, so checkpoints written before the options existed still resume.
-                **({"label_epsilon": c.label_epsilon} if c.label_epsilon is not None else {}),
-                **({"edge_layers": c.edge_layers} if c.edge_layers else {}),
-                **({"token_epsilon": c.token_epsilon} if c.token_epsilon is not None else {}),
-                **({"private_front": asdict(c.private_front)} if c.private_front.enabled else {})}
+                **({"label_epsilon": c.remote.label_epsilon} if c.remote.label_epsilon is not None else {}),
+                **({"edge_layers": c.remote.edge_layers} if c.remote.edge_layers else {}),
+                **({"token_epsilon": c.remote.token_epsilon} if c.remote.token_epsilon is not None else {}),
+                **({"private_front": asdict(c.remote.private_front)} if c.remote.private_front.enabled else {})}
 
     def checkpoint_state(self, extra: dict) -> dict:
         return {"version": 1, "step_id": self.step_id, "adapters": adapters_state(self.adapters),
@@ -408,13 +419,14 @@ def batches(examples: list[datasets.Example], batch_size: int, seed: int):
 
 def run(cfg: TrainConfig) -> dict:
     """The whole job: evaluate, train, evaluate, save. Returns the run summary."""
-    torch.manual_seed(cfg.seed)
+    remote = cfg.remote
+    torch.manual_seed(remote.seed)
     train, test, source = load_splits(cfg)
-    if cfg.label_epsilon is not None:
-        train = label_privacy.privatise(train, cfg.label_epsilon, cfg.seed)
+    if remote.label_epsilon is not None:
+        train = label_privacy.privatise(train, remote.label_epsilon, remote.seed)
         log.info("label privacy: epsilon %g, each training label kept with probability %.1f%% (randomised "
                  "response over %d labels); evaluation uses the true labels, on this device",
-                 cfg.label_epsilon, 100 * label_privacy.keep_probability(cfg.label_epsilon, len(train.labels)),
+                 remote.label_epsilon, 100 * label_privacy.keep_probability(remote.label_epsilon, len(train.labels)),
                  len(train.labels))
     if len(train.examples) < cfg.batch_size:
         raise datasets.DataError(f"{len(train.examples)} training examples are fewer than --batch-size "
@@ -429,7 +441,7 @@ def run(cfg: TrainConfig) -> dict:
     with open_session(cfg) as session:
         split = session.split
         log.info("session %s on %s: model %s (%d layers), %d sites, %d adapted modules, cloud device %s",
-                 session.session_id[:8], cfg.server, session.model.name, session.model.num_layers,
+                 session.session_id[:8], remote.server, session.model.name, session.model.num_layers,
                  len(session.sites), len(session.module_names), session.device)
         trainer = EdgeTrainer(cfg, session)
         trainer.train_examples = len(train.examples)
@@ -437,130 +449,97 @@ def run(cfg: TrainConfig) -> dict:
             log.info("SplitLoRA: blocks 0..%d on this device, %d..%d on the cloud; federation %r of %d clients, "
                      "FedAvg every %d steps", cfg.cut_layer - 1, cfg.cut_layer, session.model.num_layers - 1,
                      cfg.federation, cfg.clients, cfg.aggregate_every)
-        elif cfg.edge_layers:
+        elif remote.edge_layers:
             log.info("edge layers: blocks 0..%d and their %d adapters run on this device, the cloud runs "
-                     "blocks %d..%d", cfg.edge_layers - 1, len(trainer.adapters) - len(trainer.remote),
-                     cfg.edge_layers, session.model.num_layers - 1)
+                     "blocks %d..%d", remote.edge_layers - 1, len(trainer.adapters) - len(trainer.remote),
+                     remote.edge_layers, session.model.num_layers - 1)
         objective = trainer.set_objective(train)
         log.info("objective: %s; selection policy: %s", objective,
                  cfg.kr.policy if cfg.kr.policy == "all" else
                  f"{cfg.kr.policy} (budget {cfg.kr.budget}, revive {cfg.kr.revive}, period {cfg.kr.period}, "
                  f"warm-up {cfg.kr.warmup_steps})")
-        log.warning(leakage.notice(cfg.mode, cfg.edge_layers, cfg.cut_layer, cfg.label_epsilon, cfg.token_epsilon,
-                                   len(train.labels), cfg.secret_labels, cfg.private_front.front_privacy))
+        log.warning(leakage.notice(cfg.mode, remote.edge_layers, cfg.cut_layer, remote.label_epsilon,
+                                   remote.token_epsilon, len(train.labels), cfg.secret_labels,
+                                   remote.private_front.front_privacy))
         warm_up = trainer.warm_up_front() if resumed is None else []
         if resumed is not None:
             trainer.restore(resumed)
-            before, history, live_history = resumed["before"], resumed["history"], resumed["live_history"]
-            evals = resumed.get("evals", [])
+            record = RunRecord.from_checkpoint(resumed)
             log.info("resumed from %s at step %d", ckpt_path, trainer.step_id)
         else:
-            before = trainer.evaluate(test, "eval before") if cfg.eval_before else None
-            history = []
-            live_history = [{"step": 0, "live": sorted(trainer.live), "killed": [], "revived": []}]
-            evals = [{"step": 0, **before}] if before is not None else []
-        if before is not None:
-            log.info("before training: %s", _fmt(before))
-        sent = sum(h["bytes_sent"] for h in history)
-        received = sum(h["bytes_received"] for h in history)
-        it = batches(train.examples, cfg.batch_size, cfg.seed)
-        for _ in range(trainer.step_id):  # the data order continues where the checkpoint left it
-            next(it)
-        bar = tqdm(range(trainer.step_id, cfg.steps), desc="train", unit="step", disable=not cfg.progress,
-                   initial=trainer.step_id, total=cfg.steps)
-        for step in bar:
-            batch = make_batch(trainer.tokenizer, next(it), cfg.max_length)
-            t0 = time.perf_counter()
-            loss, stats, change = trainer.train_step(batch)
-            dt = time.perf_counter() - t0
-            sent += stats.bytes_sent
-            received += stats.bytes_received
-            history.append({"step": step + 1, "loss": loss, "seconds": dt, "tokens": batch.tokens,
-                            "bytes_sent": stats.bytes_sent, "bytes_received": stats.bytes_received,
-                            "messages": stats.messages, "site_exchanges": stats.sites,
-                            "live_modules": len(trainer.live),
-                            "adapter_flops": stats.edge_flops, "head_flops": stats.head_flops,
-                            "block_flops": stats.block_flops,
-                            "edge_flops": stats.edge_flops + stats.head_flops + stats.block_flops,
-                            "cloud_seconds": stats.cloud_seconds,
-                            **({"front_" + k: v for k, v in trainer.model.guard.last.items()}
-                               if trainer.model.guard is not None else {})})
-            if change is not None:
-                live_history.append({"step": change.step, "live": sorted(trainer.live),
-                                     "killed": change.kill, "revived": change.revive})
-                log.debug("step %d: killed %d, revived %d, %d live", change.step, len(change.kill),
-                          len(change.revive), len(trainer.live))
-            bar.set_postfix(loss=f"{loss:.3f}", live=len(trainer.live),
-                            MB_step=f"{(stats.bytes_sent + stats.bytes_received) / 1e6:.1f}")
-            done = step + 1
-            if not cfg.progress and (done % 10 == 0 or done == cfg.steps):
-                # Without a bar (logs, containers, simulations), a line every 10 steps.
-                log.info("step %d/%d: loss %.4f, %.1f MB on the wire, %.2f s", done, cfg.steps, loss,
-                         (stats.bytes_sent + stats.bytes_received) / 1e6, dt)
-            if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
-                metrics = trainer.evaluate(test, f"eval at step {done}")
-                evals.append({"step": done, **metrics})
-                log.info("step %d: %s", done, _fmt(metrics))
-            if done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
-                save_checkpoint(ckpt_path, trainer.checkpoint_state(
-                    {"before": before, "history": history, "live_history": live_history, "evals": evals}))
-        bar.close()
+            record = RunRecord.start(trainer.evaluate(test, "eval before") if cfg.eval_before else None,
+                                     trainer.live)
+        if record.before is not None:
+            log.info("before training: %s", _fmt(record.before))
+        train_steps(cfg, trainer, record, train, test, ckpt_path)
         after = trainer.evaluate(test, "eval after")
-        evals.append({"step": len(history), **after})
+        record.add_eval(record.steps, after)
         log.info("after training: %s", _fmt(after))
-        n = max(len(history), 1)
-        train_secs = sum(h["seconds"] for h in history)
         summary = {
-            "model": session.model.name, "server": cfg.server, "data": source,
+            "model": session.model.name, "server": remote.server, "data": source,
             "train_examples": len(train.examples), "test_examples": len(test.examples),
             "sites": len(session.sites), "modules": len(session.module_names),
-            "objective": objective, "policy": cfg.kr.policy,
-            "before": before, "after": after, "steps": len(history),
-            "train_seconds": train_secs, "seconds_per_step": train_secs / n,
-            "bytes_sent_per_step": sent / n, "bytes_received_per_step": received / n,
-            "edge_flops_per_step": sum(h["edge_flops"] for h in history) / n,
-            "adapter_flops_per_step": sum(h["adapter_flops"] for h in history) / n,
+            "objective": objective, "policy": cfg.kr.policy, "before": record.before, "after": after,
+            **record.totals(),
             "total_seconds": time.time() - t_start, "reconnects": session.reconnects,
-            "mode": cfg.mode, "cut_layer": cfg.cut_layer if split else 0, "edge_layers": cfg.edge_layers,
+            "mode": cfg.mode, "cut_layer": cfg.cut_layer if split else 0, "edge_layers": remote.edge_layers,
             "edge_param_mb": trainer.edge_param_bytes() / 1e6, "edge_peak_rss_mb": peak_rss_mb(),
             "attested": bool(session.attestations),
-            **_front_summary(history),
         }
         attestations = list(session.attestations)
-        adapter_path = trainer.save(cfg.out, summary)
-        summary["adapters"] = str(adapter_path)
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    # The verified claims of every attestation (the first, then one per reconnect or failover).
-    log_doc = {"config": public_config(cfg), "summary": summary, "history": history, "live_sets": live_history,
-               "evals": evals, "attestations": attestations, **({"front_warm_up": warm_up} if warm_up else {})}
-    (cfg.out / "run.json").write_text(json.dumps(log_doc, indent=2))
+        summary["adapters"] = str(trainer.save(cfg.out, summary))
+    record.write(cfg.out / "run.json", public_config(cfg), summary, attestations, warm_up)
     return summary
 
 
-def _front_summary(history: list[dict]) -> dict:
-    """With --front-privacy: how much of each step's tokens the device's own inverter read (trained on every
-    earlier step's activations and tokens, so a cloud that knows all the plaintext before), over all steps and
-    the last ten."""
-    read = [h["front_inverter_accuracy"] for h in history if "front_inverter_accuracy" in h]
-    if not read:
-        return {}
-    return {"front_inverter_accuracy": sum(read) / len(read),
-            "front_inverter_accuracy_last10": sum(read[-10:]) / len(read[-10:])}
+def train_steps(cfg: TrainConfig, trainer: EdgeTrainer, record: RunRecord, train: datasets.Dataset,
+                test: datasets.Dataset, ckpt_path: Path) -> None:
+    """Train from the trainer's step to cfg.steps, keeping `record`, evaluating every --eval-every steps and
+    checkpointing every --checkpoint-every and at the end."""
+    it = batches(train.examples, cfg.batch_size, cfg.remote.seed)
+    for _ in range(trainer.step_id):  # the data order continues where the checkpoint left it
+        next(it)
+    bar = tqdm(range(trainer.step_id, cfg.steps), desc="train", unit="step", disable=not cfg.progress,
+               initial=trainer.step_id, total=cfg.steps)
+    for step in bar:
+        batch = make_batch(trainer.tokenizer, next(it), cfg.max_length)
+        t0 = time.perf_counter()
+        loss, stats, change = trainer.train_step(batch)
+        dt = time.perf_counter() - t0
+        guard = trainer.model.guard
+        record.add_step(loss, dt, batch, stats, len(trainer.live), guard.last if guard is not None else None)
+        if change is not None:
+            record.add_change(change, trainer.live)
+            log.debug("step %d: killed %d, revived %d, %d live", change.step, len(change.kill),
+                      len(change.revive), len(trainer.live))
+        mb = (stats.bytes_sent + stats.bytes_received) / 1e6
+        bar.set_postfix(loss=f"{loss:.3f}", live=len(trainer.live), MB_step=f"{mb:.1f}")
+        done = step + 1
+        if not cfg.progress and (done % 10 == 0 or done == cfg.steps):
+            # Without a bar (logs, containers, simulations), a line every 10 steps.
+            log.info("step %d/%d: loss %.4f, %.1f MB on the wire, %.2f s", done, cfg.steps, loss, mb, dt)
+        if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
+            metrics = trainer.evaluate(test, f"eval at step {done}")
+            record.add_eval(done, metrics)
+            log.info("step %d: %s", done, _fmt(metrics))
+        if done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
+            save_checkpoint(ckpt_path, trainer.checkpoint_state(record.checkpoint()))
+    bar.close()
 
 
 def open_session(cfg: TrainConfig) -> CloudSession:
     """The session `cfg` trains in (its settings were checked when it was made)."""
     split = None
     if cfg.mode == "splitlora":
-        split = SplitOptions(cfg.cut_layer, cfg.federation, cfg.clients, cfg.r, cfg.lora_alpha, cfg.lr)
-    return CloudSession(cfg.server, wire=cfg.wire_format(), targets=cfg.target_modules or None,
-                        client_name=cfg.client_name, timeout=cfg.timeout, credentials=cfg.credentials,
-                        retry=cfg.retry, split=split, edge_layers=cfg.edge_layers)
+        split = SplitOptions(cfg.cut_layer, cfg.federation, cfg.clients, cfg.lora.r, cfg.lora.lora_alpha, cfg.lr)
+    return CloudSession.from_config(cfg.remote, cfg.lora, credentials=cfg.credentials, retry=cfg.retry, split=split)
 
 
 def public_config(cfg: TrainConfig) -> dict:
-    """The run's settings for run.json, without secrets: the token and keys never reach the disk."""
+    """The run's settings for run.json, without secrets: the token and keys never reach the disk. Named as the
+    flags are: the remote and lora parts' fields at the top level, as run.json has always had them."""
     doc = json.loads(json.dumps(asdict(cfg), default=str))
+    doc = {k: v for k, v in doc.items() if k not in ("remote", "lora")} | doc["remote"] | doc["lora"]
     creds = cfg.credentials
     doc["credentials"] = {"token": "<set>" if creds.token else None, "tls": creds.ca is not None,
                           "client_certificate": creds.cert is not None, "server_name": creds.server_name,

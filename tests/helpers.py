@@ -6,7 +6,6 @@ import queue
 import subprocess
 import sys
 import threading
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,8 +24,8 @@ from edge_client.data import Example
 from edge_client.kill_revive import KRConfig
 from edge_client.objective import Batch, completion_loss, make_batch
 from edge_client.remote_model import DLoRAModelForCausalLM, RemoteConfig
-from edge_client.session import CloudSession, RetryPolicy, SplitOptions, StepStats
-from edge_client.trainer import EdgeTrainer, TrainConfig, batches
+from edge_client.session import CloudSession, RetryPolicy, StepStats
+from edge_client.trainer import EdgeTrainer, TrainConfig, batches, open_session
 
 EXAMPLES = [
     Example("the match ended two nil", " sport"),
@@ -90,10 +89,10 @@ def connect(address: str, cache: Path, seed: int = 0, targets: list[str] | None 
             retry=None, **settings) -> Edge:
     """An Edge with random_adapters(seed) of rank 4, alpha 8; `settings` are RemoteConfig's."""
     remote = RemoteConfig(server=address, **settings)
-    session = CloudSession(address, targets=targets, credentials=credentials, retry=retry, wire=remote.wire_format(),
-                           timeout=remote.timeout, edge_layers=remote.edge_layers)
+    lora = LoRAConfig(r=4, lora_alpha=8.0, target_modules=targets or [])
+    session = CloudSession.from_config(remote, lora, credentials=credentials, retry=retry)
     try:
-        model = DLoRAModelForCausalLM(session, session.fetch_assets(cache), LoRAConfig(r=4, lora_alpha=8.0), remote)
+        model = DLoRAModelForCausalLM(session, session.fetch_assets(cache), lora, remote)
         model.load_adapters(random_adapters(session.module_shapes(), seed=seed), "the test's adapters")
     except BaseException:
         session.close()
@@ -133,7 +132,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def check_step_exact(edge: Edge, model_dir: Path, batch: Batch, step_id: int = 1,
+def assert_step_exact(edge: Edge, model_dir: Path, batch: Batch, step_id: int = 1,
                      tol: float = 1e-5) -> dict[str, float]:
     """One distributed training step against the same step in one process (the master test):
     the loss and every A/B gradient within `tol`, relative. Returns the worst errors."""
@@ -143,11 +142,11 @@ def check_step_exact(edge: Edge, model_dir: Path, batch: Batch, step_id: int = 1
     ref_loss.backward()
     worst = {"loss": abs(loss - ref_loss.item()) / abs(ref_loss.item())}
     assert worst["loss"] <= tol, f"loss {loss} against {ref_loss.item()} in one process"
-    worst["gradients"] = check_grads(edge.adapters, ref, tol)
+    worst["gradients"] = assert_grads_match(edge.adapters, ref, tol)
     return worst
 
 
-def check_grads(adapters: dict[str, LoRAAdapter], ref: dict[str, LoRAAdapter], tol: float, what: str = "") -> float:
+def assert_grads_match(adapters: dict[str, LoRAAdapter], ref: dict[str, LoRAAdapter], tol: float, what: str = "") -> float:
     """Every A/B gradient within `tol` of the reference's, none of those zero; the worst error."""
     assert len(adapters) > 0
     worst = 0.0
@@ -180,11 +179,10 @@ def split_trainer(address: str, cache: Path, federation: str, clients: int = 1, 
                   steps: int = 6, aggregate_every: int = 2, retry=None):
     """A SplitLoRA edge trainer (cut 1, rank 4) of `federation` on the tiny task, and its `steps` batches:
     seed s trains on its own examples, so members of one federation differ."""
-    cfg = TrainConfig(server=address, mode="splitlora", cut_layer=1, aggregate_every=aggregate_every,
-                      clients=clients, federation=federation, r=4, lora_alpha=8.0, lr=1e-2, steps=steps, seed=0,
-                      cache=cache, progress=False)
-    split = SplitOptions(cfg.cut_layer, federation, clients, cfg.r, cfg.lora_alpha, cfg.lr)
-    trainer = EdgeTrainer(cfg, CloudSession(address, split=split, retry=retry))
+    cfg = TrainConfig.of(server=address, mode="splitlora", cut_layer=1, aggregate_every=aggregate_every,
+                         clients=clients, federation=federation, r=4, lora_alpha=8.0, lr=1e-2, steps=steps, seed=0,
+                         cache=cache, progress=False, **({"retry": retry} if retry is not None else {}))
+    trainer = EdgeTrainer(cfg, open_session(cfg))
     trainer.train_examples, trainer.label_ids = 4 + seed, None   # FedAvg weights differ; the LM loss
     picks = [[(seed + i) % 4, (seed + i + 1) % 4] for i in range(steps)]
     return trainer, [make_batch(trainer.tokenizer, [EXAMPLES[j] for j in p], 64) for p in picks]
@@ -200,7 +198,7 @@ def split_state(trainer) -> dict[str, torch.Tensor]:
     return out
 
 
-def check_same_state(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], tol: float = 1e-5) -> None:
+def assert_same_state(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], tol: float = 1e-5) -> None:
     assert got.keys() == want.keys()
     for k in want:
         assert rel_err(got[k], want[k]) <= tol, f"{k}: relative error {rel_err(got[k], want[k]):.2e}"
@@ -220,130 +218,16 @@ def reference_greedy(model, prompt_ids: list[int], n: int) -> tuple[list[int], l
     return out, logits
 
 
-NEW_TOKENS = 12  # what check_generation_matches_full_recompute generates
-
-
-def check_generation_matches_full_recompute(address: str, model_dir, cache) -> None:
-    """Greedy tokens and every logit the edge saw equal re-running the whole model per token."""
-    from edge_client.generation import GenerateConfig, generate
-
-    edge = connect(address, cache)
-    try:
-        prompt = edge.tokenizer("the match ended")["input_ids"]
-        seen: list[torch.Tensor] = []
-        logits_fn = edge.edge.logits
-        edge.edge.logits = lambda h: seen.append(logits_fn(h)[0]) or logits_fn(h)  # record what the edge saw
-        result = generate(edge.session, edge.edge, edge.tokenizer, edge.adapters, prompt,
-                          GenerateConfig(max_new_tokens=NEW_TOKENS, stop_at_eos=False))
-        model, _ = reference_model(model_dir, edge.adapters)
-        want, want_logits = reference_greedy(model, prompt, NEW_TOKENS)
-        assert result.token_ids == want
-        for got, ref in zip(seen, want_logits):
-            assert rel_err(got, ref) <= 1e-5
-        # The KV cache: one pass per token, each site exchanging one position
-        # after the prompt, so the bytes grow with prompt + new tokens, not with
-        # their square.
-        sites = len(edge.session.sites)
-        assert result.stats.sites == NEW_TOKENS * sites
-        width = edge.session.sites[0].modules[0].in_features
-        positions = len(prompt) + NEW_TOKENS - 1
-        assert result.stats.bytes_received <= 4 * width * positions * sites * 1.05 + 100 * result.stats.messages
-    finally:
-        edge.session.close()
-
-
-def check_split_equals_centralized(address: str, model_dir, tmp_path, tol: float = 1e-5) -> None:
-    """4 SplitLoRA steps at cut 1 (one client, FedAvg every step) against one process:
-    losses, then client- and server-side adapters, within `tol`."""
-    from transformers import AutoModelForCausalLM
-
-    cfg = TrainConfig(server=address, mode="splitlora", cut_layer=1, aggregate_every=1, clients=1,
-                      federation=f"eq-{uuid.uuid4().hex}", r=4, lora_alpha=8.0, lr=1e-2, steps=4, seed=3,
-                      cache=tmp_path / "cache", progress=False)
-    split = SplitOptions(cfg.cut_layer, cfg.federation, 1, cfg.r, cfg.lora_alpha, cfg.lr)
-    with CloudSession(cfg.server, split=split) as session:
-        trainer = EdgeTrainer(cfg, session)
-        trainer.train_examples = 7
-        trainer.label_ids = None  # the language-model loss, as Hugging Face computes it
-        assert trainer.adapters and all(".0." in n for n in trainer.adapters)  # client side: block 0 only
-        server, scale, updates = session.server_adapters()
-        assert server and all(".1." in n for n in server) and updates == 0
-
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        model.requires_grad_(False)
-        ref = {n: LoRAAdapter.from_weights(a.lora_A, a.lora_B, a.scale) for n, a in trainer.adapters.items()}
-        ref |= {n: LoRAAdapter.from_weights(a, b, scale) for n, (a, b) in server.items()}
-        inject(model, ref)
-        opt = torch.optim.AdamW([p for a in ref.values() for p in a.parameters()], lr=cfg.lr, weight_decay=0.0)
-
-        for stats in train_alongside(trainer, model, opt, tol):
-            assert stats.sites == 0 and stats.block_flops > 0
-
-        server, _, updates = session.server_adapters()
-        assert updates == 4 and trainer.rounds == 4
-        for name, ad in trainer.adapters.items():
-            for w in ("lora_A", "lora_B"):
-                got, want = getattr(ad, w).detach(), getattr(ref[name], w).detach()
-                assert rel_err(got, want) <= tol, f"client-side {name}.{w}: {rel_err(got, want):.2e}"
-        for name, (a, b) in server.items():
-            assert rel_err(a, ref[name].lora_A.detach()) <= tol, f"server-side {name}.lora_A"
-            assert rel_err(b, ref[name].lora_B.detach()) <= tol, f"server-side {name}.lora_B"
-            assert b.abs().sum() > 0  # trained: B starts at zero
-
-
-def edge_loss(edge: Edge, h: torch.Tensor, batch: Batch) -> torch.Tensor:
-    return completion_loss(h, batch, edge.edge.logits)
-
-
-def check_parked_modules_exact(address: str, model_dir: Path, cache: Path) -> None:
-    """Parked modules (all of site 0's, and one of site 1's where it has more) cost no round trip and
-    fewer bytes and FLOPs, the step stays exact with them frozen, and reviving brings them back."""
-    edge = connect(address, cache, seed=3)
-    try:
-        batch = edge.batch()
-        _, all_live = edge.train(1, batch, lambda h: edge_loss(edge, h, batch))
-        for a in edge.adapters.values():
-            a.zero_grad()
-        names = edge.session.module_names
-        sites = edge.session.sites
-        # Park every module of the first site and, on Llama, one module of the second.
-        killed = [m.name for m in sites[0].modules] + ([sites[1].modules[1].name] if len(sites[1].modules) > 1 else [])
-        sent, received = edge.session.park({n: edge.adapters[n] for n in killed}, [])
-        assert sent > 0 and received > 0
-        loss, stats = edge.train(2, batch, lambda h: edge_loss(edge, h, batch))
-        assert stats.sites == len(sites) - 1        # the all-parked site needs no round trip
-        assert stats.bytes_sent + stats.bytes_received < all_live.bytes_sent + all_live.bytes_received
-        assert stats.edge_flops < all_live.edge_flops
-        model, ref = reference_model(model_dir, edge.adapters)
-        for n in killed:
-            ref[n].requires_grad_(False)            # parked: frozen in the reference
-        ref_loss = reference_loss(model, batch)
-        ref_loss.backward()
-        assert abs(loss - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
-        for n in names:
-            for w in ("lora_A", "lora_B"):
-                got, want = getattr(edge.adapters[n], w).grad, getattr(ref[n], w).grad
-                if n in killed:
-                    assert got is None and want is None, n
-                else:
-                    assert rel_err(got, want) <= 1e-5, f"{n}.{w}"
-        # Reviving brings the module back onto the edge.
-        edge.session.park({}, killed)
-        _, back = edge.train(3, batch, lambda h: edge_loss(edge, h, batch))
-        assert back.sites == len(sites) and back.bytes_sent == all_live.bytes_sent
-    finally:
-        edge.session.close()
-
-
 def kr_trainer(address: str, tmp_path: Path, policy: str = "kr", client_key: str | None = None
                ) -> tuple[EdgeTrainer, list]:
     """An edge trainer on a tiny task; KR with short periods so parking is exercised."""
     rows = [datasets.Example(f"item {i} is {'red' if i % 2 else 'blue'}", " red" if i % 2 else " blue",
                              "red" if i % 2 else "blue") for i in range(32)]
-    cfg = TrainConfig(server=address, r=2, lr=1e-2, batch_size=4, cache=tmp_path / "cache", progress=False,
-                      kr=KRConfig(policy=policy, budget=0.34, revive=0.5, period=2, warmup_steps=2),
-                      retry=RetryPolicy(retries=12, backoff=0.2, max_backoff=2.0))
-    session = CloudSession(address, credentials=cfg.credentials, retry=cfg.retry, client_key=client_key)
+    cfg = TrainConfig.of(server=address, r=2, lr=1e-2, batch_size=4, cache=tmp_path / "cache", progress=False,
+                         kr=KRConfig(policy=policy, budget=0.34, revive=0.5, period=2, warmup_steps=2),
+                         retry=RetryPolicy(retries=12, backoff=0.2, max_backoff=2.0))
+    session = CloudSession.from_config(cfg.remote, cfg.lora, credentials=cfg.credentials, retry=cfg.retry,
+                                       client_key=client_key)
     trainer = EdgeTrainer(cfg, session)
     trainer.set_objective(datasets.Dataset(rows, ["blue", "red"]))
     it = batches(rows, 4, seed=0)

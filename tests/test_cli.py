@@ -104,7 +104,7 @@ def test_run_log_never_holds_secrets():
     from edge_client.trainer import TrainConfig, public_config
 
     secret = "s3cret-token-0123456789"
-    cfg = TrainConfig(credentials=Credentials(token=secret, ca=b"CA PEM", cert=b"CERT", key=b"PRIVATE KEY"))
+    cfg = TrainConfig.of(credentials=Credentials(token=secret, ca=b"CA PEM", cert=b"CERT", key=b"PRIVATE KEY"))
     text = json.dumps(public_config(cfg))
     assert secret not in text and "PRIVATE KEY" not in text
     assert public_config(cfg)["credentials"] == {"token": "<set>", "tls": True, "client_certificate": True,
@@ -118,14 +118,14 @@ def test_network_presets_are_defaults_that_flags_override():
     from edge_client.trainer import NETWORKS, TrainConfig
 
     lan = parse_args(["train"]).config
-    assert (lan.network, lan.wire_dtype, lan.factorised, lan.kr.policy) == ("lan", "fp32", True, "all")
+    assert (lan.network, lan.remote.wire_dtype, lan.remote.factorised, lan.kr.policy) == ("lan", "fp32", True, "all")
     wan = parse_args(["train", "--network", "wan"]).config
-    assert wan.network == "wan" and wan.wire_dtype == NETWORKS["wan"]["wire_dtype"] != "fp32"
+    assert wan.network == "wan" and wan.remote.wire_dtype == NETWORKS["wan"]["wire_dtype"] != "fp32"
     assert wan.kr.policy == NETWORKS["wan"]["policy"] == "kr"
     mixed = parse_args(["train", "--wire-dtype", "bf16", "--network=wan", "--policy", "random"]).config
-    assert (mixed.wire_dtype, mixed.kr.policy) == ("bf16", "random")
+    assert (mixed.remote.wire_dtype, mixed.kr.policy) == ("bf16", "random")
     api = TrainConfig.for_network("wan", steps=5)
-    assert (api.wire_dtype, api.kr.policy, api.steps) == (wan.wire_dtype, "kr", 5)
+    assert (api.remote.wire_dtype, api.kr.policy, api.steps) == (wan.remote.wire_dtype, "kr", 5)
     with pytest.raises(ValueError, match="unknown network 'moon'"):
         TrainConfig.for_network("moon")
     res = cli("edge_client", "train", "--network", "moon", timeout=60)

@@ -44,7 +44,7 @@ def deep(tmp_path_factory):
 
 def _trainer(address: str, tmp_path, edge_layers: int, **kw) -> tuple[CloudSession, EdgeTrainer]:
     settings = {"r": 4, "lora_alpha": 8.0, "lr": 1e-2, "seed": 3} | kw
-    cfg = TrainConfig(server=address, edge_layers=edge_layers, cache=tmp_path / "cache", progress=False, **settings)
+    cfg = TrainConfig.of(server=address, edge_layers=edge_layers, cache=tmp_path / "cache", progress=False, **settings)
     session = CloudSession(address, edge_layers=edge_layers)
     trainer = EdgeTrainer(cfg, session)
     trainer.label_ids = None  # the language-model loss, as Hugging Face computes it

@@ -121,7 +121,8 @@ def test_token_privacy_sends_only_released_tokens(model_dirs, tmp_path):
     table = AutoModelForCausalLM.from_pretrained(model_dirs["llama"]).get_input_embeddings().weight.detach()
     with launch.start(["--model", str(model_dirs["llama"]), "--record-dir", str(tmp_path / "wire")],
                       tmp_path / "server.log", timeout=300) as server:
-        cfg = TrainConfig(server=server.address, cache=tmp_path / "cache", progress=False, token_epsilon=10.0, seed=5)
+        cfg = TrainConfig.of(server=server.address, cache=tmp_path / "cache", progress=False, token_epsilon=10.0,
+                             seed=5)
         with open_session(cfg) as session:
             trainer = EdgeTrainer(cfg, session)
             trainer.label_ids = None

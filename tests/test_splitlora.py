@@ -155,8 +155,8 @@ def test_half_precision_server_keeps_server_side_adapters_finite(model_dirs, tmp
 
     with launch.start(["--model", str(model_dirs["llama"]), "--device", "cpu", "--dtype", "fp16"],
                       tmp_path / "server.log") as server:
-        cfg = TrainConfig(server=server.address, mode="splitlora", cut_layer=1, r=4, lora_alpha=8.0, lr=1e-2,
-                          cache=tmp_path / "cache", progress=False)
+        cfg = TrainConfig.of(server=server.address, mode="splitlora", cut_layer=1, r=4, lora_alpha=8.0, lr=1e-2,
+                             cache=tmp_path / "cache", progress=False)
         with CloudSession(server.address, split=SplitOptions(1, "fp16", 1, 4, 8.0, 1e-2)) as session:
             trainer = EdgeTrainer(cfg, session)
             trainer.train_examples = 4

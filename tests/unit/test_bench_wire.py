@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 
 import pytest
 
 from bench import runs, wire
-from edge_client.trainer import TrainConfig
+from edge_client.trainer import TrainConfig, public_config
 
 
 def test_combination_names_map_to_settings():
@@ -25,13 +24,13 @@ def test_combination_names_map_to_settings():
 
 def test_runs_from_before_the_new_wire_settings_are_reused(tmp_path):
     """A run.json written before grad_dtype/factorised/stochastic_rounding existed meant none of them."""
-    cfg = TrainConfig(steps=80, eval_limit=0, **wire.settings("int8+kr"))
-    old = json.loads(json.dumps(asdict(cfg), default=str))
+    cfg = TrainConfig.of(steps=80, eval_limit=0, **wire.settings("int8+kr"))
+    old = public_config(cfg)
     for key in ("grad_dtype", "factorised", "stochastic_rounding"):
         del old[key]
     (tmp_path / "run.json").write_text(json.dumps({"config": old}))
     assert runs.same_run(tmp_path / "run.json", cfg)
-    assert not runs.same_run(tmp_path / "run.json", TrainConfig(steps=80, eval_limit=0,
+    assert not runs.same_run(tmp_path / "run.json", TrainConfig.of(steps=80, eval_limit=0,
                                                                  **wire.settings("int8+fact+kr")))
 
 

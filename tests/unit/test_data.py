@@ -86,10 +86,10 @@ def test_tweets_task_is_a_fixed_three_way_split(tmp_path):
 def test_named_tasks_and_their_errors(tmp_path):
     from edge_client.trainer import TrainConfig, load_splits
 
-    tr, te, what = load_splits(TrainConfig(data=Path("tweets"), cache=tmp_path))
+    tr, te, what = load_splits(TrainConfig.of(data=Path("tweets"), cache=tmp_path))
     assert "sentiment" in what and tr.labels == te.labels == ["negative", "neutral", "positive"]
     with pytest.raises(data.DataError, match="own held-out split"):
-        load_splits(TrainConfig(data=Path("tweets"), test=Path("x.jsonl"), cache=tmp_path))
+        load_splits(TrainConfig.of(data=Path("tweets"), test=Path("x.jsonl"), cache=tmp_path))
     with pytest.raises(data.DataError, match="named tasks: bbc, tweets"):
         data.task("nope")
 

@@ -88,10 +88,10 @@ def test_bad_settings_name_the_flag():
         PrivateFrontConfig(front_inverter_lr=0.0)
     on = PrivateFrontConfig(front_privacy=1.0)
     with pytest.raises(ValueError, match="--edge-layers K"):
-        TrainConfig(private_front=on)
+        TrainConfig.of(private_front=on)
     with pytest.raises(ValueError, match="FedAvg sends the front's adapters"):
-        TrainConfig(private_front=on, mode="splitlora", cut_layer=2)
-    assert TrainConfig(edge_layers=1, private_front=on).private_front.enabled
+        TrainConfig.of(private_front=on, mode="splitlora", cut_layer=2)
+    assert TrainConfig.of(edge_layers=1, private_front=on).remote.private_front.enabled
 
 
 def test_the_guard_state_round_trips():
