@@ -101,6 +101,12 @@ class ServerConfig:
                                            "--device is CUDA; they must be in confidential-computing mode), "
                                            "'off' (a CPU-only server)", choices=["auto", "off"], group=ATTEST)
     threads: int = setting(0, "torch CPU threads; 0 keeps torch's default")
+    metrics_port: int | None = setting(None, "serve Prometheus metrics (sessions, steps, tokens, step latency, "
+                                             "joint batches, bytes, errors by gRPC status, FedAvg rounds; "
+                                             "docs/running.md) at http://HOST:PORT/metrics; 0 picks a free port; "
+                                             "off: none", metavar="PORT")
+    metrics_host: str | None = setting(None, "address the metrics endpoint binds; off: --host. The metrics are "
+                                             "counts and timings only, never data")
     stats_every: float = setting(60.0, "seconds between throughput log lines (steps, tokens/s, busy share); quiet "
                                        "when idle")
     log_level: str = setting("INFO", "DEBUG, INFO, WARNING")
@@ -110,6 +116,8 @@ class ServerConfig:
 
         if not 0 <= self.port <= 65535:
             raise ValueError(f"--port must be 0..65535, got {self.port}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"--metrics-port must be 0..65535, got {self.metrics_port}")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("--tls-cert and --tls-key go together")
         if self.tls_client_ca and not self.tls_cert and not self.attested:
@@ -261,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     service = DLoRAService(served, cfg.limits, Authenticator(tokens, mtls=bool(cfg.tls_client_ca)), modes=modes,
                            batching=cfg.batching, recorder=recorder, state_dir=cfg.state_dir, attester=attester)
     try:
+        if cfg.metrics_port is not None:
+            service.metrics.serve(cfg.metrics_host or cfg.host, cfg.metrics_port)
         running = make_server(service, cfg.host, cfg.port, tls, stats_every=cfg.stats_every)
     except OSError as exc:
         print(f"cloud_server: {exc}", file=sys.stderr)

@@ -89,8 +89,10 @@ def status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 Handler = Callable[[Any, grpc.ServicerContext], Any]
 
 
-def answers_errors(behavior: Handler) -> Handler:
-    """`behavior` (a gRPC method's handler), answering whatever it raises with that exception's status.
+def answers_errors(behavior: Handler,
+                   on_error: Callable[[grpc.StatusCode], object] | None = None) -> Handler:
+    """`behavior` (a gRPC method's handler), answering whatever it raises with that exception's status
+    (and telling `on_error` the status, for the metrics).
 
     A handler that returns an iterator streams its replies; what it raises while
     streaming is answered the same way, after the replies it yielded.
@@ -102,17 +104,22 @@ def answers_errors(behavior: Handler) -> Handler:
         except Exception as exc:  # noqa: BLE001 - every failure becomes a status
             code, detail = status(exc)
         else:
-            return _replies(result, context) if isinstance(result, Iterator) else result
+            return _replies(result, context, on_error) if isinstance(result, Iterator) else result
+        if on_error is not None:
+            on_error(code)
         # Aborted outside the except clause: the exception (and a step graph its frames hold) goes first.
         context.abort(code, detail)
 
     return handle
 
 
-def _replies(replies: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+def _replies(replies: Iterator[Any], context: grpc.ServicerContext,
+             on_error: Callable[[grpc.StatusCode], object] | None) -> Iterator[Any]:
     try:
         yield from replies
         return
     except Exception as exc:  # noqa: BLE001 - every failure becomes a status
         code, detail = status(exc)
+    if on_error is not None:
+        on_error(code)
     context.abort(code, detail)

@@ -20,7 +20,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,6 +95,7 @@ class Federation:
         self._done = 0                          # last round that was averaged
         self._cancelled = False
         self._cond = threading.Condition()
+        self.on_round: Callable[[], object] | None = None   # set by Federations
 
     # -- holding the federation ------------------------------------------------
     @contextmanager
@@ -252,6 +253,8 @@ class Federation:
                  self.name, rnd.number, rnd.averaged, sum(e for e, _ in rnd.submissions.values()))
         rnd.submissions.clear()
         self._done = rnd.number
+        if self.on_round is not None:
+            self.on_round()
         for old in [n for n in self._rounds if n < rnd.number]:
             del self._rounds[old]
         with self.hold():
@@ -375,8 +378,9 @@ def _differences(a: FederationSettings, b: FederationSettings) -> str:
 class Federations:
     """The federations of one server, by owner and name; with a state directory, durable."""
 
-    def __init__(self, state_dir: Path | None = None) -> None:
+    def __init__(self, state_dir: Path | None = None, on_round: Callable[[], object] | None = None) -> None:
         self.state_dir = state_dir
+        self.on_round = on_round          # called once per round averaged here (the metrics count it)
         self._lock = threading.Lock()
         self._by_name: dict[tuple[str, str], Federation] = {}
 
@@ -397,6 +401,7 @@ class Federations:
                         f"this server holds no state of federation {name!r} (it restarted without --state-dir, or "
                         "its replicas do not share one): the SplitLoRA run cannot resume; start it again")
                 fed = make(store)
+                fed.on_round = self.on_round
                 fed.join(member, session_id, restore=True)
                 self._by_name[(owner, name)] = fed
                 log.info("federation %r %s: cut layer %d, %d clients per round, server-side LoRA rank %d on %d "

@@ -6,6 +6,7 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -19,6 +20,7 @@ from cloud_server.service import SERVICE, SERVICE_NAME, DLoRAService
 
 if TYPE_CHECKING:
     from grpc_health.v1.health import HealthServicer
+    from prometheus_client import Counter
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +32,7 @@ def _refuse(context: grpc.ServicerContext, method: str, detail: str) -> None:
     context.abort(grpc.StatusCode.INVALID_ARGUMENT, detail)
 
 
-def _single_request(behavior: Behavior, method: str) -> Behavior:
+def _single_request(behavior: Behavior, method: str, refused: Callable[[grpc.StatusCode], object]) -> Behavior:
     """Serve a unary-request method from a request stream: exactly one decodable message.
 
     Registered as a stream, so a call that closes without its message gets
@@ -38,11 +40,11 @@ def _single_request(behavior: Behavior, method: str) -> Behavior:
     """
     def handle(requests: Iterator[Message | Undecodable], context: grpc.ServicerContext) -> Any:
         request = next(requests, None)
-        if request is None:
-            # (Also seen after gRPC itself refused an oversized message: that call already has its status.)
-            _refuse(context, method, f"{method} needs one request message and got none")
-        if isinstance(request, Undecodable):
-            _refuse(context, method, str(request))
+        if request is None or isinstance(request, Undecodable):
+            refused(grpc.StatusCode.INVALID_ARGUMENT)
+            # (None is also seen after gRPC itself refused an oversized message: that call already has its status.)
+            _refuse(context, method, f"{method} needs one request message and got none" if request is None
+                    else str(request))
         return behavior(request, context)
 
     return handle
@@ -80,12 +82,15 @@ def method_handlers(service: DLoRAService) -> dict[str, grpc.RpcMethodHandler]:
     generated `add_DLoRAServicer_to_server`, but with requests parsed leniently
     and every exception a handler raises answered with its status (errors.py)."""
     handlers = {}
+    metrics = service.metrics
     for method in SERVICE.methods:
-        parse = lenient_parser(message_factory.GetMessageClass(method.input_type))
-        serialize = message_factory.GetMessageClass(method.output_type).SerializeToString
-        behavior = answers_errors(getattr(service, method.name))
+        parse, serialize = metrics.counting(method.name,
+                                            lenient_parser(message_factory.GetMessageClass(method.input_type)),
+                                            message_factory.GetMessageClass(method.output_type).SerializeToString)
+        errors = partial(_count_error, metrics.errors, method.name)
+        behavior = answers_errors(getattr(service, method.name), on_error=errors)
         if not method.client_streaming:
-            behavior = _single_request(behavior, method.name)
+            behavior = _single_request(behavior, method.name, errors)
         if service.recorder is not None:
             behavior = _recorded(behavior, method.name, service.recorder, method.server_streaming)
         # Every method takes a request stream (see _single_request); replies as the proto says.
@@ -93,6 +98,10 @@ def method_handlers(service: DLoRAService) -> dict[str, grpc.RpcMethodHandler]:
             grpc.stream_unary_rpc_method_handler
         handlers[method.name] = make(behavior, request_deserializer=parse, response_serializer=serialize)
     return handlers
+
+
+def _count_error(errors: Counter, method: str, code: grpc.StatusCode) -> None:
+    errors.labels(method, code.name).inc()
 
 
 @dataclass

@@ -27,6 +27,7 @@ from cloud_server.federation import Federations
 from cloud_server.generation import Generation
 from cloud_server.inputs import InputDecoder
 from cloud_server.limits import ServerLimits
+from cloud_server.metrics import Metrics
 from cloud_server.parsing import Undecodable
 from cloud_server.recorder import MessageRecorder
 from cloud_server.served_model import ServedModel
@@ -61,11 +62,13 @@ class DLoRAService(pb_grpc.DLoRAServicer):
         self.attester = attester  # None: --attestation none, and Attest is refused
         self.recorder = recorder  # writes every edge message to disk: privacy audits only
         self.modes = modes
-        self.federations = Federations(state_dir)
+        self.metrics = Metrics()
+        self.federations = Federations(state_dir, on_round=self.metrics.rounds.inc)
         self.limits = limits
         self.auth = auth or Authenticator()
         self.sessions = SessionManager(limits.max_sessions, limits.max_sessions_per_client)
-        self.throughput = Throughput()
+        self.metrics.watch_sessions(self.sessions)
+        self.throughput = Throughput(self.metrics)
         self.batcher = StepBatcher(served, batching or BatchingConfig(), could_join=self.sessions.between_steps)
         self.inputs = InputDecoder(served, limits.max_batch_tokens)
         self.splitlora = SplitLoRA(served, self.federations, self.inputs, limits, self.batcher.groups,

@@ -212,6 +212,13 @@ class SessionManager:
             except SessionNotFound:
                 pass
 
+    def open_by_mode(self) -> dict[str, int]:
+        """Sessions open now, by training mode (DLoRA, edge layers included, or SplitLoRA)."""
+        with self._lock:
+            sessions = list(self._sessions.values())
+        split = sum(1 for s in sessions if s.federation is not None)
+        return {"dlora": len(sessions) - split, "splitlora": split}
+
     def between_steps(self, recent: float = RECENT_SECONDS) -> int:
         """DLoRA sessions used in the last `recent` seconds that are not running a
         step now: the ones whose next step may arrive any moment (batching waits for them)."""

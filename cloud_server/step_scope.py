@@ -52,12 +52,11 @@ def step_scope(stream: EdgeStream, session: Session, step_id: int, kind: StepKin
     t0 = time.perf_counter()
     with session.step(step_id, kind.train):
         yield scope
+        wall = time.perf_counter() - t0
         if scope.cloud_seconds is None:
-            scope.cloud_seconds = max(time.perf_counter() - t0 - scope.waited, 0.0)
+            scope.cloud_seconds = max(wall - scope.waited, 0.0)
         session.tokens += scope.tokens
         session.cloud_seconds += scope.cloud_seconds
-        batching = ({"batched": int(scope.batch_sessions > 1), "cohort_members": scope.batch_sessions,
-                     "batchable": 1} if scope.batch_sessions else {})
-        throughput.add(**{kind.value: 1}, tokens=scope.tokens, cloud_seconds=scope.cloud_seconds, **batching)
+        throughput.step(kind.value, kind.name.lower(), wall, scope.cloud_seconds, scope.tokens, scope.batch_sessions)
     stream.send(pb.CloudMessage(end=pb.StepEnd(step_id=step_id, cloud_seconds=scope.cloud_seconds,
                                                batch_sessions=scope.batch_sessions or 1)))

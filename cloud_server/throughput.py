@@ -3,14 +3,20 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cloud_server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 
 class Throughput:
-    """Counts of steps, forwards, generations, tokens and cloud seconds, taken and reset by each report."""
+    """Counts of steps, forwards, generations, tokens and cloud seconds, taken and reset by each report; each
+    step also goes to the Prometheus metrics, when given."""
 
-    def __init__(self) -> None:
+    def __init__(self, metrics: Metrics | None = None) -> None:
+        self.metrics = metrics
         self._lock = threading.Lock()
         self._counts = {"steps": 0, "forwards": 0, "generations": 0, "tokens": 0, "cloud_seconds": 0.0,
                         "batched": 0, "cohort_members": 0, "batchable": 0}
@@ -19,6 +25,16 @@ class Throughput:
         with self._lock:
             for k, v in counts.items():
                 self._counts[k] += v
+
+    def step(self, counter: str, label: str, seconds: float, cloud_seconds: float, tokens: int,
+             batch_sessions: int) -> None:
+        """One step ended: `counter` is its count here ("steps", "forwards", "generations"), `label` its kind
+        in the metrics; `batch_sessions` 0: not batchable."""
+        batching = ({"batched": int(batch_sessions > 1), "cohort_members": batch_sessions, "batchable": 1}
+                    if batch_sessions else {})
+        self.add(**{counter: 1}, tokens=tokens, cloud_seconds=cloud_seconds, **batching)
+        if self.metrics is not None:
+            self.metrics.step(label, seconds, cloud_seconds, tokens, batch_sessions)
 
     def take(self) -> dict[str, float]:
         with self._lock:

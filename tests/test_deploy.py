@@ -606,3 +606,13 @@ def test_k8s_replicas_probes_state_and_lb_agree():
     policy = objs[("NetworkPolicy", "dlora-cloud")]
     assert policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"] == deploy["spec"]["selector"][
         "matchLabels"]
+    # Prometheus' scrape annotations name a port each pod serves /metrics on: cloud_server's --metrics-port,
+    # HAProxy's stats listener; the policy lets the scraper reach the replicas' metrics port.
+    cloud_meta = sts["spec"]["template"]["metadata"]["annotations"]
+    assert cloud_meta["prometheus.io/scrape"] == "true" and cloud_meta["prometheus.io/path"] == "/metrics"
+    metrics_port = int(cloud_meta["prometheus.io/port"])
+    assert args[args.index("--metrics-port") + 1] == str(metrics_port)
+    assert {"name": "metrics", "containerPort": metrics_port} in container["ports"]
+    assert {"port": metrics_port, "protocol": "TCP"} in policy["spec"]["ingress"][1]["ports"]
+    lb_meta = deploy["spec"]["template"]["metadata"]["annotations"]
+    assert int(lb_meta["prometheus.io/port"]) == lb.STATS_PORT and "use-service prometheus-exporter" in cfg
