@@ -1,4 +1,5 @@
-"""What several test files share: edges on a server, the in-process reference, raw wire steps, the CLI, the checks."""
+"""What several test files share: edges on a server, the in-process reference, raw wire steps, the CLI, and
+assertion helpers (assert_*); whole tests live in the test modules."""
 from __future__ import annotations
 
 import os
@@ -133,7 +134,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def assert_step_exact(edge: Edge, model_dir: Path, batch: Batch, step_id: int = 1,
-                     tol: float = 1e-5) -> dict[str, float]:
+                      tol: float = 1e-5) -> dict[str, float]:
     """One distributed training step against the same step in one process (the master test):
     the loss and every A/B gradient within `tol`, relative. Returns the worst errors."""
     loss = edge.step(step_id, batch)
@@ -146,7 +147,8 @@ def assert_step_exact(edge: Edge, model_dir: Path, batch: Batch, step_id: int = 
     return worst
 
 
-def assert_grads_match(adapters: dict[str, LoRAAdapter], ref: dict[str, LoRAAdapter], tol: float, what: str = "") -> float:
+def assert_grads_match(adapters: dict[str, LoRAAdapter], ref: dict[str, LoRAAdapter], tol: float,
+                       what: str = "") -> float:
     """Every A/B gradient within `tol` of the reference's, none of those zero; the worst error."""
     assert len(adapters) > 0
     worst = 0.0

@@ -1,95 +1,20 @@
-"""The architecture matrix: every family a server loads trains exactly like in-process, or is refused at load."""
+"""The architecture matrix's other half: the families a server refuses at load, and the checks that keep an edge
+or a cut view from training silently wrong. That every family it loads trains, splits and generates exactly like
+in-process is test_equivalence.py."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from bench.tiny_models import FAMILIES, save_tiny
+from bench.tiny_models import save_tiny
 from cloud_server import launch
 from cloud_server.served_model import ServedModel
-from common.model_parts import UnsupportedModel, is_linear, layer_index
+from common.model_parts import UnsupportedModel
 from edge_client.edge_model import EdgeModel
 
-from helpers import (
-    EXAMPLES,
-    check_generation_matches_full_recompute,
-    check_grads,
-    check_split_equals_centralized,
-    connect,
-    reference_loss,
-    reference_model,
-    rel_err,
-)
-
-TOL = 1e-5
-# Families DLoRA refuses, with words the refusal must contain: the family and what is missing.
+# Families DLoRA refuses, with words the refusal must contain: the family and what is missing
+# (test_equivalence.py's SUPPORTED is the rest of bench.tiny_models.FAMILIES).
 REFUSED = {"opt-proj": ("opt", "project_in", "word_embed_proj_dim")}
-SUPPORTED = [f for f in FAMILIES if f not in REFUSED]
-
-
-def all_linear_targets(model_dir) -> list[str]:
-    """Leaf names of every linear inside the blocks: attention and MLP sites alike."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if is_linear(m) and layer_index(n) >= 0})
-
-
-@pytest.fixture(scope="module", params=SUPPORTED)
-def family_server(request, tmp_path_factory):
-    root = tmp_path_factory.mktemp(request.param)
-    model_dir = save_tiny(request.param, root / "model")
-    with launch.start(["--model", str(model_dir), "--device", "cpu"], root / "server.log", timeout=300) as server:
-        yield request.param, model_dir, server.address
-
-
-def test_family_trains_exactly(family_server, tmp_path):
-    """The master test on every supported family, with every linear of the blocks adapted:
-    loss and every A/B gradient of step 1 within 1e-5, then weights after 3 AdamW steps."""
-    kind, model_dir, address = family_server
-    edge = connect(address, tmp_path / "cache", targets=all_linear_targets(model_dir))
-    worst = {"loss": 0.0, "gradients": 0.0, "weights": 0.0}
-    try:
-        model, ref = reference_model(model_dir, edge.adapters)
-        opt = torch.optim.AdamW([p for a in edge.adapters.values() for p in a.parameters()], lr=1e-2)
-        ref_opt = torch.optim.AdamW([p for a in ref.values() for p in a.parameters()], lr=1e-2)
-        for step, idx in enumerate(([0, 1, 2, 3], [2, 3], [1, 0]), 1):
-            batch = edge.batch([EXAMPLES[i] for i in idx])
-            opt.zero_grad()
-            ref_opt.zero_grad()
-            loss = edge.step(step, batch)
-            ref_loss = reference_loss(model, batch)
-            ref_loss.backward()
-            worst["loss"] = max(worst["loss"], abs(loss - ref_loss.item()) / abs(ref_loss.item()))
-            assert worst["loss"] <= TOL, f"{kind} step {step}: loss"
-            if step == 1:
-                worst["gradients"] = check_grads(edge.adapters, ref, TOL, what=f"{kind} ")
-            opt.step()
-            ref_opt.step()
-        for name, ad in edge.adapters.items():
-            for w in ("lora_A", "lora_B"):
-                err = rel_err(getattr(ad, w).detach(), getattr(ref[name], w).detach())
-                worst["weights"] = max(worst["weights"], err)
-                assert err <= TOL, f"{kind} {name}.{w} after 3 AdamW steps: {err:.1e}"
-        # Shown with `pytest -s`: the figures behind the README's architecture table.
-        print(f"\n{kind}: {len(edge.adapters)} adapted linears; worst relative error: " +
-              ", ".join(f"{k} {v:.1e}" for k, v in worst.items()))
-    finally:
-        edge.session.close()
-
-
-def test_family_splitlora_is_exact(family_server, tmp_path):
-    """SplitLoRA on every supported family: the edge runs block 0 (learned positions,
-    scaled embeddings and all), the cloud the rest with its own adapters."""
-    _, model_dir, address = family_server
-    check_split_equals_centralized(address, model_dir, tmp_path)
-
-
-def test_family_generates_exactly(family_server, tmp_path):
-    """Generation on every supported family: the cloud's KV cache (sliding windows,
-    Gemma2's hybrid cache) gives the tokens and logits of a full re-run per token."""
-    _, model_dir, address = family_server
-    check_generation_matches_full_recompute(address, model_dir, tmp_path / "cache")
 
 
 @pytest.mark.parametrize("kind", sorted(REFUSED))

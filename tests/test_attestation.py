@@ -20,7 +20,7 @@ from edge_client.attestation.client import attest
 from edge_client.attestation.errors import AttestationFailed
 from edge_client.session import Credentials
 
-from helpers import EXAMPLES, HAPROXY, check_step_exact, cli, connect, tsm_double
+from helpers import EXAMPLES, HAPROXY, assert_step_exact, cli, connect, tsm_double
 
 MEASUREMENT = bytes(range(48)).hex()
 OTHER = bytes(48).hex()
@@ -85,7 +85,7 @@ def test_attested_edge_trains_exactly(attested, policy_file, model_dirs, cache):
     try:
         assert len(edge.session.attestations) == 1
         assert edge.session.attestations[0]["cpu"]["measurement"] == MEASUREMENT
-        check_step_exact(edge, model_dirs["llama"], edge.batch(EXAMPLES[:2]))
+        assert_step_exact(edge, model_dirs["llama"], edge.batch(EXAMPLES[:2]))
     finally:
         edge.session.close()
 

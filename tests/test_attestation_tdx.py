@@ -12,7 +12,7 @@ from edge_client.attestation import policy as attestation
 from edge_client.attestation.errors import AttestationFailed
 from edge_client.session import Credentials
 
-from helpers import EXAMPLES, check_step_exact, connect, tsm_double
+from helpers import EXAMPLES, assert_step_exact, connect, tsm_double
 
 MRTD = bytes(range(48))
 
@@ -47,7 +47,7 @@ def test_tdx_attested_edge_trains_and_a_wrong_mrtd_sends_nothing(attested, tsm, 
         claims = edge.session.attestations[0]
         assert claims["tee"] == "tdx" and claims["cpu"]["mrtd"] == MRTD.hex()
         assert claims["cpu"]["tcb_status"] == "UpToDate" and claims["cpu"]["debug"] is False
-        check_step_exact(edge, model_dirs["llama"], edge.batch(EXAMPLES[:2]))
+        assert_step_exact(edge, model_dirs["llama"], edge.batch(EXAMPLES[:2]))
     finally:
         edge.session.close()
     before = log.read_text().count("opened by")

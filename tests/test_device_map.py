@@ -1,89 +1,16 @@
-"""`cloud_server --device-map`: a model placed by accelerate, part of it offloaded, trains exactly.
+"""`cloud_server --device-map`: maps are resolved or refused with the fix, and offloaded edge parts ship unchanged.
 
-A CPU-only host has one execution device, so what runs here is accelerate's
-offload path: block 0 is mapped to "disk", so its weights stay in the
-checkpoint's safetensors (meta tensors in the model) and accelerate's hooks
-load them onto the CPU before each of its modules' forwards and drop them
-after; block 1 and the rest sit on the CPU. Taps wrap linears that carry
-those hooks, parked adapters and SplitLoRA's server-side adapters act on
-their outputs, SplitLoRA edges download block 0 from the offloaded weights,
-and generation keeps a KV cache through them. With the whole model on the
-disk, the edge's parts (embedding, final norm, LM head) are read from there
-too. Moving tensors between several GPUs is the same code, not run here.
+That a server with block 0 offloaded to disk trains (DLoRA and SplitLoRA), parks and generates exactly like
+in-process is test_equivalence.py's `offload-*` cases.
 """
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from cloud_server import launch
 from cloud_server.device_map import resolve
 
-from helpers import (
-    check_generation_matches_full_recompute,
-    check_parked_modules_exact,
-    check_split_equals_centralized,
-    check_step_exact,
-    cli,
-    connect,
-)
-
-BLOCKS = {"llama": "model.layers", "gpt2": "transformer.h"}
-
-
-def offload_map(kind: str, path) -> str:
-    """Block 0 on the disk, block 1 on the CPU; the rest left out (it goes on the map's first GPU, else the CPU)."""
-    blocks = BLOCKS[kind]
-    path.write_text(json.dumps({f"{blocks}.0": "disk", f"{blocks}.1": "cpu"}))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def offloaded(model_dirs, tmp_path_factory):
-    """Starts, on first use, a real server per tiny model with offload_map: offloaded(kind) -> (address, log)."""
-    root = tmp_path_factory.mktemp("device-map")
-    procs: dict[str, launch.ServerProcess] = {}
-
-    def server(kind: str) -> tuple[str, Path]:
-        log = root / f"{kind}.log"
-        if kind not in procs:
-            procs[kind] = launch.start(["--model", str(model_dirs[kind]), "--device-map",
-                                        offload_map(kind, root / f"{kind}.json")], log, timeout=300,
-                                       env={"DLORA_CACHE": str(root / "cache")})
-        return procs[kind].address, log
-
-    try:
-        yield server
-    finally:
-        for p in procs.values():
-            p.stop()
-
-
-def test_a_step_with_offloaded_blocks_matches_in_process(kind, offloaded, model_dirs, cache):
-    address, log = offloaded(kind)
-    # The map took effect: block 0's modules carry accelerate's offload hooks.
-    assert "modules are offloaded" in log.read_text()
-    edge = connect(address, cache)
-    try:
-        check_step_exact(edge, model_dirs[kind], edge.batch(), tol=1e-5)
-    finally:
-        edge.session.close()
-
-
-def test_parked_adapters_and_generation_under_the_map(offloaded, model_dirs, cache):
-    """Kill and Revive parks block 0's site, the offloaded one; generation's KV cache runs through it."""
-    address, _ = offloaded("llama")
-    check_parked_modules_exact(address, model_dirs["llama"], cache)
-    check_generation_matches_full_recompute(address, model_dirs["llama"], cache)
-
-
-def test_splitlora_under_the_map(offloaded, model_dirs, tmp_path):
-    """The edge runs block 0 from weights the cloud reads out of its offload; the cloud's view
-    from the cut trains server-side adapters."""
-    check_split_equals_centralized(offloaded("llama")[0], model_dirs["llama"], tmp_path)
+from helpers import cli
 
 
 def test_offloaded_edge_parts_ship_the_same_assets(model_dirs, tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ import pytest
 
 from deploy.local import Cluster
 
-from helpers import HAPROXY, check_same_state, split_state, split_trainer
+from helpers import HAPROXY, assert_same_state, split_state, split_trainer
 from helpers import kr_trainer as _trainer
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ def test_a_replica_dies_mid_run_and_every_edge_ends_exactly(model_dirs, tmp_path
         cluster.wait_state(fed_replica, "DOWN", timeout=15)   # its health checks fail (the edges went on before)
         assert cluster.route(FEDERATION) == other
     for g, w in zip(got, want):
-        check_same_state(g, w)
+        assert_same_state(g, w)
     assert want[0]["updates"].item() == 2 * SPLIT_STEPS
     log.warning("failover: the interrupted SplitLoRA step completed %.2f s after the kill",
                 timings["resumed"] - timings["kill"])

@@ -1,4 +1,5 @@
-"""Generation: the cloud's KV cache gives the same tokens as re-running the whole model."""
+"""Generation: parked adapters, sampling, a bad next embedding, the server's log. That the cloud's KV cache gives
+the tokens and logits of re-running the whole model is test_equivalence.py."""
 from __future__ import annotations
 
 import re
@@ -13,11 +14,7 @@ from common.wire import dlora_pb2 as pb
 from common.wire import dlora_pb2_grpc as pb_grpc
 from edge_client.generation import GenerateConfig, choose, generate
 
-from helpers import check_generation_matches_full_recompute, connect, reference_greedy, reference_model
-
-
-def test_generation_matches_full_recompute(kind, servers, model_dirs, cache):
-    check_generation_matches_full_recompute(servers[kind], model_dirs[kind], cache)
+from helpers import connect, reference_greedy, reference_model
 
 
 def test_generation_with_parked_adapters(servers, model_dirs, cache):

@@ -17,7 +17,7 @@ from common import tensor_codec as codec
 from common.wire import dlora_pb2 as pb
 from common.wire import dlora_pb2_grpc as pb_grpc
 
-from helpers import check_step_exact, connect
+from helpers import assert_step_exact, connect
 
 SERVICE = pb.DESCRIPTOR.services_by_name["DLoRA"]
 METHODS = {m.name: m for m in SERVICE.methods}
@@ -254,7 +254,7 @@ def test_still_exact_after_the_hostile_calls(hostile, model_dirs, cache):
     try:
         garbage_mid_step = [start(edge.session.session_id, hidden_size(hostile.dlora)).SerializeToString(), UNDECODABLE]
         assert hostile_call(hostile, "deterministic", "TrainStep", garbage_mid_step)[0] == S.INVALID_ARGUMENT
-        check_step_exact(edge, model_dirs["llama"], edge.batch(), tol=TOL)
+        assert_step_exact(edge, model_dirs["llama"], edge.batch(), tol=TOL)
     finally:
         edge.session.close()
 

@@ -318,7 +318,7 @@ def test_one_step_on_real_weights_is_exact(name, tmp_path):
     every linear of every block within 1e-5 of the same step in one process, fp32 wire."""
     from cloud_server import launch
 
-    from helpers import EXAMPLES, check_step_exact, connect
+    from helpers import EXAMPLES, assert_step_exact, connect
 
     model_dir = reg.converted_dir(reg.get(name))
     if not reg.is_converted(model_dir):
@@ -326,7 +326,7 @@ def test_one_step_on_real_weights_is_exact(name, tmp_path):
     with launch.start(["--model", name, "--device", "cpu"], tmp_path / "server.log", timeout=900) as server:
         edge = connect(server.address, tmp_path / "cache", targets=["all-linear"])
         try:
-            worst = check_step_exact(edge, model_dir, edge.batch(EXAMPLES), tol=REAL_TOLERANCE.get(name, 1e-5))
+            worst = assert_step_exact(edge, model_dir, edge.batch(EXAMPLES), tol=REAL_TOLERANCE.get(name, 1e-5))
         finally:
             edge.session.close()
     print(f"\n{name}: {len(edge.adapters)} adapted linears; worst relative error: " +

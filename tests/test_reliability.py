@@ -22,7 +22,7 @@ from edge_client.errors import CloudError
 from edge_client.session import CloudSession, Credentials, RetryPolicy
 
 from certs import make_pki
-from helpers import RawStep, check_step_exact, cli, connect, expect_error, kr_trainer, run_raw, start_msg
+from helpers import RawStep, assert_step_exact, cli, connect, expect_error, kr_trainer, run_raw, start_msg
 
 ALICE, BOB = "a" * 24, "b" * 24
 
@@ -200,7 +200,7 @@ def test_lost_session_is_reopened_without_backoff(model_dirs, tmp_path, caplog):
             # an UNAVAILABLE then would rightly back off. Wait until it reaches server B.
             grpc.channel_ready_future(edge.session.channel).result(timeout=30)
             with caplog.at_level("WARNING", logger="edge_client.session"):
-                check_step_exact(edge, model_dirs["llama"], edge.batch(), step_id=2)
+                assert_step_exact(edge, model_dirs["llama"], edge.batch(), step_id=2)
             assert edge.session.reconnects == 1 and edge.session.session_id != old
             assert not [r for r in caplog.records if "(NOT_FOUND)" in r.getMessage() and "retry" in r.getMessage()], \
                 caplog.text
@@ -237,7 +237,7 @@ def test_checkpoint_resume_equals_uninterrupted(servers, tmp_path):
 EDGE_THAT_HANGS = textwrap.dedent("""
     import sys, time
     sys.path[:0] = [{tests!r}, {root!r}]  # helpers, and deploy/ it imports (not an installed package)
-    from helpers import check_step_exact, connect
+    from helpers import connect
     edge = connect({address!r}, __import__("pathlib").Path({cache!r}))
     batch = edge.batch()
     def hang(h):
