@@ -140,7 +140,9 @@ def render_wire(folder: Path) -> list[str]:
 
 
 def render_latency(folder: Path) -> list[str]:
-    doc = _load(folder / "results.json")
+    raw = _load(folder / "results.json")
+    doc = raw["results"] if "results" in raw else raw   # older runs wrote the variants alone
+    out = recorded_args(raw) if "args" in raw else []
     first = next(iter(doc.values()))
     links = [(c["rtt_ms"], c["mbit"]) for c in first["links"]]
     rows = []
@@ -151,9 +153,23 @@ def render_latency(folder: Path) -> list[str]:
             cells.append(f"{c['predicted']:.1f}{measured}")
         lb = r["loopback"]
         rows.append([name, num(lb["bytes"] / 1e6, 1), f"{lb['round_trips']:.0f}", num(lb["seconds"]), *cells])
-    out = ["Seconds per training step, predicted (measured through the delay proxy, where it was run):", ""]
+    out += ["Seconds per training step, predicted (measured through the delay proxy, where it was run):", ""]
     out.append(table(["variant", "MB/step", "round trips/step", "loopback s",
                       *(f"{rtt} ms, {mbit} Mbit/s" for rtt, mbit in links)], rows))
+    if all("floor" in c for c in first["links"]):
+        over = []
+        for name, r in doc.items():
+            cells = []
+            for c in r["links"]:
+                got = c["measured"]
+                cells += ["—" if got is None else num(got), num(c["floor"]),
+                          "—" if got is None else f"{got / r['loopback']['seconds']:.2f}×"]
+            over.append([name, num(r["loopback"]["seconds"]), *cells])
+        out += ["", "Measured against the floor, max(loopback step, bytes / bandwidth), and the variant's own "
+                "loopback step:", ""]
+        out.append(table(["variant", "loopback s", *(h for rtt, mbit in links for h in
+                                                    (f"{rtt} ms, {mbit} Mbit/s: measured s", "floor s",
+                                                     "× loopback"))], over))
     return out + [""]
 
 
@@ -251,6 +267,12 @@ BENCHES = [
           ["bench/modes.py", *WIRE_PATH, *TRAINING], render_modes),
     Bench("latency", "Step time on WAN links", "latency", "make bench-latency  (= python -m bench.latency)",
           ["bench/latency.py", "bench/netem.py", *WIRE_PATH, "edge_client/kill_revive.py", *SPLIT], render_latency),
+    Bench("latency-pipelined", "Step time on WAN links: pipelined micro-batches", "latency-pipelined",
+          "python -m bench.latency --variants \"dlora --network wan (3 sites),dlora --network wan, 2 micro-batches,"
+          "dlora --network wan, 4 micro-batches,dlora --network wan, 8 micro-batches\" --links 10/100,50/10 "
+          "--out bench/out/latency-pipelined",
+          ["bench/latency.py", "bench/netem.py", *WIRE_PATH, "edge_client/kill_revive.py",
+           "edge_client/pipelined_step.py"], render_latency),
     Bench("latency-wan", "Step time on WAN links: --network wan", "latency-wan",
           "python -m bench.latency --variants \"dlora --network wan (3 sites)\" --out bench/out/latency-wan",
           ["bench/latency.py", "bench/netem.py", *WIRE_PATH, "edge_client/kill_revive.py"], render_latency),

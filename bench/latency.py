@@ -10,6 +10,12 @@ This bench measures each variant's loopback step time, bytes and round trips
 on SmolLM2 + BBC News, fills in the model for every link in the grid, and
 checks it by running steps through a user-space delay proxy (bench/netem.py)
 wherever a step is predicted to take at most --measure-below seconds.
+
+Pipelined variants (`--micro-batches M`) cut each step's batch into M parts in
+flight at once, so the link's time overlaps the two sides' compute: their step
+is not the sum above but nearer its floor, max(loopback step, bytes / B). The
+second table gives each measured step against that floor and against the
+variant's own loopback step (the goal: <= 1.4x at 50 ms, 10 Mbit/s).
 """
 from __future__ import annotations
 
@@ -34,6 +40,10 @@ VARIANTS = {
     # `--network wan`: int8 on the wire, factorised, KR with site units.
     "dlora --network wan (3 sites)": {"wire_dtype": "int8",
                                       "kr": KRConfig(policy="kr", unit="site", warmup_steps=1, period=10_000)},
+    # The same, pipelined: each step's 8 rows in 2, 4 or 8 micro-batches in flight at once.
+    **{f"dlora --network wan, {m} micro-batches": {
+        "wire_dtype": "int8", "micro_batches": m,
+        "kr": KRConfig(policy="kr", unit="site", warmup_steps=1, period=10_000)} for m in (2, 4, 8)},
 }
 LINKS = [Link(1, 100), Link(10, 100), Link(50, 100), Link(1, 10), Link(10, 10), Link(50, 10)]
 
@@ -81,10 +91,45 @@ def from_run(path: Path) -> dict:
             "round_trips": 2 * sum(h["site_exchanges"] for h in rows) / n + 2}
 
 
+def floor(base: dict, link: Link) -> float:
+    """The least a step can take on `link` when the link overlaps the compute: the loopback step, or the
+    bytes' time on the link, whichever is longer."""
+    return max(base["seconds"], base["bytes"] / link.bytes_per_second)
+
+
+def print_overlap(results: dict) -> None:
+    """Each measured link cell against its floor and its variant's own loopback step."""
+    headers = ["variant", "loopback s"]
+    links = [(c["rtt_ms"], c["mbit"]) for c in next(iter(results.values()))["links"]]
+    for rtt, mbit in links:
+        headers += [f"{rtt:g} ms, {mbit:g} Mbit/s: measured s", "floor s", "x loopback"]
+    rows = []
+    for name, r in results.items():
+        b = r["loopback"]
+        row = [name, f"{b['seconds']:.2f}"]
+        for c in r["links"]:
+            if c["measured"] is None:
+                row += ["—", f"{c['floor']:.2f}", "—"]
+            else:
+                row += [f"{c['measured']:.2f}", f"{c['floor']:.2f}", f"{c['measured'] / b['seconds']:.2f}"]
+        rows.append(row)
+    print(report.table(headers, rows))
+
+
+def parse_links(text: str) -> list[Link]:
+    """'10/100,50/10' -> links of 10 ms RTT at 100 Mbit/s and 50 ms at 10 Mbit/s."""
+    try:
+        return [Link(float(r), float(m)) for r, m in (item.split("/") for item in text.split(",") if item)]
+    except ValueError:
+        raise SystemExit(f"--links takes RTT_MS/MBIT pairs, comma-separated (e.g. 10/100,50/10), got {text!r}") \
+            from None
+
+
 def print_table(title: str, results: dict) -> None:
     print(title)
+    links = [(c["rtt_ms"], c["mbit"]) for c in next(iter(results.values()))["links"]]
     headers = ["variant", "MB/step", "round trips/step", "loopback s",
-               *(f"{link.rtt_ms:g} ms, {link.mbit:g} Mbit/s" for link in LINKS)]
+               *(f"{rtt:g} ms, {mbit:g} Mbit/s" for rtt, mbit in links)]
     rows = []
     for name, r in results.items():
         b = r["loopback"]
@@ -104,18 +149,21 @@ def main() -> int:
     p.add_argument("--model", default="smollm2-135m", help="model the cloud serves (default: %(default)s)")
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help="comma-separated variants to run (default: all of %(default)s)")
+    p.add_argument("--links", default=",".join(f"{link.rtt_ms:g}/{link.mbit:g}" for link in LINKS),
+                   help="comma-separated RTT_MS/MBIT links (default: %(default)s)")
     p.add_argument("--out", type=Path, default=Path("bench/out/latency"))
     p.add_argument("--from-runs", nargs="+", type=Path, default=None, metavar="RUN_JSON",
                    help="only the calculation, from finished runs' run.json files (e.g. bench/out/modes/*/run.json); "
                         "nothing is trained")
     args = p.parse_args()
+    links = parse_links(args.links)
     if args.from_runs:
         results = {}
         for path in args.from_runs:
             base = from_run(path)
             results[path.parent.name] = {"loopback": base, "links": [
                 {"rtt_ms": link.rtt_ms, "mbit": link.mbit, "predicted": predict(base, link), "measured": None}
-                for link in LINKS]}
+                for link in links]}
         print_table("seconds per training step on each link, predicted from the runs' loopback figures", results)
         return 0
     chosen = [v for v in args.variants.split(",") if v]
@@ -129,8 +177,9 @@ def main() -> int:
             print(f"[{time.strftime('%H:%M:%S')}] {name}: loopback ...", flush=True)
             base = measure(server.address, name, args.steps, cache)
             cells = []
-            for link in LINKS:
-                cell = {"rtt_ms": link.rtt_ms, "mbit": link.mbit, "predicted": predict(base, link), "measured": None}
+            for link in links:
+                cell = {"rtt_ms": link.rtt_ms, "mbit": link.mbit, "predicted": predict(base, link),
+                        "floor": floor(base, link), "measured": None}
                 if cell["predicted"] <= args.measure_below:
                     with DelayProxy(server.address, link) as proxy:
                         cell["measured"] = measure(proxy.address, name, args.steps, cache)["seconds"]
@@ -142,7 +191,10 @@ def main() -> int:
     print_table(f"{args.model}, BBC News, batch 8, fp32 wire unless named, factorised; seconds per training step, "
                 f"predicted (measured "
                 f"through the delay proxy where predicted <= {args.measure_below:g} s)", results)
-    report.write_json(args.out / "results.json", results)
+    print("\nmeasured against the floor, max(loopback step, bytes / bandwidth), and the variant's own loopback step")
+    print_overlap(results)
+    report.write_json(args.out / "results.json", {"args": {k: str(v) for k, v in vars(args).items()},
+                                                  "results": results})
     print(f"\nwritten to {args.out}/results.json")
     return 0
 

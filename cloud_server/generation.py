@@ -14,8 +14,9 @@ from cloud_server.inputs import InputDecoder
 from cloud_server.served_model import ServedModel
 from cloud_server.session import Session
 from cloud_server.step_runner import StepRunner
-from cloud_server.step_scope import StepKind, step_scope
+from cloud_server.step_scope import StepKind, micro_batch, step_scope
 from cloud_server.throughput import Throughput
+from common.tensor_codec import WireError
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,8 @@ class Generation:
             raise WrongMode(f"generation runs every block on the cloud; this session keeps blocks "
                             f"0..{session.edge_layers - 1} on the edge (edge_layers {session.edge_layers}): open one "
                             "without")
+        if micro_batch(start)[1] > 1:
+            raise WireError("generation is not pipelined: send the prompt as one call")
         hidden, mask = self.inputs.step_start(session, start)
         with step_scope(stream, session, start.step_id, StepKind.GENERATION, self.throughput) as scope:
             mask, passes, scope.waited = self._passes(stream, session, hidden, mask)

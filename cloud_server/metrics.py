@@ -51,9 +51,12 @@ class Metrics:
         """Report the sessions open by mode, read at each scrape."""
         self.registry.register(_OpenSessions(sessions))
 
-    def step(self, kind: str, seconds: float, cloud_seconds: float, tokens: int, batch_sessions: int) -> None:
-        """One step of `kind` ended; `batch_sessions` 0: the step is not batchable."""
-        self.steps.labels(kind).inc()
+    def step(self, kind: str, seconds: float, cloud_seconds: float, tokens: int, batch_sessions: int,
+             counted: bool = True) -> None:
+        """One step (or, `counted` False, a pipelined step's later part) of `kind` ended; `batch_sessions` 0:
+        the step is not batchable."""
+        if counted:
+            self.steps.labels(kind).inc()
         self.tokens.labels(kind).inc(tokens)
         self.step_seconds.labels(kind).observe(seconds)
         self.cloud_seconds.labels(kind).observe(cloud_seconds)

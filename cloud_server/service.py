@@ -33,7 +33,7 @@ from cloud_server.recorder import MessageRecorder
 from cloud_server.served_model import ServedModel
 from cloud_server.session import Session, SessionManager
 from cloud_server.splitlora import SplitLoRA
-from cloud_server.step_scope import StepKind, step_scope
+from cloud_server.step_scope import StepKind, micro_batch, step_scope
 from cloud_server.throughput import Throughput
 from common.site_types import SiteSpec
 from common.tensor_codec import WireError
@@ -222,13 +222,15 @@ class DLoRAService(pb_grpc.DLoRAServicer):
             return
         hidden, mask = self.inputs.step_start(session, start)
         kind = StepKind.TRAIN if train else StepKind.FORWARD
-        with step_scope(stream, session, start.step_id, kind, self.throughput) as scope:
+        part = micro_batch(start)
+        with step_scope(stream, session, start.step_id, kind, self.throughput, part) as scope:
             link = EdgeLink(session.sites, stream.receive, stream.send, session.wire,
                             applied_here=dict(session.parked),
                             credit=stream.credit)
             # Alone, or batched with other sessions' steps that arrive together; an edge
-            # that once lagged behind its batch runs alone from then on.
-            job = StepJob(link, hidden, mask, train, solo=session.solo, cut=session.edge_layers)
+            # that once lagged behind its batch runs alone from then on, and a pipelined step's
+            # parts run alone, so that one computes while another's exchange is on the wire.
+            job = StepJob(link, hidden, mask, train, solo=session.solo or part[1] > 1, cut=session.edge_layers)
             try:
                 self.batcher.run(job)
             except LaggedBehind:

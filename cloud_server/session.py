@@ -70,6 +70,12 @@ class Session:
     on_close: list[Callable[[], None]] = field(default_factory=list)   # run once it is closed
     solo: bool = False                # lagged behind a joint batch once: its steps run alone
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    # A pipelined step's parts (calls of one step id, in flight at once) share `_lock`: the first takes it,
+    # the last to leave gives it back. (step id, parts, train) of the step holding it, its parts in, done.
+    _group: tuple[int, int, bool] | None = None
+    _parts_in: int = 0
+    _parts_done: set[int] = field(default_factory=set)
+    _group_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def blocks_on_edge(self) -> int:
@@ -98,11 +104,10 @@ class Session:
             self._lock.release()
 
     @contextmanager
-    def step(self, step_id: int, train: bool) -> Iterator[None]:
-        """Runs one step at a time; a training step id must be new."""
-        if not self._lock.acquire(blocking=False):
-            raise SessionBusy(f"session {self.id[:8]} is already running a step; "
-                              "steps of one session run one at a time")
+    def step(self, step_id: int, train: bool, part: int = 0, parts: int = 1) -> Iterator[None]:
+        """Runs one step at a time; a training step id must be new. A pipelined step's `parts` calls (the
+        same id, each its `part`) run at once, as one step: it completes when every part has."""
+        self._enter(step_id, train, parts)
         try:
             if self.closed:
                 raise SessionNotFound(f"session {self.id[:8]} was closed")
@@ -116,16 +121,50 @@ class Session:
                 )
             self.last_used = time.monotonic()
             yield
-            # Only a completed step consumes its id, so a failed step can be retried.
-            if train:
-                if step_id > self.last_step_id:
-                    self.steps += 1
-                self.last_step_id = step_id
-            else:
-                self.forwards += 1
+            if self._completes(part, parts):
+                # Only a completed step consumes its id, so a failed step can be retried.
+                if train:
+                    if step_id > self.last_step_id:
+                        self.steps += 1
+                    self.last_step_id = step_id
+                else:
+                    self.forwards += 1
         finally:
             self.last_used = time.monotonic()
+            self._leave(parts)
+
+    def _enter(self, step_id: int, train: bool, parts: int) -> None:
+        busy = SessionBusy(f"session {self.id[:8]} is already running a step; steps of one session run one at "
+                           "a time (a pipelined step's parts together)")
+        if parts <= 1:
+            if not self._lock.acquire(blocking=False):
+                raise busy
+            return
+        with self._group_lock:
+            if self._group == (step_id, parts, train) and self._parts_in:
+                self._parts_in += 1          # another part of the step that holds the session
+                return
+            if not self._lock.acquire(blocking=False):
+                raise busy
+            self._group, self._parts_in, self._parts_done = (step_id, parts, train), 1, set()
+
+    def _completes(self, part: int, parts: int) -> bool:
+        """Whether this part's end completes its step (always, unpipelined)."""
+        if parts <= 1:
+            return True
+        with self._group_lock:
+            self._parts_done.add(part)
+            return len(self._parts_done) == parts
+
+    def _leave(self, parts: int) -> None:
+        if parts <= 1:
             self._lock.release()
+            return
+        with self._group_lock:
+            self._parts_in -= 1
+            if self._parts_in == 0:
+                self._group = None
+                self._lock.release()
 
 
 class SessionManager:

@@ -23,7 +23,7 @@ from cloud_server.limits import ServerLimits
 from cloud_server.served_model import ServedModel
 from cloud_server.session import Session
 from cloud_server.step_runner import StepRunner
-from cloud_server.step_scope import StepKind, step_scope
+from cloud_server.step_scope import StepKind, micro_batch, step_scope
 from cloud_server.throughput import Throughput
 from common import lora_wire
 from common.site_types import SiteSpec
@@ -88,6 +88,9 @@ class SplitLoRA:
     def run_step(self, stream: EdgeStream, session: Session, start: pb.StepStart, train: bool) -> None:
         """Blocks [cut, L) with the federation's trainable adapters, then dL/d(cut) back to the edge."""
         fed = federation_of(session)
+        if micro_batch(start)[1] > 1:
+            raise WrongMode("SplitLoRA steps are not pipelined (the federation's server-side update is one per "
+                            "step); send each step as one call")
         hidden, mask = self.inputs.step_start(session, start)
         kind = StepKind.TRAIN if train else StepKind.FORWARD
         with step_scope(stream, session, start.step_id, kind, self.throughput) as scope, self._held(fed):

@@ -27,14 +27,15 @@ class Throughput:
                 self._counts[k] += v
 
     def step(self, counter: str, label: str, seconds: float, cloud_seconds: float, tokens: int,
-             batch_sessions: int) -> None:
+             batch_sessions: int, counted: bool = True) -> None:
         """One step ended: `counter` is its count here ("steps", "forwards", "generations"), `label` its kind
-        in the metrics; `batch_sessions` 0: not batchable."""
+        in the metrics; `batch_sessions` 0: not batchable. `counted` False: a pipelined step's later part
+        (its tokens and time count, the step once)."""
         batching = ({"batched": int(batch_sessions > 1), "cohort_members": batch_sessions, "batchable": 1}
                     if batch_sessions else {})
-        self.add(**{counter: 1}, tokens=tokens, cloud_seconds=cloud_seconds, **batching)
+        self.add(**{counter: int(counted)}, tokens=tokens, cloud_seconds=cloud_seconds, **batching)
         if self.metrics is not None:
-            self.metrics.step(label, seconds, cloud_seconds, tokens, batch_sessions)
+            self.metrics.step(label, seconds, cloud_seconds, tokens, batch_sessions, counted)
 
     def take(self) -> dict[str, float]:
         with self._lock:

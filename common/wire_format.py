@@ -22,6 +22,9 @@ from common.wire import dlora_pb2 as pb
 # The dtypes a session may choose for activations and for gradients.
 SUPPORTED = tuple(codec.dtype_from_name(name) for name in codec.WIRE_DTYPES)
 
+# The most calls a pipelined step may be cut into (StepStart.micro_batches; each part holds a server thread).
+MAX_MICRO_BATCHES = 16
+
 
 @dataclass(frozen=True)
 class WireFormat:

@@ -28,7 +28,7 @@ from torch import nn
 from common import tensor_codec as codec
 from common.lora import ALL_LINEAR, LoRAAdapter, LoRAConfig, LoRALinear, seeded_adapters
 from common.settings import setting
-from common.wire_format import WireFormat
+from common.wire_format import MAX_MICRO_BATCHES, WireFormat
 from edge_client import label_privacy, peft_format, token_privacy
 from edge_client.attestation import policy as attestation
 from edge_client.attestation.policy import Policy
@@ -80,6 +80,11 @@ class RemoteConfig:
     seed: int = setting(0, "seed of the adapters' initialisation, the data order, dropout and token noise")
     timeout: float = setting(600.0, "seconds one call to the cloud may take", group="connection and recovery")
     private_front: PrivateFrontConfig = setting(PrivateFrontConfig, "private front")
+    micro_batches: int = setting(1, "DLoRA training steps: cut each step's batch into M micro-batches, all in "
+                                    "flight at once, so the cloud computes one while another's exchange is on "
+                                    "the wire; the same step (loss and gradients to float rounding), more "
+                                    "messages. Pays on slow links (docs/results); 1: off",
+                                 metavar="M", group="wire")
 
     def __post_init__(self) -> None:
         if self.edge_layers < 0:
@@ -93,6 +98,8 @@ class RemoteConfig:
                 raise ValueError(f"wire dtype {name!r}: choose one of {', '.join(codec.WIRE_DTYPES)}")
         if self.timeout <= 0:
             raise ValueError(f"timeout must be positive, got {self.timeout}")
+        if not 1 <= self.micro_batches <= MAX_MICRO_BATCHES:
+            raise ValueError(f"--micro-batches must be 1 to {MAX_MICRO_BATCHES}, got {self.micro_batches}")
 
     def wire_format(self) -> WireFormat:
         return WireFormat.named(self.wire_dtype, self.grad_dtype, self.factorised, self.stochastic_rounding)
@@ -171,6 +178,9 @@ class DLoRAModelForCausalLM(nn.Module):
         self.split = session.split
         if self.split is not None and remote.edge_layers:
             raise ValueError("edge_layers is a DLoRA option; a SplitLoRA model runs its cut_layer blocks here")
+        if self.split is not None and remote.micro_batches > 1:
+            raise ValueError("micro_batches is a DLoRA option: a SplitLoRA step is one call (its server-side "
+                             "update is one per step)")
         # The blocks this device runs: SplitLoRA's first cut_layer, or DLoRA's edge_layers.
         self.front_layers = self.split.cut_layer if self.split is not None else remote.edge_layers
         front = FrontModel.from_assets(assets, self.front_layers) if self.front_layers else None
@@ -445,7 +455,8 @@ class _StepHandle:
         m = self.model
         dropout = m.lora_settings.lora_dropout if m.training else 0.0   # as PEFT: only in train mode
         self.box[0] = m.session.open_step(self.step, self.first, self.mask, self.live, train=True,
-                                          dropout=dropout, seed=m.remote_config.seed)
+                                          dropout=dropout, seed=m.remote_config.seed,
+                                          micro_batches=m.remote_config.micro_batches)
         m._pending = self.stream
         return self.stream.open()
 
@@ -457,23 +468,21 @@ class _StepHandle:
         if self.stream.state is StepState.ABANDONED:
             raise RuntimeError(f"step {self.step} was abandoned because another call reached the cloud before "
                                "its backward; call loss.backward() before the next forward")
-        got: dict[str, torch.Tensor] = {}
-
         def attempt() -> None:
             # Not paused: the stream failed, so replay the forward (same inputs and noise).
             if self.stream.state is not StepState.PAUSED:
                 self._open()
             if self.model.front is not None:
-                self.stream.exchange.on_cut_grad = lambda g: got.__setitem__(
-                    "cut", self.model.session.decode_cut_grad(g, self.first.shape))
+                self.stream.expect_cut_grad(tuple(self.first.shape))
             self.stream.finish(grad)
 
         self.model.session.with_retries(f"step {self.step}", attempt)
         self.model.last_stats = self.stream.stats
-        if self.model.front is not None and "cut" not in got:
+        cut = self.stream.cut_grad if self.model.front is not None else None
+        if self.model.front is not None and cut is None:
             raise CloudError("the cloud ended the step without the gradient of the edge blocks' output")
-        grads = self.stream.exchange.grads
-        return [grads.get(id(p)) for p in self.params], got.get("cut")
+        grads = self.stream.grads
+        return [grads.get(id(p)) for p in self.params], cut
 
 
 def _abandon(box: list) -> None:

@@ -30,6 +30,7 @@ from edge_client.attestation import policy as attestation
 from edge_client.attestation.client import AttestedCloud, attest
 from edge_client.attestation.policy import Policy
 from edge_client.errors import CloudError, rpc_error
+from edge_client.pipelined_step import PipelinedStep, row_bounds
 from edge_client.step_stream import StepStats, StepStream
 
 if TYPE_CHECKING:  # the settings import this module
@@ -448,14 +449,29 @@ class CloudSession:
                             dtypes=[self.wire.grad]).float()
 
     def open_step(self, step_id: int, hidden: torch.Tensor, mask: torch.Tensor, adapters: dict[str, LoRAAdapter],
-                  train: bool, dropout: float = 0.0, seed: int = 0) -> StepStream:
+                  train: bool, dropout: float = 0.0, seed: int = 0,
+                  micro_batches: int = 1) -> StepStream | PipelinedStep:
         """A step whose stream stays open after the forward pass, for a backward that comes later
-        (`StepStream.finish`); gradients are collected in the stream, not added to `.grad`.
+        (`StepStream.finish`); gradients are collected in the stream, not added to `.grad`. With
+        `micro_batches` > 1 (and as many rows), the batch's parts run as that many streams at once.
         Not retried here: the caller replays a failed step (see remote_model)."""
         self._ensure_parked()
         rpc = self.step_rpcs["TrainStep" if train else "Forward"]
-        return StepStream(self, rpc, step_id, hidden, mask, adapters, train, self.timeout, accumulate=False,
-                          dropout=dropout, seed=seed).start()
+        bounds = row_bounds(len(hidden), micro_batches)
+        if len(bounds) == 1:
+            return StepStream(self, rpc, step_id, hidden, mask, adapters, train, self.timeout, accumulate=False,
+                              dropout=dropout, seed=seed).start()
+        streams = []
+        try:
+            for i, (a, b) in enumerate(bounds):
+                streams.append(StepStream(self, rpc, step_id, hidden[a:b], mask[a:b], adapters, train, self.timeout,
+                                          accumulate=False, dropout=dropout, seed=seed,
+                                          part=(i, len(bounds), a, len(hidden))).start())
+        except BaseException:
+            for s in streams:
+                s.abandon("the step could not start all its micro-batches")
+            raise
+        return PipelinedStep(streams, bounds)
 
     def close(self) -> None:
         if self.closed:

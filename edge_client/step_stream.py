@@ -69,23 +69,31 @@ class StepStream:
     `.grad` but collected in `grads` (by parameter), for an autograd Function to
     hand back. `dropout` drops site inputs before the adapters (PEFT's
     lora_dropout), with masks drawn from `seed` so a replayed step draws the same.
+    `part` (index, parts, first row, the whole step's rows): this stream is one
+    micro-batch of a pipelined step (pipelined_step.py), its rows [first row, ...)
+    of the step's batch, whose dropout masks it draws as the whole batch would.
     """
 
     def __init__(self, session, rpc, step_id: int, hidden: torch.Tensor, mask: torch.Tensor,
                  adapters: dict[str, LoRAAdapter], train: bool, timeout: float | None, *,
-                 accumulate: bool = True, dropout: float = 0.0, seed: int = 0) -> None:
+                 accumulate: bool = True, dropout: float = 0.0, seed: int = 0,
+                 part: tuple[int, int, int, int] | None = None) -> None:
         self.session = session
         self.step_id = step_id
         self.stats = StepStats()
         self.shape = tuple(hidden.shape)
         self.lead = self.shape[:2]
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        rows = (part[2], part[3]) if part is not None else (0, self.shape[0])
         self.exchange = _EdgeExchange(session, adapters, self.send, self.stats, train, self.lead,
                                       close_stream=self.close_requests, accumulate=accumulate, dropout=dropout,
-                                      seed=seed * 1_000_003 + step_id)
+                                      seed=seed * 1_000_003 + step_id, rows=rows)
         self.state = StepState.OPEN
+        self.cut_grad: torch.Tensor | None = None
         self._first = pb.EdgeMessage()
         self._first.start.session_id, self._first.start.step_id = session.session_id, step_id
+        if part is not None:
+            self._first.start.micro_batch, self._first.start.micro_batches = part[0], part[1]
         session.wire.put_act(self._first.start.hidden, hidden.detach())
         codec.encode_into(self._first.start.attention_mask, mask.bool())
         self._call = (rpc, timeout)
@@ -99,6 +107,20 @@ class StepStream:
         self.send(self._first)
         self._responses = rpc(self._requests(), timeout=timeout, metadata=self.session.metadata())
         return self
+
+    @property
+    def grads(self) -> dict[int, torch.Tensor]:
+        """With `accumulate` False: id(parameter) -> its gradient from this step."""
+        return self.exchange.grads
+
+    def expect_cut_grad(self, shape: tuple[int, ...]) -> None:
+        """DLoRA with edge layers: keep dL/d(the start's hidden state), of `shape`, in `cut_grad` when the cloud
+        sends it in the backward pass."""
+        def keep(msg: pb.CutGrad) -> None:
+            self.cut_grad = self.session.decode_cut_grad(msg, shape)
+
+        self.cut_grad = None
+        self.exchange.on_cut_grad = keep
 
     # -- the request side ----------------------------------------------------
     def send(self, msg: pb.EdgeMessage) -> None:
@@ -236,6 +258,7 @@ class _EdgeExchange:
     accumulate: bool = True           # add adapter gradients to .grad; else collect them in `grads`
     dropout: float = 0.0
     seed: int = 0
+    rows: tuple[int, int] = (0, 0)    # this stream's first row in its step's batch, and that batch's rows
     grads: dict[int, torch.Tensor] = field(default_factory=dict)    # id(parameter) -> its gradient
     # site -> (its input, what was sent: outputs or down factors, the modules, whether factorised)
     saved: dict[int, tuple[torch.Tensor, list[torch.Tensor], list[LoRAAdapter], bool]] = field(default_factory=dict)
@@ -293,8 +316,10 @@ class _EdgeExchange:
             return x
         keep = 1.0 - self.dropout
         gen = torch.Generator().manual_seed((self.seed * 65_537 + site) * 257 + k)
-        mask = torch.empty(x.shape, dtype=x.dtype).bernoulli_(keep, generator=gen)
-        return x * mask / keep
+        # Drawn for the whole step's batch: a micro-batch takes its rows of the same mask.
+        first, total = self.rows
+        mask = torch.empty((max(total, len(x)),) + tuple(x.shape[1:]), dtype=x.dtype).bernoulli_(keep, generator=gen)
+        return x * mask[first:first + len(x)] / keep
 
     def backward(self, msg: pb.SiteGradOutputs) -> None:
         if msg.site not in self.saved:

@@ -147,6 +147,9 @@ class TrainConfig:
         if self.mode == "splitlora":
             if self.remote.edge_layers:
                 raise ValueError("--edge-layers is a DLoRA option; SplitLoRA runs --cut-layer blocks on this device")
+            if self.remote.micro_batches > 1:
+                raise ValueError("--micro-batches is a DLoRA option: a SplitLoRA step is one call (the "
+                                 "federation's server-side update is one per step)")
             if self.kr.policy != "all":
                 raise ValueError("Kill and Revive (--policy) is a DLoRA-mode feature; SplitLoRA trains every adapter")
             if self.resume:
