@@ -165,8 +165,8 @@ def render_latency(folder: Path) -> list[str]:
                 cells += ["—" if got is None else num(got), num(c["floor"]),
                           "—" if got is None else f"{got / r['loopback']['seconds']:.2f}×"]
             over.append([name, num(r["loopback"]["seconds"]), *cells])
-        out += ["", "Measured against the floor, max(loopback step, bytes / bandwidth), and the variant's own "
-                "loopback step:", ""]
+        out += ["", "Measured against the floor, max(loopback step, the busier direction's bytes / bandwidth), "
+                "and the variant's own loopback step:", ""]
         out.append(table(["variant", "loopback s", *(h for rtt, mbit in links for h in
                                                     (f"{rtt} ms, {mbit} Mbit/s: measured s", "floor s",
                                                      "× loopback"))], over))
@@ -268,8 +268,8 @@ BENCHES = [
     Bench("latency", "Step time on WAN links", "latency", "make bench-latency  (= python -m bench.latency)",
           ["bench/latency.py", "bench/netem.py", *WIRE_PATH, "edge_client/kill_revive.py", *SPLIT], render_latency),
     Bench("latency-pipelined", "Step time on WAN links: pipelined micro-batches", "latency-pipelined",
-          "python -m bench.latency --variants \"dlora --network wan (3 sites),dlora --network wan, 2 micro-batches,"
-          "dlora --network wan, 4 micro-batches,dlora --network wan, 8 micro-batches\" --links 10/100,50/10 "
+          "python -m bench.latency --variants \"dlora --network wan (3 sites),dlora --network wan + 2 micro-batches,"
+          "dlora --network wan + 4 micro-batches,dlora --network wan + 8 micro-batches\" --links 10/100,50/10 "
           "--out bench/out/latency-pipelined",
           ["bench/latency.py", "bench/netem.py", *WIRE_PATH, "edge_client/kill_revive.py",
            "edge_client/pipelined_step.py"], render_latency),

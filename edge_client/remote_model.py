@@ -223,7 +223,8 @@ class DLoRAModelForCausalLM(nn.Module):
 
         `settings` are RemoteConfig's fields: edge_layers, token_epsilon, label_epsilon, label_token_ids,
         wire_dtype, grad_dtype, factorised, stochastic_rounding, client_name, cache, seed, timeout,
-        private_front (a PrivateFrontConfig: the edge blocks trained against this device's inverter). `split`
+        private_front (a PrivateFrontConfig: the edge blocks trained against this device's inverter),
+        micro_batches (pipelined training steps; see docs/configuration.md). `split`
         makes it a SplitLoRA client (see SplitLoRAModelForCausalLM)."""
         remote = RemoteConfig(server=server, **settings)
         if remote.label_epsilon is not None and not remote.label_token_ids:

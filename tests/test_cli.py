@@ -122,6 +122,7 @@ def test_network_presets_are_defaults_that_flags_override():
     wan = parse_args(["train", "--network", "wan"]).config
     assert wan.network == "wan" and wan.remote.wire_dtype == NETWORKS["wan"]["wire_dtype"] != "fp32"
     assert wan.kr.policy == NETWORKS["wan"]["policy"] == "kr"
+    assert wan.remote.micro_batches == NETWORKS["wan"]["micro_batches"] == 4 and lan.remote.micro_batches == 1
     mixed = parse_args(["train", "--wire-dtype", "bf16", "--network=wan", "--policy", "random"]).config
     assert (mixed.remote.wire_dtype, mixed.kr.policy) == ("bf16", "random")
     api = TrainConfig.for_network("wan", steps=5)
