@@ -80,10 +80,12 @@ def render_step_time(folder: Path) -> list[str]:
     for path in sorted(folder.glob("*.json")):
         rows = _load(path)
         out += [f"**`{path.name}`**", ""]
-        out.append(table(["model", "batch", "wire", "in-process s", "distributed s", "ratio", "MB on wire per step"],
+        out.append(table(["model", "batch", "wire", "in-process s", "distributed s", "ratio", "runs' ratios",
+                          "MB on wire per step"],
                          [[r["model"], r.get("batch", ""), r["wire"], f"{r['in_process_s']:.4f}",
-                           f"{r['distributed_s']:.4f}", f"{r['ratio']:.2f}×", f"{r['bytes_per_step'] / 1e6:.2f}"]
-                          for r in rows]))
+                           f"{r['distributed_s']:.4f}", f"{r['ratio']:.2f}×",
+                           ", ".join(f"{x:.2f}" for x in r["run_ratios"]) if "run_ratios" in r else "one run",
+                           f"{r['bytes_per_step'] / 1e6:.2f}"] for r in rows]))
         out.append("")
     return out
 

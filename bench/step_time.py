@@ -2,7 +2,9 @@
 
 Same model, same adapters, same batch. The in-process step is the physical
 limit (1.0x); the distributed one adds serialisation, copies and gRPC on
-127.0.0.1. Prints a table and writes bench/out/step_time.json.
+127.0.0.1. Each model is measured in --runs runs (a fresh server each, the two
+steps side by side); the ratio reported is the runs' median, with their
+spread. Prints a table and writes bench/out/step_time.json.
 """
 from __future__ import annotations
 
@@ -115,9 +117,19 @@ def bench_model(label: str, model_dir: Path, batch_size: int, max_length: int, w
             "reps": reps}
 
 
+def over_runs(runs: list[dict]) -> dict:
+    """One row from several runs of a model: the run with the median ratio, and every run's ratio."""
+    ratios = [r["ratio"] for r in runs]
+    middle = sorted(runs, key=lambda r: r["ratio"])[(len(runs) - 1) // 2]
+    return {**middle, "ratio": statistics.median(ratios), "run_ratios": ratios,
+            "ratio_min": min(ratios), "ratio_max": max(ratios)}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--reps", type=int, default=5, help="timed steps per run and side (default: %(default)s)")
+    p.add_argument("--runs", type=int, default=3,
+                   help="runs per model, each with a fresh server; the ratio is their median (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=128)
@@ -147,15 +159,21 @@ def main() -> int:
         if not args.skip_smollm2:
             models.append(("SmolLM2-135M (30 layers, h=576)", ensure_default_model()))
         for label, path in models:
-            print(f"measuring {label} ...", flush=True)
-            rows.append(bench_model(label, path, args.batch_size, args.max_length, args.warmup, args.reps,
-                                    args.wire, tmp, args.threads, args.edge_threads))
+            runs = []
+            for i in range(args.runs):
+                print(f"measuring {label}, run {i + 1}/{args.runs} ...", flush=True)
+                runs.append(bench_model(label, path, args.batch_size, args.max_length, args.warmup, args.reps,
+                                        args.wire, tmp, args.threads, args.edge_threads))
+                print(f"    ratio {runs[-1]['ratio']:.2f}x", flush=True)
+            rows.append(over_runs(runs))
     print()
     print(f"step time, CPU ({torch.get_num_threads()} torch threads per process), 127.0.0.1, {args.wire} wire, "
-          f"median of {args.reps}")
-    print(report.table(["model", "batch", "in-process s", "distributed s", "ratio", "MB on wire per step"],
+          f"median of {args.reps} steps per run; ratio: median of {args.runs} runs (their range)")
+    print(report.table(["model", "batch", "in-process s", "distributed s", "ratio", "runs' ratios",
+                        "MB on wire per step"],
                        [[r["model"], r["batch"], f"{r['in_process_s']:.4f}", f"{r['distributed_s']:.4f}",
-                         f"{r['ratio']:.2f}x", f"{r['bytes_per_step'] / 1e6:.2f}"] for r in rows]))
+                         f"{r['ratio']:.2f}x", ", ".join(f"{x:.2f}" for x in r["run_ratios"]),
+                         f"{r['bytes_per_step'] / 1e6:.2f}"] for r in rows]))
     report.write_json(args.out, rows)
     print(f"\nwritten to {args.out}")
     return 0
