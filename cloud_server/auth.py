@@ -7,7 +7,6 @@ session, even with its id in hand.
 from __future__ import annotations
 
 import hmac
-import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,10 +74,3 @@ class Authenticator:
         return names[0].decode() if names else None
 
 
-def is_loopback(host: str) -> bool:
-    if host in ("localhost", "ip6-localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False

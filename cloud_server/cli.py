@@ -112,7 +112,7 @@ class ServerConfig:
     log_level: str = setting("INFO", "DEBUG, INFO, WARNING")
 
     def __post_init__(self) -> None:
-        from cloud_server.auth import is_loopback
+        from common.addresses import is_loopback
 
         if not 0 <= self.port <= 65535:
             raise ValueError(f"--port must be 0..65535, got {self.port}")
@@ -226,10 +226,11 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     # Imported here so `--help` answers at once.
-    from cloud_server.auth import Authenticator, is_loopback, load_tokens
+    from cloud_server.auth import Authenticator, load_tokens
     from cloud_server.served_model import ServedModel
     from cloud_server.server import TLSFiles, make_server
     from cloud_server.service import DLoRAService
+    from common.addresses import is_loopback
 
     try:
         tokens = load_tokens(cfg.tokens) if cfg.tokens else {}

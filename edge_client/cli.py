@@ -112,6 +112,26 @@ def _generate_parser(sub) -> None:
     add_arguments(p, GenerateConfig, groups=groups)
 
 
+def _serve_parser(sub) -> None:
+    from common.settings import add_arguments, group
+    from edge_client.remote_model import RemoteConfig
+    from edge_client.serve import CONNECTION, ServeConfig
+
+    p = sub.add_parser("serve", help="serve the model with this device's adapters behind an OpenAI-compatible API",
+                       description="Serve the cloud model plus LoRA adapters kept on this device as an "
+                                   "OpenAI-compatible HTTP API (/v1/models, /v1/completions, "
+                                   "/v1/chat/completions, streamed or not). Prompts are tokenized and embedded "
+                                   "here and tokens chosen here, as with 'generate'; the cloud sees hidden "
+                                   "states only.",
+                       epilog="example:\n  edge_client serve --adapters runs/latest\n"
+                              "  then: OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='none')",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    # The flags come from ServeConfig's fields and RemoteConfig's connection ones, the credentials excepted.
+    groups = add_arguments(p, RemoteConfig, only=CONNECTION)
+    _credential_args(group(p, groups, "connection and recovery"))
+    add_arguments(p, ServeConfig, groups=groups)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="edge_client",
@@ -127,6 +147,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     rep.add_argument("run_dir", type=Path, help="a --out directory of edge_client train")
     _export_parser(sub)
     _generate_parser(sub)
+    _serve_parser(sub)
     _attest_parser(sub)
     sh = sub.add_parser("shard", help="split labelled data into non-IID shards, one per simulated device",
                         description="Split text/label JSONL into CLIENTS shards with label skew: each label's "
@@ -149,6 +170,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         try:  # their checks run here: a bad value is a usage error
             args.remote = build(RemoteConfig, args, client_name="edge-generate", seed=0)
             args.sampling, args.job = build(GenerateConfig, args), build(GenerateJob, args)
+        except ValueError as exc:
+            p.error(str(exc))
+    if args.command == "serve":
+        from common.settings import build
+        from edge_client.remote_model import RemoteConfig
+        from edge_client.serve import ServeConfig
+
+        try:  # their checks run here: a bad value is a usage error
+            args.remote = build(RemoteConfig, args, client_name="edge-serve", seed=0)
+            args.serve = build(ServeConfig, args)
         except ValueError as exc:
             p.error(str(exc))
     if args.command == "train":
@@ -187,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         return _shard(args)
     if args.command == "generate":
         return _generate(args)
+    if args.command == "serve":
+        return _serve(args)
     if args.command == "attest":
         return _attest(args)
     from dataclasses import replace
@@ -243,6 +276,22 @@ def _export(args: argparse.Namespace) -> int:
         return 2
     print(f"wrote {path} and {path.parent / 'adapter_config.json'}")
     return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from edge_client.attestation.errors import AttestationFailed
+    from edge_client.errors import CloudError
+    from edge_client.peft_format import AdapterFormatError
+    from edge_client.serve import serve
+
+    try:
+        return serve(args.remote, _credentials(args), args.serve)
+    except AttestationFailed as exc:
+        print(f"edge_client: nothing was sent: {exc}", file=sys.stderr)
+        return 1
+    except (AdapterFormatError, CloudError, ValueError, OSError) as exc:
+        print(f"edge_client: {exc}", file=sys.stderr)
+        return 2
 
 
 def _generate(args: argparse.Namespace) -> int:

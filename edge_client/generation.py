@@ -66,6 +66,8 @@ class Generated:
     seconds: float
     stats: StepStats
 
+    eos: bool = False                 # it ended at the end-of-sequence token
+
     @property
     def tokens_per_second(self) -> float:
         return len(self.token_ids) / max(self.seconds, 1e-9)
@@ -88,35 +90,72 @@ def choose(logits: torch.Tensor, cfg: GenerateConfig, gen: torch.Generator) -> t
 @torch.no_grad()
 def generate(session: CloudSession, edge: EdgeModel, tokenizer, adapters: dict[str, LoRAAdapter],
              prompt_ids: list[int], cfg: GenerateConfig,
-             on_token: Callable[[list[int]], None] | None = None) -> Generated:
-    """Generate up to cfg.max_new_tokens after `prompt_ids`; `on_token` sees the ids so far."""
+             on_token: Callable[[list[int]], bool | None] | None = None) -> Generated:
+    """Generate up to cfg.max_new_tokens after `prompt_ids`; `on_token` sees the ids so far, and stops the
+    generation by returning True (a stop sequence, a client gone)."""
     if not prompt_ids:
         raise ValueError("the prompt is empty")
     gen = torch.Generator().manual_seed(cfg.seed)
     ids = torch.tensor([prompt_ids])
     out: list[int] = []
     eos = tokenizer.eos_token_id
+    ended = [False]
 
     def next_embedding(h: torch.Tensor) -> torch.Tensor | None:
         token = choose(edge.logits(h[:, -1]), cfg, gen)
         tid = int(token[0])
         if cfg.stop_at_eos and tid == eos:
+            ended[0] = True
             return None
         out.append(tid)
-        if on_token is not None:
-            on_token(out)
+        if on_token is not None and on_token(out):
+            return None
         if len(out) >= cfg.max_new_tokens:
             return None
         return edge.embed(token[:, None])
 
     t0 = time.perf_counter()
     stats = session.generate(edge.embed(ids), torch.ones_like(ids, dtype=torch.bool), adapters, next_embedding)
-    return Generated(tokenizer.decode(out, skip_special_tokens=True), out, time.perf_counter() - t0, stats)
+    return Generated(tokenizer.decode(out, skip_special_tokens=True), out, time.perf_counter() - t0, stats,
+                     ended[0])
 
 
 def max_positions(config: dict) -> int:
     """The model's position limit from its config.json (0: none stated)."""
     return int(config.get("n_positions") or config.get("max_position_embeddings") or 0)
+
+
+def fit_adapters(session: CloudSession, adapters: dict[str, LoRAAdapter], source: Path | None,
+                 park: bool) -> dict[str, LoRAAdapter]:
+    """Set a generation session up with `adapters` (read from `source`; None: the base model) and return
+    the ones this device computes: all of them, or none when parked on the cloud (`park`) or absent."""
+    import logging
+
+    from edge_client import peft_format
+
+    if source is None:
+        # The base model alone: zero adapters (B = 0) parked on the cloud add
+        # nothing to any output and need no exchange at all.
+        session.park({n: LoRAAdapter(fin, fout, 1, 1.0) for n, (fin, fout) in session.module_shapes().items()}, [])
+        return {}
+    missing = sorted(set(session.module_names) - set(adapters))
+    extra = sorted(set(adapters) - set(session.module_names))
+    if missing or extra:
+        raise peft_format.AdapterFormatError(
+            f"{source} does not fit this model: missing {missing[:3]}, unknown {extra[:3]}")
+    if park:
+        session.park(adapters, [])
+        logging.getLogger(__name__).info("parked %d adapters on the cloud: one round trip per token", len(adapters))
+        return {}
+    return adapters
+
+
+def prompt_ids(tokenizer, prompt: str | list[dict[str, str]]) -> list[int]:
+    """Token ids of a plain prompt, or of chat messages through the model's chat template."""
+    if isinstance(prompt, str):
+        return tokenizer(prompt)["input_ids"]
+    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def generate_cli(remote: RemoteConfig, credentials: Credentials, job: GenerateJob, prompts: list[str],
@@ -141,23 +180,9 @@ def generate_cli(remote: RemoteConfig, credentials: Credentials, job: GenerateJo
         tokenizer = load_tokenizer(assets)
         edge = EdgeModel.from_assets(assets)
         limit = max_positions(json.loads((assets / "config.json").read_text()))
-        if adapter_dir is None:
-            # The base model alone: zero adapters (B = 0) parked on the cloud add
-            # nothing to any output and need no exchange at all.
-            session.park({n: LoRAAdapter(fin, fout, 1, 1.0) for n, (fin, fout) in session.module_shapes().items()}, [])
-        else:
-            missing = sorted(set(session.module_names) - set(adapters))
-            extra = sorted(set(adapters) - set(session.module_names))
-            if missing or extra:
-                raise peft_format.AdapterFormatError(
-                    f"{adapter_dir} does not fit this model: missing {missing[:3]}, unknown {extra[:3]}")
-            if park:
-                session.park(adapters, [])
-                log.info("parked %d adapters on the cloud: one round trip per token", len(adapters))
+        computed = fit_adapters(session, adapters, adapter_dir, park)
         for prompt in prompts:
-            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                 add_generation_prompt=True) if chat else prompt
-            ids = tokenizer(text, add_special_tokens=not chat)["input_ids"]
+            ids = prompt_ids(tokenizer, [{"role": "user", "content": prompt}] if chat else prompt)
             run_cfg = cfg
             if limit and len(ids) + cfg.max_new_tokens > limit:
                 if len(ids) >= limit:
@@ -174,7 +199,7 @@ def generate_cli(remote: RemoteConfig, credentials: Credentials, job: GenerateJo
                     sys.stdout.flush()
                     shown[0] = now
 
-            result = generate(session, edge, tokenizer, adapters if not park else {}, ids, run_cfg, stream)
+            result = generate(session, edge, tokenizer, computed, ids, run_cfg, stream)
             sys.stdout.write(result.text[len(shown[0]):] + "\n")
             s = result.stats
             print(f"[{len(result.token_ids)} tokens in {result.seconds:.2f} s ({result.tokens_per_second:.1f} "
