@@ -175,6 +175,19 @@ def render_latency(folder: Path) -> list[str]:
     return out + [""]
 
 
+def render_serve(folder: Path) -> list[str]:
+    doc = _load(folder / "results.json")
+    out = recorded_args(doc)
+    n = doc["args"]["concurrent"] if isinstance(doc.get("args"), dict) else "several"
+    base = doc["generate"]
+    rows = [["`edge_client generate`, 1 prompt", num(base), "1.00×"],
+            ["`edge_client serve`, 1 request", num(doc["one"]), f"{doc['one'] / base:.2f}×"],
+            [f"`edge_client serve`, {n} requests at once (all replies' tokens)", num(doc["concurrent"]),
+             f"{doc['concurrent'] / base:.2f}×"]]
+    out.append(table(["what", "tokens/s", "against generate"], rows))
+    return out + [""]
+
+
 def render_edges(folder: Path) -> list[str]:
     doc = _load(folder / "results.json")
     out = recorded_args(doc)
@@ -278,6 +291,9 @@ BENCHES = [
     Bench("latency-wan", "Step time on WAN links: --network wan", "latency-wan",
           "python -m bench.latency --variants \"dlora --network wan (3 sites)\" --out bench/out/latency-wan",
           ["bench/latency.py", "bench/netem.py", *WIRE_PATH, "edge_client/kill_revive.py"], render_latency),
+    Bench("serve", "The OpenAI endpoint: tokens per second", "serve", "make bench-serve  (= python -m bench.serve)",
+          ["bench/serve.py", "edge_client/serve.py", "edge_client/generation.py", "cloud_server/generation.py",
+           *WIRE_PATH], render_serve),
     Bench("edges", "Many edges on one cloud", "edges", "make bench-edges  (= python -m bench.many_edges)",
           ["bench/many_edges.py", "cloud_server/batching.py", *WIRE_PATH], render_edges),
     Bench("scale", "Scaling out: replicas behind HAProxy", "scale", "make bench-scale  (= python -m bench.scale_out)",
