@@ -20,7 +20,7 @@ import logging
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import nn
@@ -173,7 +173,11 @@ class DLoRAModelForCausalLM(nn.Module):
         self.session = session
         self.remote_config = remote
         self.lora_settings = lora
+        from transformers import GenerationConfig
+
         self.config = AutoConfig.from_pretrained(assets)
+        # What trainers (TRL's SFTTrainer) read and set; generate() takes its own arguments.
+        self.generation_config = GenerationConfig.from_model_config(self.config)
         self.tokenizer = load_tokenizer(assets)
         self.split = session.split
         if self.split is not None and remote.edge_layers:
@@ -311,6 +315,27 @@ class DLoRAModelForCausalLM(nn.Module):
     def get_input_embeddings(self) -> nn.Module:
         return self.edge.embedding
 
+    # -- what trainers ask of a Hugging Face model (TRL's SFTTrainer, Trainer) --------
+    model_tags: list[str] = []
+
+    @property
+    def base_model(self) -> _Backbone:
+        """The blocks and the final norm, as a trainer that computes the loss from the LM head itself calls
+        them (TRL's fused LM head): `(input_ids, attention_mask)` -> `.last_hidden_state`, normed."""
+        return _Backbone(self)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.edge.lm_head
+
+    def add_model_tags(self, tags: list[str] | str) -> None:
+        """Tags a trainer names in the model card it writes (TRL adds 'trl', 'sft')."""
+        self.model_tags = sorted(set(self.model_tags) | ({tags} if isinstance(tags, str) else set(tags)))
+
+    def gradient_checkpointing_enable(self, *args: Any, **kwargs: Any) -> None:
+        """Refused: the blocks, and so their activations, are on the cloud; nothing here to recompute."""
+        raise ValueError("gradient checkpointing does not apply to DLoRAModelForCausalLM: the blocks and their "
+                         "activations live on the cloud. Turn it off (SFTConfig(gradient_checkpointing=False))")
+
     def live_adapters(self) -> dict[str, LoRAAdapter]:
         """The cloud-side adapters this device computes now (Kill and Revive parks the others on the cloud)."""
         return {n: a for n, a in self.remote_adapters.items() if n not in self.session.parked_adapters}
@@ -436,6 +461,28 @@ class DLoRAModelForCausalLM(nn.Module):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class _Backbone:
+    """DLoRAModelForCausalLM.base_model: the cloud's blocks and this device's final norm."""
+
+    def __init__(self, model: DLoRAModelForCausalLM) -> None:
+        self.model = model
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        from transformers.modeling_outputs import BaseModelOutputWithPast
+
+        unsupported = sorted(k for k, v in kwargs.items() if v is not None and v is not False
+                             and k not in ("return_dict", "use_cache"))
+        if unsupported:
+            raise TypeError(f"DLoRAModelForCausalLM.base_model does not take {unsupported}; it takes input_ids "
+                            "and attention_mask")
+        if self.model.remote_config.label_epsilon is not None:
+            raise ValueError("label_epsilon releases the labels in forward(labels=...); a trainer that computes "
+                             "the loss from base_model would train on the true ones: use one that calls forward")
+        mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        hidden = self.model.final_hidden(input_ids, mask)
+        return BaseModelOutputWithPast(last_hidden_state=self.model.edge.final_norm(hidden))
 
 
 class _StepHandle:
