@@ -4,8 +4,9 @@ The first thing to run on a GPU host. On one CUDA device with the embedded
 SmolLM2-135M it measures:
 - the distributed step (the cloud on the GPU, this process the edge, over
   127.0.0.1) against the in-process LoRA step on the same GPU, for fp32 with
-  whole adapter outputs, fp32 factorised, and int8 factorised (the wire of
-  `--network wan`): median seconds, ratio and bytes per step;
+  whole adapter outputs, fp32 factorised, int8 factorised, and int8 in 4
+  pipelined micro-batches (the wire of `--network wan`): median seconds,
+  ratio and bytes per step;
 - aggregate training tokens/s of 1 to 16 concurrent edges (separate
   processes) on one CUDA cloud, with cross-session batching on.
 It is sized to finish within 8 minutes on one GPU. `--smoke` runs the same
@@ -67,9 +68,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true",
                    help="a tiny Llama on the CPU with few steps and edges: checks the script, measures nothing")
-    p.add_argument("--wires", default="fp32+full,fp32,int8",
-                   help="wires of the step rows: a dtype, factorised, or DTYPE+full for whole adapter outputs "
-                        "(default: %(default)s)")
+    p.add_argument("--wires", default="fp32+full,fp32,int8,int8+m4",
+                   help="wires of the step rows: a dtype, factorised, or DTYPE+full for whole adapter outputs, "
+                        "DTYPE+mM for M pipelined micro-batches (default: %(default)s)")
     p.add_argument("--edges", default=None, help="concurrent edge counts (default: 1,2,4,8,16; smoke: 1,2)")
     p.add_argument("--reps", type=int, default=None, help="measured steps per row (default: 5; smoke: 2)")
     p.add_argument("--out", type=Path, default=Path("bench/results/gpu"),

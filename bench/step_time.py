@@ -72,10 +72,12 @@ def in_process_step(model_dir: Path, adapters: dict[str, LoRAAdapter], batch,
 
 def edge_side(address: str, wire: str, cache: Path, examples, max_length: int):
     """The bench's edge: the Python API's model, rank-8 adapters on every served module, and the batch.
-    `wire` is a wire dtype, factorised, or with '+full' the whole adapter outputs (e.g. 'fp32+full')."""
-    dtype, _, full = wire.partition("+")
+    `wire` is a wire dtype, factorised; with '+full' the whole adapter outputs (e.g. 'fp32+full'), with
+    '+mM' each step in M pipelined micro-batches (e.g. 'int8+m4')."""
+    dtype, *flags = wire.split("+")
+    parts = next((int(f[1:]) for f in flags if f.startswith("m") and f[1:].isdigit()), 1)
     model = DLoRAModelForCausalLM.connect(address, LoRAConfig(r=8, lora_alpha=16.0), wire_dtype=dtype,
-                                          factorised=full != "full", cache=cache)
+                                          factorised="full" not in flags, cache=cache, micro_batches=parts)
     return model, make_batch(model.tokenizer, examples, max_length)
 
 

@@ -14,11 +14,12 @@ def test_bench_gpu_smoke_writes_every_figure(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     doc = json.loads((tmp_path / "results.json").read_text())
-    assert doc["smoke"] and [r["wire"] for r in doc["steps"]] == ["fp32+full", "fp32", "int8"]
+    assert doc["smoke"] and [r["wire"] for r in doc["steps"]] == ["fp32+full", "fp32", "int8", "int8+m4"]
     for row in doc["steps"]:
         assert row["in_process_s"] > 0 and row["distributed_s"] > 0 and row["bytes_per_step"] > 0
-    full, fp32, int8 = (r["bytes_per_step"] for r in doc["steps"])
+    full, fp32, int8, parts = (r["bytes_per_step"] for r in doc["steps"])
     assert int8 < fp32 < full                     # factors, then int8, move fewer bytes
+    assert parts > int8                           # 4 micro-batches: their own messages and factors
     assert [r["clients"] for r in doc["edges"]] == [1, 2] and all(r["tokens_per_s"] > 0 for r in doc["edges"])
     assert "| concurrent edges |" in (tmp_path / "table.md").read_text()
 
