@@ -62,6 +62,7 @@ class DelayProxy:
         self.target_port = int(port)
         self.link = link
         self.loop = asyncio.new_event_loop()
+        self._connections: set[asyncio.Task] = set()   # one per proxied connection, for cut()
         self.ready = threading.Event()
         self.port = 0
         self.thread = threading.Thread(target=self._run, name="delay-proxy", daemon=True)
@@ -77,11 +78,20 @@ class DelayProxy:
         asyncio.set_event_loop(self.loop)
 
         async def handle(reader, writer) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            self._connections.add(task)
+            up_w = None
             try:
                 up_r, up_w = await asyncio.open_connection(self.target_host, self.target_port)
                 await asyncio.gather(_pipe(reader, up_w, self.link), _pipe(up_r, writer, self.link))
             except (asyncio.CancelledError, OSError):
-                writer.close()  # proxy shutting down, or the target went away
+                # Proxy shutting down, its connections cut, or the target went away: both sides close.
+                writer.close()
+                if up_w is not None:
+                    up_w.close()
+            finally:
+                self._connections.discard(task)
 
         async def main() -> None:
             self._stop = asyncio.Event()
@@ -99,6 +109,14 @@ class DelayProxy:
 
         self.loop.run_until_complete(main())
         self.loop.close()
+
+    def cut(self) -> None:
+        """Reset every connection through the proxy now, as a link that drops would; new ones still pass."""
+        def cancel() -> None:
+            for task in list(self._connections):
+                task.cancel()
+
+        self.loop.call_soon_threadsafe(cancel)
 
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self._stop.set)
