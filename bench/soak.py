@@ -5,7 +5,8 @@ Kill and Revive and 4 pipelined micro-batches, and one-client SplitLoRA federati
 Llama (2 layers: the soak tests faults, not speed; every process shares the 2 cores) against --replicas
 cloud_server replicas behind HAProxy (deploy/local.py), with cross-session batching off so that each edge's
 result is exact. Some edges reach HAProxy through the delay proxy (bench/netem.py), which can cut their
-connections. Faults, on a schedule seeded by --seed, at fractions of the run's expected length:
+connections. Faults, in --rounds rounds on a schedule seeded by --seed, at shares of the edges' median
+progress:
 
 - an edge stalled (SIGSTOP) past the server's step deadline, then let go (SIGCONT);
 - SIGKILL of a replica, restarted 3 s later on its port and state directory;
@@ -161,25 +162,54 @@ def adapters_of(out: Path) -> dict[str, torch.Tensor]:
     return load_file(out / "adapter_model.safetensors")
 
 
-def run_edges(edges: list[Edge], schedule, deadline: float) -> None:
-    """Start every edge, fire the faults as their times come, wait for all to exit (or the deadline)."""
+def progress(edges: list[Edge], steps: int) -> float:
+    """The edges' median share of their steps done, from the line each logs every 10 steps."""
+    done = []
+    for e in edges:
+        try:
+            text = e.log.read_text()
+        except OSError:
+            text = ""
+        found = re.findall(r"step (\d+)/\d+: loss", text)
+        done.append(int(found[-1]) / steps if found else 0.0)
+    done.sort()
+    return done[len(done) // 2]
+
+
+def run_edges(edges: list[Edge], schedule, deadline: float, steps: int) -> list[dict]:
+    """Start every edge, fire the faults as their times come, wait for all to exit (or the deadline).
+
+    `schedule` holds (share of the run, name, fire): a fault fires once the edges' median progress reaches
+    its share. A fault still pending when the edges are done fires then. Returns what fired, when."""
     t0 = time.monotonic()
     for e in edges:
         e.start()
     pending = sorted(schedule, key=lambda f: f[0])
+    fired: list[dict] = []
+
+    def fire(now: float, share: float) -> None:
+        frac, name, action = pending.pop(0)
+        print(f"[{time.strftime('%H:%M:%S')}] t={now:.0f}s, {100 * share:.0f}% done: fault {name}", flush=True)
+        action()
+        fired.append({"at_seconds": now, "progress": share, "fault": name, "during_training": any(
+            e.proc is not None and e.proc.poll() is None for e in edges)})
+
     # A killed edge is started again inside its fault, in this thread, so a poll never sees it gone.
     while any(e.proc is not None and e.proc.poll() is None for e in edges):
         now = time.monotonic() - t0
-        while pending and pending[0][0] <= now:
-            at, name, fire = pending.pop(0)
-            print(f"[{time.strftime('%H:%M:%S')}] t={now:.0f}s fault: {name}", flush=True)
-            fire()
-        if time.monotonic() - t0 > deadline:
+        if pending:
+            share = progress(edges, steps)
+            while pending and pending[0][0] <= share:
+                fire(now, share)
+        if now > deadline:
             for e in edges:
                 if e.proc is not None and e.proc.poll() is None:
                     e.proc.kill()
             raise SystemExit(f"the soak ran past its deadline of {deadline:.0f} s; edges killed")
-        time.sleep(0.2)
+        time.sleep(0.5)
+    while pending:
+        fire(time.monotonic() - t0, 1.0)
+    return fired
 
 
 def main() -> int:
@@ -190,7 +220,9 @@ def main() -> int:
     p.add_argument("--edges", type=int, default=16, help="edge processes (default: %(default)s)")
     p.add_argument("--replicas", type=int, default=2,
                    help="cloud_server replicas behind HAProxy (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=60, help="training steps per edge (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=500, help="training steps per edge (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="rounds of faults over the run, each with every kind of fault (default: %(default)s)")
     p.add_argument("--step-timeout", type=float, default=15.0,
                    help="the servers' step deadline; the stalled edge sleeps past it (default: %(default)s)")
     p.add_argument("--hostile", type=int, default=200, help="hostile calls in the burst (default: %(default)s)")
@@ -224,30 +256,29 @@ def main() -> int:
                                                             data, run, args.steps)))
         dlora = [e for e in edges if e.mode == "dlora" and not e.via_proxy]
         kr = [e for e in edges if e.mode == "dlora-kr" and not e.via_proxy]
-        stalled, killed = rng.choice(dlora), rng.choice(kr)
-        victim = rng.randrange(args.replicas)
-        # Expected length: about 0.5 s a step with this many processes on 2 cores (measured while building this).
-        expect = max(60.0, 0.5 * args.steps * args.edges / 4)
+        results["hostile"] = {}
 
-        def stall() -> None:
-            stalled.faults.append("stalled")
-            assert stalled.proc is not None
-            stalled.proc.send_signal(signal.SIGSTOP)
-            threading.Timer(args.step_timeout + 5, lambda: stalled.proc.send_signal(signal.SIGCONT)).start()
+        def stall(edge: Edge) -> None:
+            if edge.proc is None or edge.proc.poll() is not None:
+                return
+            edge.faults.append("stalled")
+            edge.proc.send_signal(signal.SIGSTOP)
+            threading.Timer(args.step_timeout + 5, lambda: edge.proc.send_signal(signal.SIGCONT)).start()
 
-        def kill_replica() -> None:
-            cluster.kill(victim)
+        def kill_replica(i: int) -> None:
+            cluster.kill(i)
             for e in edges:
                 e.faults.append("replica killed")
-            threading.Timer(3.0, lambda: cluster.start(victim)).start()
+            threading.Timer(3.0, lambda: cluster.start(i)).start()
 
-        def kill_edge() -> None:
-            assert killed.proc is not None
-            killed.faults.append("killed")
-            killed.proc.kill()
-            killed.proc.wait()
-            killed.restarts += 1
-            killed.start(resume=True)
+        def kill_edge(edge: Edge) -> None:
+            if edge.proc is None or edge.proc.poll() is not None:
+                return
+            edge.faults.append("killed")
+            edge.proc.kill()
+            edge.proc.wait()
+            edge.restarts += 1
+            edge.start(resume=True)
 
         def cut() -> None:
             for e in edges:
@@ -255,16 +286,23 @@ def main() -> int:
                     e.faults.append("connection cut")
             proxy.cut()
 
-        def burst() -> None:
-            results["hostile"] = hostile_burst(cluster.address, args.hostile, args.seed)
+        def burst(seed: int) -> None:
+            for code, n in hostile_burst(cluster.address, args.hostile, seed).items():
+                results["hostile"][code] = results["hostile"].get(code, 0) + n
 
-        schedule = [(f * expect, name, fire) for f, name, fire in (
-            (rng.uniform(0.10, 0.20), f"stall edge {stalled.index} for {args.step_timeout + 5:.0f} s", stall),
-            (rng.uniform(0.25, 0.35), f"SIGKILL replica {victim}, restart in 3 s", kill_replica),
-            (rng.uniform(0.40, 0.50), f"SIGKILL edge {killed.index}, then --resume", kill_edge),
-            (rng.uniform(0.55, 0.65), "cut the delay proxy's connections", cut),
-            (rng.uniform(0.70, 0.80), f"{args.hostile} hostile calls", burst))]
-        run_edges(edges, schedule, args.deadline)
+        schedule = []
+        for k in range(args.rounds):
+            lo, span = k / args.rounds, 1 / args.rounds
+            stalled, killed, victim = rng.choice(dlora), rng.choice(kr), k % args.replicas
+            for f, name, action in (
+                    (0.10, f"stall edge {stalled.index} for {args.step_timeout + 5:.0f} s",
+                     lambda e=stalled: stall(e)),
+                    (0.25, f"SIGKILL replica {victim}, restart in 3 s", lambda i=victim: kill_replica(i)),
+                    (0.45, f"SIGKILL edge {killed.index}, then --resume", lambda e=killed: kill_edge(e)),
+                    (0.60, "cut the delay proxy's connections", cut),
+                    (0.75, f"{args.hostile} hostile calls", lambda s=args.seed * 100 + k: burst(s))):
+                schedule.append((lo + span * (f + rng.uniform(-0.05, 0.05)), f"round {k + 1}: {name}", action))
+        results["faults"] = run_edges(edges, schedule, args.deadline, args.steps)
         rss.stop.set()
         results["faulty_seconds"] = time.monotonic() - started
         logs = {r.name: r.log_path.read_text() for r in cluster.replicas}
@@ -276,7 +314,7 @@ def main() -> int:
         replays = [Edge(e.index, e.mode, out / "replay" / e.out.name, False,
                         edge_args(e.index, e.mode, clean.address, data, out / "replay" / e.out.name, args.steps))
                    for e in edges]
-        run_edges(replays, [], args.deadline)
+        run_edges(replays, [], args.deadline, args.steps)
     results["replay_seconds"] = time.monotonic() - t_replay
 
     # -- the checks ----------------------------------------------------------------------------------------
@@ -292,7 +330,9 @@ def main() -> int:
         bad = BAD_STATUS.findall(e.log.read_text())
         rows.append({"edge": e.index, "mode": e.mode, "via_proxy": e.via_proxy, "faults": e.faults,
                      "finished": finished, "steps_once": steps_once, "equals_replay": exact, "bad_status": len(bad)})
-        table.append([e.index, e.mode + (" (proxy)" if e.via_proxy else ""), ", ".join(dict.fromkeys(e.faults)) or "—",
+        kinds = {f: e.faults.count(f) for f in dict.fromkeys(e.faults)}
+        table.append([e.index, e.mode + (" (proxy)" if e.via_proxy else ""),
+                      ", ".join(f"{f} x{n}" if n > 1 else f for f, n in kinds.items()) or "—",
                       "yes" if finished else "NO", "yes" if steps_once else "NO", "yes" if exact else "NO",
                       len(bad)])
     memory = rss.bounded()
@@ -313,7 +353,9 @@ def main() -> int:
     print(report.table(["replica", "RSS first half MB", "second half MB", "bounded"],
                        [[k, f"{m['first_half_mb']:.0f}", f"{m['second_half_mb']:.0f}", "yes" if m["held"] else "NO"]
                         for k, m in memory.items()]))
-    print(f"\nhostile burst: {results.get('hostile')}")
+    faults = results["faults"]
+    print(f"\nfaults: {len(faults)} fired, {sum(f['during_training'] for f in faults)} while edges trained")
+    print(f"hostile calls by status: {results.get('hostile')}")
     print(f"faulty run {results['faulty_seconds']:.0f} s, replay {results['replay_seconds']:.0f} s")
     for name, ok in checks.items():
         print(f"  {'PASS' if ok else 'FAIL'}  {name}")

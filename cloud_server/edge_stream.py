@@ -209,6 +209,7 @@ class EdgeStream:
         if isinstance(exc, StepAborted) and self.session is not None:
             # The edge vanished mid-step: free what its session holds.
             try:
-                self._sessions.close(self.session.id, self.owner, reason="closed: its edge vanished mid-step")
+                self._sessions.close(self.session.id, self.owner, reason="closed: its edge vanished mid-step",
+                                     by_edge=False)
             except SessionNotFound:
                 pass

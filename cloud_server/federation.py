@@ -186,15 +186,18 @@ class Federation:
         except TimeoutError:
             pass
 
-    def leave(self, member: str, session_id: str) -> bool:
-        """A session closed; True once this replica holds none of the federation's sessions."""
+    def leave(self, member: str, session_id: str, by_edge: bool = True) -> bool:
+        """A session closed (`by_edge`: its edge closed it); True once this replica holds none of the
+        federation's sessions."""
         with self._cond:
             with self.hold():
                 self.local.discard(session_id)
                 # The member may have moved on to a session elsewhere (a failover): then it has not left.
                 if self.members.get(member) == session_id:
                     del self.members[member]
-                    if self.members:
+                    if self.members or not by_edge:
+                        # Closed by the server (the edge vanished mid-step, idled, or this replica shut
+                        # down): the member may come back with --resume, so the state stays.
                         self.save()
                     elif self.store is not None:
                         self.store.remove()   # every member left cleanly: the federation is over
@@ -415,12 +418,12 @@ class Federations:
             fed.join(member, session_id)
             return fed
 
-    def leave(self, owner: str, name: str, member: str, session_id: str) -> None:
+    def leave(self, owner: str, name: str, member: str, session_id: str, by_edge: bool = True) -> None:
         with self._lock:
             fed = self._by_name.get((owner, name))
             if fed is None:
                 return
-            if fed.leave(member, session_id):
+            if fed.leave(member, session_id, by_edge):
                 del self._by_name[(owner, name)]
                 log.info("federation %r: no client of it left on this server, after %d server-side updates",
                          name, fed.updates)

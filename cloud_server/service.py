@@ -119,7 +119,7 @@ class DLoRAService(pb_grpc.DLoRAServicer):
             return self._open_reply(session, sites, wire)
         except Exception:
             # Never leave a session nobody knows about.
-            self.sessions.close(session.id, owner, reason="closed: its reply failed")
+            self.sessions.close(session.id, owner, reason="closed: its reply failed", by_edge=False)
             raise
 
     def _open_reply(self, session: Session, sites: list[SiteSpec], wire: WireFormat) -> pb.OpenSessionReply:

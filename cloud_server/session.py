@@ -67,7 +67,9 @@ class Session:
     federation: Federation | None = None   # SplitLoRA: the federation the session joined
     # The key the edge keeps across re-opened sessions (a federation knows its members by it).
     client_key: str = ""
-    on_close: list[Callable[[], None]] = field(default_factory=list)   # run once it is closed
+    # Run once it is closed, told whether its edge closed it (CloseSession) or the server did (the edge
+    # vanished, it sat idle, the server shut down): only the first means the edge is done with it.
+    on_close: list[Callable[[bool], None]] = field(default_factory=list)
     solo: bool = False                # lagged behind a joint batch once: its steps run alone
     _lock: threading.Lock = field(default_factory=threading.Lock)
     # A pipelined step's parts (calls of one step id, in flight at once) share `_lock`: the first takes it,
@@ -207,7 +209,7 @@ class SessionManager:
             raise SessionNotFound(f"unknown session id {session_id[:16]!r}; open a session first")
         return session
 
-    def close(self, session_id: str, owner: str, reason: str = "closed by the edge") -> Session:
+    def close(self, session_id: str, owner: str, reason: str = "closed by the edge", by_edge: bool = True) -> Session:
         session = self.get(session_id, owner)
         with self._lock:
             if self._sessions.pop(session_id, None) is None:
@@ -218,7 +220,7 @@ class SessionManager:
         with session._lock:
             session.parked.clear()
         for hook in session.on_close:
-            hook()
+            hook(by_edge)
         release_memory()
         secs = time.monotonic() - session.opened_at
         log.info("session %s of %r %s: %d steps, %d forwards, %d tokens in %.1fs (%.0f tokens/s), "
@@ -236,7 +238,7 @@ class SessionManager:
         closed = []
         for s in stale:
             try:
-                self.close(s.id, s.owner, reason=f"closed after {idle_seconds:.0f}s idle")
+                self.close(s.id, s.owner, reason=f"closed after {idle_seconds:.0f}s idle", by_edge=False)
                 closed.append(s.id)
             except SessionNotFound:
                 pass
@@ -247,7 +249,7 @@ class SessionManager:
             sessions = list(self._sessions.values())
         for s in sessions:
             try:
-                self.close(s.id, s.owner, reason=reason)
+                self.close(s.id, s.owner, reason=reason, by_edge=False)
             except SessionNotFound:
                 pass
 

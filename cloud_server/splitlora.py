@@ -79,8 +79,8 @@ class SplitLoRA:
                                                                  self.served.dtype, store),
                                         resume)
             session.cut_layer, session.federation = split.cut_layer, fed
-            session.on_close.append(lambda: self.federations.leave(session.owner, name, session.client_key,
-                                                                   session.id))
+            session.on_close.append(lambda by_edge: self.federations.leave(session.owner, name, session.client_key,
+                                                                           session.id, by_edge))
 
         return [s for s in sites if s.layer < split.cut_layer], prepare
 

@@ -13,8 +13,10 @@ from collections.abc import Callable
 from functools import partial
 from typing import TypeVar
 
+import grpc
 import torch
 
+from edge_client.errors import CloudError
 from edge_client.step_stream import StepState, StepStats, StepStream
 
 _T = TypeVar("_T")
@@ -99,7 +101,9 @@ class PipelinedStep:
     # -- running the parts -----------------------------------------------------------
     def _all(self, calls: list[Callable[[], _T]]) -> list[_T]:
         """Run the calls at once, one thread each; results in order. The first to fail abandons the others
-        (their calls then end, cancelled) and is raised once all have ended: the cause, not its echoes."""
+        (their calls then end, cancelled), and once all have ended the most telling failure is raised: the
+        first that is not a cancellation (NOT_FOUND from a replica that lost the session must reach the
+        retry layer, which then opens a new session), else the first."""
         results: list = [None] * len(calls)
         failures: list[BaseException] = []
         lock = threading.Lock()
@@ -122,5 +126,11 @@ class PipelinedStep:
         for t in threads:
             t.join()
         if failures:
-            raise failures[0]
+            raise next((f for f in failures if not _cancelled(f)), failures[0])
         return results
+
+
+def _cancelled(exc: BaseException) -> bool:
+    """A part's call ended because another part failed (or a proxy reset the streams when the cloud refused
+    one): an echo of the cause."""
+    return isinstance(exc, CloudError) and exc.code == grpc.StatusCode.CANCELLED

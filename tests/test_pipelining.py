@@ -150,3 +150,32 @@ def test_bad_part_numbers_and_pipelined_splitlora_are_refused(servers, cache):
         TrainConfig.of(mode="splitlora", cut_layer=1, micro_batches=2)
     with pytest.raises(ValueError, match="--micro-batches must be 1 to 16"):
         connect(servers["llama"], cache, micro_batches=17)
+
+
+def test_a_failed_part_raises_the_cause_not_the_echoes():
+    """When parts fail together (a replica that lost the session answers NOT_FOUND while a proxy resets the other
+    streams), the step raises the NOT_FOUND, which makes the retry layer open a new session at once."""
+    import grpc
+
+    from edge_client.errors import CloudError
+    from edge_client.pipelined_step import PipelinedStep
+
+    class Part:
+        step_id, abandoned = 3, 0
+
+        def abandon(self, reason: str) -> None:
+            self.abandoned += 1
+
+    def fail(code: grpc.StatusCode):
+        def call():
+            raise CloudError(f"cloud refused the call ({code.name})", code)
+        return call
+
+    parts = [Part(), Part(), Part()]
+    step = PipelinedStep(parts, [(0, 1), (1, 2), (2, 3)])  # type: ignore[arg-type]
+    with pytest.raises(CloudError) as got:
+        step._all([fail(grpc.StatusCode.CANCELLED), fail(grpc.StatusCode.NOT_FOUND), lambda: None])
+    assert got.value.code == grpc.StatusCode.NOT_FOUND and all(p.abandoned for p in parts)
+    with pytest.raises(CloudError) as only:
+        step._all([fail(grpc.StatusCode.CANCELLED), lambda: None, lambda: None])
+    assert only.value.code == grpc.StatusCode.CANCELLED

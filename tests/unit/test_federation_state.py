@@ -125,3 +125,20 @@ def test_a_resuming_member_never_gets_a_fresh_federation(tmp_path):
     fed = feds.join("o", "f", "a", "s", SETTINGS, make)
     fake_step(fed, "a", 0, 0.5)
     assert Federations(tmp_path).join("o", "f", "a", "s2", SETTINGS, make, resume=True).pending == ("a", 0)
+
+
+def test_a_member_the_server_dropped_finds_its_federation_again(tmp_path):
+    """The last member's session closed by the server (its edge vanished mid-step, a connection cut; found by
+    `make soak`) keeps the state, so the member's --resume carries on; only its own CloseSession ends it."""
+    make = lambda store: Federation("f", SETTINGS, SITES, torch.device("cpu"), torch.float32, store)  # noqa: E731
+    feds = Federations(tmp_path)
+    fed = feds.join("o", "f", "a", "s1", SETTINGS, make)
+    fake_step(fed, "a", 0, 0.5)
+    before = weights(fed)
+    feds.leave("o", "f", "a", "s1", by_edge=False)
+    again = feds.join("o", "f", "a", "s2", SETTINGS, make, resume=True)
+    assert again is not fed and again.updates == fed.updates
+    assert all(torch.equal(before[k], v) for k, v in weights(again).items())
+    feds.leave("o", "f", "a", "s2", by_edge=True)
+    with pytest.raises(FederationLost):
+        Federations(tmp_path).join("o", "f", "a", "s3", SETTINGS, make, resume=True)
