@@ -188,6 +188,28 @@ def render_serve(folder: Path) -> list[str]:
     return out + [""]
 
 
+def render_soak(folder: Path) -> list[str]:
+    doc = _load(folder / "results.json")
+    out = recorded_args(doc)
+    rows = [[r["edge"], r["mode"] + (" (proxy)" if r["via_proxy"] else ""),
+             ", ".join(f"{f} ×{r['faults'].count(f)}" if r["faults"].count(f) > 1 else f
+                       for f in dict.fromkeys(r["faults"])) or "—",
+             "yes" if r["finished"] else "**no**", "yes" if r["steps_once"] else "**no**",
+             "yes" if r["equals_replay"] else "**no**", r["bad_status"]] for r in doc["edges"]]
+    out.append(table(["edge", "mode", "faults it saw", "finished", "steps 1..N once", "adapters = replay",
+                      "INTERNAL/UNKNOWN"], rows))
+    out += ["", table(["replica (incarnation)", "RSS peak, first half (MB)", "second half (MB)", "bounded"],
+                      [[k, f"{m['first_half_mb']:.0f}", f"{m['second_half_mb']:.0f}", "yes" if m["held"] else "**no**"]
+                       for k, m in doc["rss"].items()])]
+    out += ["", table(["fault", "at s", "edges' progress", "while training"],
+                      [[f["fault"], f"{f['at_seconds']:.0f}", f"{100 * f['progress']:.0f}%",
+                        "yes" if f["during_training"] else "no"] for f in doc["faults"]])]
+    out += ["", f"Hostile calls by status: {doc.get('hostile')}. Faulty run {doc['faulty_seconds']:.0f} s, "
+            f"fault-free replay {doc['replay_seconds']:.0f} s.", "",
+            table(["check", "result"], [[k, "PASS" if v else "**FAIL**"] for k, v in doc["checks"].items()])]
+    return out + [""]
+
+
 def render_edges(folder: Path) -> list[str]:
     doc = _load(folder / "results.json")
     out = recorded_args(doc)
@@ -294,6 +316,10 @@ BENCHES = [
     Bench("serve", "The OpenAI endpoint: tokens per second", "serve", "make bench-serve  (= python -m bench.serve)",
           ["bench/serve.py", "edge_client/serve.py", "edge_client/generation.py", "cloud_server/generation.py",
            *WIRE_PATH], render_serve),
+    Bench("soak", "Soak: many edges with faults mixed in", "soak", "make soak  (= python -m bench.soak)",
+          ["bench/soak.py", "bench/netem.py", "deploy/local.py", "cloud_server/session.py",
+           "cloud_server/federation.py", "edge_client/session.py", "edge_client/pipelined_step.py",
+           "edge_client/trainer.py", *WIRE_PATH], render_soak, ["soak.png"]),
     Bench("edges", "Many edges on one cloud", "edges", "make bench-edges  (= python -m bench.many_edges)",
           ["bench/many_edges.py", "cloud_server/batching.py", *WIRE_PATH], render_edges),
     Bench("scale", "Scaling out: replicas behind HAProxy", "scale", "make bench-scale  (= python -m bench.scale_out)",

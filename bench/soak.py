@@ -73,7 +73,15 @@ class Edge:
         with open(self.log, "a") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "edge_client", "train", *self.args,
                                           *(["--resume"] if resume else [])], cwd=ROOT, stdout=log,
-                                         stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                         stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                         preexec_fn=_die_with_parent)
+
+
+def _die_with_parent() -> None:
+    """An edge dies with the soak (Linux: PR_SET_PDEATHSIG), never left training after an interrupted run."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
 
 
 def write_data(path: Path) -> Path:
@@ -118,8 +126,10 @@ class RSS:
                     text = Path(f"/proc/{pid}/status").read_text()
                 except OSError:
                     continue
-                kb = int(re.search(r"VmRSS:\s+(\d+)", text).group(1))  # type: ignore[union-attr]
-                self.samples.append((time.monotonic() - self.t0, r.name, pid, kb / 1024))
+                found = re.search(r"VmRSS:\s+(\d+)", text)
+                if found is None:   # a process just killed, not yet reaped, has no memory left to count
+                    continue
+                self.samples.append((time.monotonic() - self.t0, r.name, pid, int(found.group(1)) / 1024))
 
     def bounded(self) -> dict[str, dict]:
         """Per replica incarnation (pid): peak of each half, after a warm-up of 10 s, and whether it held."""
@@ -265,11 +275,14 @@ def main() -> int:
             edge.proc.send_signal(signal.SIGSTOP)
             threading.Timer(args.step_timeout + 5, lambda: edge.proc.send_signal(signal.SIGCONT)).start()
 
+        restarts: list[threading.Timer] = []
+
         def kill_replica(i: int) -> None:
             cluster.kill(i)
             for e in edges:
                 e.faults.append("replica killed")
-            threading.Timer(3.0, lambda: cluster.start(i)).start()
+            restarts.append(threading.Timer(3.0, lambda: cluster.start(i)))
+            restarts[-1].start()
 
         def kill_edge(edge: Edge) -> None:
             if edge.proc is None or edge.proc.poll() is not None:
@@ -303,6 +316,9 @@ def main() -> int:
                     (0.75, f"{args.hostile} hostile calls", lambda s=args.seed * 100 + k: burst(s))):
                 schedule.append((lo + span * (f + rng.uniform(-0.05, 0.05)), f"round {k + 1}: {name}", action))
         results["faults"] = run_edges(edges, schedule, args.deadline, args.steps)
+        for timer in restarts:   # a restart still pending must not outlive the cluster
+            timer.cancel()
+            timer.join()
         rss.stop.set()
         results["faulty_seconds"] = time.monotonic() - started
         logs = {r.name: r.log_path.read_text() for r in cluster.replicas}

@@ -105,7 +105,7 @@ class PipelinedStep:
         first that is not a cancellation (NOT_FOUND from a replica that lost the session must reach the
         retry layer, which then opens a new session), else the first."""
         results: list = [None] * len(calls)
-        failures: list[BaseException] = []
+        failures: list[tuple[int, BaseException]] = []
         lock = threading.Lock()
 
         def run(i: int) -> None:
@@ -113,7 +113,7 @@ class PipelinedStep:
                 results[i] = calls[i]()
             except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
                 with lock:
-                    failures.append(exc)
+                    failures.append((i, exc))
                     first = len(failures) == 1
                 if first:
                     self.abandon(f"micro-batch {i} of the step failed")
@@ -126,11 +126,13 @@ class PipelinedStep:
         for t in threads:
             t.join()
         if failures:
-            raise next((f for f in failures if not _cancelled(f)), failures[0])
+            causes = [exc for i, exc in failures if not _echo(exc, self.streams[i])]
+            raise (causes or [exc for _, exc in failures])[0]
         return results
 
 
-def _cancelled(exc: BaseException) -> bool:
-    """A part's call ended because another part failed (or a proxy reset the streams when the cloud refused
-    one): an echo of the cause."""
-    return isinstance(exc, CloudError) and exc.code == grpc.StatusCode.CANCELLED
+def _echo(exc: BaseException, stream: StepStream) -> bool:
+    """A part's failure that only echoes another's: its call cancelled (by the abandon, or by a proxy that
+    reset the streams when the cloud refused one), or its finish refused because it had been abandoned."""
+    cancelled = isinstance(exc, CloudError) and exc.code == grpc.StatusCode.CANCELLED
+    return cancelled or stream.state is StepState.ABANDONED

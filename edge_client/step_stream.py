@@ -101,7 +101,7 @@ class StepStream:
 
     def start(self) -> StepStream:
         """Send the step's start and open the call: the stream's first I/O, kept out of the constructor."""
-        if self._responses is not None:
+        if self._responses is not None or self.state is not StepState.OPEN:
             raise RuntimeError(f"step {self.step_id}'s stream is already started")
         rpc, timeout = self._call
         self.send(self._first)
@@ -184,7 +184,7 @@ class StepStream:
 
     def drain(self) -> None:
         """After `abandon`: read the call to its end, so the cloud has freed the step when this returns."""
-        if self._responses is None:   # never started: the cloud never heard of it
+        if self._responses is None:   # never started (the cloud never heard of it), or read to its end
             return
         try:
             for _ in self._responses:
@@ -192,6 +192,8 @@ class StepStream:
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.CANCELLED:
                 log.warning("abandoning step %d: %s", self.step_id, rpc_error(exc))
+        finally:
+            self._responses = None
 
     def _pump(self, on_final, stop_at_final: bool = False):
         if self._responses is None:
@@ -227,11 +229,18 @@ class StepStream:
             raise rpc_error(exc) from None
         except BaseException:
             self.state = StepState.FAILED
-            self._responses.cancel()
+            if self._responses is not None:
+                self._responses.cancel()
             raise
         finally:
             if self.state is not StepState.PAUSED:
                 self.close_requests()
+            if self.state in (StepState.DONE, StepState.FAILED):
+                # Let go of the gRPC call here, where it ended. Left to the cyclic garbage collector (the
+                # stream and its exchange refer to each other), its __del__ runs wherever a collection
+                # happens to start, and inside gRPC's own locked code (opening the next call) it deadlocks
+                # on the call's condition: an edge hung for good, found by `make soak`.
+                self._responses = None
         self.state = StepState.FAILED
         raise CloudError(f"the cloud ended step {self.step_id} before its end message")
 

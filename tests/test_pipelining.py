@@ -154,28 +154,46 @@ def test_bad_part_numbers_and_pipelined_splitlora_are_refused(servers, cache):
 
 def test_a_failed_part_raises_the_cause_not_the_echoes():
     """When parts fail together (a replica that lost the session answers NOT_FOUND while a proxy resets the other
-    streams), the step raises the NOT_FOUND, which makes the retry layer open a new session at once."""
+    streams, or a part is refused its finish because it was abandoned), the step raises the NOT_FOUND, which
+    makes the retry layer open a new session at once (found by `make soak`)."""
     import grpc
 
     from edge_client.errors import CloudError
     from edge_client.pipelined_step import PipelinedStep
+    from edge_client.step_stream import StepState
 
     class Part:
-        step_id, abandoned = 3, 0
+        """What PipelinedStep reads of a StepStream: its state, and abandon()."""
+
+        step_id = 3
+
+        def __init__(self) -> None:
+            self.state = StepState.PAUSED
 
         def abandon(self, reason: str) -> None:
-            self.abandoned += 1
+            if not self.state.ended:
+                self.state = StepState.ABANDONED
 
-    def fail(code: grpc.StatusCode):
+    def fail(part: Part, code: grpc.StatusCode):
         def call():
+            part.state = StepState.FAILED
             raise CloudError(f"cloud refused the call ({code.name})", code)
+        return call
+
+    def refused(part: Part):
+        def call():
+            part.abandon("the test's")
+            raise RuntimeError("step 3 is abandoned; only an opened training step can finish")
         return call
 
     parts = [Part(), Part(), Part()]
     step = PipelinedStep(parts, [(0, 1), (1, 2), (2, 3)])  # type: ignore[arg-type]
     with pytest.raises(CloudError) as got:
-        step._all([fail(grpc.StatusCode.CANCELLED), fail(grpc.StatusCode.NOT_FOUND), lambda: None])
-    assert got.value.code == grpc.StatusCode.NOT_FOUND and all(p.abandoned for p in parts)
+        step._all([fail(parts[0], grpc.StatusCode.CANCELLED), refused(parts[1]),
+                   fail(parts[2], grpc.StatusCode.NOT_FOUND)])
+    assert got.value.code == grpc.StatusCode.NOT_FOUND
+    parts = [Part(), Part()]
+    step = PipelinedStep(parts, [(0, 1), (1, 2)])  # type: ignore[arg-type]
     with pytest.raises(CloudError) as only:
-        step._all([fail(grpc.StatusCode.CANCELLED), lambda: None, lambda: None])
-    assert only.value.code == grpc.StatusCode.CANCELLED
+        step._all([fail(parts[0], grpc.StatusCode.CANCELLED), lambda: None])
+    assert only.value.code == grpc.StatusCode.CANCELLED and parts[1].state is StepState.ABANDONED
