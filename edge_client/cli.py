@@ -279,31 +279,30 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from edge_client.attestation.errors import AttestationFailed
-    from edge_client.errors import CloudError
-    from edge_client.peft_format import AdapterFormatError
     from edge_client.serve import serve
 
-    try:
-        return serve(args.remote, _credentials(args), args.serve)
-    except AttestationFailed as exc:
-        print(f"edge_client: nothing was sent: {exc}", file=sys.stderr)
-        return 1
-    except (AdapterFormatError, CloudError, ValueError, OSError) as exc:
-        print(f"edge_client: {exc}", file=sys.stderr)
-        return 2
+    return _reported(lambda: serve(args.remote, _credentials(args), args.serve))
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from edge_client.generation import generate_cli
+
+    def run() -> int:
+        prompts = [sys.stdin.read() if p == "-" else p for p in args.prompt]
+        return generate_cli(args.remote, _credentials(args), args.job, prompts, args.sampling)
+
+    return _reported(run)
+
+
+def _reported(command) -> int:
+    """Run a command that talks to the cloud; its failures as one line and an exit status (1: the
+    attestation failed and nothing was sent; 2: refused, unreachable or bad input)."""
     from edge_client.attestation.errors import AttestationFailed
     from edge_client.errors import CloudError
-    from edge_client.generation import generate_cli
     from edge_client.peft_format import AdapterFormatError
 
     try:
-        creds = _credentials(args)
-        prompts = [sys.stdin.read() if p == "-" else p for p in args.prompt]
-        return generate_cli(args.remote, creds, args.job, prompts, args.sampling)
+        return command()
     except AttestationFailed as exc:
         print(f"edge_client: nothing was sent: {exc}", file=sys.stderr)
         return 1
