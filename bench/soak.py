@@ -62,7 +62,6 @@ class Edge:
     args: list[str]
     proc: subprocess.Popen | None = None
     faults: list[str] = field(default_factory=list)
-    restarts: int = 0
 
     @property
     def log(self) -> Path:
@@ -290,7 +289,6 @@ def main() -> int:
             edge.faults.append("killed")
             edge.proc.kill()
             edge.proc.wait()
-            edge.restarts += 1
             edge.start(resume=True)
 
         def cut() -> None:
