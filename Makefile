@@ -9,7 +9,7 @@ WIRE    := common/wire
 # `make install` first: the first `make demo` or `make test` installs once, later ones reuse it.
 STAMP   := $(VENV)/.installed
 
-.PHONY: help install proto lint models test test-unit docs docs-results demo simulate docker-test bench bench-step bench-kr bench-modes bench-wire bench-latency bench-edges bench-scale bench-privacy bench-tasks bench-serve bench-gpu soak clean distclean
+.PHONY: help install proto lint models test test-unit docs docs-results demo simulate docker-test bench bench-step bench-kr bench-modes bench-wire bench-latency bench-edges bench-scale bench-privacy bench-tasks bench-growth bench-serve bench-gpu soak clean distclean
 .PHONY: scale-local lb deploy-configs compose-up compose-down
 
 help:
@@ -37,8 +37,9 @@ help:
 	@echo "make bench-scale 8 edges on 1 replica and on 2 behind HAProxy (tokens/s), failover time, SplitLoRA state cost"
 	@echo "make bench-privacy what a curious cloud recovers (tokens, labels) from its own recording of the wire"
 	@echo "make bench-tasks every mode on models x tasks (bbc, tweets, social_iqa, strategyqa, aclsum): score, MB, GFLOP, RSS, s/step"
+	@echo "make bench-growth cost by model size (SmolLM2, Gemma 3 270M, Qwen2.5 0.5B): bytes, edge memory, step ratio"
 	@echo "make bench-serve tokens/s of edge_client serve (1 and 4 requests at once) against edge_client generate"
-	@echo "make soak        16 edges against 2 replicas behind HAProxy with faults mixed in, checked against a fault-free replay"
+	@echo "make soak        16 edges against 2 replicas behind HAProxy, then one cloud, with faults mixed in, checked against a fault-free replay"
 	@echo "make bench-gpu   on a GPU host: step time vs in-process (fp32, bf16, int8) and 1-16 edges, to bench/results/gpu"
 	@echo "make proto       regenerate the gRPC stubs from proto/dlora.proto"
 
@@ -164,14 +165,19 @@ bench-privacy: proto
 bench-tasks: proto
 	$(VPY) -m bench.tasks
 
+bench-growth: proto
+	$(VPY) -m bench.growth
+
 bench-serve: proto
 	$(VPY) -m bench.serve
 
 bench-gpu: proto
 	$(VPY) -m bench.gpu
 
+# Against 2 replicas behind HAProxy, then against one cloud (about 10 minutes each); fails if either does.
 soak: proto
-	$(VPY) -m bench.soak
+	@$(VPY) -m bench.soak --replicas 2 --out bench/out/soak; a=$$?; \
+	$(VPY) -m bench.soak --replicas 1 --out bench/out/soak-one; b=$$?; exit $$(( a | b ))
 
 clean:
 	rm -rf $(WIRE)/dlora_pb2*.py $(WIRE)/dlora_pb2*.pyi .pytest_cache site

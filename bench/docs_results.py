@@ -205,7 +205,9 @@ def render_soak(folder: Path) -> list[str]:
                       [[f["fault"], f"{f['at_seconds']:.0f}", f"{100 * f['progress']:.0f}%",
                         "yes" if f["during_training"] else "no"] for f in doc["faults"]])]
     out += ["", f"Hostile calls by status: {doc.get('hostile')}. Faulty run {doc['faulty_seconds']:.0f} s, "
-            f"fault-free replay {doc['replay_seconds']:.0f} s.", "",
+            f"fault-free replay {doc['replay_seconds']:.0f} s." + (
+                f" Waits for a full server's free slot: {doc['full_server_waits']}."
+                if "full_server_waits" in doc else ""), "",
             table(["check", "result"], [[k, "PASS" if v else "**FAIL**"] for k, v in doc["checks"].items()])]
     return out + [""]
 
@@ -316,12 +318,13 @@ BENCHES = [
     Bench("serve", "The OpenAI endpoint: tokens per second", "serve", "make bench-serve  (= python -m bench.serve)",
           ["bench/serve.py", "edge_client/serve.py", "edge_client/generation.py", "cloud_server/generation.py",
            *WIRE_PATH], render_serve),
-    Bench("soak", "Soak: many edges with faults mixed in", "soak", "make soak  (= python -m bench.soak)",
+    Bench("soak", "Soak: many edges with faults mixed in", "soak",
+          "make soak  (its first run: python -m bench.soak --replicas 2 --out bench/out/soak)",
           ["bench/soak.py", "bench/netem.py", "deploy/local.py", "cloud_server/session.py",
            "cloud_server/federation.py", "edge_client/session.py", "edge_client/pipelined_step.py",
            "edge_client/trainer.py", *WIRE_PATH], render_soak, ["soak.png"]),
-    Bench("soak-one", "Soak against one replica: a bug it found", "soak-one",
-          "python -m bench.soak --replicas 1 --out bench/out/soak-one",
+    Bench("soak-one", "Soak against one replica", "soak-one",
+          "make soak  (its second run: python -m bench.soak --replicas 1 --out bench/out/soak-one)",
           ["bench/soak.py", "bench/netem.py", "deploy/local.py", "cloud_server/session.py",
            "edge_client/session.py", "edge_client/pipelined_step.py", "edge_client/trainer.py", *WIRE_PATH],
           render_soak, ["soak.png"]),
@@ -374,6 +377,8 @@ BENCHES = [
     Bench("tasks", "Models × tasks: every mode", "tasks", "make bench-tasks  (= python -m bench.tasks)",
           ["bench/tasks.py", "edge_client/data.py", "edge_client/bigbench.py", *WIRE_PATH, *TRAINING, *SPLIT],
           render_gpu, [f"loss-smollm2-135m-{t}.png" for t in ("bbc", "tweets", "social_iqa", "strategyqa")]),
+    Bench("growth", "Growth with model size", "growth", "make bench-growth  (= python -m bench.growth)",
+          ["bench/growth.py", "bench/step_time.py", *WIRE_PATH], render_gpu),
     Bench("gpu", "GPU: step time and many edges", "gpu", "make bench-gpu  (= python -m bench.gpu)",
           ["bench/gpu.py", "bench/step_time.py", "bench/many_edges.py", *WIRE_PATH], render_gpu),
     Bench("unrecorded", "Figures with no results file", None,

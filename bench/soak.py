@@ -10,14 +10,17 @@ progress:
 
 - an edge stalled (SIGSTOP) past the server's step deadline, then let go (SIGCONT);
 - SIGKILL of a replica, restarted 3 s later on its port and state directory;
-- an edge killed (SIGKILL) and started again with --resume;
+- the replicas filled with abandoned sessions (opened, never closed), just before
+- an edge killed (SIGKILL) and started again with --resume, which meets a full server and waits for a
+  slot (the abandoned sessions free after the servers' --idle-timeout, 120 s);
 - the delay proxy cutting every connection through it;
 - a burst of hostile calls (random bytes, bad messages, unknown sessions) at HAProxy.
 
 Checked at the end: every edge finished; no step was applied twice (each run's history holds steps 1..N
 once); each edge's adapters equal a fault-free replay of its settings on a fresh cloud, exactly; each
 replica's RSS stays bounded (its second half's peak within 10% + 64 MB of its first half's); no call was
-answered INTERNAL or UNKNOWN (replica logs, edge logs, the hostile burst). Prints one table and writes
+answered INTERNAL or UNKNOWN (replica logs, edge logs, the hostile burst); an edge waited for a full
+server. Prints one table and writes
 results.json and soak.png (RSS and step latency over time) to --out.
 """
 from __future__ import annotations
@@ -165,6 +168,38 @@ def hostile_burst(address: str, calls: int, seed: int) -> dict[str, int]:
     return counts
 
 
+def fill_sessions(address: str, attempts: int) -> int:
+    """Open sessions at `address` under random routing keys and abandon them, until the replicas refuse
+    (RESOURCE_EXHAUSTED) several times in a row: a client that leaves its sessions behind, so that the next
+    edge to open one meets a full server and must wait for --idle-timeout to free a slot. Returns how many
+    were opened."""
+    import secrets
+
+    import grpc
+
+    from common.routing import AFFINITY_HEADER
+    from common.wire import dlora_pb2 as pb
+    from common.wire import dlora_pb2_grpc as pb_grpc
+
+    opened = refused = 0
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.DLoRAStub(channel)
+        for _ in range(attempts):
+            key = secrets.token_hex(8)
+            try:
+                stub.OpenSession(pb.OpenSessionRequest(client_name="abandoned", client_key=key), timeout=30,
+                                 metadata=((AFFINITY_HEADER, key),))
+                opened, refused = opened + 1, 0
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:   # a replica restarting: try again
+                    time.sleep(1.0)
+                    continue
+                refused += 1
+                if refused >= 8:
+                    break
+    return opened
+
+
 def adapters_of(out: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -237,6 +272,9 @@ def main() -> int:
     p.add_argument("--hostile", type=int, default=200, help="hostile calls in the burst (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the fault schedule (default: %(default)s)")
     p.add_argument("--deadline", type=float, default=3600.0, help="seconds the faulty run may take at most")
+    p.add_argument("--spare-sessions", type=int, default=2,
+                   help="session slots per replica beyond one per edge; the hostile burst's abandoned sessions "
+                        "and killed edges' stale ones fill them, so edges meet a full server (default: %(default)s)")
     p.add_argument("--out", type=Path, default=Path("bench/out/soak"), help="logs, runs and results")
     args = p.parse_args()
     if args.edges < 4:
@@ -247,7 +285,7 @@ def main() -> int:
     data = write_data(out / "train.jsonl")
     modes = plan(args.edges)
     server_args = ["--model", str(model), "--device", "cpu", "--batch-window-ms", "0", "--threads", "1",
-                   "--step-timeout", str(args.step_timeout), "--max-sessions", str(args.edges + 4),
+                   "--step-timeout", str(args.step_timeout), "--max-sessions", str(args.edges + args.spare_sessions),
                    "--idle-timeout", "120"]
     rng = random.Random(args.seed)
     results: dict = {"args": {k: str(v) for k, v in vars(args).items()}}
@@ -297,6 +335,10 @@ def main() -> int:
                     e.faults.append("connection cut")
             proxy.cut()
 
+        def fill() -> None:
+            n = fill_sessions(cluster.address, args.replicas * (args.edges + args.spare_sessions) + 16)
+            results.setdefault("abandoned_sessions", []).append(n)
+
         def burst(seed: int) -> None:
             for code, n in hostile_burst(cluster.address, args.hostile, seed).items():
                 results["hostile"][code] = results["hostile"].get(code, 0) + n
@@ -309,6 +351,7 @@ def main() -> int:
                     (0.10, f"stall edge {stalled.index} for {args.step_timeout + 5:.0f} s",
                      lambda e=stalled: stall(e)),
                     (0.25, f"SIGKILL replica {victim}, restart in 3 s", lambda i=victim: kill_replica(i)),
+                    (0.36, "fill the replicas with abandoned sessions", fill),
                     (0.45, f"SIGKILL edge {killed.index}, then --resume", lambda e=killed: kill_edge(e)),
                     (0.60, "cut the delay proxy's connections", cut),
                     (0.75, f"{args.hostile} hostile calls", lambda s=args.seed * 100 + k: burst(s))):
@@ -352,9 +395,14 @@ def main() -> int:
     memory = rss.bounded()
     server_bad = {name: len(BAD_STATUS.findall(text)) for name, text in logs.items()}
     hostile_bad = sum(n for code, n in results.get("hostile", {}).items() if code in ("INTERNAL", "UNKNOWN"))
+    # An edge that met a full server waited for a slot (edge_client/session.py logs each wait).
+    full_waits = sum(e.log.read_text().count("no session yet:") for e in edges)
+    results["full_server_waits"] = full_waits
     checks = {"every edge finished": all(r["finished"] for r in rows),
               "no step applied twice": all(r["steps_once"] for r in rows),
               "adapters equal the fault-free replay": all(r["equals_replay"] for r in rows),
+              # each round's killed edge resumes on replicas the abandoned sessions filled: it must have waited
+              "an edge met a full server and waited": full_waits > 0 or not args.rounds,
               "replica RSS bounded": all(m["held"] for m in memory.values()),
               "no INTERNAL or UNKNOWN": not any(r["bad_status"] for r in rows) and not any(server_bad.values())
               and hostile_bad == 0}
@@ -370,6 +418,7 @@ def main() -> int:
     faults = results["faults"]
     print(f"\nfaults: {len(faults)} fired, {sum(f['during_training'] for f in faults)} while edges trained")
     print(f"hostile calls by status: {results.get('hostile')}")
+    print(f"waits for a full server's free slot: {full_waits}")
     print(f"faulty run {results['faulty_seconds']:.0f} s, replay {results['replay_seconds']:.0f} s")
     for name, ok in checks.items():
         print(f"  {'PASS' if ok else 'FAIL'}  {name}")

@@ -95,8 +95,8 @@ class Credentials:
 
 @dataclass
 class RetryPolicy:
-    retries: int = setting(8, "attempts after a failed step, with exponential backoff; the session is re-opened "
-                              "and killed adapters parked again if the server restarted",
+    retries: int = setting(8, "attempts after a failed step or a full server, with exponential backoff; the "
+                              "session is re-opened and killed adapters parked again if the server restarted",
                            group="connection and recovery")
     backoff: float = setting(0.5, "first wait in seconds; doubles each time", cli=False)
     max_backoff: float = setting(30.0, "longest wait in seconds", cli=False)
@@ -160,7 +160,7 @@ class CloudSession:
         # (one per session opened: the first, then each reconnect or failover).
         self.attested: AttestedCloud | None = None
         self.attestations: list[dict] = []
-        self._open()
+        self._admitted()
 
     @classmethod
     def from_config(cls, remote: RemoteConfig, lora: LoRAConfig | None = None, *,
@@ -207,6 +207,20 @@ class CloudSession:
         except ConnectionError as exc:
             raise CloudError(str(exc), grpc.StatusCode.UNAVAILABLE) from None
         self.attestations.append(self.attested.claims)
+
+    def _admitted(self) -> None:
+        """Open a session, waiting out a full server (RESOURCE_EXHAUSTED from OpenSession): its slots free
+        as other sessions close or idle out, as a killed edge's does after the server's --idle-timeout. Only
+        here is that status worth waiting for; a step over the limits stays over them."""
+        for attempt in range(self.retry.retries + 1):
+            try:
+                return self._open()
+            except CloudError as exc:
+                if exc.code != grpc.StatusCode.RESOURCE_EXHAUSTED or attempt == self.retry.retries:
+                    raise
+                wait = self.retry.delay(attempt)
+                log.warning("no session yet: %s; retry %d/%d in %.1f s", exc, attempt + 1, self.retry.retries, wait)
+                time.sleep(wait)
 
     def _open(self) -> None:
         if self.credentials.attestation is not None:
@@ -264,7 +278,7 @@ class CloudSession:
         """A new session after a restart or a failover to another replica, with the killed adapters parked
         again; a SplitLoRA client rejoins its federation, which the cloud resumes from its state directory."""
         old = self.session_id
-        self._open()
+        self._admitted()
         self.reconnects += 1
         self._needs_repark = bool(self.parked_adapters)
         log.warning("reconnected to %s as session %s (was %s)", self.target, self.session_id[:8], old[:8])

@@ -268,6 +268,22 @@ def test_edge_killed_mid_step_frees_its_session(model_dirs, tmp_path):
                 time.sleep(0.2)
 
 
+def test_a_full_server_is_waited_for(model_dirs, tmp_path):
+    """A new session on a full server waits (with backoff) for a slot instead of failing: a killed edge's
+    stale session holds its slot until --idle-timeout, and its resumed process must get in after it."""
+    with launch.start(["--model", str(model_dirs["llama"]), "--max-sessions", "1"], tmp_path / "s.log",
+                      timeout=300) as server:
+        first = CloudSession(server.address, retry=RetryPolicy(retries=0))
+        with pytest.raises(CloudError, match="RESOURCE_EXHAUSTED"):
+            CloudSession(server.address, retry=RetryPolicy(retries=0))
+        freed = threading.Timer(1.5, first.close)
+        freed.start()
+        second = CloudSession(server.address, retry=RetryPolicy(retries=6, backoff=0.3))
+        freed.join()
+        assert second.session_id != first.session_id
+        second.close()
+
+
 def _rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
