@@ -2,8 +2,8 @@
 
 Per model, all on this machine's CPU, fp32 wire, factorised, every served module live (rank 8, the
 default q/k/v targets), batch 8 of BBC News at up to 128 tokens:
-- the distributed step against the in-process LoRA step, side by side in one run (bench/step_time.py's
-  measurement), and their ratio;
+- the distributed step against the in-process LoRA step, side by side in each of --runs runs
+  (bench/step_time.py's measurement), and the median of their ratios;
 - bytes on the wire per step, sent + received;
 - the edge's peak memory and compute per step, from a short `edge_client train` process of its own (so its
   RSS is the edge's alone), against the same kind of server.
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from bench import report
-from bench.step_time import bench_model
+from bench.step_time import bench_model, over_runs
 from cloud_server import launch
 from cloud_server import model_registry as reg
 
@@ -66,13 +66,15 @@ def fit_bytes(rows: list[dict]) -> tuple[float, float]:
 
 def render(rows: list[dict], args, wall: float) -> str:
     lines = [f"CPU, {torch.get_num_threads()} torch threads, 127.0.0.1, fp32 wire, factorised, rank {RANK} on q/k/v, "
-             f"batch {args.batch_size}; step times: median of {args.reps} steps after {args.warmup}; "
+             f"batch {args.batch_size}; step times: median of {args.reps} steps after {args.warmup}, in the run "
+             f"with the median ratio of {args.runs} (the ratio: their median, range in brackets); "
              f"edge columns from a {args.edge_steps}-step `edge_client train`; {wall / 60:.0f} min in all.", "",
              report.table(["model", "blocks", "hidden", "MB/step", "edge peak RSS GB", "edge GFLOP/step",
                            "in-process s", "distributed s", "ratio"],
                           [[r["model"], r["blocks"], r["hidden"], f"{r['bytes_per_step'] / 1e6:.1f}",
                             f"{r['edge_peak_rss_mb'] / 1024:.2f}", f"{r['edge_gflop_step']:.2f}",
-                            f"{r['in_process_s']:.2f}", f"{r['distributed_s']:.2f}", f"{r['ratio']:.2f}x"]
+                            f"{r['in_process_s']:.2f}", f"{r['distributed_s']:.2f}",
+                            f"{r['ratio']:.2f}x ({r['ratio_min']:.2f}-{r['ratio_max']:.2f})"]
                            for r in rows])]
     if len(rows) >= 2:
         slope, intercept = fit_bytes(rows)
@@ -92,8 +94,10 @@ def main() -> int:
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated named models (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=8, help="examples per step (default: %(default)s)")
     p.add_argument("--max-length", type=int, default=128, help="tokens per example at most (default: %(default)s)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps per side first (default: %(default)s)")
-    p.add_argument("--reps", type=int, default=3, help="timed steps per side (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per side first (default: %(default)s)")
+    p.add_argument("--reps", type=int, default=5, help="timed steps per side (default: %(default)s)")
+    p.add_argument("--runs", type=int, default=3,
+                   help="runs per model, each with a fresh server; the ratio is their median (default: %(default)s)")
     p.add_argument("--edge-steps", type=int, default=3,
                    help="steps of the edge-memory run (default: %(default)s)")
     p.add_argument("--out", type=Path, default=Path("bench/out/growth"), help="where results go")
@@ -106,11 +110,15 @@ def main() -> int:
             if not reg.is_converted(model_dir):
                 print(f"skipping {name}: not converted (python -m cloud_server.model_registry install {name})")
                 continue
-            print(f"[{time.strftime('%H:%M:%S')}] {name}: distributed against in-process ...", flush=True)
-            timing = bench_model(name, model_dir, args.batch_size, args.max_length, args.warmup, args.reps,
-                                 "fp32", cache)
-            print(f"    {timing['distributed_s']:.2f} s against {timing['in_process_s']:.2f} s "
-                  f"({timing['ratio']:.2f}x), {timing['bytes_per_step'] / 1e6:.1f} MB", flush=True)
+            runs = []
+            for i in range(args.runs):
+                print(f"[{time.strftime('%H:%M:%S')}] {name}: distributed against in-process, run {i + 1}/"
+                      f"{args.runs} ...", flush=True)
+                runs.append(bench_model(name, model_dir, args.batch_size, args.max_length, args.warmup, args.reps,
+                                        "fp32", cache))
+                print(f"    {runs[-1]['distributed_s']:.2f} s against {runs[-1]['in_process_s']:.2f} s "
+                      f"({runs[-1]['ratio']:.2f}x), {runs[-1]['bytes_per_step'] / 1e6:.1f} MB", flush=True)
+            timing = over_runs(runs)
             print(f"[{time.strftime('%H:%M:%S')}] {name}: the edge's memory ...", flush=True)
             edge = edge_run(name, cache, args.edge_steps, args.batch_size)
             rows.append({**shape(name), **timing, "model": name, "edge_peak_rss_mb": edge["edge_peak_rss_mb"],

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -552,10 +553,21 @@ def public_config(cfg: TrainConfig) -> dict:
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident memory (Linux reports KiB)."""
-    import resource
+    """This process's own peak resident memory, in MB (KiB / 1024).
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    VmHWM, the peak of this program's memory map. Not getrusage's ru_maxrss: Linux carries that across
+    exec, so a process started by a large parent (a bench holding a whole model) reports the parent's peak.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource  # no /proc (not Linux): ru_maxrss, KiB on Linux, bytes on macOS
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024 if sys.platform == "darwin" else 1024)
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
